@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Each failure a user can cause has its own exception type carrying a one-line message; the CLI prints
+the message and exits non-zero. Library code raises these instead of letting a stack trace from deep
+inside torch or safetensors reach the user.
+"""
+
+from __future__ import annotations
+
+
+class FlashHeadError(Exception):
+    """Base class: a failure with a one-line, user-readable message."""
+
+    exit_code = 1
+
+
+class CheckpointError(FlashHeadError):
+    """A checkpoint file or folder is missing, truncated, or does not match the model it is loaded into."""
+
+    exit_code = 3
+
+
+class AudioError(FlashHeadError):
+    """Audio that cannot be decoded or used (empty, corrupt, wrong shape)."""
+
+    exit_code = 4
+
+
+class ConfigError(FlashHeadError):
+    """A configuration value that the model or pipeline cannot work with."""
+
+    exit_code = 2

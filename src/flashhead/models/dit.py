@@ -1,0 +1,344 @@
+"""The FlashHead diffusion transformer: a Wan2.1-style DiT conditioned on a reference latent and audio.
+
+One chunk of video latents (B, C, F, H, W) is concatenated on channels with the reference-image latent,
+patchified into F*H'*W' tokens and run through `num_layers` blocks. Each block does full bidirectional
+self-attention with 3-D RoPE over the whole chunk, then frame-local cross-attention (the tokens of latent
+frame f attend only to the audio tokens of frame f), then an MLP; adaLN modulation comes from the
+timestep. The head predicts the flow-matching velocity.
+
+State-dict names match the released checkpoints (`Soul-AILab/SoulX-FlashHead-1_3B`, Model_Lite and
+Model_Pro), so they load unchanged. Unlike the official forward, this one takes a batch with one timestep
+per sample, which the streaming server uses to batch sessions that are at different denoising steps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from flashhead.errors import CheckpointError, ConfigError
+from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
+from flashhead.models.loading import (
+    check_state_dict,
+    load_safetensors,
+    read_json,
+    resolve_model_dir,
+    safetensors_files,
+)
+
+# Constructor configurations of the released checkpoints (config.json of Model_Lite / Model_Pro).
+LITE_CONFIG: dict = dict(
+    dim=1536, in_dim=256, ffn_dim=8960, out_dim=128, text_dim=4096, freq_dim=256, eps=1e-6,
+    vae_stride=[8, 32, 32], patch_size=[1, 1, 1], num_heads=12, num_layers=30, has_image_input=False,
+)  # fmt: skip
+PRO_CONFIG: dict = {**LITE_CONFIG, "in_dim": 32, "out_dim": 16, "vae_stride": [4, 8, 8], "patch_size": [1, 2, 2]}
+
+# How the official `AudioProjModel` keyword arguments map onto our config fields.
+OFFICIAL_AUDIO_PROJ_NAMES = {
+    "seq_len": "audio_window",
+    "blocks": "audio_layers",
+    "channels": "audio_channels",
+    "intermediate_dim": "audio_intermediate_dim",
+    "context_tokens": "audio_tokens",
+    "norm_output_audio": "audio_norm_output",
+}
+
+
+def official_config(variant: str) -> dict:
+    """The constructor config of a released variant: "lite" or "pro"."""
+    configs = {"lite": LITE_CONFIG, "pro": PRO_CONFIG}
+    if variant not in configs:
+        raise ConfigError(f"unknown model variant {variant!r}; expected one of {sorted(configs)}")
+    return dict(configs[variant])
+
+
+def audio_config_from_official(audio_proj_kwargs: dict, config: dict) -> dict:
+    """Map official `AudioProjModel` kwargs (as the fixtures' `audio_proj_override`) to our config fields."""
+    out = {ours: audio_proj_kwargs[theirs] for theirs, ours in OFFICIAL_AUDIO_PROJ_NAMES.items()}
+    if audio_proj_kwargs.get("output_dim", config["dim"]) != config["dim"]:
+        raise ConfigError("audio projection output_dim must equal the DiT width `dim`")
+    expected_vf = out["audio_window"] + config["vae_stride"][0] - 1
+    if audio_proj_kwargs.get("seq_len_vf", expected_vf) != expected_vf:
+        raise ConfigError(f"seq_len_vf must be audio_window + vae_stride[0] - 1 = {expected_vf}")
+    return out
+
+
+def sinusoidal_embedding(dim: int, timestep: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] timestep embedding computed in float64, returned in the timestep's dtype."""
+    freqs = torch.pow(10000, -torch.arange(dim // 2, dtype=torch.float64, device=timestep.device) / (dim // 2))
+    angles = torch.outer(timestep.double(), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(timestep.dtype)
+
+
+def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Complex 3-D RoPE phasors (L, 1, head_dim // 2) for a (frames, height, width) token grid.
+
+    The head dimension is split into a time part of head_dim - 2 * (head_dim // 3) channels and height
+    and width parts of head_dim // 3 channels each; each part rotates by its own integer grid index.
+    """
+
+    def axis(dim: int, n: int) -> torch.Tensor:
+        inv = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device)[: dim // 2] / dim)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)
+        return torch.polar(torch.ones_like(angles), angles)  # (n, dim // 2) complex128
+
+    f, h, w = grid
+    d_hw = head_dim // 3
+    ft, fh, fw = axis(head_dim - 2 * d_hw, f), axis(d_hw, h), axis(d_hw, w)
+    table = torch.cat(
+        [
+            ft[:, None, None].expand(f, h, w, -1),
+            fh[None, :, None].expand(f, h, w, -1),
+            fw[None, None, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return table.reshape(f * h * w, 1, -1)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, L, heads, head_dim) by freqs (L, 1, head_dim // 2)."""
+    xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim, computed in float32 and scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head SDPA on (B, L, heads * d) projections (q, k may already be split as (B, L, heads, d))."""
+    q, k, v = (t.unflatten(-1, (heads, -1)) if t.dim() == 3 else t for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
+        return self.o(attention(q, k, self.v(x), self.num_heads))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k = self.norm_q(self.q(x)), self.norm_k(self.k(context))
+        return self.o(attention(q, k, self.v(context), self.num_heads))
+
+
+class DiTAudioBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, audio: torch.Tensor, t_mod: torch.Tensor, rope: torch.Tensor):
+        # x: (B, L, D) tokens in (f, h, w) order; audio: (B, F, tokens, D); t_mod: (B, 6, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + t_mod).chunk(6, dim=1)
+        x = x + self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope) * gate1
+        B, n_frames = audio.shape[:2]
+        frame_tokens = self.norm3(x).unflatten(1, (n_frames, -1)).flatten(0, 1)  # (B*F, L/F, D)
+        x = x + self.cross_attn(frame_tokens, audio.flatten(0, 1)).unflatten(0, (B, n_frames)).flatten(1, 2)
+        return x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)  # each (B, 1, D)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class MLP(nn.Module):
+    """Kept only so that official checkpoints load strictly: `audio_emb` is never called in forward."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            nn.LayerNorm(out_dim),
+        )
+
+
+class FlashHeadDiT(ModelMixin, ConfigMixin):
+    """Audio-conditioned video DiT of SoulX-FlashHead (official class name: `WanModelAudioProject`).
+
+    Config fields are the official constructor arguments plus the audio-projection sizes that the official
+    constructor hard-codes (`audio_*`, official values as defaults). Defaults give the Lite variant.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTAudioBlock"]
+    _keys_to_ignore_on_load_unexpected = None
+
+    @register_to_config
+    def __init__(
+        self,
+        dim: int = 1536,
+        in_dim: int = 256,
+        ffn_dim: int = 8960,
+        out_dim: int = 128,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        eps: float = 1e-6,
+        vae_stride: tuple[int, int, int] = (8, 32, 32),
+        patch_size: tuple[int, int, int] = (1, 1, 1),
+        num_heads: int = 12,
+        num_layers: int = 30,
+        has_image_input: bool = False,
+        audio_window: int = 5,
+        audio_layers: int = 12,
+        audio_channels: int = 768,
+        audio_intermediate_dim: int = 512,
+        audio_tokens: int = 32,
+        audio_norm_output: bool = True,
+    ):
+        super().__init__()
+        if has_image_input:
+            raise ConfigError("has_image_input=True (CLIP image branch) is not supported; released models use False")
+        if dim % num_heads:
+            raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if in_dim != 2 * out_dim:
+            raise ConfigError(f"in_dim must be 2 * out_dim (noisy latent ‖ reference latent), got {in_dim}, {out_dim}")
+        self.gradient_checkpointing = False
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(DiTAudioBlock(dim, ffn_dim, num_heads, eps) for _ in range(num_layers))
+        self.head = Head(dim, out_dim * math.prod(patch_size), eps)
+        self.audio_emb = MLP(audio_channels, dim)  # unused (vestigial in the official model), see MLP
+        self.audio_proj = AudioProjModel(
+            window=audio_window,
+            window_vf=audio_window + vae_stride[0] - 1,
+            layers=audio_layers,
+            channels=audio_channels,
+            intermediate_dim=audio_intermediate_dim,
+            output_dim=dim,
+            tokens=audio_tokens,
+            norm_output=audio_norm_output,
+        )
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict the flow-matching velocity of one chunk.
+
+        Args:
+            x: noisy latents (B, out_dim, F, H, W); their first latent frames may hold clean motion latents.
+            timestep: (B,) or (1,) diffusion time in [0, 1000], one value per sample.
+            context: windowed wav2vec features (B, 1 + vae_stride[0] * (F - 1), window, layers, channels).
+            y: reference-image latent, same shape as x.
+
+        Returns:
+            velocity (B, out_dim, F, H, W).
+        """
+        cfg = self.config
+        B = x.shape[0]
+        x = self.patch_embedding(torch.cat([x, y], dim=1))  # (B, D, F, H', W')
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
+
+        # Like the official code, the timestep is rounded to the activation dtype before embedding.
+        timestep = timestep.reshape(-1).to(device=x.device, dtype=x.dtype).expand(B)
+        t = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timestep))  # (B, D)
+        t_mod = self.time_projection(t).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+
+        audio = self.audio_proj(*group_audio_windows(context.to(x.dtype), cfg.vae_stride[0]))  # (B, F, tok, D)
+        rope = rope_frequencies(cfg.dim // cfg.num_heads, grid, x.device)
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, audio, t_mod, rope)
+            else:
+                x = block(x, audio, t_mod, rope)
+        x = self.head(x, t)  # (B, L, pt*ph*pw*out_dim)
+        return self.unpatchify(x, grid)
+
+    # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
+    _unused_prefixes = ("audio_emb.", "text_embedding.")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        subfolder: str | None = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+    ) -> FlashHeadDiT:
+        """Load a checkpoint folder (`config.json` + `diffusion_pytorch_model.safetensors`).
+
+        Accepts the released `Model_Lite` / `Model_Pro` folders as they are, a hub id with `subfolder`
+        (e.g. `("Soul-AILab/SoulX-FlashHead-1_3B", "Model_Lite")`), and `save_pretrained` output. Names and
+        shapes are checked before anything is loaded; `torch_dtype` casts on load (the released files are
+        float32, inference runs in bfloat16).
+        """
+        folder = resolve_model_dir(
+            pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )  # fmt: skip
+        config = read_json(folder / "config.json")
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except (TypeError, ValueError, ConfigError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: unusable model config ({e})") from e
+        files = safetensors_files(folder)
+        state = load_safetensors(files)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        source = files[0] if len(files) == 1 else folder
+        for key in check_state_dict(state, expected, source, optional_prefixes=cls._unused_prefixes):
+            state[key] = torch.zeros(expected[key])
+        if torch_dtype is not None:
+            state = {k: v.to(torch_dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device).eval()
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, f*h*w, pt*ph*pw*C) with patch position major, channel minor -> (B, C, f*pt, h*ph, w*pw)."""
+        (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)

@@ -1,0 +1,44 @@
+"""Shared test helpers: where the shared fixtures and media live, and how to compare tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+MEDIA = SHARED / "media"
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Tensors and metadata (JSON values decoded) of ../shared/fixtures/<name>.safetensors."""
+    from safetensors import safe_open
+
+    path = FIXTURES / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not present")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta: dict[str, object] = {}
+        for k, v in (f.metadata() or {}).items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError:
+                meta[k] = v
+    return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with `prefix`, with the prefix stripped."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

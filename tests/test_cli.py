@@ -1,0 +1,43 @@
+"""The `flashhead` command line, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _util import FIXTURES
+
+
+def flashhead(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashhead.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("variant", ["lite", "pro"])
+def test_info_prints_the_official_parameter_counts(variant):
+    manifest = json.loads((FIXTURES / f"official_dit_{variant}_keys.json").read_text())
+    out = flashhead("info", "--model", variant, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["parameters"] == manifest["num_params"]
+    assert report["state_dict_keys"] == manifest["num_keys"]
+    assert report["fp32_bytes"] == manifest["fp32_bytes"]
+    assert report["tokens_per_chunk_512"] == {"lite": 1280, "pro": 9216}[variant]
+    table = flashhead("info", "--model", variant)
+    assert f"{manifest['num_params']:,}" in table.stdout
+
+
+def test_info_reads_a_checkpoint_folder(tmp_path):
+    manifest = json.loads((FIXTURES / "official_dit_pro_keys.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(manifest["config"]))
+    report = json.loads(flashhead("info", "--model", str(tmp_path), "--json").stdout)
+    assert report["parameters"] == manifest["num_params"]
+
+
+def test_bad_model_gives_one_line_error_and_nonzero_exit():
+    out = flashhead("info", "--model", "no/such/model")
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: no/such/model")
+    assert "Traceback" not in out.stderr
