@@ -30,3 +30,21 @@ class ConfigError(FlashHeadError):
     """A configuration value that the model or pipeline cannot work with."""
 
     exit_code = 2
+
+
+class ImageError(FlashHeadError):
+    """A portrait that cannot be decoded or is unsafe to decode (corrupt, empty, too large)."""
+
+    exit_code = 5
+
+
+class NoFaceError(FlashHeadError):
+    """No face was found in a portrait (or in a video frame where one is required)."""
+
+    exit_code = 6
+
+
+class MediaError(FlashHeadError):
+    """A video or container that cannot be read or written."""
+
+    exit_code = 7

@@ -1,0 +1,1 @@
+"""Reading and writing media: images, faces, audio files, videos, watermarks."""
