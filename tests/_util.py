@@ -29,7 +29,7 @@ def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]
     if not path.exists():
         pytest.skip(f"fixture {path} not present")
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         meta: dict[str, object] = {}
         for k, v in (f.metadata() or {}).items():
             try:

@@ -1,0 +1,362 @@
+"""Offline generation: a portrait and speech in, a lip-synced talking-head video out.
+
+The pipeline composes the three networks and the scheduler and runs the official chunked procedure:
+
+    reference image -> VAE latent of the image repeated `frame_num` times (y, fixed for the whole video)
+    for every chunk of new audio:
+        audio context (Temporal Audio Context Cache)  -> 4-step distilled sampling with the DiT
+        -> VAE decode -> colour correction to the reference -> keep the new frames
+        -> re-encode the last `motion_frames` frames as the next chunk's motion latents
+
+Streaming (flashhead.pipeline.stream) reuses `encode_reference` and `generate_chunk`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashhead.errors import AudioError, ConfigError
+from flashhead.models.audio import AudioConfig, AudioContextCache, encode_offline
+from flashhead.models.dit import FlashHeadDiT
+from flashhead.models.vae import VideoVAE
+from flashhead.pipeline.color import match_colors
+from flashhead.pipeline.config import GenerationConfig
+from flashhead.pipeline.sampling import denoise_chunk
+from flashhead.pipeline.scheduler import FlashHeadScheduler
+
+logger = logging.getLogger(__name__)
+
+AudioEncoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ReferenceState:
+    """What a portrait contributes to every chunk; computed once per portrait."""
+
+    image: torch.Tensor  # (1, 3, 1, H, W) in [-1, 1]: the colour-correction reference
+    latents: torch.Tensor  # (1, C, F, h, w): latent of the image repeated frame_num times (the DiT's y)
+
+    @property
+    def first_motion(self) -> torch.Tensor:
+        """Motion latents of a stream's first chunk: the image's own (causal) first latent frame."""
+        return self.latents[:, :, :1]
+
+
+@dataclass
+class ChunkResult:
+    latents: torch.Tensor  # (1, C, F, h, w) denoised, motion frames written back
+    decoded: torch.Tensor  # (1, 3, frame_num, H, W) VAE output
+    video: torch.Tensor  # (1, 3, frame_num, H, W) after colour correction, in [-1, 1]
+    motion_latents: torch.Tensor  # (1, C, motion_latent_frames, h, w) for the next chunk
+
+
+@dataclass
+class FlashHeadOutput:
+    """Frames of a generated video and what is needed to save it."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, watermarked
+    fps: int
+    audio: np.ndarray  # (n,) float32 mono speech the frames follow
+    sample_rate: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return len(self.frames) / self.fps
+
+    def save(self, path: str | Path, crf: int = 18) -> Path:
+        """Write an H.264 MP4 with the speech muxed in, atomically (temporary file, then rename)."""
+        from flashhead.media.video_io import VideoWriter
+
+        with VideoWriter(path, fps=self.fps, crf=crf, metadata=self.metadata) as writer:
+            writer.write_frames(self.frames)
+            writer.set_audio(self.audio, self.sample_rate)
+        return Path(path)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounding to the nearest level."""
+    frames = ((video[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class FlashHeadPipeline:
+    """Portrait + speech -> talking-head video, chunk by chunk, with the released or our own models.
+
+    Args:
+        dit: the FlashHead DiT.
+        vae: the VAE adapter matching the DiT's latent space (LTX for Lite, Wan2.1 for Pro).
+        audio_encoder: 16 kHz waveform (n,) -> per-frame features (n * fps / 16000, layers, hidden).
+        scheduler: timesteps and update rule (default: shift 5).
+        config: generation settings (default: the official ones).
+    """
+
+    def __init__(
+        self,
+        dit: FlashHeadDiT,
+        vae: VideoVAE,
+        audio_encoder: AudioEncoder,
+        scheduler: FlashHeadScheduler | None = None,
+        config: GenerationConfig | None = None,
+    ):
+        self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
+        self.config = config or GenerationConfig()
+        self.scheduler = scheduler or FlashHeadScheduler(shift=self.config.shift)
+        if tuple(dit.config.vae_stride) != tuple(vae.stride):
+            raise ConfigError(f"DiT vae_stride {tuple(dit.config.vae_stride)} != VAE stride {vae.stride}")
+        if dit.config.out_dim != vae.latent_channels:
+            raise ConfigError(f"DiT out_dim {dit.config.out_dim} != VAE latent channels {vae.latent_channels}")
+        self.name = "custom"
+
+    # -- loading and saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = "auto",
+        *,
+        weights: str | Path | None = None,
+        wav2vec: str | Path | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        config: GenerationConfig | None = None,
+        local_files_only: bool | None = None,
+    ) -> FlashHeadPipeline:
+        """Load a pipeline.
+
+        Args:
+            model: "lite" or "pro" (the released SoulX-FlashHead checkpoints), "tiny" (the small model
+                shipped inside the package), a folder written by `save_pretrained`, or "auto": official
+                Lite when its files are under `weights` or in the local Hugging Face cache, else "tiny".
+            weights: folder (or hub id) of the release, laid out as `SoulX-FlashHead-1_3B/` with
+                `Model_Lite/`, `Model_Pro/`, `VAE_LTX/`, `VAE_Wan/`; default: the hub id, cache first.
+            wav2vec: wav2vec2-base-960h folder or hub id; default: `wav2vec2-base-960h/` next to or inside
+                `weights`, else the hub id `facebook/wav2vec2-base-960h` (cache first).
+            device, torch_dtype: where and in which precision the DiT and VAE run (the audio encoder
+                stays float32). Default: CUDA in bfloat16 when available, else CPU in float32.
+            config: generation settings (default: the official ones, or the folder's own).
+        """
+        from flashhead.pipeline import registry
+
+        return registry.load_pipeline(
+            cls, model, weights=weights, wav2vec=wav2vec, device=device, torch_dtype=torch_dtype, config=config,
+            local_files_only=local_files_only,
+        )  # fmt: skip
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a self-contained folder (model_index.json, dit/, vae/, audio_encoder/, generation_config.json)."""
+        from flashhead.pipeline import registry
+
+        return registry.save_pipeline(self, Path(folder))
+
+    # -- geometry -----------------------------------------------------------------------------------
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.vae.stride[0]
+
+    @property
+    def motion_frames(self) -> int:
+        return self.config.motion_frames(self.temporal_stride)
+
+    @property
+    def new_frames(self) -> int:
+        return self.config.new_frames(self.temporal_stride)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+    def audio_config(self) -> AudioConfig:
+        c = self.config
+        return AudioConfig(
+            sample_rate=c.sample_rate, fps=c.fps, frame_num=c.frame_num, window=self.dit.config.audio_window,
+            cache_seconds=int(c.audio_cache_seconds),
+        )  # fmt: skip
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FlashHeadPipeline:
+        """Move the DiT and VAE (and cast them to `dtype`); the audio encoder stays float32."""
+        self.dit.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype)
+        if isinstance(self.audio_encoder, torch.nn.Module):
+            self.audio_encoder.to(device=device)
+        return self
+
+    # -- the two steps everything is made of ---------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_reference(
+        self,
+        image: np.ndarray | torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> ReferenceState:
+        """Encode a prepared portrait (H, W, 3) uint8, already at the output size.
+
+        `generator` / `noise` feed the LTX posterior sample (the Wan VAE returns the mean and ignores them).
+        """
+        pixels = torch.as_tensor(np.asarray(image)).float()
+        if pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise ConfigError(f"reference image must be (H, W, 3), got {tuple(pixels.shape)}")
+        ref = (pixels / 255 * 2 - 1).permute(2, 0, 1)[None, :, None].to(self.device, self.dtype)  # (1,3,1,H,W)
+        clip = ref.expand(-1, -1, self.config.frame_num, -1, -1)
+        latents = self._encode(clip, generator=generator, noise=noise)
+        return ReferenceState(image=ref, latents=latents)
+
+    @torch.no_grad()
+    def generate_chunk(
+        self,
+        reference: ReferenceState,
+        motion_latents: torch.Tensor,
+        audio_context: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        renoise: Sequence[torch.Tensor] | None = None,
+        encode_noise: torch.Tensor | None = None,
+        encode_generator: torch.Generator | None = None,
+    ) -> ChunkResult:
+        """Generate one chunk of `frame_num` frames (the first `motion_frames` re-render the motion context).
+
+        Noise comes from `generator` (CPU generator: the same numbers on every device) in the official
+        order, initial noise then one re-noise per step, unless given explicitly.
+        """
+        cfg = self.config
+        shape = (1, *self.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width))
+        if reference.latents.shape[-2:] != shape[-2:]:
+            raise ConfigError(f"reference latents {tuple(reference.latents.shape)} do not fit {cfg.height}x{cfg.width}")
+        if noise is None:
+            noise = torch.randn(shape, generator=generator)
+        if renoise is None and not cfg.use_euler:
+            renoise = [torch.randn(shape, generator=generator) for _ in range(cfg.num_inference_steps)]
+        self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=self.dtype)
+        latents = denoise_chunk(
+            self.dit, self.scheduler, noise.to(self.device, self.dtype), motion_latents.to(self.device, self.dtype),
+            reference.latents, audio_context.to(self.device),
+            renoise=None if renoise is None else [r.to(self.device, self.dtype) for r in renoise],
+            guidance_scale=cfg.guidance_scale, euler=cfg.use_euler,
+        )  # fmt: skip
+        decoded = self.vae.decode(latents)
+        video = decoded
+        if cfg.color_correction_strength > 0:
+            video = match_colors(decoded, reference.image, cfg.color_correction_strength)
+        motion = self._encode(video[:, :, -self.motion_frames :], generator=encode_generator, noise=encode_noise)
+        return ChunkResult(latents=latents, decoded=decoded, video=video, motion_latents=motion)
+
+    def _encode(self, video: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        if noise is not None:
+            return self.vae.encode(video, noise=noise.to(video))
+        return self.vae.encode(video, generator=generator)
+
+    # -- whole videos --------------------------------------------------------------------------------
+
+    def audio_contexts(self, waveform: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Per-chunk audio contexts for a whole 16 kHz waveform, in the configured audio mode."""
+        if self.config.audio_mode == "once":
+            yield from encode_offline(self.audio_encoder, waveform, self.new_frames, self.audio_config())
+        else:
+            yield from AudioContextCache(self.audio_encoder, self.new_frames, self.audio_config()).iter_chunks(waveform)
+
+    def num_chunks(self, num_samples: int) -> int:
+        spf = self.config.sample_rate // self.config.fps
+        frames = math.ceil(num_samples / spf)
+        if self.config.audio_mode == "once":
+            return max(1, math.ceil(max(frames - self.config.frame_num, 0) / self.new_frames) + 1)
+        return math.ceil(frames / self.new_frames)
+
+    def iter_frames(self, reference: ReferenceState, waveform: torch.Tensor, *, seed: int = 42) -> Iterator[np.ndarray]:
+        """Yield each chunk's new frames, (n, H, W, 3) uint8, as soon as the chunk is generated."""
+        generator = torch.Generator().manual_seed(seed)
+        encode_generator = torch.Generator().manual_seed(seed + 1)
+        motion = reference.first_motion
+        for index, context in enumerate(self.audio_contexts(waveform)):
+            chunk = self.generate_chunk(
+                reference, motion, context, generator=generator, encode_generator=encode_generator
+            )
+            motion = chunk.motion_latents
+            # Stream mode drops the re-rendered motion frames of every chunk (also the first, whose
+            # motion context is the reference); once mode keeps the first chunk whole, as upstream.
+            keep_from = 0 if (self.config.audio_mode == "once" and index == 0) else self.motion_frames
+            yield to_uint8(chunk.video[:, :, keep_from:])
+
+    def __call__(
+        self,
+        image: str | Path | np.ndarray,
+        audio: str | Path | np.ndarray | torch.Tensor,
+        *,
+        sample_rate: int | None = None,
+        seed: int = 42,
+        crop: bool = True,
+        watermark: bool = True,
+        progress: bool = True,
+    ) -> FlashHeadOutput:
+        """Generate a talking-head video.
+
+        Args:
+            image: portrait path, or a prepared (H, W, 3) uint8 array at the output size.
+            audio: speech file (any format PyAV reads, also a video's audio track) or a mono waveform.
+            sample_rate: the waveform's rate when `audio` is an array (resampled to 16 kHz).
+            seed: noise seed; the same seed gives the same frames.
+            crop: detect the largest face and crop around it as the official preprocessing does.
+            watermark: embed the invisible flashhead watermark (on by default; see docs/media.md).
+            progress: show a progress bar.
+
+        Returns:
+            FlashHeadOutput with exactly round(audio seconds * fps) frames.
+        """
+        from tqdm.auto import tqdm
+
+        portrait = self.prepare_image(image, crop=crop)
+        waveform = self.prepare_audio(audio, sample_rate)
+        num_frames = round(len(waveform) * self.config.fps / self.config.sample_rate)
+        reference = self.encode_reference(portrait, generator=torch.Generator().manual_seed(seed + 1))
+        chunks = []
+        bar = tqdm(total=num_frames, unit="frame", desc="generating", disable=not progress)
+        for frames in self.iter_frames(reference, torch.from_numpy(waveform), seed=seed):
+            chunks.append(frames)
+            bar.update(min(len(frames), num_frames - bar.n))
+            if sum(map(len, chunks)) >= num_frames:
+                break
+        bar.close()
+        frames = np.concatenate(chunks)[:num_frames]
+        if watermark:
+            from flashhead.media.watermark import embed_watermark
+
+            frames = embed_watermark(frames)
+        metadata = {"model": self.name, "seed": seed, "steps": self.config.num_inference_steps}
+        return FlashHeadOutput(frames, self.config.fps, waveform, self.config.sample_rate, metadata)
+
+    def prepare_image(self, image: str | Path | np.ndarray, crop: bool = True) -> np.ndarray:
+        size = (self.config.height, self.config.width)
+        if isinstance(image, np.ndarray) and image.shape[:2] == size:
+            return image
+        from flashhead.media.face import prepare_portrait
+
+        return prepare_portrait(image, crop=crop, size=size)
+
+    def prepare_audio(self, audio: str | Path | np.ndarray | torch.Tensor, sample_rate: int | None) -> np.ndarray:
+        from flashhead.media.audio_io import check_not_silent, load_audio
+
+        if isinstance(audio, (str, Path)):
+            waveform, _ = load_audio(audio, target_sr=self.config.sample_rate)
+        else:
+            from flashhead.models.audio import prepare_waveform
+
+            if sample_rate is None:
+                raise AudioError("sample_rate is required when audio is given as an array")
+            waveform = prepare_waveform(audio, sample_rate, self.config.sample_rate).numpy()
+        check_not_silent(waveform, self.config.sample_rate)
+        return np.ascontiguousarray(waveform, dtype=np.float32)

@@ -1,0 +1,54 @@
+"""Tiny random-weight networks of the official fixtures, built through our public loaders.
+
+The parity fixtures store the official tiny networks by their official names; these helpers load them
+into our classes so that any test can run the whole pipeline on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+from _util import load_fixture, prefixed
+from flashhead.models import FlashHeadDiT
+from flashhead.models.audio import Wav2VecEncoder
+from flashhead.models.dit import audio_config_from_official
+from flashhead.models.vae import LTXVideoVAE, VideoVAE, WanVideoVAE
+
+
+def tiny_dit(variant: str) -> FlashHeadDiT:
+    weights, meta = load_fixture(f"parity_dit_{variant}_tiny")
+    cfg = dict(meta["config"]) | audio_config_from_official(meta["audio_proj_override"]["kwargs"], meta["config"])
+    dit = FlashHeadDiT.from_config(cfg).eval()
+    missing, unexpected = dit.load_state_dict(prefixed(weights, "weights/"), strict=False)
+    assert not unexpected and all(k.startswith("audio_emb.") for k in missing)
+    return dit
+
+
+def tiny_vae(variant: str) -> VideoVAE:
+    t, meta = load_fixture(f"pipeline_{variant}_tiny")
+    if variant == "lite":
+        return LTXVideoVAE.from_native_state_dict(prefixed(t, "vae/"), meta["vae_config"], strict_config=False)
+    config = {k: v for k, v in meta["vae_config"].items() if k != "wrapper"}  # "wrapper" is a note
+    return WanVideoVAE.from_official_state_dict(prefixed(t, "vae/"), config)
+
+
+def tiny_audio_encoder() -> Wav2VecEncoder:
+    t, meta = load_fixture("wav2vec_features_tiny")
+    model = Wav2Vec2Model(Wav2Vec2Config(**meta["wav2vec2_config"]))
+    model.load_state_dict(prefixed(t, "weights/"), strict=True)
+    return Wav2VecEncoder(model)
+
+
+def tiny_pipeline(variant: str, **config_changes):
+    """(pipeline, fixture tensors, fixture params) at the fixture's output size."""
+    from flashhead.pipeline.config import GenerationConfig
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+
+    t, meta = load_fixture(f"pipeline_{variant}_tiny")
+    p = meta["params"]
+    config = GenerationConfig(height=p["target_size"][0], width=p["target_size"][1], shift=p["shift"])
+    pipe = FlashHeadPipeline(
+        tiny_dit(variant), tiny_vae(variant), tiny_audio_encoder(), config=config.replace(**config_changes)
+    )
+    pipe.name = f"tiny-{variant}"
+    return pipe, t, p

@@ -1,0 +1,53 @@
+"""Pipeline folders: save_pretrained -> from_pretrained, and what model names resolve to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _tiny import tiny_pipeline
+from flashhead.errors import CheckpointError
+from flashhead.pipeline import registry
+from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+
+
+@pytest.mark.parametrize("variant", ["lite", "pro"])
+def test_save_and_load_round_trip_generates_the_same_chunk(tmp_path, variant):
+    pipe, t, _ = tiny_pipeline(variant)
+    pipe.name = f"tiny-{variant}"
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["vae"] == {"lite": "ltx", "pro": "wan"}[variant]
+    loaded = FlashHeadPipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    assert loaded.name == f"tiny-{variant}" and loaded.config == pipe.config
+
+    image = t["inputs/cond_image_uint8"].numpy().astype("uint8")
+    context = t["chunk0/audio_embedding"]
+    outputs = []
+    for p in (pipe, loaded):
+        ref = p.encode_reference(image, generator=torch.Generator().manual_seed(1))
+        chunk = p.generate_chunk(
+            ref, ref.first_motion, context,
+            generator=torch.Generator().manual_seed(0), encode_generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        outputs.append(chunk)
+    assert torch.equal(outputs[0].video, outputs[1].video)
+    assert torch.equal(outputs[0].motion_latents, outputs[1].motion_latents)
+
+
+def test_unknown_or_missing_models_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="not 'lite', 'pro', 'tiny', 'auto' or a pipeline folder"):
+        FlashHeadPipeline.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "model_index.json").write_text(json.dumps({"vae": "vqgan"}))
+    with pytest.raises(CheckpointError, match="unknown vae 'vqgan'"):
+        FlashHeadPipeline.from_pretrained(tmp_path, device="cpu")
+    # "auto" with no official weights in the (empty) cache and no embedded model: say so, in one line.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(registry, "EMBEDDED_DIR", tmp_path / "no-embedded-model")
+    assert not registry.official_weights_available(None)
+    with pytest.raises(CheckpointError, match="no model available") as e:
+        FlashHeadPipeline.from_pretrained("auto", device="cpu")
+    assert "\n" not in str(e.value)
