@@ -24,13 +24,7 @@ from torch import nn
 
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
-from flashhead.models.loading import (
-    check_state_dict,
-    load_safetensors,
-    read_json,
-    resolve_model_dir,
-    safetensors_files,
-)
+from flashhead.models.loading import build_and_load, read_json, read_safetensors, resolve_model_dir, safetensors_files
 
 # Constructor configurations of the released checkpoints (config.json of Model_Lite / Model_Pro).
 LITE_CONFIG: dict = dict(
@@ -320,20 +314,17 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
             local_files_only=local_files_only,
         )  # fmt: skip
         config = read_json(folder / "config.json")
-        try:
-            with torch.device("meta"):
-                model = cls.from_config(config)
-        except (TypeError, ValueError, ConfigError) as e:
-            raise CheckpointError(f"{folder / 'config.json'}: unusable model config ({e})") from e
         files = safetensors_files(folder)
-        state = load_safetensors(files)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        source = files[0] if len(files) == 1 else folder
-        for key in check_state_dict(state, expected, source, optional_prefixes=cls._unused_prefixes):
-            state[key] = torch.zeros(expected[key])
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(read_safetensors(file)[0])
         if torch_dtype is not None:
             state = {k: v.to(torch_dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        source = str(files[0] if len(files) == 1 else folder)
+        try:
+            model = build_and_load(cls, config, state, source, optional_prefixes=cls._unused_prefixes, frozen=False)
+        except (TypeError, ValueError, ConfigError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: unusable model config ({e})") from e
         return model.to(device).eval()
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

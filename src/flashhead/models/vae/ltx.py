@@ -28,8 +28,8 @@ from diffusers.loaders.single_file_utils import convert_ltx_vae_checkpoint_to_di
 from diffusers.utils.torch_utils import randn_tensor
 
 from flashhead.errors import CheckpointError, ConfigError
+from flashhead.models.loading import build_and_load, is_hub_id, read_json, read_safetensors, resolve_model_dir
 
-from ._io import build_and_load, hub_download, is_hub_id, read_json, read_safetensors
 from .base import VideoVAE
 
 # config.json of the released VAE_LTX/ folder (the diffusers LTX-Video 0.9.0 VAE); SPEC section 2.
@@ -215,9 +215,9 @@ class LTXVideoVAE(VideoVAE):
         the 0.9.0 VAE (tiny test models).
         """
         if is_hub_id(path_or_repo_id):
-            folder = hub_download(
+            folder = resolve_model_dir(
                 str(path_or_repo_id),
-                folder=subfolder,
+                subfolder,
                 revision=revision,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,

@@ -22,8 +22,15 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from flashhead.errors import ConfigError
+from flashhead.models.loading import (
+    build_and_load,
+    hub_download,
+    is_hub_id,
+    read_json,
+    read_safetensors,
+    read_torch_state_dict,
+)
 
-from ._io import build_and_load, hub_download, is_hub_id, read_json, read_safetensors, read_torch_state_dict
 from .base import VideoVAE
 
 # Constructor arguments of the official WanVAE_ as FlashHead builds it (SPEC section 5.6).
@@ -168,7 +175,7 @@ class WanVideoVAE(VideoVAE):
         if is_hub_id(path_or_repo_id):
             file = hub_download(
                 str(path_or_repo_id),
-                filename=f"{subfolder}/{WAN21_FILENAME}",
+                f"{subfolder}/{WAN21_FILENAME}",
                 revision=revision,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
