@@ -31,6 +31,7 @@ from flashhead.pipeline.color import match_colors
 from flashhead.pipeline.config import GenerationConfig
 from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
+from flashhead.pipeline.timing import NullTimer
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class FlashHeadPipeline:
         if dit.config.out_dim != vae.latent_channels:
             raise ConfigError(f"DiT out_dim {dit.config.out_dim} != VAE latent channels {vae.latent_channels}")
         self.name = "custom"
+        self.timer = NullTimer()  # set a StageTimer to measure where the time goes
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -213,7 +215,7 @@ class FlashHeadPipeline:
             raise ConfigError(f"reference image must be (H, W, 3), got {tuple(pixels.shape)}")
         ref = (pixels / 255 * 2 - 1).permute(2, 0, 1)[None, :, None].to(self.device, self.dtype)  # (1,3,1,H,W)
         clip = ref.expand(-1, -1, self.config.frame_num, -1, -1)
-        latents = self._encode(clip, generator=generator, noise=noise)
+        latents = self._encode(clip, generators=[generator], noise=noise)
         return ReferenceState(image=ref, latents=latents)
 
     @torch.no_grad()
@@ -234,41 +236,107 @@ class FlashHeadPipeline:
         Noise comes from `generator` (CPU generator: the same numbers on every device) in the official
         order, initial noise then one re-noise per step, unless given explicitly.
         """
+        return self.generate_chunks(
+            [reference], [motion_latents], [audio_context], generators=[generator],
+            encode_generators=[encode_generator], noises=None if noise is None else [noise],
+            renoises=None if renoise is None else [renoise],
+            encode_noises=None if encode_noise is None else [encode_noise],
+        )[0]  # fmt: skip
+
+    @torch.no_grad()
+    def generate_chunks(
+        self,
+        references: Sequence[ReferenceState],
+        motion_latents: Sequence[torch.Tensor],
+        audio_contexts: Sequence[torch.Tensor],
+        *,
+        generators: Sequence[torch.Generator | None] | None = None,
+        encode_generators: Sequence[torch.Generator | None] | None = None,
+        noises: Sequence[torch.Tensor] | None = None,
+        renoises: Sequence[Sequence[torch.Tensor]] | None = None,
+        encode_noises: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[ChunkResult]:
+        """Generate one chunk for each of several streams in one batch (one DiT call per step for all).
+
+        Each stream keeps its own portrait, motion latents (1 frame on its first chunk, 2 afterwards),
+        audio and noise generators, so a stream's frames do not depend on which others share its batch.
+        """
         cfg = self.config
+        B = len(references)
         shape = (1, *self.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width))
-        if reference.latents.shape[-2:] != shape[-2:]:
-            raise ConfigError(f"reference latents {tuple(reference.latents.shape)} do not fit {cfg.height}x{cfg.width}")
-        if noise is None:
-            noise = torch.randn(shape, generator=generator)
-        if renoise is None and not cfg.use_euler:
-            renoise = [torch.randn(shape, generator=generator) for _ in range(cfg.num_inference_steps)]
-        self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=self.dtype)
-        latents = denoise_chunk(
-            self.dit, self.scheduler, noise.to(self.device, self.dtype), motion_latents.to(self.device, self.dtype),
-            reference.latents, audio_context.to(self.device),
-            renoise=None if renoise is None else [r.to(self.device, self.dtype) for r in renoise],
-            guidance_scale=cfg.guidance_scale, euler=cfg.use_euler,
-        )  # fmt: skip
-        decoded = self.vae.decode(latents)
+        generators = list(generators or [None] * B)
+        for ref in references:
+            if ref.latents.shape[-2:] != shape[-2:]:
+                raise ConfigError(f"reference latents {tuple(ref.latents.shape)} do not fit {cfg.height}x{cfg.width}")
+        if noises is None:
+            noises = [torch.randn(shape, generator=g) for g in generators]
+        if renoises is None and not cfg.use_euler:
+            renoises = [[torch.randn(shape, generator=g) for _ in range(cfg.num_inference_steps)] for g in generators]
+        dev, dt = self.device, self.dtype
+        lengths = [m.shape[2] for m in motion_latents]
+        motion = torch.zeros((B, shape[1], max(lengths), *shape[3:]), device=dev, dtype=dt)
+        for b, m in enumerate(motion_latents):
+            motion[b, :, : lengths[b]] = m[0].to(dev, dt)
+        step_noise = None
+        if renoises is not None:
+            step_noise = [torch.cat([r[i] for r in renoises]).to(dev, dt) for i in range(cfg.num_inference_steps)]
+        self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=dt)
+        with self.timer("dit"):
+            latents = denoise_chunk(
+                self.dit, self.scheduler, torch.cat(list(noises)).to(dev, dt), motion,
+                torch.cat([r.latents for r in references]), torch.cat(list(audio_contexts)).to(dev),
+                renoise=step_noise, guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=lengths,
+            )  # fmt: skip
+        with self.timer("vae_decode"):
+            decoded = self.vae.decode(latents)
         video = decoded
         if cfg.color_correction_strength > 0:
-            video = match_colors(decoded, reference.image, cfg.color_correction_strength)
-        motion = self._encode(video[:, :, -self.motion_frames :], generator=encode_generator, noise=encode_noise)
-        return ChunkResult(latents=latents, decoded=decoded, video=video, motion_latents=motion)
+            with self.timer("color_correction"):
+                reference_images = torch.cat([r.image for r in references])
+                video = match_colors(decoded, reference_images, cfg.color_correction_strength)
+        with self.timer("vae_encode_motion"):
+            tail = video[:, :, -self.motion_frames :]
+            if encode_noises is not None and all(n is not None for n in encode_noises):
+                motion_out = self._encode(tail, noise=torch.cat(list(encode_noises)))
+            else:
+                motion_out = self._encode(tail, generators=list(encode_generators or [None] * B))
+        return [
+            ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
+                        motion_latents=motion_out[b : b + 1])
+            for b in range(B)
+        ]  # fmt: skip
 
-    def _encode(self, video: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
-        if noise is not None:
-            return self.vae.encode(video, noise=noise.to(video))
-        return self.vae.encode(video, generator=generator)
+    def _encode(
+        self,
+        video: torch.Tensor,
+        generators: Sequence[torch.Generator | None] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """VAE-encode a batch; a sampling VAE (LTX) gets float32 CPU noise from each stream's generator."""
+        if not getattr(self.vae, "sample_posterior", False):
+            return self.vae.encode(video)
+        if noise is None:
+            shape = (1, *self.vae.latent_shape(video.shape[2], video.shape[3], video.shape[4]))
+            noise = torch.cat([torch.randn(shape, generator=g) for g in (generators or [None] * video.shape[0])])
+        return self.vae.encode(video, noise=noise.to(video))
 
     # -- whole videos --------------------------------------------------------------------------------
 
     def audio_contexts(self, waveform: torch.Tensor) -> Iterator[torch.Tensor]:
         """Per-chunk audio contexts for a whole 16 kHz waveform, in the configured audio mode."""
         if self.config.audio_mode == "once":
-            yield from encode_offline(self.audio_encoder, waveform, self.new_frames, self.audio_config())
-        else:
-            yield from AudioContextCache(self.audio_encoder, self.new_frames, self.audio_config()).iter_chunks(waveform)
+            with self.timer("audio_features"):
+                contexts = encode_offline(self.audio_encoder, waveform, self.new_frames, self.audio_config())
+            yield from contexts
+            return
+        cache = AudioContextCache(self.audio_encoder, self.new_frames, self.audio_config())
+        contexts = cache.iter_chunks(waveform)
+        while True:
+            with self.timer("audio_features"):
+                context = next(contexts, None)
+            if context is None:
+                return
+            yield context
 
     def num_chunks(self, num_samples: int) -> int:
         spf = self.config.sample_rate // self.config.fps

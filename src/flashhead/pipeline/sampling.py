@@ -24,6 +24,7 @@ def denoise_chunk(
     generator: torch.Generator | None = None,
     guidance_scale: float = 1.0,
     euler: bool = False,
+    motion_lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Denoise one chunk of latents, keeping its first latent frames pinned to the clean motion latents.
 
@@ -40,16 +41,26 @@ def denoise_chunk(
         guidance_scale: audio classifier-free guidance (> 1 runs a second, audio-free branch with zeroed
             features in the same batch, as the official teacher path does).
         euler: integrate with Euler steps (undistilled Stage-1 teacher) instead of x0-predict + re-noise.
+        motion_lengths: per sample, how many leading frames of `motion_latents` are real (a batch may mix
+            streams on their first chunk, with one motion frame, and later chunks, with two).
 
     Returns:
         the denoised latents (B, C, F, H, W) with the motion frames written back.
     """
     x = latents.clone()
-    n_motion = motion_latents.shape[2]
     B = x.shape[0]
+    lengths = list(motion_lengths) if motion_lengths is not None else [motion_latents.shape[2]] * B
+
+    def pin_motion(x: torch.Tensor) -> None:
+        if len(set(lengths)) == 1:
+            x[:, :, : lengths[0]] = motion_latents[:, :, : lengths[0]]
+        else:
+            for b, n in enumerate(lengths):
+                x[b, :, :n] = motion_latents[b, :, :n]
+
     guided = guidance_scale != 1.0
     for i in range(scheduler.num_steps):
-        x[:, :, :n_motion] = motion_latents
+        pin_motion(x)
         t = scheduler.timesteps[i].to(x.device).expand(B)
         if guided:
             v_cond, v_uncond = model(
@@ -68,5 +79,5 @@ def denoise_chunk(
             if noise is None:
                 noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = scheduler.step(v, i, x, noise.to(x))
-    x[:, :, :n_motion] = motion_latents
+    pin_motion(x)
     return x

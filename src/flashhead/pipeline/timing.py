@@ -1,0 +1,58 @@
+"""Per-stage wall-clock timing that is correct on GPUs (synchronises around each stage when asked)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class StageTimer:
+    """Collects milliseconds per named stage: `with timer("vae_decode"): ...`.
+
+    With `sync=True` CUDA work is synchronised before and after each stage so that asynchronous kernels
+    are charged to the stage that launched them; that costs a little throughput, so the benchmark's
+    steady-state FPS runs without a timer.
+    """
+
+    def __init__(self, sync: bool = True):
+        self.sync = sync and torch.cuda.is_available()
+        self.records: dict[str, list[float]] = defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.records[name].append((time.perf_counter() - start) * 1000)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{stage: {"mean_ms", "median_ms", "count"}} over everything recorded."""
+        out = {}
+        for name, values in self.records.items():
+            ordered = sorted(values)
+            out[name] = {
+                "mean_ms": round(sum(values) / len(values), 3),
+                "median_ms": round(ordered[len(ordered) // 2], 3),
+                "count": len(values),
+            }
+        return out
+
+    def reset(self) -> None:
+        self.records.clear()
+
+
+class NullTimer:
+    """A timer that records nothing (the default)."""
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        yield
