@@ -48,3 +48,15 @@ class MediaError(FlashHeadError):
     """A video or container that cannot be read or written."""
 
     exit_code = 7
+
+
+class CapacityError(FlashHeadError):
+    """The engine or server is at its measured capacity and cannot admit another real-time session."""
+
+    exit_code = 8
+
+
+class SessionError(FlashHeadError):
+    """A streaming session that does not exist, has ended, or was used out of order."""
+
+    exit_code = 9

@@ -512,6 +512,11 @@ class AudioContextCache:
         Returns:
             (1, frame_num, window, layers, hidden) float32.
         """
+        self.append(samples, pad=pad)
+        return self.context(self.encoder(self._buffer))
+
+    def append(self, samples: torch.Tensor | np.ndarray, *, pad: bool = False) -> None:
+        """The FIFO half of `push`: append one slice (the streaming engine then encodes many caches at once)."""
         new = check_waveform(samples)
         if new.numel() != self.slice_samples:
             if not (pad and new.numel() < self.slice_samples):
@@ -520,7 +525,8 @@ class AudioContextCache:
         self._buffer = torch.cat([self._buffer[self.slice_samples :], new.to(self._buffer.device)])
         self.chunks_pushed += 1
 
-        features = self.encoder(self._buffer)  # (200, layers, hidden)
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """The encoding half of `push`: windows of the last `frame_num` frames of the encoded buffer."""
         end = features.shape[0]
         if end < self.config.frame_num:
             raise ConfigError(f"encoder returned {end} frames for the cache, fewer than {self.config.frame_num}")

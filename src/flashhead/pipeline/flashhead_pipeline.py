@@ -83,6 +83,11 @@ class FlashHeadOutput:
         return Path(path)
 
 
+def reference_generator(seed: int) -> torch.Generator:
+    """Noise for the reference encode (LTX posterior); apart from the sampling and re-encode streams."""
+    return torch.Generator().manual_seed(seed + 2)
+
+
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounding to the nearest level."""
     frames = ((video[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -390,7 +395,7 @@ class FlashHeadPipeline:
         portrait = self.prepare_image(image, crop=crop)
         waveform = self.prepare_audio(audio, sample_rate)
         num_frames = round(len(waveform) * self.config.fps / self.config.sample_rate)
-        reference = self.encode_reference(portrait, generator=torch.Generator().manual_seed(seed + 1))
+        reference = self.encode_reference(portrait, generator=reference_generator(seed))
         chunks = []
         bar = tqdm(total=num_frames, unit="frame", desc="generating", disable=not progress)
         for frames in self.iter_frames(reference, torch.from_numpy(waveform), seed=seed):

@@ -1,0 +1,358 @@
+"""The streaming engine: many live avatar sessions on one pipeline, audio in, frames out.
+
+A session receives PCM in pieces of any size (20 ms microphone frames or a whole TTS sentence at once).
+As soon as one chunk's worth of new audio (Lite 0.96 s, Pro 1.12 s) is buffered, the chunk can be
+generated; the engine gathers every session that has a chunk ready and generates them together, one DiT
+call per denoising step for the whole batch. Each chunk's new frames come back with their frame index, a
+timestamp and the exact audio samples they show, so a transport can play audio and video in sync.
+
+Memory and time per chunk are bounded: the Temporal Audio Context Cache is a fixed 8 s FIFO and a session
+keeps only its latest motion latents. The engine knows nothing of HTTP or WebRTC (see flashhead.serve).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flashhead.errors import AudioError, CapacityError, SessionError
+from flashhead.models.audio import AudioContextCache, prepare_waveform
+from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, ReferenceState, reference_generator, to_uint8
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoChunk:
+    """New frames of one session, in order, with the audio they lip-sync to."""
+
+    session_id: str
+    frames: np.ndarray  # (n, H, W, 3) uint8
+    start_frame: int  # index of frames[0] since the session started
+    fps: int
+    audio: np.ndarray  # (n * sample_rate / fps,) float32: the samples these frames show (silence when idle)
+    final: bool = False  # the session's last chunk after `end()`
+
+    @property
+    def pts(self) -> float:
+        """Presentation time of the first frame, in seconds from the session start."""
+        return self.start_frame / self.fps
+
+
+@dataclass
+class _Pending:
+    samples: np.ndarray
+    speech: bool  # False for silence the engine inserted to keep the avatar alive
+
+
+class StreamSession:
+    """One avatar: its portrait, noise generators, audio FIFO and motion latents.
+
+    `push_audio`, `end` and `interrupt` may be called from any thread; generation happens in the engine.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        reference: ReferenceState,
+        cache: AudioContextCache,
+        seed: int,
+        realtime: bool,
+        max_buffered_seconds: float,
+    ):
+        self.id = session_id
+        self.reference = reference
+        self.cache = cache
+        self.realtime = realtime
+        self.generator = torch.Generator().manual_seed(seed)
+        self.encode_generator = torch.Generator().manual_seed(seed + 1)
+        self.motion_latents = reference.first_motion
+        self.sample_rate = cache.config.sample_rate
+        self.max_buffered = int(max_buffered_seconds * self.sample_rate)
+        self._lock = threading.Lock()
+        self._pending: deque[_Pending] = deque()
+        self._pending_samples = 0
+        self.frames_emitted = 0
+        self._consumed = 0  # samples (speech and inserted silence) already generated
+        self.speech_samples = 0  # real (not inserted) samples received
+        self.ended = False
+        self.finished = False
+        self.opened_at = time.monotonic()
+        self.first_audio_at: float | None = None
+        self.first_frame_at: float | None = None
+        self.ready_since: float | None = None
+
+    # -- called by clients --------------------------------------------------------------------------
+
+    def push_audio(self, samples: np.ndarray | torch.Tensor, sample_rate: int | None = None) -> None:
+        """Queue speech (mono, any length, any rate: resampled to 16 kHz)."""
+        if self.ended:
+            raise SessionError(f"session {self.id} has ended; open a new one")
+        waveform = prepare_waveform(samples, sample_rate or self.sample_rate, self.sample_rate).numpy()
+        if waveform.size == 0:
+            return
+        with self._lock:
+            # Keep-alive silence that is queued but not generated yet gives way to real speech.
+            while self._pending and not self._pending[-1].speech:
+                self._pending_samples -= self._pending.pop().samples.size
+            if self._pending_samples + waveform.size > self.max_buffered:
+                raise AudioError(
+                    f"session {self.id}: more than {self.max_buffered / self.sample_rate:.0f} s of audio queued"
+                )
+            self._pending.append(_Pending(waveform, True))
+            self._pending_samples += waveform.size
+            self.speech_samples += waveform.size
+            if self.first_audio_at is None:
+                self.first_audio_at = time.monotonic()
+
+    def end(self) -> None:
+        """No more audio: the last partial chunk is generated (padded with silence) and the session finishes."""
+        self.ended = True
+
+    def interrupt(self) -> None:
+        """Drop all queued speech not yet generated; the avatar is idle again from the next chunk."""
+        with self._lock:
+            dropped = sum(p.samples.size for p in self._pending if p.speech)
+            self._pending.clear()
+            self._pending_samples = 0
+            self.speech_samples -= dropped
+
+    # -- used by the engine ---------------------------------------------------------------------------
+
+    @property
+    def slice_samples(self) -> int:
+        return self.cache.slice_samples
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._pending_samples
+
+    def total_frames(self) -> int:
+        """Frames a finished session shows: its speech and inserted silence, at 25 fps."""
+        fps = self.cache.config.fps
+        return round(self.consumed_samples_total() * fps / self.sample_rate)
+
+    def consumed_samples_total(self) -> int:
+        return self._consumed + self._pending_samples
+
+    def has_chunk_ready(self) -> bool:
+        return self._pending_samples >= self.slice_samples or (self.ended and not self.finished)
+
+    def keep_alive(self, now: float, lead_seconds: float) -> None:
+        """A live session whose audio has run dry gets one chunk of silence, so its video never freezes.
+
+        Silence is added only when the frames generated so far would run out within `lead_seconds` (the time
+        a chunk takes to generate): a live avatar starts moving as soon as it is opened and never stalls.
+        """
+        if not self.realtime or self.ended:
+            return
+        fps = self.cache.config.fps
+        start = self.first_frame_at if self.first_frame_at is not None else self.opened_at
+        shown_until = start + self.frames_emitted / fps  # when the last generated frame has played
+        if now + lead_seconds >= shown_until and self._pending_samples < self.slice_samples:
+            with self._lock:
+                missing = self.slice_samples - self._pending_samples
+                self._pending.append(_Pending(np.zeros(missing, dtype=np.float32), False))
+                self._pending_samples += missing
+
+    def take_slice(self) -> tuple[np.ndarray, int]:
+        """Pop one slice of samples (zero-padded at the end of a stream) and how many of them are real."""
+        with self._lock:
+            out = np.zeros(self.slice_samples, dtype=np.float32)
+            filled = 0
+            while filled < self.slice_samples and self._pending:
+                head = self._pending[0]
+                n = min(self.slice_samples - filled, head.samples.size)
+                out[filled : filled + n] = head.samples[:n]
+                filled += n
+                if n == head.samples.size:
+                    self._pending.popleft()
+                else:
+                    head.samples = head.samples[n:]
+            self._pending_samples -= filled
+            self._consumed += filled
+            return out, filled
+
+
+@dataclass
+class EngineStats:
+    rounds: int = 0
+    chunks: int = 0
+    frames: int = 0
+    round_seconds: deque = field(default_factory=lambda: deque(maxlen=50))  # (batch size, seconds)
+
+
+class StreamEngine:
+    """Schedules sessions onto one pipeline, batching chunks that are ready at the same time.
+
+    Args:
+        pipeline: a loaded FlashHeadPipeline (shared by every session; portraits are per session).
+        max_sessions: hard cap on open sessions.
+        max_batch: most chunks generated together in one round.
+        realtime_margin: admission keeps the predicted round time below this fraction of a chunk's duration.
+    """
+
+    def __init__(
+        self,
+        pipeline: FlashHeadPipeline,
+        max_sessions: int = 16,
+        max_batch: int = 8,
+        realtime_margin: float = 0.85,
+        max_buffered_seconds: float = 120.0,
+    ):
+        self.pipeline = pipeline
+        self.max_sessions = max_sessions
+        self.max_batch = max_batch
+        self.realtime_margin = realtime_margin
+        self.max_buffered_seconds = max_buffered_seconds
+        self.sessions: dict[str, StreamSession] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def chunk_seconds(self) -> float:
+        return self.pipeline.new_frames / self.pipeline.config.fps
+
+    # -- sessions -----------------------------------------------------------------------------------
+
+    def open_session(
+        self,
+        portrait: np.ndarray,
+        *,
+        seed: int = 42,
+        realtime: bool = False,
+        session_id: str | None = None,
+    ) -> StreamSession:
+        """Admit a session for a prepared portrait (H, W, 3) uint8 at the pipeline's output size.
+
+        `realtime=True` marks a live session (microphone): its video keeps going in silence when no audio
+        arrives. Raises CapacityError when the engine is full.
+        """
+        with self._lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise CapacityError(f"at capacity: {len(self.sessions)} of {self.max_sessions} sessions open")
+            if realtime and not self.can_admit_realtime():
+                raise CapacityError(
+                    f"at measured capacity: {self.realtime_sessions()} live sessions already need "
+                    f"{self.predicted_round_seconds(self.realtime_sessions() + 1):.2f} s per "
+                    f"{self.chunk_seconds:.2f} s chunk with one more"
+                )
+            session_id = session_id or f"s{next(self._ids)}"
+            if session_id in self.sessions:
+                raise SessionError(f"session {session_id} already exists")
+        reference = self.pipeline.encode_reference(portrait, generator=reference_generator(seed))
+        cache = AudioContextCache(self.pipeline.audio_encoder, self.pipeline.new_frames, self.pipeline.audio_config())
+        session = StreamSession(session_id, reference, cache, seed, realtime, self.max_buffered_seconds)
+        with self._lock:
+            self.sessions[session_id] = session
+        return session
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.pop(session_id, None)
+
+    def session(self, session_id: str) -> StreamSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise SessionError(f"no session {session_id!r}") from None
+
+    def realtime_sessions(self) -> int:
+        return sum(s.realtime for s in self.sessions.values())
+
+    # -- capacity -----------------------------------------------------------------------------------
+
+    def predicted_round_seconds(self, batch: int) -> float:
+        """Time of a round of `batch` chunks, from a linear fit t = a + b * batch of recent rounds."""
+        rounds = list(self.stats.round_seconds)
+        if not rounds:
+            return 0.0
+        sizes = np.array([r[0] for r in rounds], dtype=np.float64)
+        times = np.array([r[1] for r in rounds], dtype=np.float64)
+        if np.ptp(sizes) == 0:  # one batch size seen: assume cost proportional to batch size
+            return float(times.mean() / sizes.mean() * batch)
+        b, a = np.polyfit(sizes, times, 1)
+        return float(max(a, 0.0) + max(b, 0.0) * batch)
+
+    def can_admit_realtime(self) -> bool:
+        live = self.realtime_sessions() + 1
+        rounds = math.ceil(live / self.max_batch)  # rounds needed per chunk period
+        per_round = self.predicted_round_seconds(min(live, self.max_batch))
+        return rounds * per_round <= self.realtime_margin * self.chunk_seconds
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def step(self, now: float | None = None) -> list[VideoChunk]:
+        """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first)."""
+        now = time.monotonic() if now is None else now
+        sessions = list(self.sessions.values())
+        lead = self.predicted_round_seconds(min(len(sessions), self.max_batch)) + 0.2
+        for s in sessions:
+            s.keep_alive(now, lead_seconds=lead)
+            if s.has_chunk_ready() and s.ready_since is None:
+                s.ready_since = now
+        out: list[VideoChunk] = []
+        for s in sessions:  # ended with every frame shown: close the stream without generating padding
+            if s.ended and not s.finished and s.buffered_samples == 0 and s.total_frames() <= s.frames_emitted:
+                s.finished = True
+                empty = np.zeros((0, self.pipeline.config.height, self.pipeline.config.width, 3), np.uint8)
+                out.append(
+                    VideoChunk(s.id, empty, s.frames_emitted, self.pipeline.config.fps, np.zeros(0, np.float32), True)
+                )
+        ready = sorted((s for s in sessions if s.has_chunk_ready()), key=lambda s: s.ready_since)[: self.max_batch]
+        if not ready:
+            return out
+        start = time.perf_counter()
+        pipe = self.pipeline
+        slices = [s.take_slice() for s in ready]
+        with pipe.timer("audio_features"):
+            for s, (samples, _) in zip(ready, slices, strict=True):
+                s.cache.append(samples)
+            buffers = torch.stack([s.cache.buffer for s in ready])
+            features = pipe.audio_encoder(buffers)  # one encoder call for the whole batch: (B, S, L, H)
+            contexts = [s.cache.context(f) for s, f in zip(ready, features, strict=True)]
+        results = pipe.generate_chunks(
+            [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
+            generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
+        )  # fmt: skip
+        emitted_at = time.monotonic()
+        spf = pipe.config.sample_rate // pipe.config.fps
+        for s, result, (samples, _) in zip(ready, results, slices, strict=True):
+            s.motion_latents = result.motion_latents
+            s.ready_since = None
+            frames = to_uint8(result.video[:, :, pipe.motion_frames :])
+            final = s.ended and s.buffered_samples == 0
+            if final:  # drop the frames that only show the end-of-stream padding
+                keep = s.total_frames() - s.frames_emitted
+                frames = frames[: max(keep, 0)]
+                s.finished = True
+            if s.first_frame_at is None:
+                s.first_frame_at = emitted_at
+            out.append(VideoChunk(s.id, frames, s.frames_emitted, pipe.config.fps, samples[: len(frames) * spf], final))
+            s.frames_emitted += len(frames)
+        self.stats.rounds += 1
+        self.stats.chunks += len(ready)
+        self.stats.frames += sum(len(c.frames) for c in out)
+        self.stats.round_seconds.append((len(ready), time.perf_counter() - start))
+        return out
+
+    def run_until_idle(self, sessions: Iterable[StreamSession] | None = None) -> list[VideoChunk]:
+        """Generate until no session has a chunk ready (tests and offline use; servers call `step`)."""
+        chunks = []
+        while produced := self.step():
+            chunks.extend(produced)
+        if sessions is not None:
+            for s in sessions:
+                if s.finished:
+                    self.close_session(s.id)
+        return chunks

@@ -1,0 +1,150 @@
+"""The streaming engine: pieces of any size, batching, end-of-stream, interruption, keep-alive, capacity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import tiny_pipeline
+from flashhead.errors import AudioError, CapacityError, SessionError
+from flashhead.pipeline.flashhead_pipeline import reference_generator
+from flashhead.pipeline.stream import StreamEngine
+
+
+@pytest.fixture(scope="module")
+def lite():
+    pipe, _, _ = tiny_pipeline("lite")
+    return pipe
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced, amplitude-modulated signal (no file needed): tests the timing logic, not lip-sync."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    rng = np.random.default_rng(seed)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6))
+    return (0.3 * envelope * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+
+
+def portrait(pipe, seed: int) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    return gen.integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+
+
+def frames_of(chunks, session_id):
+    return np.concatenate([c.frames for c in chunks if c.session_id == session_id])
+
+
+def test_stream_equals_offline_generation_and_frame_count(lite):
+    audio, image = speechlike(3.3), portrait(lite, 0)
+    engine = StreamEngine(lite)
+    session = engine.open_session(image, seed=5)
+    session.push_audio(audio)
+    session.end()
+    chunks = engine.run_until_idle()
+    frames = frames_of(chunks, session.id)
+    assert len(frames) == round(3.3 * 25)
+    assert chunks[-1].final and session.finished
+    assert [c.start_frame for c in chunks] == list(np.cumsum([0] + [len(c.frames) for c in chunks[:-1]]))
+    # The offline pipeline with the same seed produces the same frames.
+    reference = lite.encode_reference(image, generator=reference_generator(5))
+    offline = np.concatenate(list(lite.iter_frames(reference, torch.from_numpy(audio), seed=5)))[: len(frames)]
+    assert np.array_equal(frames, offline)
+    # Each chunk carries exactly the audio its frames show.
+    assert np.array_equal(np.concatenate([c.audio for c in chunks]), audio[: len(frames) * 640])
+
+
+def test_pieces_of_any_size_give_the_same_frames(lite):
+    audio, image = speechlike(2.1, seed=1), portrait(lite, 1)
+    results = []
+    for piece in (len(audio), 320, 7777):  # whole, 20 ms, odd sizes
+        engine = StreamEngine(lite)
+        session = engine.open_session(image, seed=3)
+        chunks = []
+        for start in range(0, len(audio), piece):
+            session.push_audio(audio[start : start + piece])
+            chunks += engine.step()  # generate as soon as a chunk is ready
+        session.end()
+        chunks += engine.run_until_idle()
+        results.append(frames_of(chunks, session.id))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+    assert len(results[0]) == round(2.1 * 25)
+
+
+def test_first_chunk_leaves_as_soon_as_one_chunk_of_audio_is_buffered(lite):
+    engine = StreamEngine(lite)
+    session = engine.open_session(portrait(lite, 2))
+    samples = lite.new_frames * 640
+    session.push_audio(speechlike(1.0)[: samples - 1])
+    assert engine.step() == []  # not yet a whole chunk
+    session.push_audio(np.zeros(1, dtype=np.float32))
+    (chunk,) = engine.step()
+    assert chunk.start_frame == 0 and len(chunk.frames) == lite.new_frames
+
+
+def test_sessions_with_different_start_times_are_batched_and_unaffected(lite):
+    a_audio, b_audio = speechlike(2.9, seed=2), speechlike(2.0, seed=3)
+    alone = {}
+    for name, audio, seed in (("a", a_audio, 11), ("b", b_audio, 12)):
+        engine = StreamEngine(lite)
+        s = engine.open_session(portrait(lite, seed), seed=seed)
+        s.push_audio(audio)
+        s.end()
+        alone[name] = frames_of(engine.run_until_idle(), s.id)
+
+    engine = StreamEngine(lite, max_batch=4)
+    a = engine.open_session(portrait(lite, 11), seed=11)
+    a.push_audio(a_audio)
+    a.end()
+    chunks = engine.step()  # a runs alone for one chunk ...
+    b = engine.open_session(portrait(lite, 12), seed=12)  # ... then b joins
+    b.push_audio(b_audio)
+    b.end()
+    chunks += engine.run_until_idle()
+    assert max(n for n, _ in engine.stats.round_seconds) == 2  # they did share rounds
+    # Equal up to float rounding of a different batch size (exactly equal latents: test_batching.py).
+    for session, name in ((a, "a"), (b, "b")):
+        diff = np.abs(frames_of(chunks, session.id).astype(int) - alone[name].astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.01
+
+
+def test_interrupt_drops_queued_speech_and_live_sessions_idle_in_silence(lite):
+    engine = StreamEngine(lite)
+    session = engine.open_session(portrait(lite, 3), realtime=True)
+    session.push_audio(speechlike(5.0))
+    (first,) = engine.step()
+    assert np.abs(first.audio).max() > 0.1  # speech
+    session.interrupt()
+    assert session.buffered_samples == 0
+    # Nothing queued: a live session keeps moving on silence instead of freezing.
+    (idle,) = engine.step(now=1e9)
+    assert np.abs(idle.audio).max() == 0 and len(idle.frames) == lite.new_frames
+    assert idle.start_frame == first.start_frame + len(first.frames)
+    assert not np.array_equal(idle.frames[0], idle.frames[-1])  # not a frozen frame
+    # New speech replaces keep-alive silence that was queued but not generated.
+    session.keep_alive(now=1e9, lead_seconds=10)
+    session.push_audio(speechlike(1.0))
+    (speech,) = engine.step()
+    assert np.abs(speech.audio).max() > 0.1
+
+
+def test_errors_and_capacity(lite):
+    engine = StreamEngine(lite, max_sessions=2)
+    s = engine.open_session(portrait(lite, 4))
+    engine.open_session(portrait(lite, 5))
+    with pytest.raises(CapacityError, match="at capacity: 2 of 2"):
+        engine.open_session(portrait(lite, 6))
+    with pytest.raises(AudioError):
+        s.push_audio(np.array([np.nan, 0.0], dtype=np.float32))
+    s.end()
+    with pytest.raises(SessionError, match="has ended"):
+        s.push_audio(speechlike(0.1))
+    with pytest.raises(SessionError, match="no session"):
+        engine.session("nope")
+    # Measured capacity: rounds that take longer than a chunk's duration refuse further live sessions.
+    engine = StreamEngine(lite, max_sessions=10, max_batch=1)
+    engine.stats.round_seconds.extend([(1, 0.6 * engine.chunk_seconds)] * 5)
+    engine.open_session(portrait(lite, 7), realtime=True)
+    with pytest.raises(CapacityError, match="at measured capacity"):
+        engine.open_session(portrait(lite, 8), realtime=True)
+    engine.open_session(portrait(lite, 9))  # offline (TTS) sessions are not limited by real time
