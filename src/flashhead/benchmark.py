@@ -1,0 +1,219 @@
+"""`flashhead bench`: how fast a full-size model runs on this machine, measured, printed as JSON.
+
+Figures: steady frames per second of one stream (warm-up excluded), time from a new stream's first
+chunk of audio to its first frame, milliseconds per chunk for every stage, how many real-time streams
+the engine sustains with batching, peak GPU memory, and the software and switches in effect.
+Official weights are used when present; otherwise the official configuration with random weights
+(the same computation, so the same speed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AUDIO = (
+    Path(__file__).resolve().parents[3] / "shared" / "media" / "audio" / "speech_en_two_speakers_16k_30s.wav"
+)
+
+
+@dataclass
+class BenchSettings:
+    model: str = "lite"  # lite | pro
+    weights: str | None = None
+    seconds: float = 10.0
+    streams: int = 0  # 0: only one stream; N: also measure N concurrent streams; -1: search the real-time maximum
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    audio: str | None = None
+    switches: dict[str, bool] = field(default_factory=dict)
+
+
+def _speech(path: str | None, seconds: float) -> np.ndarray:
+    source = Path(path) if path else DEFAULT_AUDIO
+    if source.is_file():
+        with wave.open(str(source)) as w:
+            if w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2:
+                pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
+                if len(pcm) >= int(seconds * 16000):
+                    return pcm.astype(np.float32) / 32768
+    logger.warning("no 16 kHz mono speech file at %s; benchmarking on a synthetic voiced signal", source)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+
+
+def build_pipeline(settings: BenchSettings):
+    """The official pipeline if its weights are present, else the official configuration, randomly initialised."""
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+    from flashhead.pipeline.registry import official_weights_available
+
+    dtype = getattr(torch, settings.dtype)
+    if settings.weights or (settings.model == "lite" and official_weights_available(None)):
+        try:
+            pipe = FlashHeadPipeline.from_pretrained(
+                settings.model, weights=settings.weights, device=settings.device, torch_dtype=dtype,
+                local_files_only=True,
+            )  # fmt: skip
+            return pipe, "official"
+        except Exception as e:  # noqa: BLE001 - fall back to random weights, and say so
+            logger.warning("official weights not usable (%s); using random weights", e)
+    from diffusers import AutoencoderKLLTXVideo, AutoencoderKLWan
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from flashhead.models import FlashHeadDiT
+    from flashhead.models.audio import Wav2VecEncoder
+    from flashhead.models.dit import official_config
+    from flashhead.models.vae import LTX_VIDEO_090_VAE_CONFIG, LTXVideoVAE, WanVideoVAE, wan_config_to_diffusers
+
+    torch.manual_seed(0)
+    with torch.device(settings.device):
+        dit = FlashHeadDiT.from_config(official_config(settings.model)).eval().requires_grad_(False)
+        if settings.model == "lite":
+            vae = LTXVideoVAE(AutoencoderKLLTXVideo.from_config(LTX_VIDEO_090_VAE_CONFIG))
+        else:
+            vae = WanVideoVAE(AutoencoderKLWan.from_config(wan_config_to_diffusers()))
+        encoder = Wav2VecEncoder(Wav2Vec2Model(Wav2Vec2Config()))  # the wav2vec2-base architecture
+    pipe = FlashHeadPipeline(dit, vae, encoder).to(settings.device, dtype)
+    pipe.name = f"random-weights {settings.model}"
+    return pipe, "random"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from flashhead.pipeline.stream import StreamEngine
+    from flashhead.pipeline.timing import StageTimer
+
+    pipe, weights = build_pipeline(settings)
+    audio = _speech(settings.audio, settings.seconds)
+    image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+    chunk_samples = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
+    steps = 4 + 3 + (1 if settings.streams else 0)
+    bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
+
+    def stream_once(engine: StreamEngine, samples: np.ndarray) -> tuple[float, float, int]:
+        """(seconds to first frame, total seconds, frames) for one stream fed as fast as possible."""
+        session = engine.open_session(image, seed=0)
+        _sync()
+        start = time.perf_counter()
+        session.push_audio(samples)
+        session.end()
+        first = None
+        frames = 0
+        while produced := engine.step():
+            frames += sum(len(c.frames) for c in produced)
+            if first is None:
+                _sync()
+                first = time.perf_counter() - start
+        _sync()
+        engine.close_session(session.id)
+        return first or 0.0, time.perf_counter() - start, frames
+
+    engine = StreamEngine(pipe, max_sessions=256, max_batch=64)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stream_once(engine, audio[: 2 * chunk_samples])  # warm-up: kernels, allocator, caches
+    bar.update()
+    first_frame = [stream_once(engine, audio[:chunk_samples])[0] for _ in range(3)]
+    bar.update()
+    _, total, frames = stream_once(engine, audio)
+    bar.update()
+    pipe.timer = StageTimer()
+    stream_once(engine, audio)
+    stages = {k: v["mean_ms"] for k, v in pipe.timer.summary().items()}
+    pipe.timer = StageTimer(sync=False)
+    bar.update()
+
+    report = {
+        "model": settings.model,
+        "weights": weights,
+        "resolution": [pipe.config.height, pipe.config.width],
+        "new_frames_per_chunk": pipe.new_frames,
+        "steady_fps": round(frames / total, 2),
+        "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
+        "stage_ms_per_chunk": stages,
+        "dit_ms_per_step": round(stages.get("dit", 0.0) / pipe.config.num_inference_steps, 2),
+        "switches": {"dtype": settings.dtype, "compile": False, "cuda_graphs": False, **settings.switches},
+    }
+    bar.update(3)
+    if settings.streams:
+        report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams)
+        bar.update()
+    bar.close()
+    report["peak_gpu_memory_gib"] = (
+        round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    )
+    report["environment"] = environment()
+    return report
+
+
+def measure_streams(pipe, image, audio, chunk_samples: int, streams: int) -> dict:
+    """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams."""
+    from flashhead.pipeline.stream import StreamEngine
+
+    chunk_seconds = pipe.new_frames / pipe.config.fps
+
+    def round_time(n: int) -> float:
+        engine = StreamEngine(pipe, max_sessions=n, max_batch=n)
+        sessions = [engine.open_session(image, seed=i) for i in range(n)]
+        for s in sessions:
+            s.push_audio(audio[: 3 * chunk_samples])
+        engine.step()  # warm-up round at this batch size
+        times = []
+        for _ in range(2):
+            _sync()
+            t0 = time.perf_counter()
+            engine.step()
+            _sync()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    results = {}
+    candidates = [streams] if streams > 0 else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    best = 0
+    for n in candidates:
+        t = round_time(n)
+        results[n] = {"round_ms": round(1000 * t, 1), "aggregate_fps": round(n * pipe.new_frames / t, 1),
+                      "realtime": t <= chunk_seconds}  # fmt: skip
+        if t <= chunk_seconds:
+            best = n
+        elif streams < 0:
+            break
+    return {"by_streams": results, "max_realtime_streams_measured": best, "chunk_seconds": chunk_seconds}
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        env |= {
+            "gpu": torch.cuda.get_device_name(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    else:
+        env |= {"gpu": None, "cpu": platform.processor() or platform.machine()}
+    return env
+
+
+def main(settings: BenchSettings, json_path: Path | None = None, progress: bool = True) -> dict:
+    report = run_benchmark(settings, progress=progress)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path is not None:
+        json_path.write_text(text)
+    return report
