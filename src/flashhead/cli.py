@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,22 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:
+        quiet_third_party_logs()
+
+
+def quiet_third_party_logs() -> None:
+    """Keep the terminal for our own progress bar and messages: libraries' load bars and C++ logs off."""
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe / TFLite
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 @app.command()
@@ -125,6 +142,117 @@ def info(
         else:
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)
+
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@app.command()
+@friendly_errors
+def generate(
+    image: Annotated[Path, typer.Option("--image", "-i", help="Portrait: PNG, JPEG, WebP; any size.")],
+    audio: Annotated[Path, typer.Option("--audio", "-a", help="Speech: wav/mp3/m4a/flac/ogg or a video file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the MP4.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="auto, lite, pro, tiny, or a pipeline folder.")] = "auto",
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Folder of the official release (SoulX-FlashHead-1_3B).")
+    ] = None,
+    wav2vec: Annotated[Path | None, typer.Option("--wav2vec", help="wav2vec2-base-960h folder.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed; the same seed gives the same video.")] = 42,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (4 distilled; 20 teacher).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="Audio classifier-free guidance (3.0 for a Stage-1 teacher).")
+    ] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="auto, distilled or euler.")] = None,
+    audio_mode: Annotated[str | None, typer.Option("--audio-mode", help="stream (default) or once.")] = None,
+    crop: Annotated[bool, typer.Option("--crop/--no-crop", help="Detect and crop the face (default on).")] = True,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON generation settings.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: best).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16.")] = "auto",
+    crf: Annotated[int, typer.Option("--crf", help="H.264 quality (lower is better).")] = 18,
+) -> None:
+    """Generate a lip-synced talking-head MP4 from a portrait and speech."""
+    import torch
+
+    from flashhead.pipeline.config import GenerationConfig
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+    from flashhead.pipeline.registry import resolve_model_name
+
+    if output.suffix.lower() != ".mp4":
+        raise ConfigError(f"{output}: the output must be an .mp4 file")
+    if not output.parent.is_dir():
+        raise ConfigError(f"{output.parent}: output folder does not exist")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+    settings = GenerationConfig.from_file(config) if config else None
+    changes = dict(num_inference_steps=steps, guidance_scale=guidance, sampler=sampler, audio_mode=audio_mode)
+    if any(v is not None for v in changes.values()):
+        settings = (settings or GenerationConfig()).replace(**changes)
+
+    # Check the inputs before spending time on loading models.
+    from flashhead.media.audio_io import check_not_silent, load_audio
+    from flashhead.media.face import prepare_portrait
+    from flashhead.media.image import resize_and_center_crop
+
+    waveform, _ = load_audio(audio)
+    check_not_silent(waveform, 16000, source=audio)
+    portrait = prepare_portrait(image, crop=crop, size=512)
+    chosen = resolve_model_name(model, weights)
+    console.print(f"model: [bold]{chosen}[/bold]" + (" (auto)" if model == "auto" else ""), highlight=False)
+    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    pipe = FlashHeadPipeline.from_pretrained(
+        chosen, weights=weights, wav2vec=wav2vec, device=device, torch_dtype=torch_dtype, config=settings
+    )
+    size = (pipe.config.height, pipe.config.width)
+    if portrait.shape[:2] != size:  # a model with its own output size
+        portrait = resize_and_center_crop(portrait, size)
+    result = pipe(portrait, waveform, sample_rate=pipe.config.sample_rate, seed=seed)
+    result.metadata["source_image"] = image.name
+    result.metadata["source_audio"] = audio.name
+    result.save(output, crf=crf)
+    console.print(
+        f"wrote {output} ({len(result.frames)} frames, {result.duration:.2f} s, {pipe.name}, seed {seed})",
+        highlight=False,
+    )
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="lite or pro (full size).")] = "lite",
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Official release folder (else random weights).")
+    ] = None,
+    streams: Annotated[
+        int, typer.Option("--streams", help="Also measure N batched streams; -1 searches the maximum.")
+    ] = 0,
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds of speech per stream.")] = 10.0,
+    audio: Annotated[Path | None, typer.Option("--audio", help="16 kHz mono speech WAV.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 or float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option("--device", help="Device to measure.")] = "cuda",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the JSON report here.")] = None,
+) -> None:
+    """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""
+    from flashhead.benchmark import BenchSettings, main
+
+    if model not in ("lite", "pro"):
+        raise ConfigError("--model must be lite or pro")
+    settings = BenchSettings(
+        model=model, weights=str(weights) if weights else None, seconds=seconds, streams=streams,
+        dtype=dtype, device=device, audio=str(audio) if audio else None,
+    )  # fmt: skip
+    main(settings, json_path)
+
+
+@app.command()
+def detect(
+    video: Annotated[Path, typer.Argument(help="An MP4 (or any video) to check.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say whether a video carries the flashhead watermark (exit 0 if it does, 1 if not)."""
+    from flashhead.media.detect_cli import detect_command
+
+    raise typer.Exit(detect_command(video, as_json))
 
 
 if __name__ == "__main__":

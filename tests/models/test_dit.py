@@ -239,7 +239,9 @@ def test_missing_truncated_or_mismatched_files_name_the_file(tmp_path):
 
 def test_hub_id_offline_and_not_cached_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="Soul-AILab/SoulX-FlashHead-1_3B: Model_Lite not in the local Hugging Face cache"):
+    with pytest.raises(
+        CheckpointError, match="Soul-AILab/SoulX-FlashHead-1_3B: Model_Lite not in the local Hugging Face cache"
+    ):
         FlashHeadDiT.from_pretrained(
             "Soul-AILab/SoulX-FlashHead-1_3B", "Model_Lite", cache_dir=tmp_path, local_files_only=True
         )

@@ -78,8 +78,8 @@ class FlashHeadOutput:
         from flashhead.media.video_io import VideoWriter
 
         with VideoWriter(path, fps=self.fps, crf=crf, metadata=self.metadata) as writer:
-            writer.write_frames(self.frames)
             writer.set_audio(self.audio, self.sample_rate)
+            writer.write_frames(self.frames)
         return Path(path)
 
 
@@ -195,7 +195,8 @@ class FlashHeadPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FlashHeadPipeline:
         """Move the DiT and VAE (and cast them to `dtype`); the audio encoder stays float32."""
-        self.dit.to(device=device, dtype=dtype)
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32 modules this model does not have.
+        torch.nn.Module.to(self.dit, device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
         if isinstance(self.audio_encoder, torch.nn.Module):
             self.audio_encoder.to(device=device)
@@ -215,7 +216,7 @@ class FlashHeadPipeline:
 
         `generator` / `noise` feed the LTX posterior sample (the Wan VAE returns the mean and ignores them).
         """
-        pixels = torch.as_tensor(np.asarray(image)).float()
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32))
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise ConfigError(f"reference image must be (H, W, 3), got {tuple(pixels.shape)}")
         ref = (pixels / 255 * 2 - 1).permute(2, 0, 1)[None, :, None].to(self.device, self.dtype)  # (1,3,1,H,W)
