@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import math
-import struct
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from _util import MEDIA
+from _util import MEDIA, png_header_only
 from flashhead.errors import ImageError
 from flashhead.media.image import load_image, resize_and_center_crop, to_tensor
 
 PORTRAITS = MEDIA / "portraits"
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A small PNG whose header claims width x height: its image data is a few bytes, not the pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    idat = zlib.compress(b"\x00" * 64)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 # --- loading -------------------------------------------------------------------------------------------------

@@ -376,6 +376,7 @@ class FlashHeadPipeline:
         crop: bool = True,
         watermark: bool = True,
         progress: bool = True,
+        allow_silent: bool = False,
     ) -> FlashHeadOutput:
         """Generate a talking-head video.
 
@@ -387,6 +388,7 @@ class FlashHeadPipeline:
             crop: detect the largest face and crop around it as the official preprocessing does.
             watermark: embed the invisible flashhead watermark (on by default; see docs/media.md).
             progress: show a progress bar.
+            allow_silent: render silent audio (an idle avatar) instead of refusing it as a likely mistake.
 
         Returns:
             FlashHeadOutput with exactly round(audio seconds * fps) frames.
@@ -394,7 +396,7 @@ class FlashHeadPipeline:
         from tqdm.auto import tqdm
 
         portrait = self.prepare_image(image, crop=crop)
-        waveform = self.prepare_audio(audio, sample_rate)
+        waveform = self.prepare_audio(audio, sample_rate, check_silence=not allow_silent)
         num_frames = round(len(waveform) * self.config.fps / self.config.sample_rate)
         reference = self.encode_reference(portrait, generator=reference_generator(seed))
         chunks = []
@@ -421,7 +423,9 @@ class FlashHeadPipeline:
 
         return prepare_portrait(image, crop=crop, size=size)
 
-    def prepare_audio(self, audio: str | Path | np.ndarray | torch.Tensor, sample_rate: int | None) -> np.ndarray:
+    def prepare_audio(
+        self, audio: str | Path | np.ndarray | torch.Tensor, sample_rate: int | None, check_silence: bool = True
+    ) -> np.ndarray:
         from flashhead.media.audio_io import check_not_silent, load_audio
 
         if isinstance(audio, (str, Path)):
@@ -432,5 +436,8 @@ class FlashHeadPipeline:
             if sample_rate is None:
                 raise AudioError("sample_rate is required when audio is given as an array")
             waveform = prepare_waveform(audio, sample_rate, self.config.sample_rate).numpy()
-        check_not_silent(waveform, self.config.sample_rate)
+        if check_silence:
+            check_not_silent(
+                waveform, self.config.sample_rate, source=audio if isinstance(audio, (str, Path)) else None
+            )
         return np.ascontiguousarray(waveform, dtype=np.float32)
