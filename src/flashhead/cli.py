@@ -245,6 +245,24 @@ def bench(
 
 
 @app.command()
+@friendly_errors
+def demo(
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 7860,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Official release folder.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda ...")] = None,
+) -> None:
+    """Open the Gradio page for offline generation (needs the `demo` extra: pip install 'flashhead[demo]')."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ConfigError("the demo needs Gradio: pip install 'flashhead[demo]'") from None
+    from flashhead.demo import launch
+
+    launch(host=host, port=port, weights=str(weights) if weights else None, device=device)
+
+
+@app.command()
 def detect(
     video: Annotated[Path, typer.Argument(help="An MP4 (or any video) to check.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
