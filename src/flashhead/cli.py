@@ -273,5 +273,16 @@ def detect(
     raise typer.Exit(detect_command(video, as_json))
 
 
+def _register_subcommands() -> None:
+    """Commands whose modules live with their subsystem (imported lazily only for their own options)."""
+    from flashhead.eval.cli import eval_command
+
+    app.command("eval", help="Score generated videos against ground truth (FID, FVD, Sync-C/D, CSIM, LMD, drift).")(
+        friendly_errors(eval_command)
+    )
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     app()
