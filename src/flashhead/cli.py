@@ -276,9 +276,13 @@ def detect(
 def _register_subcommands() -> None:
     """Commands whose modules live with their subsystem (imported lazily only for their own options)."""
     from flashhead.eval.cli import eval_command
+    from flashhead.serve.cli import serve_command
 
     app.command("eval", help="Score generated videos against ground truth (FID, FVD, Sync-C/D, CSIM, LMD, drift).")(
         friendly_errors(eval_command)
+    )
+    app.command("serve", help="Serve live avatars: WebRTC + WebSocket + HTTP jobs, and the browser page at /.")(
+        friendly_errors(serve_command)
     )
 
 

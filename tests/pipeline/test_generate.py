@@ -112,6 +112,7 @@ BAD_INPUTS = [
     (FACE, "bad/empty.wav", "empty", 4),
     (FACE, "bad/truncated_header_says_longer.wav", "truncated", 4),
     (FACE, "bad/truncated_no_moov.mp4", "damaged", 4),
+    (FACE, "bad/truncated_after_moov.mp4", "truncated", 4),
     (FACE, "audio/silence_near_16k_5s.wav", "silent", 4),
     (FACE, "bad/not_an_image.png", "not an audio or video file", 4),
     (FACE, "audio/missing.wav", "not found", 4),
@@ -144,3 +145,22 @@ def test_too_short_audio_and_huge_image(tiny_folder, tmp_path):
                            "-o", str(tmp_path / "o.mp4"), "--model", str(tiny_folder))  # fmt: skip
     assert code == 5 and "too large" in output
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_group_photo_uses_the_largest_face_and_says_so(caplog):
+    from flashhead.media.face import prepare_portrait
+
+    with caplog.at_level("WARNING", logger="flashhead.media.face"):
+        portrait = prepare_portrait(MEDIA / "portraits" / "multi_face_group.jpg", size=512)
+    assert portrait.shape == (512, 512, 3)
+    assert any("faces found; using the largest" in r.getMessage() for r in caplog.records)
+
+
+def test_teacher_sampling_flags(tiny_folder, tmp_path):
+    """--steps/--guidance run the undistilled teacher path (20 Euler steps with audio CFG) on any checkpoint."""
+    out = tmp_path / "teacher.mp4"
+    speech = MEDIA / "audio" / "speech_en_radio34_16k_8s.wav"
+    code, output = run_cli("generate", "-i", str(PORTRAIT), "-a", str(speech), "-o", str(out),
+                           "--model", str(tiny_folder), "--steps", "20", "--guidance", "3.0")  # fmt: skip
+    assert code == 0, output
+    assert probe(out)["frames"] == 200

@@ -161,8 +161,8 @@ class FaceDetector:
         if not faces:
             raise NoFaceError(f"{name}: no face found (use the image uncropped with --no-crop / crop=False)")
         face = choose_face(faces)
-        if len(faces) > 1:
-            logger.info(
+        if len(faces) > 1:  # the user should know which face will talk
+            logger.warning(
                 "%s: %d faces found; using the largest (%.0f px wide at %.0f, %.0f)",
                 name,
                 len(faces),

@@ -238,21 +238,30 @@ class StreamEngine:
         `realtime=True` marks a live session (microphone): its video keeps going in silence when no audio
         arrives. Raises CapacityError when the engine is full.
         """
-        with self._lock:
+        with self._lock:  # the slot is reserved under the lock, so concurrent opens cannot exceed the limits
             if len(self.sessions) >= self.max_sessions:
                 raise CapacityError(f"at capacity: {len(self.sessions)} of {self.max_sessions} sessions open")
             if realtime and not self.can_admit_realtime():
+                active = self.active_sessions()
                 raise CapacityError(
-                    f"at measured capacity: {self.realtime_sessions()} live sessions already need "
-                    f"{self.predicted_round_seconds(self.realtime_sessions() + 1):.2f} s per "
+                    f"at measured capacity: {active} active sessions already need "
+                    f"{self.predicted_round_seconds(min(active + 1, self.max_batch)):.2f} s per "
                     f"{self.chunk_seconds:.2f} s chunk with one more"
                 )
             session_id = session_id or f"s{next(self._ids)}"
             if session_id in self.sessions:
                 raise SessionError(f"session {session_id} already exists")
-        reference = self.pipeline.encode_reference(portrait, generator=reference_generator(seed))
-        cache = AudioContextCache(self.pipeline.audio_encoder, self.pipeline.new_frames, self.pipeline.audio_config())
-        session = StreamSession(session_id, reference, cache, seed, realtime, self.max_buffered_seconds)
+            self.sessions[session_id] = None  # type: ignore[assignment]  # reserved while the portrait encodes
+        try:
+            reference = self.pipeline.encode_reference(portrait, generator=reference_generator(seed))
+            cache = AudioContextCache(
+                self.pipeline.audio_encoder, self.pipeline.new_frames, self.pipeline.audio_config()
+            )
+            session = StreamSession(session_id, reference, cache, seed, realtime, self.max_buffered_seconds)
+        except BaseException:
+            with self._lock:
+                self.sessions.pop(session_id, None)
+            raise
         with self._lock:
             self.sessions[session_id] = session
         return session
@@ -262,13 +271,20 @@ class StreamEngine:
             self.sessions.pop(session_id, None)
 
     def session(self, session_id: str) -> StreamSession:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise SessionError(f"no session {session_id!r}") from None
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"no session {session_id!r}")
+        return session
+
+    def _open(self) -> list[StreamSession]:
+        return [s for s in list(self.sessions.values()) if s is not None]
 
     def realtime_sessions(self) -> int:
-        return sum(s.realtime for s in self.sessions.values())
+        return sum(s.realtime for s in self._open())
+
+    def active_sessions(self) -> int:
+        """Sessions that still take batch slots: every unfinished one, live or not."""
+        return sum(not s.finished for s in self._open())
 
     # -- capacity -----------------------------------------------------------------------------------
 
@@ -285,7 +301,7 @@ class StreamEngine:
         return float(max(a, 0.0) + max(b, 0.0) * batch)
 
     def can_admit_realtime(self) -> bool:
-        live = self.realtime_sessions() + 1
+        live = self.active_sessions() + 1
         rounds = math.ceil(live / self.max_batch)  # rounds needed per chunk period
         per_round = self.predicted_round_seconds(min(live, self.max_batch))
         return rounds * per_round <= self.realtime_margin * self.chunk_seconds
@@ -295,7 +311,7 @@ class StreamEngine:
     def step(self, now: float | None = None) -> list[VideoChunk]:
         """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first)."""
         now = time.monotonic() if now is None else now
-        sessions = list(self.sessions.values())
+        sessions = self._open()
         lead = self.predicted_round_seconds(min(len(sessions), self.max_batch)) + 0.2
         for s in sessions:
             s.keep_alive(now, lead_seconds=lead)

@@ -1,0 +1,139 @@
+"""`flashhead serve`: load a pipeline and serve it (wired into flashhead.cli as the `serve` command)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from flashhead.errors import ConfigError
+from flashhead.serve.limits import MiB, ServeLimits
+
+logger = logging.getLogger(__name__)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT draining the live sessions before the server stops.
+
+    First signal: stop admitting, end every session (each gets its final chunk and a `done` message, within
+    `shutdown_grace_seconds`), then stop uvicorn and exit 0. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, service, grace_seconds: float):
+        super().__init__(config)
+        self.service = service  # flashhead.serve.app.ServeService, or None for a foreign app
+        self.grace_seconds = grace_seconds
+        self._draining = False
+        self._tasks: set[asyncio.Task] = set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:  # a second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        name = signal.Signals(sig).name
+        logger.warning("received %s: draining live sessions (up to %.0f s)", name, self.grace_seconds)
+        # A signal handler may interrupt the loop anywhere: only call_soon_threadsafe is safe to use here.
+        asyncio.get_event_loop().call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        try:
+            if self.service is not None:
+                await self.service.drain(self.grace_seconds)
+        finally:
+            self.should_exit = True
+
+
+def run_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    limits: ServeLimits | None = None,
+    sock: socket.socket | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve `app` until SIGTERM/SIGINT (drained as in GracefulServer)."""
+    service = getattr(getattr(app, "state", None), "service", None)
+    limits = limits or (service.limits if service is not None else ServeLimits())
+    ws_max = max(limits.max_upload_bytes * 4 // 3 + 64 * 1024, limits.max_audio_message_bytes + 1024)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, ws_max_size=ws_max, timeout_graceful_shutdown=5,
+        ws_per_message_deflate=False,  # JPEG and PCM do not compress; deflate would only cost CPU
+        lifespan="on",
+    )  # fmt: skip
+    server = GracefulServer(config, service, limits.shutdown_grace_seconds)
+    server.run(sockets=[sock] if sock is not None else None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="auto, lite, pro, tiny, or a pipeline folder.")] = "auto",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (default loopback only; use --token when exposing it).")
+    ] = "127.0.0.1",
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="FLASHHEAD_TOKEN", help="Require 'Authorization: Bearer TOKEN' everywhere."),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Folder of the official release (SoulX-FlashHead-1_3B).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: best).")] = None,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Live sessions at most.")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Chunks generated together per round.")] = 8,
+    max_session_seconds: Annotated[
+        float, typer.Option("--max-session-seconds", help="A live session is ended after this long.")
+    ] = 3600.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest portrait upload.")] = 10.0,
+    ice_any: Annotated[
+        bool, typer.Option("--webrtc-any-interface", help="Let WebRTC media use every interface, not just --host.")
+    ] = False,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Ray cluster address: place sessions on its GPU workers.")
+    ] = None,
+) -> None:
+    """Serve live talking heads (WebRTC, WebSocket) and offline jobs (HTTP) with a browser page at /."""
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+    from flashhead.pipeline.registry import resolve_model_name
+    from flashhead.serve.app import create_app
+
+    if ray is not None:
+        raise ConfigError("--ray is not implemented yet: see docs/scaling.md for the planned placement")
+    if max_sessions < 1 or max_batch < 1:
+        raise ConfigError("--max-sessions and --max-batch must be at least 1")
+    if not is_loopback(host) and token is None:
+        logger.warning("serving on %s without --token: anyone who can reach it can use it", host)
+    limits = ServeLimits(
+        max_sessions=max_sessions, max_batch=max_batch, max_session_seconds=max_session_seconds,
+        max_upload_bytes=int(max_upload_mb * MiB),
+    )  # fmt: skip
+    pipe = FlashHeadPipeline.from_pretrained(resolve_model_name(model, weights), weights=weights, device=device)
+    ice = None  # WebRTC media on every interface, as the HTTP server
+    if not ice_any and host not in ("0.0.0.0", "::"):
+        ice = ["127.0.0.1"] if host == "localhost" else [host]
+    app = create_app(pipe, token=token, limits=limits, ice_addresses=ice)
+    print(f"flashhead serve: {pipe.name} on http://{host}:{port}/ (auth {'on' if token else 'off'})")
+    run_server(app, host, port, limits=limits)
