@@ -275,12 +275,14 @@ def detect(
 
 def _register_subcommands() -> None:
     """Commands whose modules live with their subsystem (imported lazily only for their own options)."""
+    from flashhead.data.cli import data_app
     from flashhead.eval.cli import eval_command
     from flashhead.serve.cli import serve_command
 
     app.command("eval", help="Score generated videos against ground truth (FID, FVD, Sync-C/D, CSIM, LMD, drift).")(
         friendly_errors(eval_command)
     )
+    app.add_typer(data_app, name="data", help="Training data: synthetic talking heads, shards.")
     app.command("serve", help="Serve live avatars: WebRTC + WebSocket + HTTP jobs, and the browser page at /.")(
         friendly_errors(serve_command)
     )
