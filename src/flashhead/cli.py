@@ -278,11 +278,13 @@ def _register_subcommands() -> None:
     from flashhead.data.cli import data_app
     from flashhead.eval.cli import eval_command
     from flashhead.serve.cli import serve_command
+    from flashhead.train.cli import train_app
 
     app.command("eval", help="Score generated videos against ground truth (FID, FVD, Sync-C/D, CSIM, LMD, drift).")(
         friendly_errors(eval_command)
     )
     app.add_typer(data_app, name="data", help="Training data: synthetic talking heads, shards.")
+    app.add_typer(train_app, name="train", help="Train: Stage 1 (streaming-aware pre-training), export.")
     app.command("serve", help="Serve live avatars: WebRTC + WebSocket + HTTP jobs, and the browser page at /.")(
         friendly_errors(serve_command)
     )

@@ -1,0 +1,81 @@
+"""`flashhead train ...`: Stage-1 training and export of a run as a pipeline folder.
+
+The lead mounts this with `app.add_typer(train_app, name="train")`; `python -m flashhead.train ...` runs the
+same commands (that is the form `torchrun -m` needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flashhead.errors import FlashHeadError
+
+train_app = typer.Typer(
+    help="Training: Stage-1 pre-training of the FlashHead DiT.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+
+
+@train_app.callback()
+def _train() -> None:
+    """Training: Stage-1 pre-training of the FlashHead DiT."""
+
+
+def _logging() -> None:
+    # Our own progress lines at INFO; the main CLI's callback may already have configured the root logger.
+    logging.getLogger("flashhead").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@train_app.command()
+def stage1(
+    config: Annotated[Path, typer.Argument(help="YAML or JSON settings (see configs/stage1_*.yaml).")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the output folder's latest checkpoint.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint file.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting, e.g. --set optim.lr=1e-4 (repeatable; YAML values)."),
+    ] = None,
+) -> None:
+    """Train the DiT (Stage 1): one process, or every process of `torchrun`."""
+    from flashhead.train.config import Stage1Config
+    from flashhead.train.trainer import train
+
+    _logging()
+    try:
+        cfg = Stage1Config.from_file(config, overrides)
+        result = train(cfg, resume=resume_from or resume)
+    except FlashHeadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    if result.export_dir is not None:
+        typer.echo(f"trained {result.step} steps; pipeline with the EMA weights: {result.export_dir}")
+
+
+@train_app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A training output folder (with checkpoints/).")],
+    out: Annotated[Path, typer.Argument(help="Where to write the pipeline folder.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of the latest one.")
+    ] = None,
+) -> None:
+    """Write a run's EMA weights as a pipeline folder, usable as `flashhead generate --model OUT`."""
+    from flashhead.train.trainer import export_run
+
+    _logging()
+    try:
+        path = export_run(run_dir, out, checkpoint)
+    except FlashHeadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    typer.echo(f"wrote {path}")

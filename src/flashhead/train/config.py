@@ -1,0 +1,262 @@
+"""Stage-1 training settings: one typed tree of dataclasses, read from YAML/JSON, overridable from the CLI.
+
+    cfg = Stage1Config.from_file("configs/stage1_lite.yaml", overrides=["optim.lr=1e-4"])
+    cfg.save(run_dir / "config.yaml")      # the resolved settings, next to the checkpoints
+
+Every field has a default; a file only names what differs. Unknown keys are errors (with their dotted
+path), so a typo never silently falls back to a default. Values marked [PAPER] come from the technical
+report (SPEC section 9.1); everything else is our choice, explained in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from flashhead.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """Which DiT to train and where its first weights come from."""
+
+    variant: Literal["lite", "pro"] = "lite"  # official architecture (SPEC section 2)
+    config: dict[str, Any] | None = None  # explicit FlashHeadDiT config (small models); overrides `variant`
+    init_from: str | None = None  # FlashHead DiT folder, or pipeline folder (its dit/), to start from
+    init_from_wan: str | None = None  # Wan2.1-T2V-1.3B weights (file or folder) for the backbone [PAPER]
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VAESection:
+    """The frozen video VAE. Exactly one of `pipeline`, `path`, `config` is used, in that order."""
+
+    kind: Literal["ltx", "wan"] | None = None  # None: LTX for temporal stride 8 (Lite), Wan for 4 (Pro)
+    path: str | None = None  # release folder, VAE folder or file (see LTXVideoVAE / WanVideoVAE.from_pretrained)
+    pipeline: str | None = None  # a pipeline folder: its vae/ AND its audio_encoder/ are used
+    config: dict[str, Any] | None = None  # random weights of this official config: smoke runs and tests only
+
+
+@dataclass
+class AudioSection:
+    """The frozen wav2vec2 encoder (ignored when `vae.pipeline` is set and neither field here is)."""
+
+    path: str | None = "facebook/wav2vec2-base-960h"
+    config: dict[str, Any] | None = None  # random weights of this Wav2Vec2Config: smoke runs and tests only
+
+
+@dataclass
+class DataSection:
+    """Where clips come from and how one training sample is cut from a clip (flashhead.train.data)."""
+
+    roots: list[str] = field(default_factory=list)  # shard folders (each with manifest.parquet)
+    split: str = "train"
+    val_split: str = "val"
+    height: int = 512  # [PAPER] 512x512
+    width: int = 512
+    frame_num: int = 33  # [CODE-IMPLIED] the inference chunk
+    fps: int = 25
+    micro_batch_size: int = 1  # samples per process per micro-step ([PAPER] 1 per GPU)
+    num_workers: int = 2  # DataLoader worker processes per training process
+    windows_per_clip: int = 1  # samples drawn from each clip per epoch
+    # Reference frame: "outside" = a random frame of the clip outside the window (the window's first frame
+    # when there is none); "window_first" = always the window's first frame. Cold-start samples (one motion
+    # latent frame) always use the window's first frame, as a stream's first chunk does (docs/training.md).
+    reference: Literal["outside", "window_first"] = "outside"
+    face_margin: float = 0.25  # the mouth box grows by this fraction of its size on each side
+    default_face_box: list[float] = field(default_factory=lambda: [0.3, 0.55, 0.7, 0.85])  # x0 y0 x1 y1 fractions
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-4  # [PAPER]
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01  # on weight matrices only (no biases, norms, modulation)
+    eps: float = 1e-8
+    warmup_steps: int = 1000  # [PAPER] warm-up, length ours
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    total_steps: int = 100_000  # [PAPER] optimizer steps
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+
+
+@dataclass
+class LossSection:
+    """Loss weights and the random choices that shape a training sample (flashhead.train.losses)."""
+
+    flow_weight: float = 1.0  # [PAPER] flow-matching MSE
+    face_weight: float = 0.5  # face/mouth-region flow-matching MSE (our definition, docs/training.md)
+    temporal_weight: float = 0.5  # predicted-x0 frame-difference MSE (our definition)
+    audio_drop_prob: float = 0.1  # zeroed audio features, for the teacher's audio CFG [CODE-IMPLIED]
+    motion_latent_frames: int = 2  # [CODE] motion context of a later chunk
+    motion_probs: list[float] = field(default_factory=lambda: [0.9, 0.1])  # P(2 frames), P(1 frame) [PAPER]
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # u before the shift
+    shift: float = 5.0  # [CODE] sample_shift of inference
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class ValSection:
+    interval: int = 2000  # optimizer steps between validations; 0 disables
+    num_clips: int = 2  # val clips rendered to MP4 with the EMA model
+    seconds: float = 4.0  # audio rendered per clip
+    num_inference_steps: int = 20  # teacher sampling (SPEC 5.1): Euler + audio CFG
+    guidance_scale: float = 3.0
+    loss_samples: int = 8  # fixed val samples whose flow-matching loss is logged
+
+
+@dataclass
+class LogSection:
+    interval: int = 10  # optimizer steps between log lines / TensorBoard points
+    tensorboard: bool = True
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3  # newest checkpoints kept (older ones deleted)
+
+
+@dataclass
+class Stage1Config:
+    """Everything a Stage-1 run needs. Global batch = micro_batch_size x processes x grad_accum_steps."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    vae: VAESection = field(default_factory=VAESection)
+    audio: AudioSection = field(default_factory=AudioSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    val: ValSection = field(default_factory=ValSection)
+    log: LogSection = field(default_factory=LogSection)
+    ema_decay: float = 0.9999
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes; FSDP2 = torch fully_shard
+    seed: int = 0
+    output_dir: str = "runs/stage1"
+    export_at_end: bool = True  # write <output_dir>/export, a pipeline folder with the EMA weights
+    cpu_threads: int | None = None  # torch threads per process on CPU (None: cores / local processes)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        d, o, lo = self.data, self.optim, self.loss
+        if len(lo.motion_probs) != 2 or min(lo.motion_probs) < 0 or abs(sum(lo.motion_probs) - 1) > 1e-6:
+            raise ConfigError(f"loss.motion_probs must be two probabilities summing to 1, got {lo.motion_probs}")
+        if not 0 <= lo.audio_drop_prob < 1:
+            raise ConfigError(f"loss.audio_drop_prob must be in [0, 1), got {lo.audio_drop_prob}")
+        if lo.motion_latent_frames < 1:
+            raise ConfigError("loss.motion_latent_frames must be >= 1")
+        for name in ("micro_batch_size", "frame_num", "height", "width", "windows_per_clip"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+        if d.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if len(d.default_face_box) != 4:
+            raise ConfigError("data.default_face_box must be [x0, y0, x1, y1] fractions")
+        if o.total_steps < 1 or o.grad_accum_steps < 1 or o.warmup_steps < 0:
+            raise ConfigError("optim.total_steps and grad_accum_steps must be >= 1, warmup_steps >= 0")
+        if o.lr <= 0 or len(o.betas) != 2:
+            raise ConfigError("optim.lr must be positive and optim.betas two numbers")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    # -- reading and writing ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage1Config:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Stage1Config:
+        """Read a YAML (.yaml/.yml) or JSON file, then apply `key.sub=value` overrides (values parsed as YAML)."""
+        data = read_mapping(path)
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; the user needs one line
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _check_value(hint, value, where + name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _check_value(hint: Any, value: Any, name: str) -> Any:
+    if float in (hint, *typing.get_args(hint)) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; ints are fine as floats too
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    options = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal] or [hint]
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            allowed = typing.get_args(option)
+            if value not in allowed and value is not None:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return value
