@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flashhead.errors import ConfigError
 from flashhead.train import train
 from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from flashhead.train.cli import train_app
@@ -24,8 +25,9 @@ def test_tiny_run_loss_falls(dataset_dir, tmp_path):
     result = train(cfg)
     flow = np.array([h["flow"] for h in result.history])
     assert len(flow) == 60 and np.isfinite(flow).all()
-    start, end = flow[:10].mean(), flow[-10:].mean()
-    assert end < start - 0.1 and end < 0.95 * start, (start, end)
+    # untrained (the first steps, still in the 5-step warm-up) vs. the last 10 steps
+    start, end = flow[:3].mean(), flow[-10:].mean()
+    assert end < 0.93 * start, (start, end)
     # the run wrote its resolved config, its metrics and a final checkpoint
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 60
@@ -48,6 +50,8 @@ def test_resume_continues_bit_exactly(dataset_dir, tmp_path):
     # `--resume` on a finished run finds the latest checkpoint and has nothing left to do
     again = train(tiny_config(dataset_dir, tmp_path / "a", *common), resume=True)
     assert again.step == 6 and again.history == []
+    with pytest.raises(ConfigError, match="already holds a run"):  # never overwrite a run by accident
+        train(tiny_config(dataset_dir, tmp_path / "a", *common))
 
 
 def test_checkpoint_rng_state_round_trip():
@@ -93,11 +97,12 @@ def test_two_processes_match_one_process(dataset_dir, tmp_path, parallel):
         assert a["position"] == b["position"]
         for key in ("loss", "flow", "face", "temporal", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-    # and the weights after the last step agree too
+    # and the weights after the last step agree too (within a tenth of one lr step: Adam's g / sqrt(v)
+    # magnifies the last-bit differences of all-reduced gradients where a gradient is nearly zero)
     ema_a = load_checkpoint(latest_checkpoint(tmp_path / "single"))["ema"]
     ema_b = load_checkpoint(latest_checkpoint(tmp_path / "multi"))["ema"]
     for name, tensor in ema_a.items():
-        torch.testing.assert_close(ema_b[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ema_b[name], tensor, rtol=0, atol=1e-4)
     if parallel == "fsdp":  # the sharded run resumes from its full-state checkpoint bit-exactly
         cfg = tiny_config(dataset_dir, tmp_path / "resumed", *steps, "data.micro_batch_size=1", "parallel=fsdp")
         checkpoint = tmp_path / "multi" / "checkpoints" / "step-00000002.pt"
@@ -149,7 +154,7 @@ def test_shipped_configs_parse_and_schedule():
     lite = Stage1Config.from_file(REPO / "configs" / "stage1_lite.yaml")
     assert lite.optim.lr == 2e-4 and lite.optim.total_steps == 100_000 and lite.model.variant == "lite"
     assert lite.data.micro_batch_size * 32 * lite.optim.grad_accum_steps == 256  # on 32 GPUs, as the report
-    assert tiny.model.config["dim"] == 64
+    assert tiny.model.config["dim"] == 128 and tiny.loss.face_weight == 0.1
     cfg = Stage1Config.from_file(TINY_CONFIG, ["optim.warmup_steps=10", "optim.total_steps=110", "optim.lr=1e-3"])
     assert cfg.optim.lr == 1e-3  # "1e-3" is a string to YAML 1.1; numbers are coerced
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0

@@ -90,8 +90,8 @@ class LossSection:
     """Loss weights and the random choices that shape a training sample (flashhead.train.losses)."""
 
     flow_weight: float = 1.0  # [PAPER] flow-matching MSE
-    face_weight: float = 0.5  # face/mouth-region flow-matching MSE (our definition, docs/training.md)
-    temporal_weight: float = 0.5  # predicted-x0 frame-difference MSE (our definition)
+    face_weight: float = 0.1  # face/mouth-region flow-matching MSE (our definition and weight, docs/training.md)
+    temporal_weight: float = 0.3  # predicted-x0 frame-difference MSE (our definition and weight)
     audio_drop_prob: float = 0.1  # zeroed audio features, for the teacher's audio CFG [CODE-IMPLIED]
     motion_latent_frames: int = 2  # [CODE] motion context of a later chunk
     motion_probs: list[float] = field(default_factory=lambda: [0.9, 0.1])  # P(2 frames), P(1 frame) [PAPER]

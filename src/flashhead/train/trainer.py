@@ -371,6 +371,8 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
     # -- resume
     step, position = 0, 0
     path = (latest_checkpoint(run_dir) if resume is True else Path(resume)) if resume else None
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or another output_dir")
     if resume is True and path is None:
         logger.info("no checkpoint in %s yet; starting from scratch", run_dir)
     if path is not None:
