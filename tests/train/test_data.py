@@ -20,7 +20,7 @@ from flashhead.train.data import (
     resize_center_crop,
 )
 from flashhead.train.trainer import build_frozen, resolve_dit_config
-from train.conftest import SIZE, random_clip, tiny_config
+from train.helpers import SIZE, random_clip, tiny_config
 
 LITE_SPEC = SampleSpec(height=SIZE, width=SIZE, vae_stride=(8, 32, 32))
 

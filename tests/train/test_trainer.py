@@ -15,7 +15,7 @@ from flashhead.train import train
 from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from flashhead.train.cli import train_app
 from flashhead.train.trainer import lr_factor
-from train.conftest import REPO, TINY_CONFIG, tiny_config
+from train.helpers import REPO, TINY_CONFIG, tiny_config
 
 KEYS = ("loss", "flow", "face", "temporal", "lr", "grad_norm", "position")
 

@@ -332,4 +332,4 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
         x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw).contiguous()

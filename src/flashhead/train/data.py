@@ -32,7 +32,6 @@ import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -374,25 +373,29 @@ class Stage1Dataset(IterableDataset):
             )
         self.start_step = start_position // self.samples_per_step
         self.samples_per_epoch = len(self.clips) * windows_per_clip
+        self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
 
     def position(self, p: int) -> tuple[int, int]:
         """(epoch, index) of stream position p."""
         return divmod(p, self.samples_per_epoch)
 
-    @lru_cache(maxsize=2)  # noqa: B019 (one dataset per run; the cache dies with it)
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch) % len(self.clips)
+        """Clip index of every position of `epoch` (its own permutation; the last epoch's is kept)."""
+        if self._cached_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch) % len(self.clips)
+            self._cached_order = (epoch, order)
+        return self._cached_order[1]
 
     def sample_at(self, p: int) -> dict[str, Any]:
         epoch, index = self.position(p)
         ref = self.clips[self._order(epoch)[index]]
         clip = read_clip(ref)
         rng = np.random.default_rng([self.seed, epoch, index])
-        starts, refs = clip.extras.get("window_starts"), clip.extras.get("ref_frames")
-        choice = choose_sample(
-            rng, ref.num_frames, self.spec,
-            None if starts is None else [int(v) for v in starts], None if refs is None else [int(v) for v in refs],
-        )  # fmt: skip
+        starts, refs = None, None
+        if "window_starts" in clip.extras:  # our precomputed arrays (see the module docstring)
+            starts = [int(v) for v in clip.extras["window_starts"]]
+            refs = [int(v) for v in clip.extras.get("ref_frames", [])]
+        choice = choose_sample(rng, ref.num_frames, self.spec, starts, refs)
         return build_sample(clip, choice, self.spec) | {"epoch": epoch, "index": index, "position": p}
 
     def micro_batch(self, step: int) -> list[dict[str, Any]]:
