@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -30,7 +30,15 @@ import numpy as np
 import scipy.linalg
 
 from flashhead.data.shards import Clip
-from flashhead.data.visemes import LANGUAGES, SAMPLE_RATE, MouthTracks, mouth_tracks, random_voice, speech_track
+from flashhead.data.visemes import (
+    LANGUAGES,
+    SAMPLE_RATE,
+    MouthTracks,
+    mouth_tracks,
+    random_voice,
+    speech_metadata,
+    speech_track,
+)
 from flashhead.errors import ConfigError, NoFaceError
 
 log = logging.getLogger(__name__)
@@ -438,16 +446,7 @@ def generate_clip(
         "fps": cfg.fps,
         "portrait": Path(portrait).name,
         "flipped": flip,
-        "text": " ".join(speech.texts),
-        "sentences": speech.texts,
-        "sentence_seeds": list(sentence_seeds[: len(speech.texts)]),
-        "language": language,
-        "voice": asdict(voice),
-        "speech_spans": [[round(a, 4), round(b, 4)] for a, b in speech.spans],
-        "phones": [[p.symbol, round(p.start, 4), round(p.end, 4)] for p in speech.phones],
-        "mouth_open": tracks.open.tolist(),
-        "mouth_width": tracks.width.tolist(),
-        "mouth_round": tracks.round.tolist(),
+        **speech_metadata(speech, tracks, sentence_seeds, language, voice),
         "blink": blink.tolist(),
         "landmarks": "mediapipe-face-mesh-68",
     }

@@ -22,7 +22,15 @@ import cv2
 import numpy as np
 
 from flashhead.data.shards import Clip
-from flashhead.data.visemes import LANGUAGES, SAMPLE_RATE, MouthTracks, mouth_tracks, random_voice, speech_track
+from flashhead.data.visemes import (
+    LANGUAGES,
+    SAMPLE_RATE,
+    MouthTracks,
+    mouth_tracks,
+    random_voice,
+    speech_metadata,
+    speech_track,
+)
 from flashhead.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -581,16 +589,7 @@ def generate_clip(
         "split": split,
         "seed": seed,
         "fps": cfg.fps,
-        "text": " ".join(speech.texts),
-        "sentences": speech.texts,
-        "sentence_seeds": list(sentence_seeds[: len(speech.texts)]),
-        "language": language,
-        "voice": asdict(voice),
-        "speech_spans": [[round(a, 4), round(b, 4)] for a, b in speech.spans],
-        "phones": [[p.symbol, round(p.start, 4), round(p.end, 4)] for p in speech.phones],
-        "mouth_open": tracks.open.tolist(),
-        "mouth_width": tracks.width.tolist(),
-        "mouth_round": tracks.round.tolist(),
+        **speech_metadata(speech, tracks, sentence_seeds, language, voice),
         "blink": [round(s.blink, 4) for s in states],
         "face_style": asdict(style),
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -451,3 +451,21 @@ def speech_track(
     audio = np.pad(audio, (0, n_total - len(audio)))
     phones = [Phone(p.symbol, p.start, min(p.end, duration)) for p in phones if p.start < duration]
     return SpeechTrack(audio, phones, texts, voice, spans)
+
+
+def speech_metadata(
+    speech: SpeechTrack, tracks: MouthTracks, sentence_seeds: list[int], language: str, voice: Voice
+) -> dict:
+    """The clip-metadata entries every synthetic generator stores about its speech and mouth truth."""
+    return {
+        "text": " ".join(speech.texts),
+        "sentences": speech.texts,
+        "sentence_seeds": list(sentence_seeds[: len(speech.texts)]),
+        "language": language,
+        "voice": asdict(voice),
+        "speech_spans": [[round(a, 4), round(b, 4)] for a, b in speech.spans],
+        "phones": [[p.symbol, round(p.start, 4), round(p.end, 4)] for p in speech.phones],
+        "mouth_open": tracks.open.tolist(),
+        "mouth_width": tracks.width.tolist(),
+        "mouth_round": tracks.round.tolist(),
+    }
