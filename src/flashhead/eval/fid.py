@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashhead.eval.frechet import frechet_distance, gaussian_stats
+from flashhead.eval.frechet import batched_features, frechet_distance, gaussian_stats
 from flashhead.eval.weights import INCEPTION, MetricUnavailable, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -242,20 +242,12 @@ def inception_features(
 ) -> np.ndarray:
     """Pool features (N, 2048) of an iterable of uint8 RGB frames (H, W, 3)."""
     model = model.to(device)
-    feats: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
 
-    def flush() -> None:
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(device)
-        feats.append(model(x).double().cpu().numpy())
-        batch.clear()
+    def embed(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+        return model(x).double().cpu().numpy()
 
-    for frame in frames:
-        batch.append(np.asarray(frame, dtype=np.uint8))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    feats = batched_features(frames, batch_size, embed)
     if not feats:
         raise ValueError("no frames to compute Inception features of")
     return np.concatenate(feats)

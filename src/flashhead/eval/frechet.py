@@ -17,6 +17,7 @@ divides by N (ddof=0). `gaussian_stats` takes `ddof` so each metric can match it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +108,19 @@ def frechet_distance_from_features(pred: np.ndarray, real: np.ndarray, ddof: int
     """Fréchet distance between the Gaussians fitted to two feature sets (N1, D) and (N2, D)."""
     a, b = gaussian_stats(pred, ddof), gaussian_stats(real, ddof)
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, method=method)
+
+
+def batched_features(
+    items: Iterable[np.ndarray], batch_size: int, embed: Callable[[np.ndarray], np.ndarray]
+) -> list[np.ndarray]:
+    """Run `embed` on stacked uint8 batches of `items`; the feature blocks in order (empty if no items)."""
+    feats: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+    for item in items:
+        batch.append(np.asarray(item, dtype=np.uint8))
+        if len(batch) == batch_size:
+            feats.append(embed(np.stack(batch)))
+            batch.clear()
+    if batch:
+        feats.append(embed(np.stack(batch)))
+    return feats

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashhead.eval.frechet import frechet_distance, gaussian_stats
+from flashhead.eval.frechet import batched_features, frechet_distance, gaussian_stats
 from flashhead.eval.weights import I3D, MetricUnavailable, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -53,19 +53,12 @@ def i3d_features(
 ) -> np.ndarray:
     """I3D features (N, D) of uint8 RGB clips (T, H, W, 3), through StyleGAN-V's detector call."""
     detector = detector.to(device)
-    feats, batch = [], []
 
-    def flush() -> None:
-        x = torch.from_numpy(np.stack(batch)).permute(0, 4, 1, 2, 3).contiguous().to(device)  # B, 3, T, H, W
-        feats.append(detector(x, rescale=True, resize=True, return_features=True).double().cpu().numpy())
-        batch.clear()
+    def embed(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).permute(0, 4, 1, 2, 3).contiguous().to(device)  # B, 3, T, H, W
+        return detector(x, rescale=True, resize=True, return_features=True).double().cpu().numpy()
 
-    for clip in clips:
-        batch.append(np.asarray(clip, dtype=np.uint8))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    feats = batched_features(clips, batch_size, embed)
     if not feats:
         raise MetricUnavailable(f"no video has {CLIP_LEN} frames, so there is no clip to compute FVD on")
     return np.concatenate(feats)
