@@ -261,3 +261,18 @@ def test_hub_id_is_read_from_the_local_cache(tmp_path, monkeypatch):
         "Soul-AILab/SoulX-FlashHead-1_3B", "Model_Lite", cache_dir=tmp_path / "cache", local_files_only=True
     )
     assert torch.equal(loaded.patch_embedding.weight, model.patch_embedding.weight)
+
+
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 128])
+def test_rope_split_follows_wan_for_any_head_dim(head_dim):
+    # Wan2.1 splits a head into time d - 4*(d//6) and height/width 2*(d//6) channels each.
+    from flashhead.models.dit import rope_frequencies
+
+    table = rope_frequencies(head_dim, (2, 3, 4), torch.device("cpu"))
+    assert table.shape == (2 * 3 * 4, 1, head_dim // 2)
+    d_hw = (head_dim // 6) * 2 // 2
+    d_t = head_dim // 2 - 2 * d_hw
+    # Moving one step along width rotates only the last d_hw phasors.
+    step_w = table[1, 0] / table[0, 0]
+    assert torch.allclose(step_w[: d_t + d_hw], torch.ones(d_t + d_hw, dtype=step_w.dtype))
+    assert not torch.allclose(step_w[d_t + d_hw :], torch.ones(d_hw, dtype=step_w.dtype))

@@ -73,8 +73,8 @@ def sinusoidal_embedding(dim: int, timestep: torch.Tensor) -> torch.Tensor:
 def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """Complex 3-D RoPE phasors (L, 1, head_dim // 2) for a (frames, height, width) token grid.
 
-    The head dimension is split into a time part of head_dim - 2 * (head_dim // 3) channels and height
-    and width parts of head_dim // 3 channels each; each part rotates by its own integer grid index.
+    The head dimension is split as Wan2.1 does: height and width parts of 2 * (head_dim // 6) channels
+    each and a time part of the rest; each part rotates by its own integer grid index.
     """
 
     def axis(dim: int, n: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
         return torch.polar(torch.ones_like(angles), angles)  # (n, dim // 2) complex128
 
     f, h, w = grid
-    d_hw = head_dim // 3
+    d_hw = 2 * (head_dim // 6)
     ft, fh, fw = axis(head_dim - 2 * d_hw, f), axis(d_hw, h), axis(d_hw, w)
     table = torch.cat(
         [
