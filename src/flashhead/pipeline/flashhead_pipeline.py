@@ -158,11 +158,14 @@ class FlashHeadPipeline:
             local_files_only=local_files_only,
         )  # fmt: skip
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write a self-contained folder (model_index.json, dit/, vae/, audio_encoder/, generation_config.json)."""
+    def save_pretrained(self, folder: str | Path, *, weights_dtype: torch.dtype | None = None) -> Path:
+        """Write a self-contained folder (model_index.json, dit/, vae/, audio_encoder/, generation_config.json).
+
+        `weights_dtype=torch.float16` halves the files (how flashhead-tiny ships); loading casts back.
+        """
         from flashhead.pipeline import registry
 
-        return registry.save_pipeline(self, Path(folder))
+        return registry.save_pipeline(self, Path(folder), weights_dtype=weights_dtype)
 
     # -- geometry -----------------------------------------------------------------------------------
 

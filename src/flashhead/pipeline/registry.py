@@ -129,20 +129,27 @@ def _wav2vec_source(weights: str | Path | None, wav2vec: str | Path | None) -> s
 def _load_own(cls, folder: Path, config: GenerationConfig | None) -> FlashHeadPipeline:
     from flashhead.models.audio import Wav2VecEncoder
     from flashhead.models.dit import FlashHeadDiT
+    from flashhead.models.mel_encoder import MelAudioEncoder
     from flashhead.models.vae import LTXVideoVAE, WanVideoVAE
 
     index = read_json(folder / INDEX_NAME)
     vae_kind = index.get("vae")
     if vae_kind not in ("ltx", "wan"):
         raise CheckpointError(f"{folder / INDEX_NAME}: unknown vae {vae_kind!r} (expected 'ltx' or 'wan')")
-    if index.get("audio_encoder", "wav2vec2") != "wav2vec2":
-        raise CheckpointError(f"{folder / INDEX_NAME}: unknown audio_encoder {index.get('audio_encoder')!r}")
+    audio_kind = index.get("audio_encoder", "wav2vec2")
+    if audio_kind not in ("wav2vec2", "mel"):
+        raise CheckpointError(f"{folder / INDEX_NAME}: unknown audio_encoder {audio_kind!r} (expected wav2vec2 or mel)")
     dit = FlashHeadDiT.from_pretrained(folder / "dit")
     if vae_kind == "ltx":
-        vae = LTXVideoVAE.from_pretrained(folder / "vae", strict_config=False)
+        # Our own LTX-style VAEs encode to the posterior mean; the released one samples (official).
+        sample = bool(index.get("vae_sample_posterior", True))
+        vae = LTXVideoVAE.from_pretrained(folder / "vae", strict_config=False, sample_posterior=sample)
     else:
         vae = WanVideoVAE.from_pretrained(folder / "vae")
-    encoder = Wav2VecEncoder.from_pretrained(folder / "audio_encoder")
+    if audio_kind == "mel":
+        encoder = MelAudioEncoder.from_pretrained(folder / "audio_encoder")
+    else:
+        encoder = Wav2VecEncoder.from_pretrained(folder / "audio_encoder")
     if config is None and (folder / "generation_config.json").is_file():
         try:
             config = GenerationConfig.from_dict(read_json(folder / "generation_config.json"))
@@ -153,28 +160,46 @@ def _load_own(cls, folder: Path, config: GenerationConfig | None) -> FlashHeadPi
     return pipe
 
 
-def save_pipeline(pipe: FlashHeadPipeline, folder: Path) -> Path:
+def save_pipeline(pipe: FlashHeadPipeline, folder: Path, *, weights_dtype: torch.dtype | None = None) -> Path:
+    """Write `pipe` as a self-contained folder; `weights_dtype` (e.g. float16) shrinks the stored weights."""
+    from flashhead.models.mel_encoder import MelAudioEncoder
     from flashhead.models.vae import LTXVideoVAE
 
     encoder = pipe.audio_encoder
-    if not hasattr(encoder, "model") or not hasattr(encoder.model, "save_pretrained"):
-        raise ConfigError("save_pretrained needs a Wav2VecEncoder audio encoder")
+    is_mel = isinstance(encoder, MelAudioEncoder)
+    if not is_mel and not (hasattr(encoder, "model") and hasattr(encoder.model, "save_pretrained")):
+        raise ConfigError("save_pretrained needs a Wav2VecEncoder or MelAudioEncoder audio encoder")
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.dit.save_pretrained(folder / "dit")
-    pipe.vae.model.save_pretrained(folder / "vae")
-    encoder.model.save_pretrained(folder / "audio_encoder")
-    from transformers import Wav2Vec2FeatureExtractor
+    _save_module(pipe.dit, folder / "dit", weights_dtype)
+    _save_module(pipe.vae.model, folder / "vae", weights_dtype)
+    if is_mel:
+        encoder.save_pretrained(folder / "audio_encoder")
+    else:
+        encoder.model.save_pretrained(folder / "audio_encoder")
+        from transformers import Wav2Vec2FeatureExtractor
 
-    Wav2Vec2FeatureExtractor(do_normalize=encoder.normalize, return_attention_mask=False).save_pretrained(
-        folder / "audio_encoder"
-    )
+        Wav2Vec2FeatureExtractor(do_normalize=encoder.normalize, return_attention_mask=False).save_pretrained(
+            folder / "audio_encoder"
+        )
     (folder / "generation_config.json").write_text(json.dumps(pipe.config.to_dict(), indent=2))
     index = {
         "_class_name": "FlashHeadPipeline",
         "_flashhead_version": __version__,
         "name": pipe.name,
         "vae": "ltx" if isinstance(pipe.vae, LTXVideoVAE) else "wan",
-        "audio_encoder": "wav2vec2",
+        "audio_encoder": "mel" if is_mel else "wav2vec2",
     }
+    if isinstance(pipe.vae, LTXVideoVAE):
+        index["vae_sample_posterior"] = pipe.vae.sample_posterior
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return folder
+
+
+def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+    """diffusers-style save_pretrained, optionally with floating weights cast (the module is untouched)."""
+    if dtype is None:
+        module.save_pretrained(folder)
+        return
+    import copy
+
+    copy.deepcopy(module).to(dtype).save_pretrained(folder)

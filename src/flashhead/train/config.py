@@ -39,14 +39,21 @@ class VAESection:
     path: str | None = None  # release folder, VAE folder or file (see LTXVideoVAE / WanVideoVAE.from_pretrained)
     pipeline: str | None = None  # a pipeline folder: its vae/ AND its audio_encoder/ are used
     config: dict[str, Any] | None = None  # random weights of this official config: smoke runs and tests only
+    sample_posterior: bool = True  # LTX from `path`: encode to a posterior sample (official) or its mean (ours)
 
 
 @dataclass
 class AudioSection:
-    """The frozen wav2vec2 encoder (ignored when `vae.pipeline` is set and neither field here is)."""
+    """The frozen audio encoder (ignored when `vae.pipeline` is set and neither path nor config is).
 
+    kind "wav2vec2" (official): `path` is a wav2vec2 folder or hub id, or `config` a Wav2Vec2Config for random
+    weights (smoke runs and tests). kind "mel": the parameter-free log-mel encoder of flashhead-tiny, with
+    `config` holding MelConfig fields that differ from the defaults.
+    """
+
+    kind: Literal["wav2vec2", "mel"] = "wav2vec2"
     path: str | None = "facebook/wav2vec2-base-960h"
-    config: dict[str, Any] | None = None  # random weights of this Wav2Vec2Config: smoke runs and tests only
+    config: dict[str, Any] | None = None
 
 
 @dataclass

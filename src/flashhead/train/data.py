@@ -449,7 +449,12 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
     device, dtype = vae.device, vae.dtype
     cache = spec.context_cache(audio_encoder)
     x0, y, context = [], [], []
-    for s in samples:
+    if not getattr(vae, "sample_posterior", False) and all("video" in s and "reference" in s for s in samples):
+        # A deterministic encoder: one batched call per kind instead of one per sample (same latents).
+        x0.append(vae.encode(torch.cat([_pixels(s["video"], device, dtype) for s in samples])))
+        stills = [s["reference"][None].expand(spec.frame_num, -1, -1, -1) for s in samples]
+        y.append(vae.encode(torch.cat([_pixels(still, device, dtype) for still in stills])))
+    for s in samples if not x0 else ():
         if "latents" in s:
             x0.append(s["latents"][None].to(device))
         else:
@@ -459,7 +464,13 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         else:
             still = s["reference"][None].expand(spec.frame_num, -1, -1, -1)
             y.append(_vae_encode(vae, _pixels(still, device, dtype), s["seed"] + 2))
-        features = s["audio_features"] if "audio_features" in s else audio_encoder(s["audio"])
+    if all("audio" in s for s in samples):  # one encoder call for the batch (rows are encoded independently)
+        batch_features = list(audio_encoder(torch.stack([s["audio"] for s in samples])))
+    for i, s in enumerate(samples):
+        if "audio_features" in s:
+            features = s["audio_features"]
+        else:
+            features = batch_features[i] if all("audio" in s for s in samples) else audio_encoder(s["audio"])
         ctx = cache.context(features.to(device))  # (1, frame_num, window, layers, hidden)
         context.append(torch.zeros_like(ctx) if s["drop_audio"] else ctx)
     return Stage1Inputs(

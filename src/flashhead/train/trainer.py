@@ -152,12 +152,19 @@ def build_frozen(cfg: Stage1Config, temporal_stride: int) -> tuple[Any, Any]:
     kind = v.kind or ("ltx" if temporal_stride == 8 else "wan")
     if v.pipeline:
         folder = Path(v.pipeline)
-        kind = read_json(folder / "model_index.json").get("vae", kind)
-        vae = _load_vae(kind, folder / "vae")
-        encoder = _random_wav2vec(a.config) if a.config else Wav2VecEncoder.from_pretrained(folder / "audio_encoder")
+        index = read_json(folder / "model_index.json")
+        vae = _load_vae(index.get("vae", kind), folder / "vae", index.get("vae_sample_posterior", True))
+        if a.config or a.kind == "mel":
+            encoder = _audio_from_section(a)
+        elif index.get("audio_encoder") == "mel":
+            from flashhead.models.mel_encoder import MelAudioEncoder
+
+            encoder = MelAudioEncoder.from_pretrained(folder / "audio_encoder")
+        else:
+            encoder = Wav2VecEncoder.from_pretrained(folder / "audio_encoder")
         return vae, encoder
     if v.path:
-        vae = _load_vae(kind, v.path)
+        vae = _load_vae(kind, v.path, v.sample_posterior)
     elif v.config:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_VAE_SEED)
@@ -175,19 +182,31 @@ def build_frozen(cfg: Stage1Config, temporal_stride: int) -> tuple[Any, Any]:
                 vae = WanVideoVAE(AutoencoderKLWan(**wan_config_to_diffusers(v.config)))
     else:
         raise ConfigError("vae: set one of pipeline, path or config")
-    encoder = _random_wav2vec(a.config) if a.config else None
-    if encoder is None:
-        if not a.path:
-            raise ConfigError("audio: set path (a wav2vec2 folder or hub id) or config")
-        encoder = Wav2VecEncoder.from_pretrained(a.path)
-    return vae, encoder
+    return vae, _audio_from_section(a)
 
 
-def _load_vae(kind: str, path: str | Path) -> Any:
+def _audio_from_section(a: Any) -> Any:
+    from flashhead.models.audio import Wav2VecEncoder
+
+    if a.kind == "mel":
+        from flashhead.models.mel_encoder import MelAudioEncoder, MelConfig
+
+        try:
+            return MelAudioEncoder(MelConfig(**(a.config or {})))
+        except TypeError as e:
+            raise ConfigError(f"audio.config: {e}") from None
+    if a.config:
+        return _random_wav2vec(a.config)
+    if not a.path:
+        raise ConfigError("audio: set path (a wav2vec2 folder or hub id) or config")
+    return Wav2VecEncoder.from_pretrained(a.path)
+
+
+def _load_vae(kind: str, path: str | Path, sample_posterior: bool = True) -> Any:
     from flashhead.models.vae import LTXVideoVAE, WanVideoVAE
 
     if kind == "ltx":
-        return LTXVideoVAE.from_pretrained(path, strict_config=False)
+        return LTXVideoVAE.from_pretrained(path, strict_config=False, sample_posterior=sample_posterior)
     if kind == "wan":
         return WanVideoVAE.from_pretrained(path)
     raise ConfigError(f"vae.kind must be ltx or wan, got {kind!r}")
