@@ -161,8 +161,14 @@ def _yuv420p_frame(rgb: np.ndarray):
 
 
 def decode_mp4(data: bytes, start: int = 0, count: int | None = None) -> np.ndarray:
-    """MP4 bytes → frames [start, start + count) as (T, H, W, 3) uint8 RGB."""
-    import av
+    """MP4 bytes → frames [start, start + count) as (T, H, W, 3) uint8 RGB.
+
+    PyAV decodes; where it is not installed (a bare GPU training image, say) OpenCV's FFmpeg build does.
+    """
+    try:
+        import av
+    except ImportError:
+        return _decode_mp4_opencv(data, start, count)
 
     out: list[np.ndarray] = []
     try:
@@ -175,6 +181,32 @@ def decode_mp4(data: bytes, start: int = 0, count: int | None = None) -> np.ndar
                 out.append(frame.to_ndarray(format="rgb24"))
     except av.FFmpegError as e:
         raise MediaError(f"cannot decode clip video: {e}") from None
+    if not out:
+        raise MediaError(f"clip video has no frames at index {start}")
+    return np.stack(out)
+
+
+def _decode_mp4_opencv(data: bytes, start: int, count: int | None) -> np.ndarray:
+    import tempfile
+
+    try:
+        import cv2
+    except ImportError:
+        raise MediaError("decoding clip video needs PyAV (pip install av) or OpenCV") from None
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:  # OpenCV reads files, not bytes
+        f.write(data)
+        f.flush()
+        capture = cv2.VideoCapture(f.name)
+        out: list[np.ndarray] = []
+        i = 0
+        while count is None or len(out) < count:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if i >= start:
+                out.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            i += 1
+        capture.release()
     if not out:
         raise MediaError(f"clip video has no frames at index {start}")
     return np.stack(out)
@@ -492,6 +524,16 @@ def _clip_offsets(f) -> list[int]:
                 offsets.append(member.offset)
                 last_key = key
     return offsets
+
+
+def read_clip_at(path: str | os.PathLike, offset: int, decode: bool = False) -> Clip:
+    """The clip whose first member starts at byte `offset` of shard `path` (the manifest's `offset`).
+
+    With decode=False the video stays encoded (`Clip.video` bytes, `Clip.frames` None): decode only the
+    frames you need with `decode_mp4`.
+    """
+    with open(path, "rb") as f:
+        return _read_clip_at(f, offset, decode)
 
 
 def _read_clip_at(f, offset: int, decode: bool) -> Clip:

@@ -202,4 +202,6 @@ def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | Non
         return
     import copy
 
-    copy.deepcopy(module).to(dtype).save_pretrained(folder)
+    clone = copy.deepcopy(module)
+    torch.nn.Module.to(clone, dtype=dtype)  # not ModelMixin.to, which warns about fp32 modules
+    clone.save_pretrained(folder)

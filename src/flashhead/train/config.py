@@ -90,6 +90,7 @@ class OptimSection:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     total_steps: int = 100_000  # [PAPER] optimizer steps
     grad_accum_steps: int = 1  # micro-steps per optimizer step
+    max_minutes: float | None = None  # wall-clock budget: stop early (checkpoint + export) once it is spent
 
 
 @dataclass

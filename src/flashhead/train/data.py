@@ -27,7 +27,6 @@ Precomputed clip extras are used when present (written by `precompute_extras`):
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flashhead.data.shards import Clip, read_manifest
+from flashhead.data.shards import Clip, decode_mp4, read_clip_at, read_manifest
 from flashhead.errors import ConfigError
 from flashhead.models.audio import AudioConfig, AudioContextCache
 
@@ -131,32 +130,18 @@ def index_clips(roots: Sequence[str | Path], split: str | None, spec: SampleSpec
 
 def read_clip(ref: ClipRef) -> Clip:
     """Read one clip without decoding its video (frames are decoded on demand)."""
-    # shards.py has no public "clip at this offset" reader yet; this is its own helper, not a copy.
-    from flashhead.data.shards import _read_clip_at
-
-    with open(ref.shard, "rb") as f:
-        return _read_clip_at(f, ref.offset, decode=False)
+    return read_clip_at(ref.shard, ref.offset, decode=False)
 
 
 def decode_frames(clip: Clip, indices: Sequence[int]) -> np.ndarray:
     """Frames at `indices` as (len, H, W, 3) uint8, in one decoding pass that stops at the last one needed."""
     if clip.frames is not None:
         return clip.frames[list(indices)]
-    import av
-
-    wanted, found = set(indices), {}
-    last = max(wanted)
-    with av.open(io.BytesIO(clip.video)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                found[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    if len(found) != len(wanted):
+    first, last = min(indices), max(indices)
+    frames = decode_mp4(clip.video, first, last - first + 1)
+    if len(frames) != last - first + 1:
         raise ConfigError(f"clip {clip.key}: video has fewer frames than its metadata says")
-    return np.stack([found[i] for i in indices])
+    return frames[[i - first for i in indices]]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -424,7 +424,8 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
 
     # -- train
     t_last, steps_since = time.perf_counter(), 0
-    while step < cfg.optim.total_steps:
+    t_start, out_of_time = t_last, False
+    while step < cfg.optim.total_steps and not out_of_time:
         step_position = position
         sums = torch.zeros(4, device=info.device)  # total, flow, face, temporal (mean over micro-steps)
         for micro in range(accum):
@@ -465,7 +466,16 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
         if cfg.val.interval and step % cfg.val.interval == 0:
             validate(ema.full_state_dict(), dit.config, vae, audio_encoder, spec, cfg, step, info, writer, run_dir)
 
-        if step % cfg.log.checkpoint_interval == 0 or step == cfg.optim.total_steps:
+        if cfg.optim.max_minutes is not None:
+            # Every process must stop at the same step: rank 0's clock decides.
+            flag = torch.tensor(float(time.perf_counter() - t_start > cfg.optim.max_minutes * 60), device=info.device)
+            if info.distributed:
+                dist.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
+            if out_of_time and info.is_main:
+                logger.info("step %d: the %.1f-minute budget is spent; stopping", step, cfg.optim.max_minutes)
+
+        if step % cfg.log.checkpoint_interval == 0 or step == cfg.optim.total_steps or out_of_time:
             state = training_state(step, dit, ema, optimizer, scheduler, info)  # collective
             if info.is_main:
                 epoch, index = dataset.position(position)

@@ -1,0 +1,210 @@
+"""The flashhead-tiny recipe: VAE, Stage 1 and export in one command, then the checks its issue asks for.
+
+    flashhead train tiny --data DIR [--data DIR ...] --out runs/tiny
+
+runs the three steps of `recipes/flashhead_tiny.yaml` (each resumable: a step whose output exists is
+skipped, an interrupted one continues from its checkpoint), writes `OUT/flashhead-tiny` (the pipeline
+folder that ships in `flashhead/assets/`), `OUT/eval.json` and `OUT/curves.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashhead.errors import ConfigError
+from flashhead.train.config import apply_override, read_mapping
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "flashhead_tiny.yaml"
+FACE_REGION = (0.25, 0.2, 0.75, 0.85)  # x0, y0, x1, y1 fractions of a face-centred crop
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    if path is None:
+        with resources.as_file(resources.files("flashhead.train.recipes") / RECIPE) as packaged:
+            data = read_mapping(packaged)
+    else:
+        data = read_mapping(path)
+    for item in overrides or []:
+        apply_override(data, item)
+    unknown = sorted(set(data) - {"vae", "stage1", "export"})
+    if unknown:
+        raise ConfigError(f"recipe: unknown section(s) {unknown} (expected vae, stage1, export)")
+    return data
+
+
+def run_recipe(
+    data_roots: list[str],
+    out: str | Path,
+    recipe: dict[str, Any] | None = None,
+    *,
+    eval_clips: int = 8,
+    eval_seconds: float = 4.0,
+) -> dict[str, Any]:
+    """Train (or finish training) flashhead-tiny into `out`; returns the evaluation summary."""
+    from flashhead.train.config import Stage1Config
+    from flashhead.train.trainer import train
+    from flashhead.train.vae import VAETrainConfig, train_vae
+
+    recipe = recipe or load_recipe()
+    out = Path(out)
+    roots = [str(Path(r)) for r in data_roots]
+    if not roots:
+        raise ConfigError("give at least one --data folder of clip shards")
+
+    vae_folder = out / "vae" / "vae"
+    if not (vae_folder / "config.json").is_file():
+        vae_cfg = VAETrainConfig.from_dict({**recipe.get("vae", {}), "roots": roots, "output_dir": str(out / "vae")})
+        train_vae(vae_cfg, resume=True)
+
+    export_dir, done = out / "stage1" / "export", out / "stage1" / "DONE"
+    if not done.is_file():  # not started, or stopped by its time budget / a crash: (re)start from the checkpoint
+        s1 = json.loads(json.dumps(recipe.get("stage1", {})))  # a deep copy
+        s1.setdefault("data", {})["roots"] = roots
+        s1.setdefault("vae", {})["path"] = str(vae_folder)
+        s1["output_dir"] = str(out / "stage1")
+        cfg = Stage1Config.from_dict(s1)
+        result = train(cfg, resume=True)
+        if result.step >= cfg.optim.total_steps:
+            done.write_text(f"{result.step}\n")
+
+    final = export_pipeline(export_dir, out / "flashhead-tiny", recipe.get("export", {}))
+    summary = evaluate_tiny(final, roots, clips=eval_clips, seconds=eval_seconds)
+    summary["size_mb"] = folder_megabytes(final)
+    (out / "eval.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(out, out / "curves.png")
+    return summary
+
+
+def export_pipeline(stage1_export: Path, folder: Path, sampling: dict[str, Any]) -> Path:
+    """The Stage-1 export with the shipped sampling settings, float16 weights, named flashhead-tiny."""
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+
+    pipe = FlashHeadPipeline.from_pretrained(stage1_export, device="cpu", torch_dtype=torch.float32)
+    pipe.config = pipe.config.replace(**sampling)
+    pipe.name = "flashhead-tiny"
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, weights_dtype=torch.float16)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: lip sync on held-out synthetic clips, identity on their first frames
+
+
+def _box(fractions: tuple[float, float, float, float], h: int, w: int) -> np.ndarray:
+    x0, y0, x1, y1 = fractions
+    return np.array([x0 * w, y0 * h, x1 * w, y1 * h])
+
+
+def grow_box(box: np.ndarray, margin: float) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    return np.array([x0 - dx, y0 - dy, x1 + dx, y1 + dy])
+
+
+@torch.no_grad()
+def evaluate_tiny(pipeline: Any, roots: list[str], *, clips: int = 8, seconds: float = 4.0, seed: int = 0):
+    """Held-out ("val") synthetic clips: the clip's first frame is the reference, its audio drives the model.
+
+    Reports, per clip and on average: Pearson r between the mouth opening measured on the generated frames
+    (`dark_gap` in the clip's mouth box) and the ground-truth opening; the same measure on the real frames
+    (the ceiling of what the measure can show); PSNR / SSIM of the face region against the ground truth.
+    """
+    from flashhead.data.shards import read_clip_at, read_manifest
+    from flashhead.eval.mouth import dark_gap, pearson, psnr, ssim_gray
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, reference_generator
+    from flashhead.train.data import decode_frames, resize_center_crop
+
+    pipe = pipeline if isinstance(pipeline, FlashHeadPipeline) else FlashHeadPipeline.from_pretrained(pipeline)
+    h, w = pipe.config.height, pipe.config.width
+    rows = []
+    for root in roots:
+        manifest = read_manifest(root)
+        for r in manifest[manifest.split == "val"].itertuples():
+            rows.append((Path(root), r))
+    rows = [(root, r) for root, r in rows if r.source in ("synth-procedural", "synth-portrait")][:clips]
+    face = _box(FACE_REGION, h, w).astype(int)
+
+    def crop(f: np.ndarray) -> np.ndarray:
+        return f[face[1] : face[3], face[0] : face[2]]
+
+    results = []
+    for root, r in rows:
+        clip = read_clip_at(root / r.shard, int(r.offset))
+        n = min(int(seconds * 25), int(r.num_frames))
+        real = resize_center_crop(decode_frames(clip, range(n)), h, w).numpy()
+        scale = np.array([w / clip.meta["width"], h / clip.meta["height"]] * 2)
+        boxes = clip.extras["mouth_box"][:n] * scale
+        audio = torch.from_numpy(np.ascontiguousarray(clip.audio[: n * 640]))
+        reference = pipe.encode_reference(real[0], generator=reference_generator(seed))
+        frames = np.concatenate(list(pipe.iter_frames(reference, audio, seed=seed)))[:n]
+        truth = np.asarray(clip.meta["mouth_open"][:n])
+        box = grow_box(boxes[0], 0.3)
+        results.append({
+            "key": r.key,
+            "source": r.source,
+            "r_generated": pearson(dark_gap(frames, box), truth),
+            "r_real_frames": pearson(dark_gap(real, box), truth),
+            "face_psnr": float(np.mean([psnr(crop(a), crop(b)) for a, b in zip(frames, real, strict=True)])),
+            "face_ssim": float(np.mean([ssim_gray(crop(a), crop(b)) for a, b in zip(frames, real, strict=True)])),
+            "first_frame_face_ssim": ssim_gray(crop(frames[0]), crop(real[0])),
+        })  # fmt: skip
+    if not results:
+        raise ConfigError(f"no held-out synthetic clips under {roots} to evaluate on")
+    mean = {k: float(np.mean([x[k] for x in results])) for k in results[0] if k not in ("key", "source")}
+    return {"clips": results, "mean": mean, "resolution": [h, w], "seconds": seconds}
+
+
+def plot_curves(run: Path, png: Path) -> Path | None:
+    """Loss curves of the VAE and the Stage-1 run (metrics.jsonl of each) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    vae, s1 = read(run / "vae" / "metrics.jsonl"), read(run / "stage1" / "metrics.jsonl")
+    if not vae and not s1:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    if vae:
+        steps = [p["step"] for p in vae]
+        axes[0].plot(steps, [p["l1"] for p in vae], label="L1")
+        axes[0].plot(steps, [1 - p["ssim"] for p in vae], label="1 - SSIM")
+        axes[0].set_yscale("log")
+    axes[0].set(title="VAE reconstruction", xlabel="step")
+    axes[0].legend()
+    if s1:
+        steps = [p["step"] for p in s1]
+        for key in ("loss", "flow", "face", "temporal"):
+            axes[1].plot(steps, [p[key] for p in s1], label=key)
+        axes[1].set_yscale("log")
+    axes[1].set(title="Stage 1 (DiT) training loss", xlabel="step")
+    axes[1].legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
