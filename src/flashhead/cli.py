@@ -284,7 +284,7 @@ def _register_subcommands() -> None:
         friendly_errors(eval_command)
     )
     app.add_typer(data_app, name="data", help="Training data: synthetic talking heads, shards.")
-    app.add_typer(train_app, name="train", help="Train: Stage 1 (streaming-aware pre-training), export.")
+    app.add_typer(train_app, name="train", help="Train: Stage 1 (pre-training), Stage 2 (distillation), export.")
     app.command("serve", help="Serve live avatars: WebRTC + WebSocket + HTTP jobs, and the browser page at /.")(
         friendly_errors(serve_command)
     )

@@ -16,13 +16,15 @@ import typer
 from flashhead.errors import FlashHeadError
 
 train_app = typer.Typer(
-    help="Training: Stage-1 pre-training of the FlashHead DiT.", no_args_is_help=True, pretty_exceptions_enable=False
+    help="Training: Stage-1 pre-training and Stage-2 distillation of the FlashHead DiT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 
 
 @train_app.callback()
 def _train() -> None:
-    """Training: Stage-1 pre-training of the FlashHead DiT."""
+    """Training: Stage-1 pre-training and Stage-2 distillation of the FlashHead DiT."""
 
 
 def _logging() -> None:
@@ -62,6 +64,35 @@ def stage1(
 
 
 @train_app.command()
+def stage2(
+    config: Annotated[Path, typer.Argument(help="YAML or JSON settings (see configs/stage2_*.yaml).")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the output folder's latest checkpoint.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint file.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting, e.g. --set distill.total_steps=100 (repeatable)."),
+    ] = None,
+) -> None:
+    """Distil the Stage-1 teacher into a 4-step streaming student (Stage 2): one process, or torchrun's."""
+    from flashhead.train.config import Stage2Config
+    from flashhead.train.stage2 import train_stage2
+
+    _logging()
+    try:
+        cfg = Stage2Config.from_file(config, overrides)
+        result = train_stage2(cfg, resume=resume_from or resume)
+    except FlashHeadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    if result.export_dir is not None:
+        typer.echo(f"trained {result.step} iterations; pipeline with the EMA student: {result.export_dir}")
+
+
+@train_app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training output folder (with checkpoints/).")],
     out: Annotated[Path, typer.Argument(help="Where to write the pipeline folder.")],
@@ -69,12 +100,19 @@ def export(
         Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of the latest one.")
     ] = None,
 ) -> None:
-    """Write a run's EMA weights as a pipeline folder, usable as `flashhead generate --model OUT`."""
+    """Write a run's EMA weights (Stage 1, or Stage 2's student) as a pipeline folder for `flashhead generate`."""
+    from flashhead.errors import CheckpointError
+    from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint
+    from flashhead.train.stage2 import export_stage2_run
     from flashhead.train.trainer import export_run
 
     _logging()
     try:
-        path = export_run(run_dir, out, checkpoint)
+        found = checkpoint or latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+        stage2 = "student" in load_checkpoint(found)  # memory-mapped: cheap to peek at
+        path = (export_stage2_run if stage2 else export_run)(run_dir, out, found)
     except FlashHeadError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None

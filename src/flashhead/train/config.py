@@ -1,4 +1,4 @@
-"""Stage-1 training settings: one typed tree of dataclasses, read from YAML/JSON, overridable from the CLI.
+"""Training settings (Stage 1 and 2): one typed tree of dataclasses, read from YAML/JSON, overridable from the CLI.
 
     cfg = Stage1Config.from_file("configs/stage1_lite.yaml", overrides=["optim.lr=1e-4"])
     cfg.save(run_dir / "config.yaml")      # the resolved settings, next to the checkpoints
@@ -127,8 +127,37 @@ class LogSection:
     keep_checkpoints: int = 3  # newest checkpoints kept (older ones deleted)
 
 
+class ConfigFile:
+    """Reading and writing of a top-level config dataclass (Stage1Config, Stage2Config)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Any:
+        """Read a YAML (.yaml/.yml) or JSON file, then apply `key.sub=value` overrides (values parsed as YAML)."""
+        data = read_mapping(path)
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+
 @dataclass
-class Stage1Config:
+class Stage1Config(ConfigFile):
     """Everything a Stage-1 run needs. Global batch = micro_batch_size x processes x grad_accum_steps."""
 
     model: ModelSection = field(default_factory=ModelSection)
@@ -172,30 +201,102 @@ class Stage1Config:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
-    # -- reading and writing ------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# ---------------------------------------------------------------------------------------------------
+# Stage 2
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Stage1Config:
-        return _build(cls, data, "")
 
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Stage1Config:
-        """Read a YAML (.yaml/.yml) or JSON file, then apply `key.sub=value` overrides (values parsed as YAML)."""
-        data = read_mapping(path)
-        for item in overrides or []:
-            apply_override(data, item)
-        return cls.from_dict(data)
+@dataclass
+class TeacherSection:
+    """The frozen Stage-1 teacher (real score); the student and the fake score start from its weights."""
 
-    def save(self, path: str | Path) -> Path:
-        import yaml
+    path: str | None = None  # pipeline folder (its dit/, and its vae/ + audio_encoder/ by default) or DiT folder
+    student_init: str | None = None  # start the student from other weights (e.g. an earlier student)
+    gradient_checkpointing: bool = False  # for the student and the fake score
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+
+@dataclass
+class Stage2OptimSection:
+    """AdamW of one of the two trained networks; constant LR after a linear warm-up."""
+
+    lr: float = 2e-6
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Self-Forcing's (SPEC 9.2, inferred)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 10.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class DistillSection:
+    """The distillation recipe (flashhead.train.distill); [PAPER] marks the report's values (SPEC 9.2)."""
+
+    total_steps: int = 3000  # iterations; every one updates the fake score, every `critic_ratio`-th the student
+    num_chunks: int = 5  # [PAPER] K: the longest rollout, in chunks
+    num_inference_steps: int = 4  # [CODE] the student's sampler (x0-predict + re-noise)
+    shift: float = 5.0  # [CODE] the schedule's shift
+    motion_latent_frames: int = 2  # [CODE]
+    critic_ratio: int = 5  # [PAPER] 1:5, the student is updated once per 5 fake-score updates
+    guidance_scale: float = 3.0  # the teacher's audio CFG in the real score [CODE]
+    oracle: bool = True  # [PAPER] real score sees the ground-truth motion frames; False: the student's own
+    dmd_weight: float = 1.0
+    regression_weight: float = 0.25  # lambda of Eq. 5 ([PAPER] UNSPEC: ours)
+    dmd_sigma_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # u range before the shift
+    motion_roundtrip: Literal["pixel", "latent"] = "pixel"  # history through decode + colour + encode, or not
+    color_correction: bool = True  # as inference, in the pixel round trip
+
+
+@dataclass
+class Stage2ValSection:
+    interval: int = 500  # iterations between validations; 0 disables
+    num_clips: int = 2  # val clips rendered by the EMA student (4 steps) to MP4
+    seconds: float = 8.0
+
+
+@dataclass
+class Stage2Config(ConfigFile):
+    """Everything a Stage-2 run needs. Batch = data.micro_batch_size x processes (no accumulation)."""
+
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    vae: VAESection = field(default_factory=VAESection)
+    audio: AudioSection = field(default_factory=lambda: AudioSection(path=None))
+    data: DataSection = field(default_factory=DataSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    generator_optim: Stage2OptimSection = field(default_factory=Stage2OptimSection)  # [PAPER] lr 2e-6
+    critic_optim: Stage2OptimSection = field(default_factory=lambda: Stage2OptimSection(lr=4e-7))  # [PAPER]
+    val: Stage2ValSection = field(default_factory=Stage2ValSection)
+    log: LogSection = field(default_factory=lambda: LogSection(checkpoint_interval=500))
+    ema_decay: float = 0.99  # Self-Forcing's generator EMA (SPEC 9.2, inferred)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "fsdp"
+    seed: int = 0
+    output_dir: str = "runs/stage2"
+    export_at_end: bool = True
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        d, ds = self.data, self.distill
+        if ds.num_chunks < 1 or ds.num_inference_steps < 1 or ds.critic_ratio < 1 or ds.total_steps < 1:
+            raise ConfigError("distill.num_chunks, num_inference_steps, critic_ratio and total_steps must be >= 1")
+        lo, hi = ds.dmd_sigma_range if len(ds.dmd_sigma_range) == 2 else (1, 0)
+        if not 0 < lo < hi <= 1:
+            raise ConfigError(
+                f"distill.dmd_sigma_range must be [lo, hi] with 0 < lo < hi <= 1, got {ds.dmd_sigma_range}"
+            )
+        if ds.motion_latent_frames < 1:
+            raise ConfigError("distill.motion_latent_frames must be >= 1")
+        for name in ("micro_batch_size", "frame_num", "height", "width", "windows_per_clip"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+        for name in ("generator_optim", "critic_optim"):
+            o = getattr(self, name)
+            if o.lr <= 0 or len(o.betas) != 2 or o.warmup_steps < 0:
+                raise ConfigError(f"{name}: lr must be positive, betas two numbers, warmup_steps >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:

@@ -264,9 +264,9 @@ def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def make_optimizer(dit: FlashHeadDiT, cfg: Stage1Config) -> torch.optim.AdamW:
-    """AdamW; weight decay on weight matrices only (not on biases, norm weights or adaLN modulation)."""
-    o = cfg.optim
+def make_optimizer(dit: FlashHeadDiT, o: Any) -> torch.optim.AdamW:
+    """AdamW with the settings of an optim section (lr, betas, eps, weight_decay); weight decay on weight
+    matrices only (not on biases, norm weights or adaLN modulation)."""
     params = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2 and "modulation" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "modulation" not in n)]
@@ -382,7 +382,7 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
     dit.to(info.device)
     model = wrap_model(dit, cfg, info)
     ema = EMA(dit, cfg.ema_decay)
-    optimizer = make_optimizer(dit, cfg)
+    optimizer = make_optimizer(dit, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     accum = cfg.optim.grad_accum_steps
     samples_per_micro = cfg.data.micro_batch_size * info.world_size
@@ -594,11 +594,12 @@ def _val_losses(dit, clips, vae, audio_encoder, spec, cfg) -> dict[str, float]:
     return {"flow": float(flow), "face": float(face), "temporal": float(temporal)}
 
 
-def _val_videos(dit, clips, vae, audio_encoder, cfg, step, writer, run_dir) -> None:
+def _val_videos(dit, clips, vae, audio_encoder, cfg, step, writer, run_dir, gen_config=None, label="stage1-ema"):
+    """Render val clips with `dit` through the real pipeline (`gen_config`: default the teacher's sampling)."""
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, reference_generator
     from flashhead.train.data import decode_frames, read_clip, resize_center_crop
 
-    pipe = FlashHeadPipeline(dit, vae, audio_encoder, config=generation_config(cfg))
+    pipe = FlashHeadPipeline(dit, vae, audio_encoder, config=gen_config or generation_config(cfg))
     folder = run_dir / "val" / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     for ref in clips:
@@ -609,20 +610,22 @@ def _val_videos(dit, clips, vae, audio_encoder, cfg, step, writer, run_dir) -> N
         real = resize_center_crop(decode_frames(clip, range(n)), cfg.data.height, cfg.data.width).numpy()
         reference = pipe.encode_reference(real[0], generator=reference_generator(cfg.seed))
         frames = np.concatenate(list(pipe.iter_frames(reference, waveform, seed=cfg.seed)))[:n]
-        _write_mp4(folder / f"{ref.key}.mp4", frames, clip.audio[: len(waveform)], clip.sample_rate, cfg.data.fps)
+        _write_mp4(
+            folder / f"{ref.key}.mp4", frames, clip.audio[: len(waveform)], clip.sample_rate, cfg.data.fps, label
+        )
         if writer is not None:
             picks = np.linspace(0, len(frames) - 1, 4).round().astype(int)
             grid = np.concatenate([np.concatenate(list(frames[picks]), 1), np.concatenate(list(real[picks]), 1)], 0)
             writer.add_image(f"val/{ref.key}", grid, step, dataformats="HWC")
 
 
-def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int) -> None:
+def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int, label: str) -> None:
     try:
         from flashhead.media.video_io import VideoWriter
     except ImportError:  # pragma: no cover - media is part of the package
         logger.warning("no VideoWriter: %s not written", path)
         return
-    with VideoWriter(path, fps=fps, metadata={"model": "stage1-ema"}) as writer:
+    with VideoWriter(path, fps=fps, metadata={"model": label}) as writer:
         writer.set_audio(np.ascontiguousarray(audio, np.float32), sample_rate)
         writer.write_frames(frames)
 
