@@ -75,7 +75,7 @@ class FacelessSection:
 class OcclusionSection:
     """Hands (MediaPipe hands, and pose wrists/fingers) over the lower face."""
 
-    sample_fps: float = 2.0
+    sample_fps: float = 1.0  # as the faceless filter: hands that stay over the mouth are what matter
     min_overlap: float = 0.15  # share of the lower-face box a hand must cover
     min_visibility: float = 0.5  # pose landmarks less visible than this are ignored
     max_fraction: float = 0.2  # share of sampled frames with a hand over the lower face

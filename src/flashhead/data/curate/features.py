@@ -11,21 +11,23 @@ import numpy as np
 
 from flashhead.data.curate.config import FeaturesSection
 
-_models: dict[str, object] = {}
+_models: dict[tuple, tuple[object, object | None]] = {}
 
 
 def encoders(cfg: FeaturesSection) -> tuple[object, object | None]:
-    """(wav2vec encoder, VAE or None) of this process, loaded once."""
-    if "audio" not in _models:
+    """(wav2vec encoder, VAE or None) of this process, loaded once per setting."""
+    key = (cfg.wav2vec, cfg.vae, cfg.vae_kind)
+    if key not in _models:
         from flashhead.models.audio import Wav2VecEncoder
 
-        _models["audio"] = Wav2VecEncoder.from_pretrained(cfg.wav2vec, local_files_only=True)
-        _models["vae"] = None
+        audio = Wav2VecEncoder.from_pretrained(cfg.wav2vec, local_files_only=True)
+        vae = None
         if cfg.vae:
             from flashhead.train.trainer import _load_vae
 
-            _models["vae"] = _load_vae(cfg.vae_kind, cfg.vae)
-    return _models["audio"], _models["vae"]
+            vae = _load_vae(cfg.vae_kind, cfg.vae)
+        _models[key] = (audio, vae)
+    return _models[key]
 
 
 def features_unavailable(cfg: FeaturesSection) -> str | None:

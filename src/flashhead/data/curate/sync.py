@@ -11,7 +11,7 @@ import numpy as np
 from flashhead.data.curate.config import SyncSection
 from flashhead.data.curate.face_track import Rejected
 
-_model = None
+_models: dict[str | None, object] = {}
 
 
 def syncnet_unavailable(cfg: SyncSection) -> str | None:
@@ -26,12 +26,11 @@ def syncnet_unavailable(cfg: SyncSection) -> str | None:
 
 
 def _load(cfg: SyncSection):
-    global _model
-    if _model is None:
+    if cfg.weights not in _models:
         from flashhead.eval.syncnet import load_syncnet
 
-        _model = load_syncnet(cfg.weights)
-    return _model
+        _models[cfg.weights] = load_syncnet(cfg.weights)
+    return _models[cfg.weights]
 
 
 def check_sync(crops: np.ndarray, boxes: np.ndarray, audio: np.ndarray, cfg: SyncSection) -> dict[str, float]:
