@@ -107,6 +107,7 @@ class FeaturesSection:
 class OutputSection:
     shard_max_clips: int = 256
     crf: int = 12  # the shard format's visually lossless default
+    preset: str = "medium"  # x264 speed/size trade-off; at 512x512 encoding is most of the time (docs/curation.md)
     val_fraction: float = 0.0  # share of sources (by a fixed hash of the source id) held out as "val"
 
 

@@ -239,6 +239,6 @@ def _curate_segment(
     meta.update(outcome.info)
     t = timer.add("attributes", t)
     outcome.stage = "shards"
-    encoded = encode_clip(clip, VideoCodec(crf=cfg.output.crf))
+    encoded = encode_clip(clip, VideoCodec(crf=cfg.output.crf, preset=cfg.output.preset))
     timer.add("shards", t)
     return encoded

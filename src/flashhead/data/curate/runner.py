@@ -163,8 +163,8 @@ def curate(
         for stage, seconds in result["timings"].items():
             timings[stage] = timings.get(stage, 0.0) + seconds
 
-    with ShardWriter(out, shard_max_clips=cfg.output.shard_max_clips, codec=VideoCodec(crf=cfg.output.crf),
-                     overwrite=True) as writer:  # fmt: skip
+    codec = VideoCodec(crf=cfg.output.crf, preset=cfg.output.preset)  # unused: the clips come encoded
+    with ShardWriter(out, shard_max_clips=cfg.output.shard_max_clips, codec=codec, overwrite=True) as writer:
         for f in tqdm(survivors, desc="shards", unit="file", disable=not progress):
             item = work / "items" / ids[f]
             if any(item.glob("shard-*.tar")):
