@@ -149,7 +149,6 @@ def test_bad_cases_are_rejected_by_the_right_stage_and_good_clips_kept(curated):
     skipped = {s["stage"]: s["reason"] for s in report["skipped_stages"]}
     assert set(skipped) == {"sync"} and "syncnet" in skipped["sync"].lower()
     assert report["time"]["clip_seconds_per_core_second"] > 0
-    print(json.dumps(report["time"]))
 
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["rejected"] == report["rejected"]
@@ -242,3 +241,30 @@ def test_cached_work_from_other_settings_is_refused(subset, tmp_path):
     inputs, reference = subset
     with pytest.raises(ConfigError, match="other settings"):
         curate([inputs], reference, CurateConfig.from_file(None, ["face.crop_size=256"]), progress=False)
+
+
+def test_sync_stage_scores_with_user_weights_and_applies_its_thresholds(tmp_path):
+    """No real SyncNet weights exist here: random ones in the real file format exercise the whole stage."""
+    import torch
+
+    from flashhead.data.curate.config import FaceSection, SyncSection
+    from flashhead.data.curate.face_track import Rejected, crop_frames, track_face
+    from flashhead.data.curate.sync import check_sync, syncnet_unavailable
+    from flashhead.eval.syncnet import SyncNet
+
+    assert "syncnet" in syncnet_unavailable(SyncSection(weights=str(tmp_path / "missing.model"))).lower()
+    torch.manual_seed(0)
+    weights = tmp_path / "syncnet_v2.model"
+    torch.save(SyncNet().state_dict(), weights)
+    lenient = SyncSection(weights=str(weights), min_confidence=-1e9, max_distance=1e9, max_offset=99)
+    assert syncnet_unavailable(lenient) is None
+
+    frames, _, (audio, rate) = read_video(VIDEO / "talk_man_map_bg_5s.mp4", max_frames=20)
+    audio = soxr.resample(audio, rate, 16000)[: len(frames) * 640]
+    crops, boxes = crop_frames(frames, track := track_face(frames, FaceSection(), 25, {}), 128)
+    assert track.face_width > 100
+    scores = check_sync(crops, boxes, audio, lenient)
+    assert set(scores) == {"lse_c", "lse_d", "av_offset"} and np.isfinite(list(scores.values())).all()
+    strict = SyncSection(weights=str(weights), min_confidence=scores["lse_c"] + 1)
+    with pytest.raises(Rejected, match="LSE-C"):
+        check_sync(crops, boxes, audio, strict)
