@@ -242,3 +242,38 @@ def synth(
         f"{len(df)} clips ({(df['split'] == 'val').sum()} val), {df['duration'].sum():.0f} s of video "
         f"in {df['shard'].nunique()} shards at {out}; {wall:.1f} s ({len(df) / max(wall, 1e-9):.2f} clips/s)"
     )
+
+
+@data_app.command()
+def curate(
+    inputs: Annotated[list[Path], typer.Argument(help="Video files or folders of videos (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: shards, manifest, report.json/html.")],
+    config: Annotated[Path | None, typer.Option(help="Curation settings (YAML/JSON); defaults otherwise.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting, e.g. --set face.crop_size=256.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (1: in this process).")] = max(
+        1, (os.cpu_count() or 1)
+    ),
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run on a Ray cluster: its address, 'auto', or 'local' to start one.")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard the cached work in OUT/.work and start over.")] = False,
+) -> None:
+    """Curate raw talking-head videos into training shards (dedup, scenes, face crop, filters, features)."""
+    from flashhead.data.curate import CurateConfig
+    from flashhead.data.curate import curate as run_curation
+
+    try:
+        cfg = CurateConfig.from_file(config, set_ or [])
+        report = run_curation(inputs, out, cfg, workers=workers, ray_address=ray, fresh=fresh)
+    except FlashHeadError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    t = report["time"]
+    skipped = ", ".join(s["stage"] for s in report["skipped_stages"]) or "none"
+    typer.echo(
+        f"{report['inputs']} inputs ({report['input_hours'] * 60:.1f} min) -> {report['kept_clips']} clips "
+        f"({report['kept_hours'] * 60:.1f} min) in {out}; {len(report['rejected'])} rejections; skipped stages: "
+        f"{skipped}; {t['clip_seconds_per_core_second']} clip-s per core-s; report: {out / 'report.html'}"
+    )

@@ -484,27 +484,27 @@ def precompute_extras(
 
     Latents of LTX (which samples its posterior) freeze one posterior sample per window (seeded by `seed`).
     `audio_features` keep the last frame_num + window // 2 encoder frames of each window's 8-s buffer,
-    which is all the windowing reads.
+    which is all the windowing reads. With `vae=None` only the audio features are made (no latents).
     """
     keep = spec.frame_num + spec.audio_window // 2
     latents, features, refs = [], [], []
-    frames_needed = sorted({f for s in window_starts for f in range(s, s + spec.frame_num)} | set(ref_frames))
-    frames = resize_center_crop(decode_frames(clip, frames_needed), spec.height, spec.width)
-    at = {f: i for i, f in enumerate(frames_needed)}
-    device, vdtype = vae.device, vae.dtype
+    if vae is not None:
+        frames_needed = sorted({f for s in window_starts for f in range(s, s + spec.frame_num)} | set(ref_frames))
+        frames = resize_center_crop(decode_frames(clip, frames_needed), spec.height, spec.width)
+        at = {f: i for i, f in enumerate(frames_needed)}
+        device, vdtype = vae.device, vae.dtype
     for k, s in enumerate(window_starts):
-        window = frames[[at[f] for f in range(s, s + spec.frame_num)]]
-        latents.append(_vae_encode(vae, _pixels(window, device, vdtype), seed + k)[0].float().cpu().numpy())
+        if vae is not None:
+            window = frames[[at[f] for f in range(s, s + spec.frame_num)]]
+            latents.append(_vae_encode(vae, _pixels(window, device, vdtype), seed + k)[0].float().cpu().numpy())
         buffer = audio_buffer(clip.audio, s + spec.frame_num, spec)
         features.append(audio_encoder(buffer)[-keep:].float().cpu().numpy())
-    for k, f in enumerate(ref_frames):
+    for k, f in enumerate(ref_frames if vae is not None else ()):
         still = frames[at[f]][None].expand(spec.frame_num, -1, -1, -1)
         refs.append(_vae_encode(vae, _pixels(still, device, vdtype), seed + 10_000 + k)[0].float().cpu().numpy())
-    out = {
-        "window_starts": np.asarray(window_starts, np.int64),
-        "latents": np.stack(latents).astype(dtype),
-        "audio_features": np.stack(features).astype(dtype),
-    }
-    if ref_frames:
+    out = {"window_starts": np.asarray(window_starts, np.int64), "audio_features": np.stack(features).astype(dtype)}
+    if latents:
+        out["latents"] = np.stack(latents).astype(dtype)
+    if refs:
         out |= {"ref_frames": np.asarray(ref_frames, np.int64), "ref_latents": np.stack(refs).astype(dtype)}
     return out
