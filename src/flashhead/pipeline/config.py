@@ -29,6 +29,7 @@ class GenerationConfig:
     num_inference_steps: int = 4
     shift: float = 5.0
     guidance_scale: float = 1.0
+    guidance_steps: int | None = None  # audio guidance on the first N steps only (None: every step)
     # "distilled": x0-predict + re-noise (released 4-step models); "euler": the Stage-1 teacher's ODE
     # steps; "auto": euler when guidance_scale > 1, else distilled.
     sampler: Literal["auto", "distilled", "euler"] = "auto"

@@ -295,6 +295,7 @@ class FlashHeadPipeline:
                 self.dit, self.scheduler, torch.cat(list(noises)).to(dev, dt), motion,
                 torch.cat([r.latents for r in references]), torch.cat(list(audio_contexts)).to(dev),
                 renoise=step_noise, guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=lengths,
+                guidance_steps=cfg.guidance_steps,
             )  # fmt: skip
         with self.timer("vae_decode"):
             decoded = self.vae.decode(latents)

@@ -25,6 +25,7 @@ def denoise_chunk(
     guidance_scale: float = 1.0,
     euler: bool = False,
     motion_lengths: Sequence[int] | None = None,
+    guidance_steps: int | None = None,
 ) -> torch.Tensor:
     """Denoise one chunk of latents, keeping its first latent frames pinned to the clean motion latents.
 
@@ -43,6 +44,8 @@ def denoise_chunk(
         euler: integrate with Euler steps (undistilled Stage-1 teacher) instead of x0-predict + re-noise.
         motion_lengths: per sample, how many leading frames of `motion_latents` are real (a batch may mix
             streams on their first chunk, with one motion frame, and later chunks, with two).
+        guidance_steps: guide only the first this many steps (None: all). The early, noisy steps decide
+            the mouth shape; the later ones refine texture, where a second branch costs more than it gives.
 
     Returns:
         the denoised latents (B, C, F, H, W) with the motion frames written back.
@@ -58,11 +61,10 @@ def denoise_chunk(
             for b, n in enumerate(lengths):
                 x[b, :, :n] = motion_latents[b, :, :n]
 
-    guided = guidance_scale != 1.0
     for i in range(scheduler.num_steps):
         pin_motion(x)
         t = scheduler.timesteps[i].to(x.device).expand(B)
-        if guided:
+        if guidance_scale != 1.0 and (guidance_steps is None or i < guidance_steps):
             v_cond, v_uncond = model(
                 torch.cat([x, x]), torch.cat([t, t]),
                 torch.cat([audio_context, torch.zeros_like(audio_context)]), torch.cat([ref_latents, ref_latents]),

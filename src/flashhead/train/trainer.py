@@ -312,6 +312,9 @@ def _autocast(cfg: Stage1Config, device: torch.device) -> tuple[Any, torch.dtype
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
+    if device.type == "cuda":  # float32 on a GPU: TF32 tensor cores (10-bit mantissa products, fp32 sums)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed sample shapes: let cuDNN pick the fastest 3-D convolutions
     return contextlib.nullcontext(), torch.float32
 
 
