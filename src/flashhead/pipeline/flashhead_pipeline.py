@@ -109,6 +109,22 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False) -> list[np.ndarray]:
+    """Several (1, 3, T, H, W) videos in [-1, 1] -> uint8 (T, H, W, 3) arrays, converted on the device.
+
+    With `pinned`, all of them come back in one non-blocking copy into pinned memory and one wait.
+    """
+    if not (pinned and videos and videos[0].is_cuda):
+        return [to_uint8(v) for v in videos]
+    lengths = [v.shape[2] for v in videos]
+    frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return [chunk.numpy() for chunk in host.split(lengths)]
+
+
 class FlashHeadPipeline:
     """Portrait + speech -> talking-head video, chunk by chunk, with the released or our own models.
 
