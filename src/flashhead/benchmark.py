@@ -110,22 +110,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
 
     def stream_once(engine: StreamEngine, samples: np.ndarray) -> tuple[float, float, int]:
-        """(seconds to first frame, total seconds, frames) for one stream fed as fast as possible."""
-        session = engine.open_session(image, seed=0)
-        _sync()
-        start = time.perf_counter()
-        session.push_audio(samples)
-        session.end()
-        first = None
-        frames = 0
-        while produced := engine.step():
-            frames += sum(len(c.frames) for c in produced)
-            if first is None:
-                _sync()
-                first = time.perf_counter() - start
-        _sync()
-        engine.close_session(session.id)
-        return first or 0.0, time.perf_counter() - start, frames
+        first, total, frames = run_stream(engine, image, samples)
+        return first, total, len(frames)
 
     engine = StreamEngine(pipe, max_sessions=256, max_batch=64)
     if torch.cuda.is_available():
@@ -169,6 +155,26 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     )
     report["environment"] = environment()
     return report
+
+
+def run_stream(engine, image: np.ndarray, samples: np.ndarray, seed: int = 0) -> tuple[float, float, np.ndarray]:
+    """One stream fed all its audio at once: (seconds to first frame, total seconds, frames (T, H, W, 3))."""
+    session = engine.open_session(image, seed=seed)
+    _sync()
+    start = time.perf_counter()
+    session.push_audio(samples)
+    session.end()
+    first = None
+    chunks = []
+    while produced := engine.step():
+        chunks.extend(c.frames for c in produced if c.session_id == session.id)
+        if first is None:
+            _sync()
+            first = time.perf_counter() - start
+    _sync()
+    engine.close_session(session.id)
+    frames = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
+    return first or 0.0, time.perf_counter() - start, frames
 
 
 def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
