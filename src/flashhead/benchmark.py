@@ -193,8 +193,11 @@ def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
     return out
 
 
-def measure_streams(pipe, image, audio, chunk_samples: int, streams: int) -> dict:
-    """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams."""
+def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None) -> dict:
+    """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams.
+
+    `deadline` (a time.perf_counter() value) stops the search before the next batch size once passed.
+    """
     from flashhead.pipeline.stream import StreamEngine
 
     chunk_seconds = pipe.new_frames / pipe.config.fps
@@ -218,6 +221,9 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int) -> dic
     candidates = [streams] if streams > 0 else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     best = 0
     for n in candidates:
+        if deadline is not None and time.perf_counter() > deadline:
+            results["stopped"] = f"time budget spent before {n} streams"
+            break
         t = round_time(n)
         results[n] = {"round_ms": round(1000 * t, 1), "aggregate_fps": round(n * pipe.new_frames / t, 1),
                       "realtime": t <= chunk_seconds}  # fmt: skip

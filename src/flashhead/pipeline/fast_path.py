@@ -193,7 +193,9 @@ class _ChunkGraph:
 
 
 def _compile(module: torch.nn.Module, mode: str) -> None:
-    module.compile(mode=None if mode == "default" else mode, dynamic=False)
+    # dynamic=None: static shapes first; a second batch size makes the batch dimension dynamic (one
+    # recompile) instead of one compile per batch size.
+    module.compile(mode=None if mode == "default" else mode)
 
 
 def _uncompile(module: torch.nn.Module) -> None:

@@ -371,9 +371,11 @@ class StreamEngine:
                 for i, context in zip(fresh, self._encode_audio([ready[i] for i in fresh]), strict=True):
                     contexts[i] = context
         noise_kwargs = {}
-        if all(s.noise_ahead is not None for s in ready):
-            noise_kwargs = {"noises": [s.noise_ahead.initial for s in ready],
-                            "renoises": None if pipe.config.use_euler else [s.noise_ahead.renoise for s in ready]}
+        if speed.pinned_memory or any(s.noise_ahead is not None for s in ready):
+            # Each session's next noise from its own generator, in order: drawn ahead last round, or now.
+            drawn = [s.noise_ahead or pipe.draw_noise(s.generator) for s in ready]
+            noise_kwargs = {"noises": [d.initial for d in drawn],
+                            "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
@@ -383,7 +385,7 @@ class StreamEngine:
         # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
         for s in ready:
             s.noise_ahead = pipe.draw_noise(s.generator) if speed.pinned_memory else None
-        if speed.audio_stream and torch.cuda.is_available():
+        if speed.audio_stream and pipe.device.type == "cuda":
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         frames_all = frames_to_host(
             [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory
@@ -420,8 +422,7 @@ class StreamEngine:
             return
         if not hasattr(self, "_audio_stream"):
             self._audio_stream = torch.cuda.Stream()
-        side = self._audio_stream
-        side.wait_stream(torch.cuda.current_stream())
+        side = self._audio_stream  # no wait on the main stream: the inputs are host samples and fixed weights
         taken = [s.take_slice() for s in sessions]
         for s, (samples, _) in zip(sessions, taken, strict=True):
             s.cache.append(samples)
