@@ -103,7 +103,7 @@ def run_model(model: str, budget: float, seconds: float, sink: Path | None, stre
     built = round(time.perf_counter() - began, 1)
     emit({"model": model, "row": "environment", "weights": weights, "build_seconds": built,
           "matmul_tflops_measured": round(matmul_tflops(), 1) if cuda else None, **environment()}, sink)  # fmt: skip
-    audio = _speech(None, seconds)
+    audio = _speech(os.environ.get("FLASHHEAD_BENCH_AUDIO"), seconds)  # default: ../shared/media speech WAV
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     chunk = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
     speed = SpeedConfig()
@@ -244,6 +244,7 @@ def main() -> None:
     parser.add_argument("--seconds", default="lite=5.76,pro=3.36", help="speech per measured stream (6 / 3 chunks)")
     parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole run; cold starts fit in")
     parser.add_argument("--no-streams", action="store_true", help="skip the batched-streams search")
+    parser.add_argument("--audio", help="16 kHz mono speech WAV (default: ../shared/media; else a synthetic voice)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cold", help=argparse.SUPPRESS)
@@ -269,6 +270,8 @@ def main() -> None:
     env = dict(os.environ)
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/flashhead_inductor")  # kept between the processes
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if args.audio:
+        env["FLASHHEAD_BENCH_AUDIO"] = str(Path(args.audio).resolve())
     root = Path(__file__).resolve().parents[1]
     paths = [str(root / "src"), str(root / "tests"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))

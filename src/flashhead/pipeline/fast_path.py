@@ -114,8 +114,9 @@ class FastDenoiser:
         # as the plain loop's slice assignment.
         motion = torch.zeros_like(latents)
         motion[:, :, : motion_latents.shape[2]] = motion_latents
-        frames = torch.arange(F, device=latents.device).view(1, 1, F, 1, 1)
-        mask = frames < torch.tensor(list(motion_lengths), device=latents.device).view(B, 1, 1, 1, 1)
+        mask = torch.zeros((B, 1, F, 1, 1), dtype=torch.bool, device=latents.device)
+        for b, n in enumerate(motion_lengths):  # fills on the device: no host-to-device copy, no sync
+            mask[b, :, :n] = True
         noises = list(renoise) if renoise is not None else [torch.zeros_like(latents)] * scheduler.num_steps
         inputs = [latents, motion, mask, ref_latents, audio_context, *noises]
         with attention_context(self.speed.attention):

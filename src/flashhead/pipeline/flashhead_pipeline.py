@@ -421,6 +421,8 @@ class FlashHeadPipeline:
         if noise is None:
             shape = (1, *self.vae.latent_shape(video.shape[2], video.shape[3], video.shape[4]))
             noise = torch.cat([torch.randn(shape, generator=g) for g in (generators or [None] * video.shape[0])])
+        if self.speed.pinned_memory and video.is_cuda and noise.device.type == "cpu":
+            noise = noise.pin_memory().to(video.device, non_blocking=True)  # no host sync before the encode
         return self.vae.encode(video, noise=noise.to(video))
 
     # -- whole videos --------------------------------------------------------------------------------
