@@ -36,7 +36,7 @@ class BenchSettings:
     dtype: str = "bfloat16"
     device: str = "cuda"
     audio: str | None = None
-    switches: dict[str, bool] = field(default_factory=dict)
+    switches: dict[str, bool | str] = field(default_factory=dict)  # SpeedConfig fields; missing ones are off
 
 
 def _speech(path: str | None, seconds: float) -> np.ndarray:
@@ -96,10 +96,13 @@ def _sync() -> None:
 def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
+    from flashhead.pipeline.speed import SpeedConfig
     from flashhead.pipeline.stream import StreamEngine
     from flashhead.pipeline.timing import StageTimer
 
+    speed = SpeedConfig.from_dict(settings.switches)
     pipe, weights = build_pipeline(settings)
+    pipe.optimize(speed)
     audio = _speech(settings.audio, settings.seconds)
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     chunk_samples = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
@@ -107,27 +110,15 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
 
     def stream_once(engine: StreamEngine, samples: np.ndarray) -> tuple[float, float, int]:
-        """(seconds to first frame, total seconds, frames) for one stream fed as fast as possible."""
-        session = engine.open_session(image, seed=0)
-        _sync()
-        start = time.perf_counter()
-        session.push_audio(samples)
-        session.end()
-        first = None
-        frames = 0
-        while produced := engine.step():
-            frames += sum(len(c.frames) for c in produced)
-            if first is None:
-                _sync()
-                first = time.perf_counter() - start
-        _sync()
-        engine.close_session(session.id)
-        return first or 0.0, time.perf_counter() - start, frames
+        first, total, frames = run_stream(engine, image, samples)
+        return first, total, len(frames)
 
     engine = StreamEngine(pipe, max_sessions=256, max_batch=64)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    stream_once(engine, audio[: 2 * chunk_samples])  # warm-up: kernels, allocator, caches
+    warm_start = time.perf_counter()
+    stream_once(engine, audio[: 2 * chunk_samples])  # warm-up: kernels, allocator, caches, compile, graphs
+    warmup_seconds = time.perf_counter() - warm_start
     bar.update()
     first_frame = [stream_once(engine, audio[:chunk_samples])[0] for _ in range(3)]
     bar.update()
@@ -139,6 +130,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     pipe.timer = StageTimer(sync=False)
     bar.update()
 
+    dit_ms = stages.get("dit", 0.0) / pipe.config.num_inference_steps
     report = {
         "model": settings.model,
         "weights": weights,
@@ -147,8 +139,11 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "steady_fps": round(frames / total, 2),
         "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
         "stage_ms_per_chunk": stages,
-        "dit_ms_per_step": round(stages.get("dit", 0.0) / pipe.config.num_inference_steps, 2),
-        "switches": {"dtype": settings.dtype, "compile": False, "cuda_graphs": False, **settings.switches},
+        "dit_ms_per_step": round(dit_ms, 2),
+        **dit_utilisation(pipe, dit_ms),
+        "warmup_seconds": round(warmup_seconds, 1),
+        # Colour correction runs on the GPU in every configuration (compile_color only fuses it).
+        "switches": {"dtype": settings.dtype, **speed.to_dict(), "color_on_gpu": True},
     }
     bar.update(3)
     if settings.streams:
@@ -162,8 +157,47 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     return report
 
 
-def measure_streams(pipe, image, audio, chunk_samples: int, streams: int) -> dict:
-    """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams."""
+def run_stream(engine, image: np.ndarray, samples: np.ndarray, seed: int = 0) -> tuple[float, float, np.ndarray]:
+    """One stream fed all its audio at once: (seconds to first frame, total seconds, frames (T, H, W, 3))."""
+    session = engine.open_session(image, seed=seed)
+    _sync()
+    start = time.perf_counter()
+    session.push_audio(samples)
+    session.end()
+    first = None
+    chunks = []
+    while produced := engine.step():
+        chunks.extend(c.frames for c in produced if c.session_id == session.id)
+        if first is None:
+            _sync()
+            first = time.perf_counter() - start
+    _sync()
+    engine.close_session(session.id)
+    frames = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
+    return first or 0.0, time.perf_counter() - start, frames
+
+
+def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
+    """DiT FLOPs per step (from the architecture), achieved TFLOP/s and MFU against the GPU's bf16 peak."""
+    from flashhead.pipeline.flops import dit_forward_flops, peak_flops
+
+    cfg = pipe.config
+    _, f, h, w = pipe.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width)
+    flops = dit_forward_flops(pipe.dit.config, (f, h, w), batch=batch)
+    out = {"dit_tflop_per_step": round(flops / 1e12, 3)}
+    if dit_ms_per_step > 0:
+        achieved = flops / (dit_ms_per_step / 1000)
+        out["dit_tflops_achieved"] = round(achieved / 1e12, 1)
+        peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        out["dit_mfu"] = round(achieved / peak, 4) if peak else None
+    return out
+
+
+def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None) -> dict:
+    """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams.
+
+    `deadline` (a time.perf_counter() value) stops the search before the next batch size once passed.
+    """
     from flashhead.pipeline.stream import StreamEngine
 
     chunk_seconds = pipe.new_frames / pipe.config.fps
@@ -187,6 +221,9 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int) -> dic
     candidates = [streams] if streams > 0 else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     best = 0
     for n in candidates:
+        if deadline is not None and time.perf_counter() > deadline:
+            results["stopped"] = f"time budget spent before {n} streams"
+            break
         t = round_time(n)
         results[n] = {"round_ms": round(1000 * t, 1), "aggregate_fps": round(n * pipe.new_frames / t, 1),
                       "realtime": t <= chunk_seconds}  # fmt: skip

@@ -231,15 +231,23 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 or float32.")] = "bfloat16",
     device: Annotated[str, typer.Option("--device", help="Device to measure.")] = "cuda",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the JSON report here.")] = None,
+    switches: Annotated[
+        str, typer.Option("--switches", help="Speed switches, e.g. compile_dit=on,attention=cudnn.")
+    ] = "",
+    optimized: Annotated[
+        bool, typer.Option("--optimized", help="Start from every output-preserving switch on (--switches adjusts).")
+    ] = False,
 ) -> None:
     """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""
     from flashhead.benchmark import BenchSettings, main
+    from flashhead.pipeline.speed import SpeedConfig
 
     if model not in ("lite", "pro"):
         raise ConfigError("--model must be lite or pro")
+    speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
     settings = BenchSettings(
         model=model, weights=str(weights) if weights else None, seconds=seconds, streams=streams,
-        dtype=dtype, device=device, audio=str(audio) if audio else None,
+        dtype=dtype, device=device, audio=str(audio) if audio else None, switches=speed.to_dict(),
     )  # fmt: skip
     main(settings, json_path)
 

@@ -14,6 +14,7 @@ per sample, which the streaming server uses to batch sessions that are at differ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,10 +97,28 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
     return table.reshape(f * h * w, 1, -1)
 
 
+def rope_table(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The RoPE phasors of `rope_frequencies` as a real float32 table (L, 1, head_dim // 2, 2) of (cos, sin).
+
+    The angles are still computed in float64 and only the final cos / sin are rounded to float32, so the
+    table is the official one to float32 precision; a compiled graph can use it (no complex dtypes).
+    """
+    return torch.view_as_real(rope_frequencies(head_dim, grid, device)).float()
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, L, heads, head_dim) by freqs (L, 1, head_dim // 2)."""
-    xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+    """Rotate adjacent channel pairs of x (B, L, heads, head_dim) by freqs.
+
+    freqs is either the complex128 table of `rope_frequencies` (L, 1, head_dim // 2), the official float64
+    arithmetic, or the float32 (cos, sin) table of `rope_table` (L, 1, head_dim // 2, 2), the fast path.
+    """
+    if freqs.is_complex():
+        xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -122,17 +141,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).flatten(2)
 
 
+# An attention kernel on (B, L, heads, d) tensors returning (B, L, heads, d), e.g. FlashAttention-3.
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _attend(q, k, v, heads: int, kernel: AttentionKernel | None) -> torch.Tensor:
+    if kernel is None:
+        return attention(q, k, v, heads)
+    q, k, v = (t.unflatten(-1, (heads, -1)) if t.dim() == 3 else t for t in (q, k, v))
+    return kernel(q, k, v).flatten(2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.kernel: AttentionKernel | None = None  # None: torch SDPA (see FlashHeadDiT.set_attention_kernel)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
-        return self.o(attention(q, k, self.v(x), self.num_heads))
+        return self.o(_attend(q, k, self.v(x), self.num_heads, self.kernel))
 
 
 class CrossAttention(nn.Module):
@@ -141,10 +172,11 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.kernel: AttentionKernel | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k = self.norm_q(self.q(x)), self.norm_k(self.k(context))
-        return self.o(attention(q, k, self.v(context), self.num_heads))
+        return self.o(_attend(q, k, self.v(context), self.num_heads, self.kernel))
 
 
 class DiTAudioBlock(nn.Module):
@@ -265,20 +297,57 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         Returns:
             velocity (B, out_dim, F, H, W).
         """
-        cfg = self.config
-        B = x.shape[0]
+        tokens, grid = self.patchify(x, y)
+        t, t_mod = self.embed_time(timestep, x.shape[0], tokens.dtype)
+        audio = self.embed_audio(context, tokens.dtype)
+        return self.forward_tokens(tokens, grid, t, t_mod, audio, self.rope(grid, tokens.device))
+
+    def patchify(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Noisy and reference latents -> tokens (B, L, D) in (f, h, w) order, and the token grid."""
         x = self.patch_embedding(torch.cat([x, y], dim=1))  # (B, D, F, H', W')
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
 
+    def embed_time(
+        self, timestep: torch.Tensor, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B, D), t_mod (B, 6, D)) for timesteps (B,) or (1,); depends only on the timestep values."""
+        cfg = self.config
         # Like the official code, the timestep is rounded to the activation dtype before embedding.
-        timestep = timestep.reshape(-1).to(device=x.device, dtype=x.dtype).expand(B)
+        timestep = timestep.reshape(-1).to(device=self.patch_embedding.weight.device, dtype=dtype).expand(batch)
         t = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timestep))  # (B, D)
-        t_mod = self.time_projection(t).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        return t, self.time_projection(t).unflatten(1, (6, cfg.dim))
 
-        audio = self.audio_proj(*group_audio_windows(context.to(x.dtype), cfg.vae_stride[0]))  # (B, F, tok, D)
-        rope = rope_frequencies(cfg.dim // cfg.num_heads, grid, x.device)
+    def embed_audio(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Audio tokens (B, F, tokens, D) of a chunk's windowed wav2vec features; the same at every step."""
+        return self.audio_proj(*group_audio_windows(context.to(dtype), self.config.vae_stride[0]))
 
+    def rope(self, grid: tuple[int, int, int], device: torch.device, table: bool = False) -> torch.Tensor:
+        """RoPE for a token grid: the official complex128 phasors, or with table=True the float32 table."""
+        make = rope_table if table else rope_frequencies
+        return make(self.config.dim // self.config.num_heads, grid, device)
+
+    def forward_embedded(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        t_mod: torch.Tensor,
+        audio: torch.Tensor,
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The forward with the timestep and audio embeddings given (the fast path computes them once)."""
+        tokens, grid = self.patchify(x, y)
+        return self.forward_tokens(tokens, grid, t, t_mod, audio, self.rope(grid, x.device) if rope is None else rope)
+
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int, int],
+        t: torch.Tensor,
+        t_mod: torch.Tensor,
+        audio: torch.Tensor,
+        rope: torch.Tensor,
+    ) -> torch.Tensor:
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, audio, t_mod, rope)
@@ -286,6 +355,12 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
                 x = block(x, audio, t_mod, rope)
         x = self.head(x, t)  # (B, L, pt*ph*pw*out_dim)
         return self.unpatchify(x, grid)
+
+    def set_attention_kernel(self, kernel: AttentionKernel | None) -> None:
+        """Use `kernel` ((B, L, heads, d) q, k, v -> out) for every attention; None restores torch SDPA."""
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.kernel = kernel
 
     # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
     _unused_prefixes = ("audio_emb.", "text_embedding.")

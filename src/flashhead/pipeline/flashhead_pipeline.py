@@ -27,10 +27,10 @@ from flashhead.errors import AudioError, ConfigError
 from flashhead.models.audio import AudioConfig, AudioContextCache, encode_offline
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae import VideoVAE
-from flashhead.pipeline.color import match_colors
 from flashhead.pipeline.config import GenerationConfig
 from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
+from flashhead.pipeline.speed import SpeedConfig
 from flashhead.pipeline.timing import NullTimer
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,24 @@ class ReferenceState:
 @dataclass
 class ChunkResult:
     latents: torch.Tensor  # (1, C, F, h, w) denoised, motion frames written back
-    decoded: torch.Tensor  # (1, 3, frame_num, H, W) VAE output
-    video: torch.Tensor  # (1, 3, frame_num, H, W) after colour correction, in [-1, 1]
+    decoded: torch.Tensor  # (1, 3, T, H, W) VAE output, the chunk's last T frames (T = frame_num unless new_only)
+    video: torch.Tensor  # (1, 3, T, H, W) after colour correction, in [-1, 1]
     motion_latents: torch.Tensor  # (1, C, motion_latent_frames, h, w) for the next chunk
+    first_frame: int = 0  # index in the chunk of video's first frame (> 0 when only the new frames were decoded)
+
+    def frames_from(self, index: int) -> torch.Tensor:
+        """video from chunk frame `index` on (index >= first_frame)."""
+        if index < self.first_frame:
+            raise ValueError(f"frame {index} was not decoded (decoding started at frame {self.first_frame})")
+        return self.video[:, :, index - self.first_frame :]
+
+
+@dataclass
+class ChunkNoise:
+    """One stream's noise for one chunk, drawn in the official order: initial noise, then one per step."""
+
+    initial: torch.Tensor  # (1, C, F, h, w) float32 on the host
+    renoise: list[torch.Tensor] | None  # one like `initial` per step (None for the Euler sampler)
 
 
 @dataclass
@@ -94,6 +109,22 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False) -> list[np.ndarray]:
+    """Several (1, 3, T, H, W) videos in [-1, 1] -> uint8 (T, H, W, 3) arrays, converted on the device.
+
+    With `pinned`, all of them come back in one non-blocking copy into pinned memory and one wait.
+    """
+    if not (pinned and videos and videos[0].is_cuda):
+        return [to_uint8(v) for v in videos]
+    lengths = [v.shape[2] for v in videos]
+    frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return [chunk.numpy() for chunk in host.split(lengths)]
+
+
 class FlashHeadPipeline:
     """Portrait + speech -> talking-head video, chunk by chunk, with the released or our own models.
 
@@ -122,6 +153,39 @@ class FlashHeadPipeline:
             raise ConfigError(f"DiT out_dim {dit.config.out_dim} != VAE latent channels {vae.latent_channels}")
         self.name = "custom"
         self.timer = NullTimer()  # set a StageTimer to measure where the time goes
+        self.speed = SpeedConfig()
+        self._fast = None  # FastDenoiser when a DiT switch is on
+
+    def optimize(self, speed: SpeedConfig | str | None = None) -> FlashHeadPipeline:
+        """Switch optimisations on or off (`SpeedConfig`, or a string like "compile_dit=on,attention=cudnn").
+
+        None or `SpeedConfig()` restores the plain eager path (except fp8, which needs a reload).
+        Compilation and CUDA-graph capture happen lazily, at the first chunk of each batch size.
+        """
+        from flashhead.pipeline.fast_path import FastDenoiser, apply_module_switches
+
+        if isinstance(speed, str):
+            speed = SpeedConfig.parse(speed)
+        speed = speed or SpeedConfig()
+        apply_module_switches(self.dit, self.vae, speed)
+        self.speed = speed
+        self._fast = FastDenoiser(self.dit, speed) if speed.fast_denoiser else None
+        return self
+
+    def draw_noise(self, generator: torch.Generator | None, pinned: bool | None = None) -> ChunkNoise:
+        """One chunk's noise from a CPU generator (pinned host memory with the pinned_memory switch)."""
+        cfg = self.config
+        shape = (1, *self.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width))
+        pinned = (self.speed.pinned_memory and torch.cuda.is_available()) if pinned is None else pinned
+
+        def randn() -> torch.Tensor:
+            if not pinned:
+                return torch.randn(shape, generator=generator)
+            return torch.randn(shape, generator=generator, out=torch.empty(shape, pin_memory=True))
+
+        initial = randn()
+        renoise = None if cfg.use_euler else [randn() for _ in range(cfg.num_inference_steps)]
+        return ChunkNoise(initial, renoise)
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -264,11 +328,13 @@ class FlashHeadPipeline:
         noises: Sequence[torch.Tensor] | None = None,
         renoises: Sequence[Sequence[torch.Tensor]] | None = None,
         encode_noises: Sequence[torch.Tensor | None] | None = None,
+        new_only: bool | None = None,
     ) -> list[ChunkResult]:
         """Generate one chunk for each of several streams in one batch (one DiT call per step for all).
 
         Each stream keeps its own portrait, motion latents (1 frame on its first chunk, 2 afterwards),
         audio and noise generators, so a stream's frames do not depend on which others share its batch.
+        `new_only=False` decodes every frame even when the decode_new_only switch is on.
         """
         cfg = self.config
         B = len(references)
@@ -277,6 +343,12 @@ class FlashHeadPipeline:
         for ref in references:
             if ref.latents.shape[-2:] != shape[-2:]:
                 raise ConfigError(f"reference latents {tuple(ref.latents.shape)} do not fit {cfg.height}x{cfg.width}")
+        distinct = all(g is not None for g in generators) and len({id(g) for g in generators}) == B
+        if noises is None and renoises is None and self.speed.pinned_memory and distinct:
+            # Per stream (each has its own generator, so the numbers equal the plain path's) into pinned memory.
+            drawn = [self.draw_noise(g) for g in generators]
+            noises = [d.initial for d in drawn]
+            renoises = None if cfg.use_euler else [d.renoise for d in drawn]
         if noises is None:
             noises = [torch.randn(shape, generator=g) for g in generators]
         if renoises is None and not cfg.use_euler:
@@ -288,22 +360,35 @@ class FlashHeadPipeline:
             motion[b, :, : lengths[b]] = m[0].to(dev, dt)
         step_noise = None
         if renoises is not None:
-            step_noise = [torch.cat([r[i] for r in renoises]).to(dev, dt) for i in range(cfg.num_inference_steps)]
+            step_noise = [self._to_device([r[i] for r in renoises]) for i in range(cfg.num_inference_steps)]
         self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=dt)
+        initial = self._to_device(list(noises))
+        ref_latents = torch.cat([r.latents for r in references])
+        context = torch.cat(list(audio_contexts)).to(dev)
         with self.timer("dit"):
-            latents = denoise_chunk(
-                self.dit, self.scheduler, torch.cat(list(noises)).to(dev, dt), motion,
-                torch.cat([r.latents for r in references]), torch.cat(list(audio_contexts)).to(dev),
-                renoise=step_noise, guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=lengths,
-                guidance_steps=cfg.guidance_steps,
-            )  # fmt: skip
+            if self._fast is not None and cfg.guidance_scale == 1.0:
+                latents = self._fast(
+                    self.scheduler, initial, motion, ref_latents, context, step_noise, cfg.use_euler, lengths
+                )
+            else:
+                latents = denoise_chunk(
+                    self.dit, self.scheduler, initial, motion, ref_latents, context, renoise=step_noise,
+                    guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=lengths,
+                    guidance_steps=cfg.guidance_steps,
+                )  # fmt: skip
+        # decode_new_only: skip the leading latent frames that only hold re-rendered motion frames, keeping
+        # one of them as context; both VAEs map the last k latent frames to the last 1 + st * (k - 1) frames.
+        skip = max(cfg.motion_latent_frames - 1, 0) if (self.speed.decode_new_only and new_only is not False) else 0
+        first_frame = skip * self.temporal_stride
         with self.timer("vae_decode"):
-            decoded = self.vae.decode(latents)
+            decoded = self.vae.decode(latents[:, :, skip:])
         video = decoded
         if cfg.color_correction_strength > 0:
+            from flashhead.pipeline.fast_path import color_function
+
             with self.timer("color_correction"):
                 reference_images = torch.cat([r.image for r in references])
-                video = match_colors(decoded, reference_images, cfg.color_correction_strength)
+                video = color_function(self.speed)(decoded, reference_images, cfg.color_correction_strength)
         with self.timer("vae_encode_motion"):
             tail = video[:, :, -self.motion_frames :]
             if encode_noises is not None and all(n is not None for n in encode_noises):
@@ -312,9 +397,21 @@ class FlashHeadPipeline:
                 motion_out = self._encode(tail, generators=list(encode_generators or [None] * B))
         return [
             ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
-                        motion_latents=motion_out[b : b + 1])
+                        motion_latents=motion_out[b : b + 1], first_frame=first_frame)
             for b in range(B)
         ]  # fmt: skip
+
+    def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate host tensors and move them to the pipeline's device and dtype.
+
+        With pinned_memory the concatenation is written into pinned memory and copied without blocking
+        the host (the caching host allocator keeps the buffer alive until the copy has run).
+        """
+        if self.speed.pinned_memory and self.device.type == "cuda":
+            shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+            staged = torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
+            return staged.to(self.device, non_blocking=True).to(self.dtype)
+        return torch.cat(tensors).to(self.device, self.dtype)
 
     def _encode(
         self,
@@ -328,6 +425,8 @@ class FlashHeadPipeline:
         if noise is None:
             shape = (1, *self.vae.latent_shape(video.shape[2], video.shape[3], video.shape[4]))
             noise = torch.cat([torch.randn(shape, generator=g) for g in (generators or [None] * video.shape[0])])
+        if self.speed.pinned_memory and video.is_cuda and noise.device.type == "cpu":
+            noise = noise.pin_memory().to(video.device, non_blocking=True)  # no host sync before the encode
         return self.vae.encode(video, noise=noise.to(video))
 
     # -- whole videos --------------------------------------------------------------------------------
@@ -361,14 +460,15 @@ class FlashHeadPipeline:
         encode_generator = torch.Generator().manual_seed(seed + 1)
         motion = reference.first_motion
         for index, context in enumerate(self.audio_contexts(waveform)):
-            chunk = self.generate_chunk(
-                reference, motion, context, generator=generator, encode_generator=encode_generator
-            )
-            motion = chunk.motion_latents
             # Stream mode drops the re-rendered motion frames of every chunk (also the first, whose
             # motion context is the reference); once mode keeps the first chunk whole, as upstream.
             keep_from = 0 if (self.config.audio_mode == "once" and index == 0) else self.motion_frames
-            yield to_uint8(chunk.video[:, :, keep_from:])
+            chunk = self.generate_chunks(
+                [reference], [motion], [context], generators=[generator], encode_generators=[encode_generator],
+                new_only=keep_from > 0,
+            )[0]  # fmt: skip
+            motion = chunk.motion_latents
+            yield to_uint8(chunk.frames_from(keep_from))
 
     def __call__(
         self,

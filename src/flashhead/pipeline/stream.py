@@ -26,7 +26,13 @@ import torch
 
 from flashhead.errors import AudioError, CapacityError, SessionError
 from flashhead.models.audio import AudioContextCache, prepare_waveform
-from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, ReferenceState, reference_generator, to_uint8
+from flashhead.pipeline.flashhead_pipeline import (
+    ChunkNoise,
+    FlashHeadPipeline,
+    ReferenceState,
+    frames_to_host,
+    reference_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,16 @@ class VideoChunk:
     def pts(self) -> float:
         """Presentation time of the first frame, in seconds from the session start."""
         return self.start_frame / self.fps
+
+
+@dataclass
+class _AudioAhead:
+    """A slice taken and encoded ahead on a side CUDA stream; `ready` is recorded when its context is done."""
+
+    samples: np.ndarray
+    filled: int
+    context: torch.Tensor
+    ready: torch.cuda.Event
 
 
 @dataclass
@@ -90,6 +106,9 @@ class StreamSession:
         self.first_audio_at: float | None = None
         self.first_frame_at: float | None = None
         self.ready_since: float | None = None
+        # Work done ahead while the GPU ran the previous round (pinned_memory / audio_stream switches).
+        self.noise_ahead: ChunkNoise | None = None
+        self.audio_ahead: _AudioAhead | None = None
 
     # -- called by clients --------------------------------------------------------------------------
 
@@ -145,7 +164,11 @@ class StreamSession:
         return self._consumed + self._pending_samples
 
     def has_chunk_ready(self) -> bool:
-        return self._pending_samples >= self.slice_samples or (self.ended and not self.finished)
+        return (
+            self.audio_ahead is not None
+            or self._pending_samples >= self.slice_samples
+            or (self.ended and not self.finished)
+        )
 
     def keep_alive(self, now: float, lead_seconds: float) -> None:
         """A live session whose audio has run dry gets one chunk of silence, so its video never freezes.
@@ -153,7 +176,7 @@ class StreamSession:
         Silence is added only when the frames generated so far would run out within `lead_seconds` (the time
         a chunk takes to generate): a live avatar starts moving as soon as it is opened and never stalls.
         """
-        if not self.realtime or self.ended:
+        if not self.realtime or self.ended or self.audio_ahead is not None:
             return
         fps = self.cache.config.fps
         start = self.first_frame_at if self.first_frame_at is not None else self.opened_at
@@ -330,24 +353,48 @@ class StreamEngine:
             return out
         start = time.perf_counter()
         pipe = self.pipeline
-        slices = [s.take_slice() for s in ready]
+        speed = pipe.speed
+        ahead = [s.audio_ahead for s in ready]
+        slices = [(a.samples, a.filled) if a is not None else s.take_slice() for s, a in zip(ready, ahead, strict=True)]
         with pipe.timer("audio_features"):
-            for s, (samples, _) in zip(ready, slices, strict=True):
-                s.cache.append(samples)
-            buffers = torch.stack([s.cache.buffer for s in ready])
-            features = pipe.audio_encoder(buffers)  # one encoder call for the whole batch: (B, S, L, H)
-            contexts = [s.cache.context(f) for s, f in zip(ready, features, strict=True)]
+            contexts: list[torch.Tensor | None] = [None] * len(ready)
+            fresh = [i for i, a in enumerate(ahead) if a is None]
+            for i, a in enumerate(ahead):
+                if a is not None:
+                    torch.cuda.current_stream().wait_event(a.ready)
+                    a.context.record_stream(torch.cuda.current_stream())
+                    contexts[i] = a.context
+                    ready[i].audio_ahead = None
+            if fresh:
+                for i in fresh:
+                    ready[i].cache.append(slices[i][0])
+                for i, context in zip(fresh, self._encode_audio([ready[i] for i in fresh]), strict=True):
+                    contexts[i] = context
+        noise_kwargs = {}
+        if speed.pinned_memory or any(s.noise_ahead is not None for s in ready):
+            # Each session's next noise from its own generator, in order: drawn ahead last round, or now.
+            drawn = [s.noise_ahead or pipe.draw_noise(s.generator) for s in ready]
+            noise_kwargs = {"noises": [d.initial for d in drawn],
+                            "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
+            **noise_kwargs,
         )  # fmt: skip
+        finals = [s.ended and s.buffered_samples == 0 for s in ready]
+        # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
+        for s in ready:
+            s.noise_ahead = pipe.draw_noise(s.generator) if speed.pinned_memory else None
+        if speed.audio_stream and pipe.device.type == "cuda":
+            self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
+        frames_all = frames_to_host(
+            [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory
+        )
         emitted_at = time.monotonic()
         spf = pipe.config.sample_rate // pipe.config.fps
-        for s, result, (samples, _) in zip(ready, results, slices, strict=True):
+        for s, result, (samples, _), frames, final in zip(ready, results, slices, frames_all, finals, strict=True):
             s.motion_latents = result.motion_latents
             s.ready_since = None
-            frames = to_uint8(result.video[:, :, pipe.motion_frames :])
-            final = s.ended and s.buffered_samples == 0
             if final:  # drop the frames that only show the end-of-stream padding
                 keep = s.total_frames() - s.frames_emitted
                 frames = frames[: max(keep, 0)]
@@ -361,6 +408,30 @@ class StreamEngine:
         self.stats.frames += sum(len(c.frames) for c in out)
         self.stats.round_seconds.append((len(ready), time.perf_counter() - start))
         return out
+
+    def _encode_audio(self, sessions: list[StreamSession]) -> list[torch.Tensor]:
+        """One audio-encoder call for the sessions' (already appended) FIFOs -> each one's chunk context."""
+        buffers = torch.stack([s.cache.buffer for s in sessions])
+        features = self.pipeline.audio_encoder(buffers)  # (B, S, L, H)
+        return [s.cache.context(f) for s, f in zip(sessions, features, strict=True)]
+
+    def _encode_audio_ahead(self, sessions: list[StreamSession]) -> None:
+        """Take and encode the next full slice of each session on a side CUDA stream (audio_stream switch)."""
+        sessions = [s for s in sessions if s.buffered_samples >= s.slice_samples and s.audio_ahead is None]
+        if not sessions:
+            return
+        if not hasattr(self, "_audio_stream"):
+            self._audio_stream = torch.cuda.Stream()
+        side = self._audio_stream  # no wait on the main stream: the inputs are host samples and fixed weights
+        taken = [s.take_slice() for s in sessions]
+        for s, (samples, _) in zip(sessions, taken, strict=True):
+            s.cache.append(samples)
+        with torch.cuda.stream(side):
+            contexts = self._encode_audio(sessions)
+            for s, (samples, filled), context in zip(sessions, taken, contexts, strict=True):
+                event = torch.cuda.Event()
+                event.record(side)
+                s.audio_ahead = _AudioAhead(samples, filled, context, event)
 
     def run_until_idle(self, sessions: Iterable[StreamSession] | None = None) -> list[VideoChunk]:
         """Generate until no session has a chunk ready (tests and offline use; servers call `step`)."""

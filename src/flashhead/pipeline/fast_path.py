@@ -1,0 +1,246 @@
+"""The fast inference path behind `SpeedConfig`: a fixed-shape denoiser, CUDA graphs, compile, attention, FP8.
+
+`FastDenoiser` computes what `sampling.denoise_chunk` computes (distilled or Euler steps, motion frames
+pinned, no guidance) with every per-chunk constant hoisted out of the loop: RoPE table, timestep
+embeddings for the fixed steps, audio tokens. Its loop body is pure tensor work with no host
+synchronisation, so with `cuda_graphs` the whole chunk is captured once per batch size and replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flashhead.errors import ConfigError
+from flashhead.models.dit import FlashHeadDiT
+from flashhead.pipeline.scheduler import FlashHeadScheduler
+from flashhead.pipeline.speed import SpeedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def attention_context(backend: str) -> contextlib.AbstractContextManager:
+    """A context that forces one torch SDPA backend ("sdpa" and "fa3": no constraint on torch's choice)."""
+    if backend in ("sdpa", "fa3"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    choice = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
+    return sdpa_kernel([choice])
+
+
+def fa3_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """FlashAttention-3 on (B, L, heads, d); ConfigError when the package is not installed."""
+    try:
+        import flash_attn_interface
+    except ImportError:
+        raise ConfigError("attention=fa3 needs FlashAttention-3 (the flash_attn_interface package, Hopper)") from None
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = flash_attn_interface.flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return kernel
+
+
+class FastDenoiser:
+    """The 4-step chunk loop with constants hoisted, optionally captured as one CUDA graph per batch size.
+
+    Args:
+        dit: the DiT (possibly with compiled blocks or FP8 linears).
+        speed: the switches (rope_table, cond_cache, attention, cuda_graphs are read here).
+    """
+
+    def __init__(self, dit: FlashHeadDiT, speed: SpeedConfig):
+        self.dit = dit
+        self.speed = speed
+        self._rope: dict[tuple, torch.Tensor] = {}
+        self._time: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._timesteps: dict[tuple, torch.Tensor] = {}
+        self._graphs: dict[tuple, _ChunkGraph] = {}
+        self._pool = None
+        self.capture_seconds = 0.0
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        key = (grid, str(device), self.speed.rope_table)
+        if key not in self._rope:
+            self._rope[key] = self.dit.rope(grid, device, table=self.speed.rope_table)
+        return self._rope[key]
+
+    def time_table(self, timesteps: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(t, t_mod) of batch 1 for each fixed timestep; they broadcast over the batch."""
+        key = (tuple(timesteps.tolist()), dtype)
+        if key not in self._time:
+            self._time[key] = [self.dit.embed_time(t.reshape(1), 1, dtype) for t in timesteps]
+        return self._time[key]
+
+    def timesteps_on(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The timesteps on the device, copied once (a host copy cannot be captured in a CUDA graph)."""
+        key = (tuple(timesteps.tolist()), str(device))
+        if key not in self._timesteps:
+            self._timesteps[key] = timesteps.to(device)
+        return self._timesteps[key]
+
+    def grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        pt, ph, pw = self.dit.config.patch_size
+        f, h, w = latents.shape[2:]
+        return f // pt, h // ph, w // pw
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        scheduler: FlashHeadScheduler,
+        latents: torch.Tensor,
+        motion_latents: torch.Tensor,
+        ref_latents: torch.Tensor,
+        audio_context: torch.Tensor,
+        renoise: Sequence[torch.Tensor] | None,
+        euler: bool,
+        motion_lengths: Sequence[int],
+    ) -> torch.Tensor:
+        """Same contract as `denoise_chunk` (without guidance); returns the denoised latents."""
+        B, F = latents.shape[0], latents.shape[2]
+        # Motion frames padded to the chunk length and a per-sample mask: one graph serves any mix of
+        # first chunks (1 motion frame) and later chunks (2) in a batch. torch.where writes the same values
+        # as the plain loop's slice assignment.
+        motion = torch.zeros_like(latents)
+        motion[:, :, : motion_latents.shape[2]] = motion_latents
+        mask = torch.zeros((B, 1, F, 1, 1), dtype=torch.bool, device=latents.device)
+        for b, n in enumerate(motion_lengths):  # fills on the device: no host-to-device copy, no sync
+            mask[b, :, :n] = True
+        noises = list(renoise) if renoise is not None else [torch.zeros_like(latents)] * scheduler.num_steps
+        inputs = [latents, motion, mask, ref_latents, audio_context, *noises]
+        with attention_context(self.speed.attention):
+            if not (self.speed.cuda_graphs and latents.is_cuda):
+                return self._loop(scheduler, euler, *inputs)
+            key = (tuple(latents.shape), tuple(audio_context.shape), latents.dtype, euler,
+                   tuple(scheduler.timesteps.tolist()), tuple(scheduler.sigmas.tolist()))  # fmt: skip
+            if key not in self._graphs:
+                start = time.perf_counter()
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                self._graphs[key] = _ChunkGraph(lambda *a: self._loop(scheduler, euler, *a), inputs, self._pool)
+                self.capture_seconds += time.perf_counter() - start
+            return self._graphs[key].replay(inputs)
+
+    def _loop(
+        self,
+        scheduler: FlashHeadScheduler,
+        euler: bool,
+        latents: torch.Tensor,
+        motion: torch.Tensor,
+        mask: torch.Tensor,
+        ref: torch.Tensor,
+        context: torch.Tensor,
+        *noises: torch.Tensor,
+    ) -> torch.Tensor:
+        dit = self.dit
+        tokens_dtype = latents.dtype
+        rope = self.rope(self.grid(latents), latents.device)
+        audio = dit.embed_audio(context, tokens_dtype)  # once per chunk (the plain loop: once per step)
+        table = self.time_table(scheduler.timesteps, tokens_dtype) if self.speed.cond_cache else None
+        timesteps = self.timesteps_on(scheduler.timesteps, latents.device)
+        x = latents
+        B = x.shape[0]
+        for i in range(scheduler.num_steps):
+            x = torch.where(mask, motion, x)
+            if table is not None:
+                t, t_mod = table[i]
+            else:
+                t, t_mod = dit.embed_time(timesteps[i].expand(B), B, tokens_dtype)
+            v = dit.forward_embedded(x, ref, t, t_mod, audio, rope)
+            x = scheduler.euler_step(v, i, x) if euler else scheduler.step(v, i, x, noises[i].to(x))
+        return torch.where(mask, motion, x)
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._time.clear()
+        self._timesteps.clear()
+        self._rope.clear()
+
+
+class _ChunkGraph:
+    """One captured chunk: static input buffers, a CUDA graph, and its output buffer."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool) -> None:
+        self.static = [t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: compile, cuDNN plans, allocator
+            for _ in range(2):
+                fn(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.static)
+
+    def replay(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        for static, new in zip(self.static, inputs, strict=True):
+            static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the static output
+
+
+# -- module-level switches ------------------------------------------------------------------------------
+
+
+def _compile(module: torch.nn.Module, mode: str) -> None:
+    # dynamic=None: static shapes first; a second batch size makes the batch dimension dynamic (one
+    # recompile) instead of one compile per batch size.
+    module.compile(mode=None if mode == "default" else mode)
+
+
+def _uncompile(module: torch.nn.Module) -> None:
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        module._compiled_call_impl = None
+
+
+def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedConfig) -> None:
+    """Set attention kernel, FP8, compile state and cuDNN autotuning on the networks (undoing earlier ones)."""
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None)
+    if speed.fp8 and not getattr(dit, "_flashhead_fp8", False):
+        quantize_fp8(dit)
+    elif not speed.fp8 and getattr(dit, "_flashhead_fp8", False):
+        raise ConfigError("fp8 cannot be switched off again on this pipeline: reload the model")
+    for block in dit.blocks:
+        _compile(block, speed.compile_mode) if speed.compile_dit else _uncompile(block)
+    decoder = getattr(getattr(vae, "model", None), "decoder", None)
+    if decoder is not None:
+        _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
+
+
+def quantize_fp8(dit: FlashHeadDiT) -> None:
+    """Float8 weights and dynamically scaled float8 activations for the DiT blocks' linears (torchao)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise ConfigError("fp8 needs a CUDA GPU with float8 matrix units (Ada or Hopper)")
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        raise ConfigError("fp8 needs torchao: pip install torchao") from None
+    quantize_(dit.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    dit._flashhead_fp8 = True
+
+
+_compiled_match_colors: Callable | None = None
+
+
+def color_function(speed: SpeedConfig) -> Callable:
+    """match_colors, compiled when `compile_color` is on (one fused kernel chain instead of ~40 kernels)."""
+    global _compiled_match_colors
+    from flashhead.pipeline.color import match_colors
+
+    if not speed.compile_color:
+        return match_colors
+    if _compiled_match_colors is None:
+        _compiled_match_colors = torch.compile(match_colors, dynamic=False)
+    return _compiled_match_colors

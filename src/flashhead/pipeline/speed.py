@@ -1,0 +1,158 @@
+"""Speed switches: every optimisation of the inference path, off by default, each one reported by the benchmark.
+
+All switches off is the plain eager path, which computes exactly what the official model does. Each switch
+keeps the output (frames within PSNR >= 40 dB of the plain bf16 path for the same seed, checked on the GPU
+by tests/pipeline/test_gpu_speed.py) except `fp8`, whose error is reported, and `decode_new_only`, which is
+approximate by construction (see docs/performance.md) and therefore not part of the `optimized` preset.
+
+    pipe.optimize(SpeedConfig.optimized())            # or SpeedConfig.parse("compile_dit=on,attention=cudnn")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from flashhead.errors import ConfigError
+
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Which optimisations run. Defaults: none (the plain eager path).
+
+    Attributes:
+        rope_table: RoPE as a float32 (cos, sin) table computed once per token grid, instead of float64
+            complex arithmetic at every forward (the angles are still computed in float64).
+        cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
+            the audio tokens projected once per chunk instead of once per step.
+        attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
+            "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`).
+        cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
+        compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
+        compile_vae: torch.compile the VAE decoder.
+        compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
+        compile_mode: torch.compile mode for the switches above.
+        cuda_graphs: capture the whole 4-step denoising loop of a chunk in one CUDA graph per batch size
+            and replay it (no per-kernel launch cost).
+        pinned_memory: draw each chunk's noise ahead, while the GPU works, into pinned host memory, copy it
+            without blocking, and bring frames back through one pinned transfer per round.
+        audio_stream: compute the next round's audio features on a side CUDA stream while the current
+            round's DiT runs (streaming engine).
+        decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
+            Approximate (the decoders see less temporal context); off in the `optimized` preset.
+        fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16.
+    """
+
+    rope_table: bool = False
+    cond_cache: bool = False
+    attention: Literal["sdpa", "cudnn", "flash", "efficient", "math", "fa3"] = "sdpa"
+    cudnn_benchmark: bool = False
+    compile_dit: bool = False
+    compile_vae: bool = False
+    compile_color: bool = False
+    compile_mode: str = "default"
+    cuda_graphs: bool = False
+    pinned_memory: bool = False
+    audio_stream: bool = False
+    decode_new_only: bool = False
+    fp8: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError("cuda_graphs captures the chunk itself; use compile_mode default with it")
+
+    # -- presets ------------------------------------------------------------------------------------
+
+    @classmethod
+    def plain(cls) -> SpeedConfig:
+        return cls()
+
+    @classmethod
+    def optimized(cls) -> SpeedConfig:
+        """Every output-preserving switch (not decode_new_only, not fp8)."""
+        return cls(
+            rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, compile_dit=True,
+            compile_vae=True, compile_color=True, cuda_graphs=True, pinned_memory=True, audio_stream=True,
+        )  # fmt: skip
+
+    @property
+    def is_plain(self) -> bool:
+        return self == SpeedConfig()
+
+    @property
+    def fast_denoiser(self) -> bool:
+        """Whether the chunk's denoising loop runs through the fast denoiser instead of the plain loop."""
+        return (
+            self.rope_table or self.cond_cache or self.cuda_graphs or self.compile_dit or self.fp8
+            or self.attention != "sdpa"
+        )  # fmt: skip
+
+    # -- (de)serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes: object) -> SpeedConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpeedConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown speed switch(es): {', '.join(unknown)}; known: {', '.join(known)}")
+        values = {}
+        for name, value in data.items():
+            if known[name].type in ("bool", bool):
+                values[name] = _as_bool(name, value)
+            else:
+                values[name] = str(value)
+        return cls(**values)
+
+    @classmethod
+    def parse(cls, text: str, base: SpeedConfig | None = None) -> SpeedConfig:
+        """`name=on,name=off,attention=cudnn` (also `name` alone for on) over `base` (default: plain)."""
+        changes: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, value = item.partition("=")
+            changes[name.strip()] = value.strip() if sep else "on"
+        merged = {**(base or cls()).to_dict(), **changes}
+        return cls.from_dict(merged)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SpeedConfig:
+        """A YAML (.yaml/.yml) or JSON mapping of switches."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read speed config ({e.strerror})") from e
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of speed switches")
+        return cls.from_dict(data)
+
+
+def _as_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"speed switch {name} must be on or off, got {value!r}")

@@ -1,0 +1,224 @@
+"""Speed switches on the CPU: each fast path computes what the plain path computes (GPU-only switches are
+checked at full size by test_gpu_speed.py on the device)."""
+
+from __future__ import annotations
+
+import math
+import wave
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from _tiny import tiny_dit, tiny_pipeline
+from _util import MEDIA
+from flashhead.errors import ConfigError
+from flashhead.models.dit import apply_rope, rope_frequencies, rope_table
+from flashhead.pipeline.fast_path import FastDenoiser
+from flashhead.pipeline.flops import dit_forward_flops, peak_flops
+from flashhead.pipeline.sampling import denoise_chunk
+from flashhead.pipeline.scheduler import FlashHeadScheduler
+from flashhead.pipeline.speed import SpeedConfig
+from flashhead.pipeline.stream import StreamEngine
+
+
+def speech(seconds: float) -> np.ndarray:
+    with wave.open(str(MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav")) as w:
+        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
+    return pcm.astype(np.float32) / 32768
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+# -- switches --------------------------------------------------------------------------------------------
+
+
+def test_switches_parse_and_reject_bad_values():
+    speed = SpeedConfig.parse("compile_dit=on, attention=cudnn,rope_table")
+    assert speed.compile_dit and speed.rope_table and speed.attention == "cudnn" and not speed.cuda_graphs
+    assert SpeedConfig.parse("cuda_graphs=off", base=SpeedConfig.optimized()).cuda_graphs is False
+    assert SpeedConfig.from_dict(speed.to_dict()) == speed
+    assert SpeedConfig().is_plain and not SpeedConfig().fast_denoiser
+    optimized = SpeedConfig.optimized()
+    assert not optimized.decode_new_only and not optimized.fp8  # only output-preserving switches
+    with pytest.raises(ConfigError, match="unknown speed switch"):
+        SpeedConfig.parse("turbo=on")
+    with pytest.raises(ConfigError, match="on or off"):
+        SpeedConfig.parse("compile_dit=maybe")
+    with pytest.raises(ConfigError, match="attention must be"):
+        SpeedConfig(attention="xformers")
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        SpeedConfig(cuda_graphs=True, compile_mode="reduce-overhead")
+
+
+# -- RoPE table ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", [(5, 16, 16), (9, 32, 32)])  # the Lite and Pro token grids at 512 px
+def test_float32_rope_table_matches_the_float64_path(grid):
+    head_dim = 128
+    phasors = rope_frequencies(head_dim, grid, torch.device("cpu"))
+    table = rope_table(head_dim, grid, torch.device("cpu"))
+    assert table.dtype == torch.float32 and table.shape == (*phasors.shape, 2)
+    x = torch.randn(1, phasors.shape[0], 2, head_dim, generator=torch.Generator().manual_seed(0))
+    exact, fast = apply_rope(x, phasors), apply_rope(x, table)
+    assert (fast - exact).abs().max() < 1e-5 * x.abs().max()
+    # In bfloat16 (the inference dtype) the two agree to within one rounding step of the output.
+    xb = x.bfloat16()
+    exact_b, fast_b = apply_rope(xb, phasors).float(), apply_rope(xb, table).float()
+    ulp = torch.maximum(exact_b.abs(), fast_b.abs()) * 2**-7 + 1e-6  # one bf16 step at the larger value
+    assert bool(((fast_b - exact_b).abs() <= ulp).all())
+    assert (fast_b != exact_b).float().mean() < 0.01
+
+
+# -- the fast denoiser --------------------------------------------------------------------------------------
+
+
+def chunk_inputs(dit, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = dit.config
+    F, H, W = 3, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2]
+    shape = (batch, cfg.out_dim, F, H, W)
+    context = torch.randn(batch, 1 + cfg.vae_stride[0] * (F - 1), cfg.audio_window, cfg.audio_layers,
+                          cfg.audio_channels, generator=g)  # fmt: skip
+    return {
+        "latents": torch.randn(shape, generator=g),
+        "motion_latents": torch.randn(batch, cfg.out_dim, 2, H, W, generator=g),
+        "ref_latents": torch.randn(shape, generator=g),
+        "audio_context": context,
+        "renoise": [torch.randn(shape, generator=g) for _ in range(4)],
+    }
+
+
+@pytest.mark.parametrize("variant", ["lite", "pro"])
+@pytest.mark.parametrize("euler", [False, True])
+def test_fast_denoiser_equals_the_plain_loop(variant, euler):
+    dit = tiny_dit(variant)
+    scheduler = FlashHeadScheduler()
+    scheduler.set_timesteps(4)
+    inputs = chunk_inputs(dit, batch=3)
+    lengths = [1, 2, 2]  # a first chunk batched with two later ones
+    with torch.no_grad():
+        plain = denoise_chunk(dit, scheduler, **inputs, euler=euler, motion_lengths=lengths)
+        for speed in (SpeedConfig(cond_cache=True), SpeedConfig(rope_table=True, cond_cache=True, attention="math")):
+            fast = FastDenoiser(dit, speed)(scheduler, euler=euler, motion_lengths=lengths, **inputs)
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+            assert torch.equal(fast[0, :, :1], inputs["motion_latents"][0, :, :1])  # motion frames pinned
+            assert torch.equal(fast[1, :, :2], inputs["motion_latents"][1, :, :2])
+
+
+@pytest.mark.slow  # inductor's C++ compile of one block takes ~40 s on 2 cores
+def test_compiled_blocks_equal_eager():
+    dit = tiny_dit("lite")
+    scheduler = FlashHeadScheduler()
+    scheduler.set_timesteps(4)
+    inputs = chunk_inputs(dit, batch=1)
+    with torch.no_grad():
+        eager = FastDenoiser(dit, SpeedConfig(rope_table=True, cond_cache=True))(
+            scheduler, euler=False, motion_lengths=[2], **inputs
+        )
+        from flashhead.pipeline.fast_path import apply_module_switches
+
+        apply_module_switches(dit, torch.nn.Module(), SpeedConfig(compile_dit=True, rope_table=True))
+        assert all(block._compiled_call_impl is not None for block in dit.blocks)
+        compiled = FastDenoiser(dit, SpeedConfig(rope_table=True, cond_cache=True, compile_dit=True))(
+            scheduler, euler=False, motion_lengths=[2], **inputs
+        )
+        apply_module_switches(dit, torch.nn.Module(), SpeedConfig())
+        assert all(block._compiled_call_impl is None for block in dit.blocks)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# -- whole pipeline and engine ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite():
+    pipe, _, _ = tiny_pipeline("lite")
+    return pipe
+
+
+def run_stream(pipe, speed: SpeedConfig, audio: np.ndarray, image: np.ndarray) -> np.ndarray:
+    pipe.optimize(speed)
+    try:
+        engine = StreamEngine(pipe)
+        session = engine.open_session(image, seed=3)
+        session.push_audio(audio)
+        session.end()
+        chunks = engine.run_until_idle()
+    finally:
+        pipe.optimize(SpeedConfig())
+    return np.concatenate([c.frames for c in chunks])
+
+
+def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
+    audio = speech(1.5)
+    image = np.random.default_rng(0).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
+    plain = run_stream(lite, SpeedConfig(), audio, image)
+    assert len(plain) == round(1.5 * 25)
+    # Noise drawn ahead of time (pinned_memory), audio prefetch (a no-op without CUDA), cached conditioning
+    # and the float32 RoPE table: the same frames up to float rounding.
+    fast = run_stream(lite, SpeedConfig(rope_table=True, cond_cache=True, pinned_memory=True, audio_stream=True),
+                      audio, image)  # fmt: skip
+    assert fast.shape == plain.shape
+    assert psnr_uint8(fast, plain) > 50
+    # Noise drawn ahead alone changes nothing at all: the same numbers in the same order.
+    assert np.array_equal(run_stream(lite, SpeedConfig(pinned_memory=True), audio, image), plain)
+    assert lite.speed.is_plain and lite._fast is None
+
+
+def test_decode_new_only_keeps_the_frame_count(lite):
+    """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
+    audio = speech(1.0)
+    image = np.random.default_rng(1).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
+    plain = run_stream(lite, SpeedConfig(), audio, image)
+    tail = run_stream(lite, SpeedConfig(decode_new_only=True), audio, image)
+    assert tail.shape == plain.shape
+    lite.optimize(SpeedConfig(decode_new_only=True))
+    try:
+        reference = lite.encode_reference(image, generator=torch.Generator().manual_seed(0))
+        ctx = torch.zeros(1, 33, 5, lite.dit.config.audio_layers, lite.dit.config.audio_channels)
+        result = lite.generate_chunks([reference], [reference.first_motion], [ctx])[0]
+        full = lite.generate_chunks([reference], [reference.first_motion], [ctx], new_only=False)[0]
+    finally:
+        lite.optimize(SpeedConfig())
+    st = lite.temporal_stride
+    assert result.first_frame == st and result.video.shape[2] == lite.config.frame_num - st
+    assert full.first_frame == 0 and full.video.shape[2] == lite.config.frame_num
+    assert result.frames_from(lite.motion_frames).shape[2] == lite.new_frames
+    with pytest.raises(ValueError, match="not decoded"):
+        result.frames_from(0)
+
+
+# -- FLOPs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["lite", "pro"])
+def test_flop_formula_matches_torch_flop_counter(variant):
+    dit = tiny_dit(variant)
+    cfg = dit.config
+    latent = (3, 4 * cfg.patch_size[1], 4 * cfg.patch_size[2])
+    inputs = chunk_inputs(dit, batch=2)
+    x = torch.randn(2, cfg.out_dim, *latent)
+    context = inputs["audio_context"]
+    # The math SDPA backend is made of matrix products the counter sees (the fused CPU kernel is not counted).
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        dit(x, torch.tensor([900.0, 300.0]), context, torch.randn_like(x))
+    assert counter.get_total_flops() == dit_forward_flops(cfg, latent, batch=2)
+    terms = dit_forward_flops(cfg, latent, batch=2, by_term=True)
+    assert terms["ffn"] > 0 and math.isclose(sum(terms.values()), dit_forward_flops(cfg, latent, batch=2))
+
+
+def test_full_size_flops_and_peaks():
+    from flashhead.models.dit import official_config
+
+    lite = dit_forward_flops(official_config("lite"), (5, 16, 16))
+    pro = dit_forward_flops(official_config("pro"), (9, 64, 64))
+    assert 3.4e12 < lite < 3.8e12 and 3.8e13 < pro < 4.1e13  # docs/performance.md quotes these
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("some other card") is None
