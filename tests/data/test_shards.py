@@ -175,3 +175,19 @@ def test_webdataset_reads_shards(tmp_path):
     samples = list(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["clip-0000", "clip-0001", "clip-0002"]
     assert {"json", "mp4", "wav", "audio_features.npy", "latents.npy"} <= samples[0].keys()
+
+
+def test_opencv_decodes_clips_when_pyav_is_missing(monkeypatch):
+    import sys
+
+    from flashhead.data.shards import decode_mp4, encode_mp4
+
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 255, (1, 32, 48, 3), dtype=np.uint8), 6, axis=0)
+    frames[:, :, :16] = np.arange(6, dtype=np.uint8)[:, None, None, None] * 40  # frames differ
+    data = encode_mp4(frames)
+    with_av = decode_mp4(data, start=2, count=3)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails
+    without = decode_mp4(data, start=2, count=3)
+    assert without.shape == with_av.shape == (3, 32, 48, 3)
+    assert np.abs(without.astype(int) - with_av.astype(int)).mean() < 3.0

@@ -51,3 +51,24 @@ def test_unknown_or_missing_models_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no model available") as e:
         FlashHeadPipeline.from_pretrained("auto", device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_float16_save_of_a_mel_pipeline_round_trips(tmp_path):
+    import numpy as np
+
+    from flashhead.pipeline.flashhead_pipeline import reference_generator
+
+    pipe = FlashHeadPipeline.from_pretrained("tiny", device="cpu")
+    folder = pipe.save_pretrained(tmp_path / "copy", weights_dtype=torch.float16)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["audio_encoder"] == "mel" and index["vae_sample_posterior"] is False
+    assert next(p for p in pipe.dit.parameters()).dtype == torch.float32  # the live pipeline is untouched
+    back = FlashHeadPipeline.from_pretrained(folder, device="cpu")
+    assert back.config == pipe.config
+    image = np.full((128, 128, 3), 90, np.uint8)
+    audio = torch.sin(torch.arange(16000 * 2) / 16000 * 2 * torch.pi * 220) * 0.3
+    frames = [
+        np.concatenate(list(p.iter_frames(p.encode_reference(image, generator=reference_generator(0)), audio, seed=0)))
+        for p in (pipe, back)
+    ]
+    assert np.array_equal(frames[0], frames[1])  # the shipped weights are float16 already: nothing is lost
