@@ -6,7 +6,8 @@ sorted path order, so the first of a group is the one kept, whatever the worker 
 1. the same source id: the container tag `source_id`, or `purl` (the page URL yt-dlp writes with
    --embed-metadata) [PAPER: "source video ID"];
 2. the same bytes (MD5) [PAPER];
-3. the same pictures: 64-bit DCT perceptual hashes (OpenCV's img_hash.pHash) of frames at fixed times
+3. the same pictures: 64-bit DCT perceptual hashes (pHash: the signs of the 8x8 lowest DCT frequencies of a
+   32x32 grey frame against their median) of frames at fixed times
    (every `hash_every` s from 0.5 s), so a re-encoded, rescaled or remuxed copy hashes alike while the
    same speaker in another video does not. Copies trimmed at the start are not caught (the times shift).
 """
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
+import numpy as np
 
 from flashhead.data.curate.config import DedupSection
 from flashhead.errors import MediaError
 from flashhead.media.audio_io import open_media
 
 _SOURCE_TAGS = ("source_id", "purl")
-_HASH_SIDE = 64  # frames are shrunk before hashing; pHash itself works on 32x32
+_HASH_SIDE = 32  # frames are shrunk to 32x32 grey before hashing
 
 
 @dataclass
@@ -47,14 +49,21 @@ def md5_of(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def phash(gray: np.ndarray) -> int:
+    """64-bit perceptual hash of a 32x32 grey image (numpy + scipy: works with any OpenCV flavour)."""
+    from scipy.fft import dctn
+
+    low = dctn(np.asarray(gray, np.float64), norm="ortho")[:8, :8]
+    bits = (low > np.median(low)).flatten()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
 def fingerprint(path: str | Path, cfg: DedupSection) -> Fingerprint:
     """Probe one input and hash its frames.
 
     Raises:
         MediaError: unreadable or corrupt, no video or no audio track, or no decodable frame.
     """
-    import cv2
-
     name = Path(path).name
     with open_media(path, MediaError, "video") as container:
         if not container.streams.video:
@@ -73,7 +82,7 @@ def fingerprint(path: str | Path, cfg: DedupSection) -> Fingerprint:
                 last_time = float(frame.time) - start if frame.time is not None else count / 25.0
                 if last_time + 1e-6 >= next_time:
                     gray = frame.to_ndarray(format="gray", width=_HASH_SIDE, height=_HASH_SIDE)
-                    hashes.append(int.from_bytes(cv2.img_hash.pHash(gray).tobytes(), "big"))
+                    hashes.append(phash(gray))
                     next_time += cfg.hash_every
         except av.FFmpegError as e:
             raise MediaError(f"{name}: corrupt video data ({getattr(e, 'strerror', None) or e})") from None
