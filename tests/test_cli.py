@@ -41,3 +41,21 @@ def test_bad_model_gives_one_line_error_and_nonzero_exit():
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: no/such/model")
     assert "Traceback" not in out.stderr
+
+
+def test_commands_work_without_the_serve_extra(tmp_path):
+    # A plain `pip install flashhead` has no FastAPI/uvicorn/aiortc: only `serve` may complain, in one line.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('starlette', 'fastapi', 'uvicorn', 'aiortc'):\n    sys.modules[name] = None\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "flashhead.cli", *a], capture_output=True, text=True, timeout=120, env=env
+    )
+    info = run("info", "--model", "lite", "--json")
+    assert info.returncode == 0, info.stderr
+    serve = run("serve")
+    assert serve.returncode == 2 and "pip install 'flashhead[serve]'" in serve.stderr
+    assert "Traceback" not in serve.stderr and len(serve.stderr.strip().splitlines()) == 1

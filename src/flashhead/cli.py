@@ -281,12 +281,28 @@ def detect(
     raise typer.Exit(detect_command(video, as_json))
 
 
+def _missing_extra(extra: str, error: ImportError):
+    """A stand-in command for one whose optional dependencies are not installed."""
+
+    def command() -> None:
+        print(f"error: this command needs the '{extra}' extra: pip install 'flashhead[{extra}]' "
+              f"(missing: {error.name or error})", file=sys.stderr)  # fmt: skip
+        raise typer.Exit(2)
+
+    command.__doc__ = f"(not installed: pip install 'flashhead[{extra}]')"
+    return command
+
+
 def _register_subcommands() -> None:
     """Commands whose modules live with their subsystem (imported lazily only for their own options)."""
     from flashhead.data.cli import data_app
     from flashhead.eval.cli import eval_command
-    from flashhead.serve.cli import serve_command
     from flashhead.train.cli import train_app
+
+    try:
+        from flashhead.serve.cli import serve_command
+    except ImportError as e:  # the serve extra is optional: every other command must still work without it
+        serve_command = _missing_extra("serve", e)
 
     app.command("eval", help="Score generated videos against ground truth (FID, FVD, Sync-C/D, CSIM, LMD, drift).")(
         friendly_errors(eval_command)
