@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from flashhead import __version__
-from flashhead.errors import ConfigError, FlashHeadError
+from flashhead.errors import ConfigError, friendly_errors
 
 app = typer.Typer(
     name="flashhead",
@@ -26,20 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a FlashHeadError into one line on stderr and the error's exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FlashHeadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
 
 
 @app.callback()

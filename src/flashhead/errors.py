@@ -60,3 +60,21 @@ class SessionError(FlashHeadError):
     """A streaming session that does not exist, has ended, or was used out of order."""
 
     exit_code = 9
+
+
+def friendly_errors(fn):
+    """Wrap a typer command: a FlashHeadError becomes one line on stderr and its exit code, never a traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlashHeadError as e:
+            import typer
+
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper

@@ -20,6 +20,7 @@ from flashhead.data.visemes import (
     speak,
     speech_track,
 )
+from flashhead.eval.mouth import LUMA, dark_gap, frame_energy, pearson
 
 pytestmark = pytest.mark.skipif(
     ctypes.util.find_library("espeak-ng") is None, reason="needs espeak-ng: apt-get install -y espeak-ng"
@@ -29,31 +30,7 @@ FPS, SR = 25, 16000
 
 
 def _luma(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-
-
-def measured_opening(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Per-frame lip gap in pixels, read from the image alone: inside the mouth box, the tallest stack of
-    pixels much darker than the box's typical (skin/lip) brightness, over the central columns."""
-    out = []
-    for frame, (x0, y0, x1, y1) in zip(frames, boxes, strict=True):
-        y0, y1, x0, x1 = int(max(y0, 0)), int(np.ceil(y1)), int(max(x0, 0)), int(np.ceil(x1))
-        box = _luma(frame[y0:y1, x0:x1])
-        ref = np.median(box)
-        w = box.shape[1]
-        centre = box[:, w // 4 : w - w // 4]
-        dark = np.clip((0.6 * ref - centre) / (0.3 * ref), 0, 1)
-        out.append(float(np.sort(dark.sum(0))[-3:].mean()))
-    return np.array(out)
-
-
-def frame_energy(audio: np.ndarray, n: int) -> np.ndarray:
-    hop = SR // FPS
-    return np.sqrt((audio[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(1))
-
-
-def _r(a, b) -> float:
-    return float(np.corrcoef(a, b)[0, 1])
+    return x.astype(np.float32) @ LUMA
 
 
 def silent_frames(meta: dict, n: int, margin: float = 0.12) -> np.ndarray:
@@ -129,9 +106,9 @@ def test_procedural_mouth_follows_truth_and_audio():
         clip = generate_clip(f"p{i}", 20 + i, 200 + i, [30 * i + j for j in range(6)], 3.0, config=cfg)
         n = len(clip.frames)
         truth = np.array(clip.meta["mouth_open"])
-        seen = measured_opening(clip.frames, clip.extras["mouth_box"])
-        assert _r(seen, truth) >= 0.8, clip.key
-        assert _r(seen, frame_energy(clip.audio, n)) >= 0.4, clip.key
+        seen = dark_gap(clip.frames, clip.extras["mouth_box"])
+        assert pearson(seen, truth) >= 0.8, clip.key
+        assert pearson(seen, frame_energy(clip.audio, n)) >= 0.4, clip.key
         quiet = silent_frames(clip.meta, n)
         assert quiet.sum() >= 5
         assert truth[quiet].max() == 0.0
@@ -198,9 +175,9 @@ def test_portrait_mouth_follows_truth(portrait_clip):
     clip, animator = portrait_clip
     n = len(clip.frames)
     truth = np.array(clip.meta["mouth_open"])
-    seen = measured_opening(clip.frames, clip.extras["mouth_box"])
-    assert _r(seen, truth) >= 0.8
-    assert _r(seen, frame_energy(clip.audio, n)) >= 0.4
+    seen = dark_gap(clip.frames, clip.extras["mouth_box"])
+    assert pearson(seen, truth) >= 0.8
+    assert pearson(seen, frame_energy(clip.audio, n)) >= 0.4
     quiet = silent_frames(clip.meta, n)
     assert quiet.sum() >= 5 and truth[quiet].max() == 0.0 and seen[quiet].max() < 1.0
     # The mouth region changes with speech, the eyes-up part of the face hardly at all.
@@ -208,7 +185,7 @@ def test_portrait_mouth_follows_truth(portrait_clip):
     frames = clip.frames[:, :, ::-1] if clip.meta["flipped"] else clip.frames
     x0, y0, x1, y1 = animator._box.min(0).astype(int).tolist() + animator._box.max(0).astype(int).tolist()
     mouth_change = np.abs(frames[:, y0:y1, x0:x1].astype(int) - still[y0:y1, x0:x1]).mean((1, 2, 3))
-    assert _r(mouth_change, truth) >= 0.5
+    assert pearson(mouth_change, truth) >= 0.5
     assert mouth_change[truth > 0.5].mean() > 3 * max(mouth_change[quiet].mean(), 1.0)
 
 

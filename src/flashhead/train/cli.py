@@ -7,13 +7,12 @@ same commands (that is the form `torchrun -m` needs).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flashhead.errors import FlashHeadError
+from flashhead.errors import friendly_errors
 
 train_app = typer.Typer(
     help="Training: Stage-1 pre-training and Stage-2 distillation of the FlashHead DiT.",
@@ -35,6 +34,7 @@ def _logging() -> None:
 
 
 @train_app.command()
+@friendly_errors
 def stage1(
     config: Annotated[Path, typer.Argument(help="YAML or JSON settings (see configs/stage1_*.yaml).")],
     resume: Annotated[
@@ -53,17 +53,13 @@ def stage1(
     from flashhead.train.trainer import train
 
     _logging()
-    try:
-        cfg = Stage1Config.from_file(config, overrides)
-        result = train(cfg, resume=resume_from or resume)
-    except FlashHeadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+    result = train(Stage1Config.from_file(config, overrides), resume=resume_from or resume)
     if result.export_dir is not None:
         typer.echo(f"trained {result.step} steps; pipeline with the EMA weights: {result.export_dir}")
 
 
 @train_app.command()
+@friendly_errors
 def stage2(
     config: Annotated[Path, typer.Argument(help="YAML or JSON settings (see configs/stage2_*.yaml).")],
     resume: Annotated[
@@ -82,17 +78,13 @@ def stage2(
     from flashhead.train.stage2 import train_stage2
 
     _logging()
-    try:
-        cfg = Stage2Config.from_file(config, overrides)
-        result = train_stage2(cfg, resume=resume_from or resume)
-    except FlashHeadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+    result = train_stage2(Stage2Config.from_file(config, overrides), resume=resume_from or resume)
     if result.export_dir is not None:
         typer.echo(f"trained {result.step} iterations; pipeline with the EMA student: {result.export_dir}")
 
 
 @train_app.command()
+@friendly_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training output folder (with checkpoints/).")],
     out: Annotated[Path, typer.Argument(help="Where to write the pipeline folder.")],
@@ -107,19 +99,16 @@ def export(
     from flashhead.train.trainer import export_run
 
     _logging()
-    try:
-        found = checkpoint or latest_checkpoint(run_dir)
-        if found is None:
-            raise CheckpointError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
-        stage2 = "student" in load_checkpoint(found)  # memory-mapped: cheap to peek at
-        path = (export_stage2_run if stage2 else export_run)(run_dir, out, found)
-    except FlashHeadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+    found = checkpoint or latest_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+    stage2 = "student" in load_checkpoint(found)  # memory-mapped: cheap to peek at
+    path = (export_stage2_run if stage2 else export_run)(run_dir, out, found)
     typer.echo(f"wrote {path}")
 
 
 @train_app.command()
+@friendly_errors
 def vae(
     config: Annotated[Path, typer.Argument(help="YAML or JSON VAETrainConfig settings.")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the output folder's checkpoint.")] = False,
@@ -131,15 +120,12 @@ def vae(
     from flashhead.train.vae import VAETrainConfig, train_vae
 
     _logging()
-    try:
-        folder = train_vae(VAETrainConfig.from_file(config, overrides), resume=resume)
-    except FlashHeadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+    folder = train_vae(VAETrainConfig.from_file(config, overrides), resume=resume)
     typer.echo(f"wrote {folder}")
 
 
 @train_app.command()
+@friendly_errors
 def tiny(
     data: Annotated[list[Path], typer.Option("--data", help="A folder of clip shards (repeatable).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder; the model lands in OUT/flashhead-tiny.")],
@@ -156,11 +142,7 @@ def tiny(
     from flashhead.train.tiny import load_recipe, run_recipe
 
     _logging()
-    try:
-        summary = run_recipe([str(d) for d in data], out, load_recipe(recipe, overrides), eval_clips=eval_clips)
-    except FlashHeadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+    summary = run_recipe([str(d) for d in data], out, load_recipe(recipe, overrides), eval_clips=eval_clips)
     m = summary["mean"]
     typer.echo(
         f"flashhead-tiny: {out / 'flashhead-tiny'} ({summary['size_mb']:.1f} MB); held-out lip sync r = "
