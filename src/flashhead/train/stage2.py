@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from flashhead.train.data import SampleSpec, index_clips
 from flashhead.train.distill import Distiller, rollout_choice, sample_generators
 from flashhead.train.ema import EMA
 from flashhead.train.rollout_data import RolloutDataset, RolloutSpec, encode_rollouts
+from flashhead.train.throughput import ThroughputMeter, format_rates, log_rates, loss_trend, sample_cost, write_json
 from flashhead.train.trainer import (
     DistInfo,
     TrainResult,
@@ -49,6 +49,7 @@ from flashhead.train.trainer import (
     eval_dit,
     init_distributed,
     make_optimizer,
+    run_summary,
     wrap_model,
 )
 
@@ -214,6 +215,18 @@ def iteration(parts: Stage2Parts, inputs: Any, step: int, cfg: Stage2Config) -> 
     return out
 
 
+def iteration_passes(k: int, exit_step: int, generator_step: bool, ds: Any) -> tuple[int, int]:
+    """DiT (forward, backward) passes per sample of one `iteration` (for tokens/s and MFU): the rollout's
+    4-step chunks and exit step, then on a generator step its backward, the fake score on the DMD input and
+    the teacher (twice with audio CFG), and always the fake score's forward and backward."""
+    forwards = (k - 1) * ds.num_inference_steps + exit_step + 1 + 1
+    backwards = 1
+    if generator_step:
+        forwards += 1 + (1 if ds.guidance_scale == 1.0 else 2)
+        backwards += 1
+    return forwards, backwards
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -302,32 +315,39 @@ def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainR
             info.world_size, cfg.distill.total_steps, info.device,
         )  # fmt: skip
     history: list[dict[str, Any]] = []
-    t_last, since = time.perf_counter(), 0
+    meter = ThroughputMeter.for_device(info.device, info.world_size)
+    cost = None
+    recompute = cfg.teacher.gradient_checkpointing
     total = cfg.distill.total_steps
     while step < total:
         step_position = position
         inputs = encode_rollouts(next(batches), vae, audio_encoder, spec)
+        cost = cost or sample_cost(dit_config, inputs.y.shape[2:])
         out = iteration(parts, inputs, step, cfg)
+        forwards, backwards = iteration_passes(out["k"], out["exit_step"], "dmd" in out, cfg.distill)
+        batch = len(inputs.seeds)
+        meter.add(cost, batch * forwards, batch * backwards, batch * backwards * recompute)
         step += 1
-        since += 1
         position += samples_per_step
         keys = [key for key in LOGGED if key in out]
         means = _all_mean(torch.stack([torch.as_tensor(out[key], dtype=torch.float32, device=info.device)
                                        for key in keys]), info)  # fmt: skip
         if step % cfg.log.interval == 0 or step == total:
-            now = time.perf_counter()
+            rates = meter.report()  # collective (memory of every GPU)
             point = {"step": step, **{key: float(v) for key, v in zip(keys, means, strict=True)},
                      "k": out["k"], "exit_step": out["exit_step"], "lr": parts.g_sched.get_last_lr()[0],
-                     "steps_per_s": since / (now - t_last), "position": step_position}  # fmt: skip
-            t_last, since = now, 0
+                     "steps_per_s": 1 / rates["step_time_s"], "position": step_position, **rates}  # fmt: skip
             if info.is_main:
                 history.append(point)
                 _log_point(point, writer, run_dir / "metrics.jsonl")
+                summary = {**run_summary(history, cfg, info, parts.student, cost),
+                           "loss": loss_trend([h["critic"] for h in history])}  # fmt: skip
+                write_json(run_dir / "summary.json", summary)
         if cfg.val.interval and step % cfg.val.interval == 0:
             validate(
                 parts.ema.full_state_dict(), dit_config, vae, audio_encoder, spec, cfg, step, info, writer, run_dir
             )
-        if step % cfg.log.checkpoint_interval == 0 or step == total:
+        if cfg.log.checkpoint_interval and (step % cfg.log.checkpoint_interval == 0 or step == total):
             state = training_state(step, parts, info)
             if info.is_main:
                 epoch, index = dataset.position(position)
@@ -356,14 +376,15 @@ def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainR
 
 def _log_point(point: dict[str, Any], writer: Any, metrics_file: Path) -> None:
     terms = "  ".join(f"{k} {point[k]:.4f}" for k in LOGGED if k in point)
-    logger.info("step %d  %s  (k=%d exit=%d)  %.2f it/s", point["step"], terms, point["k"], point["exit_step"],
-                point["steps_per_s"])  # fmt: skip
+    logger.info("step %d  %s  (k=%d exit=%d)  %s", point["step"], terms, point["k"], point["exit_step"],
+                format_rates(point))  # fmt: skip
     with open(metrics_file, "a") as f:
         f.write(json.dumps(point) + "\n")
     if writer is not None:
         for key in (*LOGGED, "lr", "steps_per_s", "k"):
             if key in point:
                 writer.add_scalar(f"train/{key}", point[key], point["step"])
+        log_rates(writer, point, point["step"])
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,18 @@ from flashhead.train.config import Stage1Config
 from flashhead.train.data import SampleSpec, Stage1Dataset, Stage1Inputs, encode_samples, index_clips
 from flashhead.train.ema import EMA
 from flashhead.train.losses import noisy_input, sample_sigmas, stage1_losses
+from flashhead.train.throughput import (
+    MFU_CONVENTION,
+    SampleCost,
+    ThroughputMeter,
+    device_peak_flops,
+    format_rates,
+    log_rates,
+    loss_trend,
+    sample_cost,
+    summarize,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,34 +235,45 @@ def _random_wav2vec(config: dict[str, Any]) -> Any:
         return Wav2VecEncoder(Wav2Vec2Model(Wav2Vec2Config(**config)))
 
 
-def sample_spec(cfg: Stage1Config, dit: FlashHeadDiT, vae: Any) -> SampleSpec:
-    if tuple(dit.config.vae_stride) != tuple(vae.stride) or dit.config.out_dim != vae.latent_channels:
+def sample_spec(cfg: Stage1Config, dit_config: Any, vae: Any = None) -> SampleSpec:
+    """The sample geometry of `cfg` for a DiT config (and `vae`, checked against it; None: the DiT's stride)."""
+    c = dict(dit_config)
+    audio_window = c.get("audio_window", 5)
+    stride = tuple(c["vae_stride"]) if vae is None else tuple(vae.stride)
+    if vae is not None and (stride != tuple(c["vae_stride"]) or c["out_dim"] != vae.latent_channels):
         raise ConfigError(
-            f"DiT (vae_stride {tuple(dit.config.vae_stride)}, out_dim {dit.config.out_dim}) does not match the "
-            f"VAE (stride {tuple(vae.stride)}, {vae.latent_channels} channels)"
+            f"DiT (vae_stride {tuple(c['vae_stride'])}, out_dim {c['out_dim']}) does not match the "
+            f"VAE (stride {stride}, {vae.latent_channels} channels)"
         )
     d, lo = cfg.data, cfg.loss
-    patch = dit.config.patch_size
-    if (d.height // vae.stride[1]) % patch[1] or (d.width // vae.stride[2]) % patch[2]:
+    patch = c["patch_size"]
+    if (d.height // stride[1]) % patch[1] or (d.width // stride[2]) % patch[2]:
         raise ConfigError(f"the latent grid of {d.height}x{d.width} is not divisible by the patch size {patch}")
     return SampleSpec(
-        height=d.height, width=d.width, vae_stride=tuple(vae.stride), frame_num=d.frame_num, fps=d.fps,
-        audio_window=dit.config.audio_window, motion_latent_frames=lo.motion_latent_frames,
+        height=d.height, width=d.width, vae_stride=stride, frame_num=d.frame_num, fps=d.fps,
+        audio_window=audio_window, motion_latent_frames=lo.motion_latent_frames,
         motion_probs=tuple(lo.motion_probs), audio_drop_prob=lo.audio_drop_prob, reference=d.reference,
         face_margin=d.face_margin, default_face_box=tuple(d.default_face_box),
     )  # fmt: skip
 
 
 def wrap_model(dit: FlashHeadDiT, cfg: Stage1Config, info: DistInfo) -> torch.nn.Module:
-    """Plain module, DDP, or FSDP2 (`fully_shard` per block, then the root; `dit` is sharded in place)."""
+    """Plain module, DDP, or FSDP2 (`fully_shard` per block, then the root; `dit` is sharded in place).
+
+    Under FSDP2 with bf16 the all-gathered weights are bf16 (half the traffic and gather buffers of fp32;
+    autocast would cast them per op anyway) and gradients are reduced in fp32 into the fp32 shards that
+    AdamW and the EMA keep.
+    """
     if not info.distributed:
         return dit
     if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        _, dtype = _autocast(cfg, info.device)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in dit.blocks:
-            fully_shard(block)
-        fully_shard(dit)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(dit, mp_policy=policy)
         return dit
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -368,18 +392,28 @@ class TrainResult:
     export_dir: Path | None = None
 
 
-def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
-    """Run (or continue) Stage-1 training as configured; `resume` = True (the run's latest checkpoint) or a path."""
+def train(
+    cfg: Stage1Config, resume: bool | str | Path = False, inputs: Iterator[Stage1Inputs] | None = None
+) -> TrainResult:
+    """Run (or continue) Stage-1 training as configured; `resume` = True (the run's latest checkpoint) or a path.
+
+    `inputs`: this process's micro-batches, ready for the DiT (e.g. flashhead.train.synthetic), instead of
+    the clips of `cfg.data`. No VAE or audio encoder is built then, so validation and export must be off.
+    """
+    if inputs is not None and (cfg.val.interval or cfg.export_at_end):
+        raise ConfigError("training on given inputs has no VAE: set val.interval=0 and export_at_end=false")
     info = init_distributed(cfg.cpu_threads)
     run_dir = Path(cfg.output_dir)
     autocast, frozen_dtype = _autocast(cfg, info.device)
 
     # -- networks, optimizer, schedule
     dit = build_dit(cfg)
-    vae, audio_encoder = build_frozen(cfg, dit.config.vae_stride[0])
-    vae.to(info.device, frozen_dtype)
-    audio_encoder.to(info.device)  # wav2vec stays float32, as at inference
-    spec = sample_spec(cfg, dit, vae)
+    vae = audio_encoder = None
+    if inputs is None:
+        vae, audio_encoder = build_frozen(cfg, dit.config.vae_stride[0])
+        vae.to(info.device, frozen_dtype)
+        audio_encoder.to(info.device)  # wav2vec stays float32, as at inference
+    spec = sample_spec(cfg, dit.config, vae)
     if cfg.model.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     dit.to(info.device)
@@ -402,14 +436,30 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
         logger.info("resumed from %s at step %d (sample %d)", path, step, position)
 
     # -- data
-    train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
-    dataset = Stage1Dataset(
-        train_clips, spec, seed=cfg.seed, micro_batch_size=cfg.data.micro_batch_size, rank=info.rank,
-        world_size=info.world_size, start_position=position, windows_per_clip=cfg.data.windows_per_clip,
-    )  # fmt: skip
-    workers = cfg.data.num_workers
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
-    batches = iter(loader)
+    if inputs is None:
+        train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
+        dataset = Stage1Dataset(
+            train_clips, spec, seed=cfg.seed, micro_batch_size=cfg.data.micro_batch_size, rank=info.rank,
+            world_size=info.world_size, start_position=position, windows_per_clip=cfg.data.windows_per_clip,
+        )  # fmt: skip
+        workers = cfg.data.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+        batches = iter(loader)
+        source = f"{len(train_clips)} train clips"
+
+        def next_inputs() -> Stage1Inputs:
+            return encode_samples(next(batches), vae, audio_encoder, spec)
+
+        def stream_position(p: int) -> tuple[int | None, int | None]:
+            return dataset.position(p)
+    else:
+        source = "given inputs"
+
+        def next_inputs() -> Stage1Inputs:
+            return next(inputs)
+
+        def stream_position(p: int) -> tuple[int | None, int | None]:
+            return None, None
 
     writer = None
     if info.is_main:
@@ -418,23 +468,26 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
         if cfg.log.tensorboard:
             writer = _tensorboard(run_dir / "tb")
         logger.info(
-            "stage 1: %d train clips, global batch %d (%d x %d processes x %d accumulation), %d steps, device %s",
-            len(train_clips), samples_per_micro * accum, cfg.data.micro_batch_size, info.world_size, accum,
-            cfg.optim.total_steps, info.device,
+            "stage 1: %s, global batch %d (%d x %d processes x %d accumulation), %d steps, %s, device %s",
+            source, samples_per_micro * accum, cfg.data.micro_batch_size, info.world_size, accum,
+            cfg.optim.total_steps, cfg.parallel if info.distributed else "one process", info.device,
         )  # fmt: skip
     history: list[dict[str, Any]] = []
     metrics_file = run_dir / "metrics.jsonl"
+    meter = ThroughputMeter.for_device(info.device, info.world_size)
+    cost: SampleCost | None = None  # of one sample, from the first micro-batch's latent shape
+    recompute = 1.0 if cfg.model.gradient_checkpointing else 0.0
 
     # -- train
-    t_last, steps_since = time.perf_counter(), 0
-    t_start, out_of_time = t_last, False
+    t_start, out_of_time = time.perf_counter(), False
     while step < cfg.optim.total_steps and not out_of_time:
         step_position = position
         sums = torch.zeros(4, device=info.device)  # total, flow, face, temporal (mean over micro-steps)
         for micro in range(accum):
-            inputs = encode_samples(next(batches), vae, audio_encoder, spec)
+            batch = next_inputs()
+            cost = cost or sample_cost(dit.config, batch.x0.shape[2:])
             set_grad_sync(model, micro == accum - 1)
-            terms = compute_losses(model, inputs, cfg, autocast)
+            terms = compute_losses(model, batch, cfg, autocast)
             (terms.total.mean() / accum).backward()
             sums += torch.stack([t.detach().mean() for t in (terms.total, terms.flow, terms.face, terms.temporal)])
             position += samples_per_micro
@@ -447,24 +500,24 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         ema.update(step)
         step += 1
-        steps_since += 1
+        samples = cfg.data.micro_batch_size * accum  # this process's, per optimizer step
+        meter.add(cost, forwards=samples, backwards=samples, recomputed=recompute * samples)
 
         losses = _all_mean(sums / accum, info)
         if step % cfg.log.interval == 0 or step == cfg.optim.total_steps:
-            now = time.perf_counter()
-            elapsed, t_last = now - t_last, now
+            rates = meter.report()  # collective (memory of every GPU)
             point = {
                 "step": step, "loss": losses[0].item(), "flow": losses[1].item(), "face": losses[2].item(),
                 "temporal": losses[3].item(), "lr": lr, "grad_norm": float(grad_norm),
-                "steps_per_s": steps_since / elapsed,
-                "samples_per_s": steps_since * samples_per_micro * accum / elapsed,
-                "epoch": dataset.position(step_position)[0], "index": dataset.position(step_position)[1],
-                "position": step_position,
+                "steps_per_s": 1 / rates["step_time_s"],
+                "samples_per_s": samples_per_micro * accum / rates["step_time_s"],
+                "epoch": stream_position(step_position)[0], "index": stream_position(step_position)[1],
+                "position": step_position, **rates,
             }  # fmt: skip
-            steps_since = 0
             if info.is_main:
                 history.append(point)
                 _log_point(point, writer, metrics_file)
+                write_json(run_dir / "summary.json", run_summary(history, cfg, info, dit, cost))
 
         if cfg.val.interval and step % cfg.val.interval == 0:
             validate(ema.full_state_dict(), dit.config, vae, audio_encoder, spec, cfg, step, info, writer, run_dir)
@@ -478,17 +531,19 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
             if out_of_time and info.is_main:
                 logger.info("step %d: the %.1f-minute budget is spent; stopping", step, cfg.optim.max_minutes)
 
-        if step % cfg.log.checkpoint_interval == 0 or step == cfg.optim.total_steps or out_of_time:
+        every = cfg.log.checkpoint_interval
+        if every and (step % every == 0 or step == cfg.optim.total_steps or out_of_time):
             state = training_state(step, dit, ema, optimizer, scheduler, info)  # collective
             if info.is_main:
-                epoch, index = dataset.position(position)
+                epoch, index = stream_position(position)
                 state["data"] = {"position": position, "epoch": epoch, "index": index}
                 state |= {"dit_config": dict(dit.config), "config": cfg.to_dict()}
                 saved = save_checkpoint(run_dir, step, state, cfg.log.keep_checkpoints)
                 logger.info("step %d: checkpoint %s", step, saved)
             _barrier(info)
 
-    del batches  # stops the data workers
+    if inputs is None:
+        del batches  # stops the data workers
 
     export_dir = None
     if cfg.export_at_end:
@@ -503,6 +558,28 @@ def train(cfg: Stage1Config, resume: bool | str | Path = False) -> TrainResult:
     return TrainResult(run_dir, step, history, export_dir)
 
 
+def run_summary(
+    history: list[dict[str, Any]], cfg: Any, info: DistInfo, dit: FlashHeadDiT, cost: SampleCost | None
+) -> dict[str, Any]:
+    """summary.json of a run: setup, steady-state throughput, MFU, peak memory per GPU, loss trend."""
+    micro, accum = cfg.data.micro_batch_size, getattr(getattr(cfg, "optim", None), "grad_accum_steps", 1)
+    return {
+        "steps": history[-1]["step"] if history else 0,
+        "world_size": info.world_size, "parallel": cfg.parallel if info.distributed else "none",
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "peak_tflops_per_gpu": (device_peak_flops(info.device) or 0) / 1e12 or None,
+        "precision": str(_autocast(cfg, info.device)[1]).removeprefix("torch."),
+        "gradient_checkpointing": bool(dit.gradient_checkpointing),
+        "parameters": sum(p.numel() for p in dit.parameters()),
+        "micro_batch_size": micro, "grad_accum_steps": accum, "global_batch": micro * accum * info.world_size,
+        "tokens_per_sample": cost.tokens if cost else None,
+        "forward_tflop_per_sample": cost.forward_flops / 1e12 if cost else None,
+        "mfu_convention": MFU_CONVENTION,
+        **summarize(history),
+        "loss": loss_trend([h["loss"] for h in history if "loss" in h]),
+    }  # fmt: skip
+
+
 def _tensorboard(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -515,9 +592,9 @@ def _tensorboard(folder: Path) -> Any:
 def _log_point(point: dict[str, Any], writer: Any, metrics_file: Path) -> None:
     step = point["step"]
     logger.info(
-        "step %d  loss %.4f (flow %.4f face %.4f temporal %.4f)  lr %.2e  grad %.3f  %.2f steps/s",
+        "step %d  loss %.4f (flow %.4f face %.4f temporal %.4f)  lr %.2e  grad %.3f  %s",
         step, point["loss"], point["flow"], point["face"], point["temporal"], point["lr"], point["grad_norm"],
-        point["steps_per_s"],
+        format_rates(point),
     )  # fmt: skip
     with open(metrics_file, "a") as f:
         f.write(json.dumps(point) + "\n")
@@ -526,6 +603,7 @@ def _log_point(point: dict[str, Any], writer: Any, metrics_file: Path) -> None:
             writer.add_scalar(f"train/{key}", point[key], step)
         for key in ("lr", "grad_norm", "steps_per_s", "samples_per_s"):
             writer.add_scalar(f"train/{key}", point[key], step)
+        log_rates(writer, point, step)
 
 
 # ---------------------------------------------------------------------------------------------------
