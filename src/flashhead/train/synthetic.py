@@ -149,17 +149,21 @@ class TalkingBlobs:
 
     # -- Stage 2 -------------------------------------------------------------------------------------
 
-    def pixel_video(self, s: Signals, frames: int, height: int, width: int) -> torch.Tensor:
-        """(frames, H, W, 3) uint8: the same talking blob in pixels (grey background, head, dark mouth)."""
-        yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
-        cx = 0.5 + 0.15 * s.pitch[:frames].view(-1, 1, 1)
+    def pixel_video(self, s: Signals, frames: int, height: int, width: int, device: torch.device | str = "cpu"):
+        """(frames, H, W, 3) uint8 on CPU: the same talking blob in pixels (grey background, head, dark mouth),
+        drawn on `device` (a few hundred million pixels at 512 x 512)."""
+        lin = torch.linspace(0, 1, height, device=device), torch.linspace(0, 1, width, device=device)
+        yy, xx = torch.meshgrid(*lin, indexing="ij")
+        cx = 0.5 + 0.15 * s.pitch[:frames].to(device).view(-1, 1, 1)
         head = ((xx - cx) ** 2 / 0.2**2 + (yy - 0.45) ** 2 / 0.28**2) < 1
-        radius = 0.02 + 0.06 * s.loudness[:frames].view(-1, 1, 1)
-        mouth = ((xx - cx) ** 2 / 0.08**2 + (yy - 0.65) ** 2 / radius**2) < 1
-        video = torch.full((frames, height, width, 3), 90.0)
-        video[head] = torch.tensor([220.0, 180.0, 150.0])
-        video[mouth & head] = torch.tensor([90.0, 20.0, 30.0])
-        return video.to(torch.uint8)
+        radius = 0.02 + 0.06 * s.loudness[:frames].to(device).view(-1, 1, 1)
+        mouth = head & (((xx - cx) ** 2 / 0.08**2 + (yy - 0.65) ** 2 / radius**2) < 1)
+        colour = {"skin": (220, 180, 150), "mouth": (90, 20, 30), "background": (90, 90, 90)}
+        video = torch.empty((frames, height, width, 3), dtype=torch.uint8, device=device)
+        for c in range(3):
+            skin = torch.where(mouth, colour["mouth"][c], colour["skin"][c])
+            video[..., c] = torch.where(head, skin, colour["background"][c])
+        return video.cpu()
 
     def rollout_inputs(self, seeds: list[int], spec: RolloutSpec, vae, device: torch.device | str) -> RolloutInputs:
         """A micro-batch of K-chunk rollouts as `encode_rollouts` gives them: pixels, the reference latents
@@ -171,7 +175,7 @@ class TalkingBlobs:
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
             s = self.signals(g, spec.frames)
-            video = self.pixel_video(s, spec.frames, c.height, c.width)
+            video = self.pixel_video(s, spec.frames, c.height, c.width, vae.device)
             still = video[:1].expand(c.frame_num, -1, -1, -1)
             with torch.no_grad():
                 y.append(_vae_encode(vae, _pixels(still, vae.device, vae.dtype), seed + 2).float())
