@@ -85,10 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Report:
-    """The result JSON of rank 0, rewritten after every part; failures are recorded, not raised."""
+    """The result JSON of rank 0, rewritten after every part; a failure is recorded and the next part runs.
+    With several processes a failed process exits at once instead (after the JSON is written): its peers may
+    be waiting in a collective it will never join, and torchrun stops them when one process exits."""
 
-    def __init__(self, path: str | None, main: bool, data: dict[str, Any]):
-        self.path, self.main, self.data = path, main, data
+    def __init__(self, path: str | None, main: bool, data: dict[str, Any], distributed: bool = False):
+        self.path, self.main, self.data, self.distributed = path, main, data, distributed
         self.data.setdefault("errors", [])
 
     def save(self) -> None:
@@ -110,6 +112,9 @@ class Report:
                     report.data["errors"].append(f"{name}: {kind.__name__}: {error}")
                     logger.error("%s failed:\n%s", name, "".join(traceback.format_exception(kind, error, tb))[-4000:])
                 report.save()
+                if not ok and report.distributed:
+                    logging.shutdown()
+                    os._exit(1)
                 return not ok or None  # swallow: the next part (and the JSON) still happen
 
         return _Part()
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    report = Report(args.json, info.is_main, {"stage": args.stage, "tiny": args.tiny, **environment(info)})
+    setup = {"stage": args.stage, "tiny": args.tiny, **environment(info)}
+    report = Report(args.json, info.is_main, setup, distributed=info.distributed)
     report.save()
     (run_stage1 if args.stage == 1 else run_stage2)(args, info, report)
     report.save()
@@ -290,5 +296,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    from flashhead.errors import FlashHeadError
+
+    try:
+        sys.exit(main())
+    except FlashHeadError as e:  # a bad setting: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -123,7 +123,7 @@ class ValSection:
 class LogSection:
     interval: int = 10  # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
-    checkpoint_interval: int = 1000
+    checkpoint_interval: int = 1000  # 0: no checkpoints, not even at the end (benchmarks)
     keep_checkpoints: int = 3  # newest checkpoints kept (older ones deleted)
 
 
