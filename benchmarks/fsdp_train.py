@@ -276,7 +276,6 @@ def stage2_summary(rows: list[dict[str, Any]], data: dict[str, Any]) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     info = init_distributed()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -298,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from flashhead.errors import FlashHeadError
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         sys.exit(main())
     except FlashHeadError as e:  # a bad setting: one line, not a traceback
