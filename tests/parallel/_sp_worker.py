@@ -64,7 +64,7 @@ def pipeline_run(pipe, speed: str | None):
     context = torch.randn(1, cfg.frame_num, d.audio_window, d.audio_layers, d.audio_channels, generator=g)
     a = pipe.generate_chunk(ref, ref.first_motion, context, generator=torch.Generator().manual_seed(4))
     b = pipe.generate_chunk(ref, a.motion_latents, context, generator=torch.Generator().manual_seed(5))
-    wave = (0.3 * np.sin(np.arange(16000 * 2) * 2 * np.pi * 150 / 16000)).astype(np.float32)
+    wave = (0.3 * np.sin(np.arange(int(16000 * 1.2)) * 2 * np.pi * 150 / 16000)).astype(np.float32)
     out = pipe(image, wave, sample_rate=16000, seed=7, progress=False, watermark=False)
     return {"a_latents": a.latents, "a_video": a.video, "b_latents": b.latents, "b_video": b.video,
             "frames": torch.from_numpy(out.frames)}  # fmt: skip

@@ -96,7 +96,6 @@ def test_split_decode_gathers_the_strips(core):
 
 def test_split_decode_single_rank_and_wide_halo_are_exact():
     from _tiny import tiny_vae
-
     from flashhead.parallel import SequenceParallelGroup
 
     vae, latent = tiny_vae("pro"), worker.split_decode_latent()
@@ -109,7 +108,7 @@ def test_split_decode_single_rank_and_wide_halo_are_exact():
 
 @pytest.mark.parametrize("speed", ["plain", "rope_table+cond_cache"])
 def test_two_process_pipeline_equals_single_process(pipeline, speed):
-    """Tiny Pro pipeline: two chunks and a whole 2 s video under 2 processes == one process (plain and fast path)."""
+    """Tiny Pro pipeline: two chunks and a whole 1.2 s video under 2 processes == one process (plain and fast path)."""
     from _tiny import tiny_pipeline
 
     pipe = tiny_pipeline("pro")[0]
@@ -119,6 +118,6 @@ def test_two_process_pipeline_equals_single_process(pipeline, speed):
     for key in ("a_latents", "a_video", "b_latents", "b_video"):
         torch.testing.assert_close(got[f"pipeline-{speed}.{key}"], expected[key], rtol=0, atol=2e-5)
     frames, ref = got[f"pipeline-{speed}.frames"].numpy(), expected["frames"].numpy()
-    assert frames.shape == ref.shape and len(ref) == 50
+    assert frames.shape == ref.shape and len(ref) == 30
     # uint8 frames: float32 reduction order may move a value across a rounding boundary, nothing more
     assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
