@@ -184,11 +184,15 @@ class FlashHeadPipeline:
         Call on every rank, after moving the pipeline to the rank's device. The leader (rank 0) then uses the
         pipeline as usual (offline or through the streaming engine) and ends with `release_followers()`;
         every other rank calls `follow()`. `halo`: latent rows of context per decode strip (flashhead.parallel.vae).
+        `parallelize(None)` goes back to single-process inference.
         """
         from flashhead.parallel.runner import SequenceParallelRunner
         from flashhead.parallel.vae import DEFAULT_HALO
 
-        self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+        if group is None:  # back to one process
+            self._sp = None
+        else:
+            self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
         return self.optimize(self.speed)
 
     @property
