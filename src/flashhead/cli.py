@@ -154,9 +154,19 @@ def generate(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: best).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16.")] = "auto",
     crf: Annotated[int, typer.Option("--crf", help="H.264 quality (lower is better).")] = 18,
+    sp: Annotated[
+        int | None,
+        typer.Option("--sp", help="Sequence parallel over N GPUs (starts torchrun; under torchrun: its size)."),
+    ] = None,
 ) -> None:
     """Generate a lip-synced talking-head MP4 from a portrait and speech."""
     import torch
+
+    from flashhead.parallel import launch
+
+    if sp is not None and sp > 1 and not launch.under_torchrun():
+        raise typer.Exit(launch.relaunch(sp, device))
+    group = launch.join(sp, device)  # under torchrun: fails fast on a size mismatch
 
     from flashhead.pipeline.config import GenerationConfig
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
@@ -182,15 +192,26 @@ def generate(
     check_not_silent(waveform, 16000, source=audio)
     portrait = prepare_portrait(image, crop=crop, size=512)
     chosen = resolve_model_name(model, weights)
-    console.print(f"model: [bold]{chosen}[/bold]" + (" (auto)" if model == "auto" else ""), highlight=False)
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"model: [bold]{chosen}[/bold]" + (" (auto)" if model == "auto" else ""), highlight=False)
     torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    if group is not None:
+        device = str(group.device)  # one GPU per rank
     pipe = FlashHeadPipeline.from_pretrained(
         chosen, weights=weights, wav2vec=wav2vec, device=device, torch_dtype=torch_dtype, config=settings
     )
     size = (pipe.config.height, pipe.config.width)
     if portrait.shape[:2] != size:  # a model with its own output size
         portrait = resize_and_center_crop(portrait, size)
-    result = pipe(portrait, waveform, sample_rate=pipe.config.sample_rate, seed=seed)
+    if group is not None:
+        pipe.parallelize(group)
+        if not group.is_leader:
+            pipe.follow()  # the leader reads, writes and prints
+            return
+    try:
+        result = pipe(portrait, waveform, sample_rate=pipe.config.sample_rate, seed=seed)
+    finally:
+        pipe.release_followers()
     result.metadata["source_image"] = image.name
     result.metadata["source_audio"] = audio.name
     result.save(output, crf=crf)

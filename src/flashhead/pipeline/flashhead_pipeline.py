@@ -27,6 +27,7 @@ from flashhead.errors import AudioError, ConfigError
 from flashhead.models.audio import AudioConfig, AudioContextCache, encode_offline
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae import VideoVAE
+from flashhead.parallel.runner import ChunkInputs
 from flashhead.pipeline.config import GenerationConfig
 from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
@@ -155,6 +156,7 @@ class FlashHeadPipeline:
         self.timer = NullTimer()  # set a StageTimer to measure where the time goes
         self.speed = SpeedConfig()
         self._fast = None  # FastDenoiser when a DiT switch is on
+        self._sp = None  # SequenceParallelRunner after parallelize()
 
     def optimize(self, speed: SpeedConfig | str | None = None) -> FlashHeadPipeline:
         """Switch optimisations on or off (`SpeedConfig`, or a string like "compile_dit=on,attention=cudnn").
@@ -168,9 +170,46 @@ class FlashHeadPipeline:
             speed = SpeedConfig.parse(speed)
         speed = speed or SpeedConfig()
         apply_module_switches(self.dit, self.vae, speed)
+        if self._sp is not None:  # the switches reset the attention kernels
+            self._sp.model.install()
         self.speed = speed
-        self._fast = FastDenoiser(self.dit, speed) if speed.fast_denoiser else None
+        self._fast = FastDenoiser(self._velocity_model, speed) if speed.fast_denoiser else None
         return self
+
+    # -- sequence parallel ----------------------------------------------------------------------------
+
+    def parallelize(self, group, halo: int | None = None) -> FlashHeadPipeline:
+        """Split every chunk's DiT tokens and VAE decode over the ranks of `group` (a SequenceParallelGroup).
+
+        Call on every rank, after moving the pipeline to the rank's device. The leader (rank 0) then uses the
+        pipeline as usual (offline or through the streaming engine) and ends with `release_followers()`;
+        every other rank calls `follow()`. `halo`: latent rows of context per decode strip (flashhead.parallel.vae).
+        `parallelize(None)` goes back to single-process inference.
+        """
+        from flashhead.parallel.runner import SequenceParallelRunner
+        from flashhead.parallel.vae import DEFAULT_HALO
+
+        if group is None:  # back to one process
+            self._sp = None
+        else:
+            self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+        return self.optimize(self.speed)
+
+    @property
+    def _velocity_model(self):
+        return self.dit if self._sp is None else self._sp.model
+
+    def follow(self) -> None:
+        """On a follower rank: run the DiT and decode shards of each chunk the leader announces, until released."""
+        if self._sp is None or self._sp.group.is_leader:
+            raise ConfigError("follow() runs on the follower ranks of a parallelized pipeline")
+        while (chunk := self._sp.receive()) is not None:
+            self._denoise_and_decode(chunk)
+
+    def release_followers(self) -> None:
+        """On the leader: let the followers' `follow()` return (call once, when no chunk will follow)."""
+        if self._sp is not None and self._sp.group.is_leader:
+            self._sp.release()
 
     def draw_noise(self, generator: torch.Generator | None, pinned: bool | None = None) -> ChunkNoise:
         """One chunk's noise from a CPU generator (pinned host memory with the pinned_memory switch)."""
@@ -361,27 +400,16 @@ class FlashHeadPipeline:
         step_noise = None
         if renoises is not None:
             step_noise = [self._to_device([r[i] for r in renoises]) for i in range(cfg.num_inference_steps)]
-        self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=dt)
         initial = self._to_device(list(noises))
         ref_latents = torch.cat([r.latents for r in references])
         context = torch.cat(list(audio_contexts)).to(dev)
-        with self.timer("dit"):
-            if self._fast is not None and cfg.guidance_scale == 1.0:
-                latents = self._fast(
-                    self.scheduler, initial, motion, ref_latents, context, step_noise, cfg.use_euler, lengths
-                )
-            else:
-                latents = denoise_chunk(
-                    self.dit, self.scheduler, initial, motion, ref_latents, context, renoise=step_noise,
-                    guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=lengths,
-                    guidance_steps=cfg.guidance_steps,
-                )  # fmt: skip
         # decode_new_only: skip the leading latent frames that only hold re-rendered motion frames, keeping
         # one of them as context; both VAEs map the last k latent frames to the last 1 + st * (k - 1) frames.
         skip = max(cfg.motion_latent_frames - 1, 0) if (self.speed.decode_new_only and new_only is not False) else 0
         first_frame = skip * self.temporal_stride
-        with self.timer("vae_decode"):
-            decoded = self.vae.decode(latents[:, :, skip:])
+        latents, decoded = self._denoise_and_decode(
+            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip)
+        )
         video = decoded
         if cfg.color_correction_strength > 0:
             from flashhead.pipeline.fast_path import color_function
@@ -400,6 +428,27 @@ class FlashHeadPipeline:
                         motion_latents=motion_out[b : b + 1], first_frame=first_frame)
             for b in range(B)
         ]  # fmt: skip
+
+    def _denoise_and_decode(self, chunk: ChunkInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoised latents and their decode; the part of a chunk that all sequence-parallel ranks run."""
+        cfg = self.config
+        if self._sp is not None and self._sp.group.is_leader:
+            self._sp.announce(chunk)
+        self.scheduler.set_timesteps(cfg.num_inference_steps, dtype=self.dtype)
+        args = (chunk.initial, chunk.motion, chunk.ref_latents, chunk.context)
+        with self.timer("dit"):
+            if self._fast is not None and cfg.guidance_scale == 1.0:
+                latents = self._fast(self.scheduler, *args, chunk.step_noise, cfg.use_euler, chunk.lengths)
+            else:
+                latents = denoise_chunk(
+                    self._velocity_model, self.scheduler, *args, renoise=chunk.step_noise,
+                    guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=chunk.lengths,
+                    guidance_steps=cfg.guidance_steps,
+                )  # fmt: skip
+        with self.timer("vae_decode"):
+            tail = latents[:, :, chunk.skip :]
+            decoded = self.vae.decode(tail) if self._sp is None else self._sp.decode(tail)
+        return latents, decoded
 
     def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate host tensors and move them to the pipeline's device and dtype.

@@ -1,0 +1,124 @@
+"""Self-attention over a token sequence that is split across ranks.
+
+Each rank holds q, k, v (B, s_r, H, d) for its own contiguous shard of the sequence (shards may differ in
+size) and gets back the attention output of the same shard, equal to attention over the whole sequence:
+
+- Ulysses (H divisible by N): one all-to-all turns sequence shards into head shards (every rank sees the
+  whole sequence for H / N heads), any local kernel runs, a second all-to-all turns the result back.
+  Communication is 4 tensors of the shard's size per layer, independent of N.
+- Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
+  block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
+  not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Computed in float32 with a plain matmul
+  softmax (query blocks bound the memory), so it is the slower fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+from flashhead.errors import ConfigError
+
+# (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _all_to_all(x: torch.Tensor, out_sizes: Sequence[int], in_sizes: Sequence[int], group) -> torch.Tensor:
+    # Functional collective: traceable by torch.compile and capturable in a CUDA graph (NCCL).
+    out = funcol.all_to_all_single(x.contiguous(), list(out_sizes), list(in_sizes), group or dist.group.WORLD)
+    return funcol.wait_tensor(out)
+
+
+def seq_to_heads(x: torch.Tensor, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
+    """(B, s_rank, H, d) sequence shard -> (B, L, H / N, d): the whole sequence for this rank's heads."""
+    B, s, H, d = x.shape
+    n = len(sizes)
+    x = x.reshape(B, s, n, H // n, d).permute(2, 1, 0, 3, 4).reshape(n * s, B, H // n, d)  # rank-major
+    out = _all_to_all(x, sizes, [s] * n, group)  # (L, B, H/N, d), sequence order
+    return out.permute(1, 0, 2, 3)
+
+
+def heads_to_seq(x: torch.Tensor, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
+    """Inverse of `seq_to_heads`: (B, L, H / N, d) -> (B, s_rank, H, d)."""
+    B, L, h, d = x.shape
+    n, s = len(sizes), sizes[rank]
+    out = _all_to_all(x.permute(1, 0, 2, 3), [s] * n, sizes, group)  # (N * s, B, H/N, d), rank-major
+    return out.reshape(n, s, B, h, d).permute(2, 1, 0, 3, 4).reshape(B, s, n * h, d)
+
+
+def ulysses_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, kernel: Kernel | None = None):
+    """Attention of a sequence shard against the whole sequence, by two all-to-alls (heads % N == 0)."""
+    if q.shape[2] % len(sizes):
+        raise ConfigError(f"Ulysses attention needs heads ({q.shape[2]}) divisible by the ranks ({len(sizes)})")
+    q, k, v = (seq_to_heads(t, sizes, rank, group) for t in (q, k, v))
+    return heads_to_seq((kernel or sdpa_kernel)(q, k, v), sizes, rank, group)
+
+
+def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int):
+    """(out (B, H, s, d), lse (B, H, s)) of q (B, H, s, d) against one k / v block, in float32."""
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for qb in q.split(query_block, dim=2):
+        scores = torch.matmul(qb.float(), k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def ring_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, query_block: int = 1024):
+    """Attention of a sequence shard against the whole sequence, passing k / v around the ring (any heads)."""
+    n = len(sizes)
+    qh = q.transpose(1, 2)  # (B, H, s, d)
+    kv = torch.stack([k, v]).transpose(2, 3).contiguous()  # (2, B, H, s_rank, d)
+    out = lse = None
+    nxt, prv = (rank + 1) % n, (rank - 1) % n
+    to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    for step in range(n):
+        owner = (rank - step) % n  # whose k / v block this rank holds now
+        pending = []
+        if step < n - 1:  # start passing the block on while attending to it
+            incoming = kv.new_empty((*kv.shape[:3], sizes[(owner - 1) % n], kv.shape[-1]))
+            send = dist.P2POp(dist.isend, kv, to_global(nxt), group)
+            pending = dist.batch_isend_irecv([send, dist.P2POp(dist.irecv, incoming, to_global(prv), group)])
+        block_out, block_lse = _block_attention(qh, kv[0], kv[1], query_block)
+        if out is None:
+            out, lse = block_out, block_lse
+        else:  # exact merge of two softmax-normalised partial results
+            merged = torch.logaddexp(lse, block_lse)
+            out = out * torch.exp(lse - merged)[..., None] + block_out * torch.exp(block_lse - merged)[..., None]
+            lse = merged
+        for work in pending:
+            work.wait()
+        if pending:
+            kv = incoming
+    return out.transpose(1, 2).to(q.dtype)
+
+
+class SequenceParallelAttention:
+    """An attention kernel ((B, s, H, d) shard in, shard out) for the DiT's self-attention modules.
+
+    Ulysses when the heads divide over the ranks, ring attention otherwise. `sizes` (the shard size of
+    every rank) is set by the sequence-parallel DiT before each forward; `inner` is the local kernel
+    Ulysses runs on its head shard (None: torch SDPA; e.g. FlashAttention-3 with attention=fa3).
+    """
+
+    def __init__(self, rank: int, world_size: int, heads: int, group=None, inner: Kernel | None = None):
+        self.rank, self.world_size, self.group, self.inner = rank, world_size, group, inner
+        self.method = "ulysses" if heads % world_size == 0 else "ring"
+        self.sizes: tuple[int, ...] = ()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if len(self.sizes) != self.world_size or self.sizes[self.rank] != q.shape[1]:
+            raise RuntimeError(f"shard sizes {self.sizes} do not fit {q.shape[1]} tokens on rank {self.rank}")
+        if self.method == "ulysses":
+            return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner)
+        return ring_attention(q, k, v, self.sizes, self.rank, self.group)

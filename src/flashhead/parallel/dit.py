@@ -1,0 +1,106 @@
+"""The FlashHead DiT forward with the chunk's token sequence split across ranks.
+
+After patchify every rank keeps its own shard of the tokens (see `partition_tokens`) and runs all blocks
+on it: adaLN, norms, FFN and the head are per token; self-attention goes through
+`SequenceParallelAttention` (Ulysses or ring); cross-attention stays local because every shard is made
+of segments that lie inside one latent frame, and each segment is given its frame's audio tokens. The
+shards' head outputs are gathered before unpatchify, so every rank returns the whole velocity.
+
+The blocks themselves are unchanged (their compiled graphs are reused); only the self-attention kernel is
+swapped, by `install`, which must run again after anything that resets the kernels (`pipe.optimize`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from flashhead.models.dit import FlashHeadDiT
+from flashhead.parallel.attention import SequenceParallelAttention
+from flashhead.parallel.group import SequenceParallelGroup, TokenPartition, partition_tokens
+
+
+class SequenceParallelDiT:
+    """A FlashHeadDiT run by every rank of `group` on its token shard; same call signature as the DiT.
+
+    It offers what the samplers use (`forward`, `forward_embedded`, `embed_time`, `embed_audio`, `rope`,
+    `config`), so `denoise_chunk` and `FastDenoiser` drive it like the plain model.
+    """
+
+    def __init__(self, dit: FlashHeadDiT, group: SequenceParallelGroup):
+        self.dit, self.group = dit, group
+        self.attention: SequenceParallelAttention | None = None
+        self._partitions: dict[tuple[int, int, int], TokenPartition] = {}
+        self._segments: dict[tuple, torch.Tensor] = {}
+        self.install()
+
+    @property
+    def config(self):
+        return self.dit.config
+
+    def install(self) -> None:
+        """Wrap the current self-attention kernel (SDPA or FA3) of every block in the sequence-parallel one."""
+        inner = self.dit.blocks[0].self_attn.kernel
+        if isinstance(inner, SequenceParallelAttention):
+            inner = inner.inner
+        g = self.group
+        self.attention = SequenceParallelAttention(g.rank, g.world_size, self.config.num_heads, g.group, inner)
+        for block in self.dit.blocks:
+            block.self_attn.kernel = self.attention
+
+    def partition(self, grid: tuple[int, int, int]) -> TokenPartition:
+        if grid not in self._partitions:
+            f, h, w = grid
+            self._partitions[grid] = partition_tokens(f, h * w, self.group.world_size)
+        return self._partitions[grid]
+
+    # -- what the samplers call -------------------------------------------------------------------------
+
+    def embed_time(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype):
+        return self.dit.embed_time(timestep, batch, dtype)
+
+    def embed_audio(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.dit.embed_audio(context, dtype)
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device, table: bool = False) -> torch.Tensor:
+        return self.dit.rope(grid, device, table)
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor):
+        return self.forward(x, timestep, context, y)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor):
+        """As FlashHeadDiT.forward: velocity (B, out_dim, F, H, W), the whole of it on every rank."""
+        dtype = self.dit.patch_embedding.weight.dtype  # the tokens' dtype, as in FlashHeadDiT.forward
+        t, t_mod = self.embed_time(timestep, x.shape[0], dtype)
+        return self.forward_embedded(x, y, t, t_mod, self.embed_audio(context, dtype))
+
+    def forward_embedded(self, x, y, t, t_mod, audio, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """As FlashHeadDiT.forward_embedded, on this rank's shard of the tokens."""
+        dit, rank = self.dit, self.group.rank
+        tokens, grid = dit.patchify(x, y)  # (B, L, D); the conv is cheap next to the blocks
+        part = self.partition(grid)
+        start, stop = part.bounds(rank)
+        rope = dit.rope(grid, x.device) if rope is None else rope
+        self.attention.sizes = part.sizes
+        shard = tokens[:, start:stop]  # (B, s, D)
+        audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
+        for block in dit.blocks:
+            shard = block(shard, audio, t_mod, rope[start:stop])
+        out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)
+        return dit.unpatchify(self._gather(out, part), grid)
+
+    def _segment_index(self, part: TokenPartition, device: torch.device) -> torch.Tensor:
+        key = (part, str(device))
+        if key not in self._segments:
+            self._segments[key] = torch.tensor(part.segment_frames(self.group.rank), device=device)
+        return self._segments[key]
+
+    def _gather(self, shard: torch.Tensor, part: TokenPartition) -> torch.Tensor:
+        """(B, s_rank, P) shards -> (B, L, P) on every rank (uneven shards are padded for the collective)."""
+        if self.group.world_size == 1:
+            return shard
+        longest = max(part.sizes)
+        padded = torch.nn.functional.pad(shard, (0, 0, 0, longest - shard.shape[1])).contiguous()
+        pieces = [torch.empty_like(padded) for _ in part.sizes]
+        dist.all_gather(pieces, padded, group=self.group.group)
+        return torch.cat([p[:, :n] for p, n in zip(pieces, part.sizes, strict=True)], dim=1)

@@ -1,0 +1,78 @@
+"""The leader / follower protocol that keeps the sequence-parallel ranks in step.
+
+The leader (rank 0) runs the program: it reads inputs, owns streaming sessions, colour-corrects,
+re-encodes motion frames and writes outputs. Whenever it reaches a chunk's denoising it first announces
+the chunk (a small header by `broadcast_object_list`, then the input tensors by `broadcast`), and every
+rank runs the same DiT and VAE-decode shards on bit-identical inputs. Followers do nothing else: they
+loop in `FlashHeadPipeline.follow` until the leader sends "stop" (`release_followers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from flashhead.models.dit import FlashHeadDiT
+from flashhead.models.vae import VideoVAE
+from flashhead.parallel.dit import SequenceParallelDiT
+from flashhead.parallel.group import SequenceParallelGroup
+from flashhead.parallel.vae import DEFAULT_HALO, split_decode
+
+
+@dataclass
+class ChunkInputs:
+    """What every rank needs to denoise and decode one batch of chunks."""
+
+    initial: torch.Tensor  # (B, C, F, h, w) initial noise
+    motion: torch.Tensor  # (B, C, n_motion, h, w) clean motion latents
+    ref_latents: torch.Tensor  # (B, C, F, h, w)
+    context: torch.Tensor  # (B, 33, window, layers, channels) audio features
+    step_noise: list[torch.Tensor] | None  # one (B, C, F, h, w) per step, or None (Euler)
+    lengths: list[int]  # real motion frames per sample
+    skip: int  # leading latent frames not decoded
+
+
+class SequenceParallelRunner:
+    """The sequence-parallel DiT, the split decode and the announcements, for one pipeline's networks."""
+
+    def __init__(self, dit: FlashHeadDiT, vae: VideoVAE, group: SequenceParallelGroup, halo: int = DEFAULT_HALO):
+        self.group, self.vae, self.halo = group, vae, halo
+        self.model = SequenceParallelDiT(dit, group)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return split_decode(self.vae, latents, self.group, self.halo)
+
+    def announce(self, chunk: ChunkInputs) -> None:
+        """Leader: send a chunk's inputs to the followers."""
+        noise = chunk.step_noise or []
+        tensors = [chunk.initial, chunk.motion, chunk.ref_latents, chunk.context, *noise]
+        header = {"op": "chunk", "lengths": chunk.lengths, "skip": chunk.skip, "steps": len(noise),
+                  "tensors": [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]}  # fmt: skip
+        self._broadcast_header(header)
+        for t in tensors:
+            dist.broadcast(t.contiguous(), src=0, group=self.group.group)
+
+    def receive(self) -> ChunkInputs | None:
+        """Follower: the next chunk's inputs, or None when the leader has released the followers."""
+        header = self._broadcast_header(None)
+        if header["op"] == "stop":
+            return None
+        tensors = []
+        for shape, dtype in header["tensors"]:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.group.device)
+            dist.broadcast(t, src=0, group=self.group.group)
+            tensors.append(t)
+        initial, motion, ref_latents, context, *noise = tensors
+        return ChunkInputs(initial, motion, ref_latents, context, noise if header["steps"] else None,
+                           header["lengths"], header["skip"])  # fmt: skip
+
+    def release(self) -> None:
+        """Leader: tell the followers that no more chunks come."""
+        self._broadcast_header({"op": "stop"})
+
+    def _broadcast_header(self, header: dict | None) -> dict:
+        box = [header]
+        dist.broadcast_object_list(box, src=0, group=self.group.group, device=self.group.device)
+        return box[0]

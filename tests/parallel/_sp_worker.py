@@ -1,0 +1,115 @@
+"""Run under `torchrun --nproc-per-node N` by the sequence-parallel tests: each case saves this rank's results.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel/_sp_worker.py OUT_DIR CASE...
+
+Inputs are drawn from fixed seeds, so the test process rebuilds them and computes the single-process
+reference itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for _tiny / _util
+
+from flashhead.parallel import init_sequence_parallel, partition_tokens  # noqa: E402
+from flashhead.parallel.attention import ring_attention, ulysses_attention  # noqa: E402
+
+
+def attention_inputs(heads: int, length: int = 37, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, length, heads, 16, generator=g) for _ in range(3)]
+
+
+def tiny_random_dit(heads: int):
+    from flashhead.models import FlashHeadDiT
+
+    torch.manual_seed(0)
+    cfg = dict(dim=16 * heads, in_dim=8, out_dim=4, ffn_dim=64, freq_dim=32, text_dim=8, num_heads=heads, num_layers=2,
+               vae_stride=(4, 8, 8), patch_size=(1, 2, 2), audio_layers=2, audio_channels=8,
+               audio_intermediate_dim=16, audio_tokens=4)  # fmt: skip
+    return FlashHeadDiT.from_config(cfg).eval()
+
+
+def dit_inputs(dit, frames: int = 3, size: int = 8, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    c = dit.config
+    x = torch.randn(batch, c.out_dim, frames, size, size, generator=g)
+    y = torch.randn(batch, c.out_dim, frames, size, size, generator=g)
+    context = torch.randn(batch, 1 + c.vae_stride[0] * (frames - 1), c.audio_window, c.audio_layers,
+                          c.audio_channels, generator=g)  # fmt: skip
+    return x, torch.tensor([900.0, 300.0][:batch]), context, y
+
+
+def split_decode_latent():
+    return torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def pipeline_run(pipe, speed: str | None):
+    """Two chunks (the first, then one with motion frames) and a short whole video, fixed seeds."""
+    import numpy as np
+
+    from flashhead.pipeline.flashhead_pipeline import reference_generator
+
+    if speed:
+        pipe.optimize(speed)
+    cfg = pipe.config
+    image = np.random.default_rng(0).integers(0, 256, (cfg.height, cfg.width, 3), dtype=np.uint8)
+    ref = pipe.encode_reference(image, generator=reference_generator(0))
+    g = torch.Generator().manual_seed(3)
+    d = pipe.dit.config
+    context = torch.randn(1, cfg.frame_num, d.audio_window, d.audio_layers, d.audio_channels, generator=g)
+    a = pipe.generate_chunk(ref, ref.first_motion, context, generator=torch.Generator().manual_seed(4))
+    b = pipe.generate_chunk(ref, a.motion_latents, context, generator=torch.Generator().manual_seed(5))
+    wave = (0.3 * np.sin(np.arange(int(16000 * 1.2)) * 2 * np.pi * 150 / 16000)).astype(np.float32)
+    out = pipe(image, wave, sample_rate=16000, seed=7, progress=False, watermark=False)
+    return {"a_latents": a.latents, "a_video": a.video, "b_latents": b.latents, "b_video": b.video,
+            "frames": torch.from_numpy(out.frames)}  # fmt: skip
+
+
+def main(out: Path, cases: list[str]) -> None:
+    group = init_sequence_parallel()
+    rank, n = group.rank, group.world_size
+    results: dict[str, torch.Tensor] = {}
+    for case in cases:
+        if case in ("ulysses", "ring"):
+            heads = 2 * n if case == "ulysses" else 3
+            q, k, v = attention_inputs(heads)
+            part = partition_tokens(1, q.shape[1], n)  # one "frame": uneven token shards
+            a, b = part.bounds(rank)
+            fn = ulysses_attention if case == "ulysses" else ring_attention
+            results[case] = fn(q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank)
+        elif case.startswith("dit"):  # dit-<heads>
+            from flashhead.parallel.dit import SequenceParallelDiT
+
+            dit = tiny_random_dit(int(case.split("-")[1]))
+            with torch.no_grad():
+                results[case] = SequenceParallelDiT(dit, group)(*dit_inputs(dit))
+        elif case == "decode":
+            from _tiny import tiny_vae
+            from flashhead.parallel.vae import split_decode
+
+            results[case] = split_decode(tiny_vae("pro"), split_decode_latent(), group, halo=2)
+        elif case.startswith("pipeline"):  # pipeline-<speed or plain>
+            from _tiny import tiny_pipeline
+
+            pipe = tiny_pipeline("pro")[0].parallelize(group)
+            speed = case.partition("-")[2]
+            if group.is_leader:
+                try:
+                    got = pipeline_run(pipe, None if speed == "plain" else speed.replace("+", ","))
+                finally:
+                    pipe.release_followers()
+                results.update({f"{case}.{k}": v for k, v in got.items()})
+            else:
+                if speed != "plain":
+                    pipe.optimize(speed.replace("+", ","))
+                pipe.follow()
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
