@@ -90,12 +90,13 @@ class RayCluster:
         spec: ReplicaSpec,
         resources: ReplicaResources | None = None,
         *,
+        replicas: int | None = None,
         num_cpus: int | None = None,
     ) -> RayCluster:
         """Connect (or start a local Ray with `num_cpus`), deploy the replicas and wait until they serve.
 
-        Without `resources`, one replica per GPU of the cluster (a whole GPU each), or one CPU replica on a
-        cluster without GPUs.
+        Without `resources`: `replicas` replicas (default one per GPU of the cluster), a whole GPU each; on a
+        cluster without GPUs, one CPU core each (default one replica).
         """
         import ray
         from ray import serve
@@ -110,8 +111,8 @@ class RayCluster:
                 raise ConfigError(f"--ray {address}: cannot connect to a Ray cluster ({e})") from None
         if resources is None:
             gpus = int(ray.cluster_resources().get("GPU", 0))
-            resources = ReplicaResources(replicas=gpus, gpus=1.0, cpus=1.0) if gpus else ReplicaResources()
-        serve.start(http_options={"location": "NoServer"})  # the FastAPI front end is the only ingress
+            resources = ReplicaResources(replicas=replicas or gpus or 1, gpus=1.0 if gpus else 0.0)
+        serve.start(proxy_location="Disabled")  # the FastAPI front end is the only ingress
         handle = serve.run(engine_deployment(spec, resources), name=APP_NAME, route_prefix=None)
         info = handle.describe.remote().result(timeout_s=600)
         logger.info("ray: %d engine replica(s) of %s ready", resources.replicas, info["model"])

@@ -56,7 +56,10 @@ class CapacityRouter(RequestRouter):
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._placed: dict[str, list[float]] = {}
-        _ROUTERS[self._deployment_id.name] = self
+        # Ray Serve may pickle this class by value, which copies the module's globals: register in the real module.
+        from flashhead.serve import placement
+
+        placement._ROUTERS[self._deployment_id.name] = self
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
