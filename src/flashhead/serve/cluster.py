@@ -73,6 +73,10 @@ def _runtime_env(address: str | None) -> dict:
     return {"py_modules": [str(package)]}
 
 
+class ReplicaLost(Exception):
+    """The replica holding a session is gone (its calls now reach another replica, or none)."""
+
+
 class RayCluster:
     """A connection to Ray with the engine deployment running on it. Use as a context manager, or call `shutdown`."""
 
@@ -126,11 +130,12 @@ class RayCluster:
         import ray
         from ray import serve
 
-        with contextlib.suppress(Exception):  # best effort: the cluster may already be gone
-            serve.delete(APP_NAME)
-        if self._started_ray:
+        if self._started_ray:  # our own Ray: everything goes with it
             serve.shutdown()
             ray.shutdown()
+            return
+        with contextlib.suppress(Exception):  # best effort: the cluster may already be gone
+            serve.delete(APP_NAME, _blocking=False)
 
     def __enter__(self) -> RayCluster:
         return self
@@ -313,6 +318,8 @@ class ClusterWorker:
                         reply = await self._call(session, op[0], session.id)
                     if "error" in reply:
                         code, message = reply["error"]
+                        if code == "lost":
+                            raise ReplicaLost(message)
                         raise (AudioError if code == "bad_audio" else SessionError)(message)
         except asyncio.CancelledError:
             raise
@@ -323,6 +330,8 @@ class ClusterWorker:
         try:
             while True:
                 reply = await self._call(session, "pull", session.id, timeout=PULL_SECONDS + CALL_TIMEOUT)
+                if "error" in reply:
+                    raise ReplicaLost(reply["error"][1])
                 for chunk, latency in reply["chunks"]:
                     if self.observer is not None and len(chunk.frames):
                         self.observer.frames_done(len(chunk.frames))  # rounds are timed on the replicas
@@ -340,11 +349,9 @@ class ClusterWorker:
     def _lost(self, session: RemoteSession, sink: ChunkSink, error: Exception) -> None:
         if session.closed:
             return
-        if not isinstance(error, FlashHeadError):  # Ray's: the replica died, or its node, or it stopped answering
+        if not isinstance(error, FlashHeadError):  # the replica died, or its node, or it stopped answering
             logger.warning("engine replica %s lost (%s): ending its session %s", session.replica, error, session.id)
-            error = SessionError(
-                f"the engine replica serving this session was lost ({type(error).__name__}); start a new session"
-            )
+            error = SessionError("the engine replica serving this session was lost; start a new session")
         self.close_session(session.id)
         sink.fail(error)
 

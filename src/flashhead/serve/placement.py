@@ -68,8 +68,9 @@ class CapacityRouter(RequestRouter):
         kwargs = pending_request.kwargs if pending_request is not None else {}
         pinned = kwargs.get("replica")
         if pinned is not None:
-            # A session's replica, or nothing: an empty answer makes Serve wait (the front end times such calls out).
-            return [[by_id[pinned]]] if pinned in by_id else []
+            # A session's replica. Once it is gone (Serve drops a dead replica and retries the call), any other
+            # replica answers that the session's replica was lost, so the call fails at once instead of waiting.
+            return [[by_id[pinned]]] if pinned in by_id else [candidate_replicas]
         if "exclude" not in kwargs:  # a call about no session in particular: any replica
             return [candidate_replicas]
         stats = {rid: dict(r.routing_stats) for rid, r in by_id.items()}

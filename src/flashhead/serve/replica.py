@@ -202,8 +202,17 @@ class EngineReplica:
         self.outboxes[session_id] = outbox
         return {"replica": self.id, "session": session_id}
 
+    def _misrouted(self, routing: dict) -> dict | None:
+        """A call meant for another replica reaches this one only when that replica is gone (placement)."""
+        meant = routing.get("replica")
+        if meant is not None and meant != self.id:
+            return {"error": ["lost", f"engine replica {meant} is gone"], "chunks": [], "failure": None}
+        return None
+
     async def push(self, session_id: str, samples: np.ndarray, **routing: Any) -> dict:
         """Queue 16 kHz mono float32 speech (the front end has decoded and resampled it)."""
+        if lost := self._misrouted(routing):
+            return lost
         try:
             self.worker.push_audio(self.engine.session(session_id), samples, self.engine.pipeline.config.sample_rate)
         except FlashHeadError as e:
@@ -211,6 +220,8 @@ class EngineReplica:
         return {}
 
     async def end(self, session_id: str, **routing: Any) -> dict:
+        if lost := self._misrouted(routing):
+            return lost
         session = self.engine.sessions.get(session_id)
         if session is not None:
             session.end()
@@ -218,12 +229,16 @@ class EngineReplica:
         return {}
 
     async def interrupt(self, session_id: str, **routing: Any) -> dict:
+        if lost := self._misrouted(routing):
+            return lost
         session = self.engine.sessions.get(session_id)
         if session is not None:
             session.interrupt()
         return {}
 
     async def close(self, session_id: str, **routing: Any) -> dict:
+        if lost := self._misrouted(routing):
+            return lost
         self.worker.close_session(session_id)
         outbox = self.outboxes.pop(session_id, None)
         if outbox is not None:
@@ -236,6 +251,8 @@ class EngineReplica:
 
         Returns {"chunks": [(VideoChunk, latency), ...], "failure": message or None}; the final chunk ends it.
         """
+        if lost := self._misrouted(routing):
+            return lost
         outbox = self.outboxes.get(session_id)
         if outbox is None:
             return {"chunks": [], "failure": f"no session {session_id!r} on replica {self.id}"}
