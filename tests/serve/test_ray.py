@@ -182,3 +182,16 @@ def test_a_lost_replica_ends_only_its_sessions(server):
     assert "engine replica serving this session was lost" in lost.errors[0]["message"]
     assert lost.frames < 150
     assert not kept.errors and kept.done and kept.frames == 150  # every frame of the other session
+
+
+def test_ranking_counts_the_sessions_placed_since_each_report():
+    from flashhead.serve.placement import rank_by_free
+
+    stats = {
+        "a": {"free": 3, "sessions": 1, "measured_at": 100.0},
+        "b": {"free": 2, "sessions": 2, "measured_at": 100.0},
+    }
+    assert rank_by_free(stats, {}) == ["a", "b"]
+    assert rank_by_free(stats, {"a": [99.0, 101.0, 102.0]}) == ["b", "a"]  # two placed on `a` since its report
+    assert rank_by_free(stats, {}, exclude=["a"]) == ["b"]
+    assert rank_by_free({"new": {}, **stats}, {})[0] == "new"  # no report yet: an idle replica
