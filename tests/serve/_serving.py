@@ -127,9 +127,11 @@ async def stream_audio(
     disconnect_after: float | None = None,
     send_raw: list[bytes] | None = None,
     timeout: float = 120.0,
+    payloads: list[bytes] | None = None,
 ) -> StreamResult:
     """One WebSocket client: start, send `audio` as PCM16 in pieces (paced at `realtime_factor` x real time,
-    or as fast as possible when None), `end`, and collect every chunk until `done` or the socket closes."""
+    or as fast as possible when None), `end`, and collect every chunk until `done` or the socket closes.
+    `payloads`: a list that receives each chunk's frame bytes."""
     import websockets
 
     result = StreamResult()
@@ -174,6 +176,8 @@ async def stream_audio(
                         if sent_at is not None and header["num_frames"]:
                             result.client_latencies.append(now - sent_at)
                         result.chunks.append(header)
+                        if payloads is not None:
+                            payloads.append(message[: sum(header["frame_bytes"])])
                         header = None
                         continue
                     msg = json.loads(message)

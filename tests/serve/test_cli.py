@@ -22,9 +22,12 @@ def test_help_lists_the_options():
         assert option in result.output
 
 
-def test_ray_is_refused_with_a_clear_message():
-    result = CliRunner().invoke(app(), ["serve", "--ray", "ray://head:10001"])
-    assert result.exit_code != 0 and "--ray is not implemented yet" in str(result.exception)
+def test_bad_ray_options_are_refused_with_a_clear_message():
+    # Refused before Ray or a model is started (tests/serve/test_ray.py runs a real cluster).
+    result = CliRunner().invoke(app(), ["serve", "--ray", "head-node"])
+    assert result.exit_code != 0 and "expected 'local', 'auto', 'ray://HOST:PORT'" in str(result.exception)
+    result = CliRunner().invoke(app(), ["serve", "--replicas", "2"])
+    assert result.exit_code != 0 and "--replicas needs --ray" in str(result.exception)
 
 
 def test_loopback_detection():

@@ -2,7 +2,8 @@
 
 The engine (flashhead.pipeline.stream) knows nothing of HTTP; this package is the thin layer around it:
 `app` (routes), `worker` (the one engine thread), `sessions` (live sessions and their back-pressure),
-`websocket` / `webrtc` (transports), `jobs` (offline generation), `portraits`, `auth`, `limits`, `metrics`.
+`websocket` / `webrtc` (transports), `jobs` (offline generation), `portraits`, `auth`, `limits`, `metrics`;
+`replica`, `placement`, `cluster`: the same server in front of engine replicas on a Ray cluster (`serve --ray`).
 Install with `pip install flashhead[serve]`; see docs/serving.md.
 """
 

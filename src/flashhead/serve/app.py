@@ -83,7 +83,9 @@ class ServeService:
         self.limits = limits
         self.auth = BearerAuth(token)
         self.metrics = ServeMetrics()
-        self.worker = EngineWorker(engine, observer=self.metrics)
+        # An engine may bring its own worker: the Ray front end's runs sessions on cluster replicas.
+        make_worker = getattr(engine, "make_worker", None)
+        self.worker = make_worker(self.metrics) if make_worker else EngineWorker(engine, observer=self.metrics)
         self.hub = SessionHub(self.worker, limits, self.metrics)
         self.portraits = PortraitStore(self.pipeline, max_items=limits.max_portraits, ttl=limits.portrait_ttl_seconds)
         self.jobs = JobManager(self.worker, self.portraits, limits, self.metrics)
@@ -131,7 +133,7 @@ class ServeService:
             "jobs_queued": self.jobs.queued,
             "auth": self.auth.enabled,
             "uptime_seconds": round(time.time() - self.started, 1),
-        }
+        } | ({"replicas": self.engine.replicas()} if hasattr(self.engine, "replicas") else {})
 
 
 def create_app(
@@ -144,15 +146,15 @@ def create_app(
     """Build the server app around a loaded pipeline (an engine is made for it) or a ready engine.
 
     Args:
-        engine_or_pipeline: the model. A given engine is used as is (its `max_sessions` caps the live sessions,
-            less `limits.max_running_jobs` slots kept for offline jobs).
+        engine_or_pipeline: the model. A given engine (local, or a Ray cluster's ClusterEngine) is used as is
+            (its `max_sessions` caps the live sessions, less `limits.max_running_jobs` slots kept for offline jobs).
         token: enables bearer-token auth on every API endpoint.
         limits: sizes, counts and durations the server enforces.
         ice_addresses: the only addresses WebRTC media may use (default loopback; None: every interface).
     """
     limits = limits or ServeLimits()
-    if isinstance(engine_or_pipeline, StreamEngine):
-        engine = engine_or_pipeline
+    if isinstance(engine_or_pipeline, StreamEngine) or hasattr(engine_or_pipeline, "make_worker"):
+        engine = engine_or_pipeline  # a local engine, or flashhead.serve.cluster.ClusterEngine
     else:
         engine = StreamEngine(
             engine_or_pipeline, max_sessions=limits.engine_sessions, max_batch=limits.max_batch,

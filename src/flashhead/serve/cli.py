@@ -112,7 +112,14 @@ def serve_command(
         bool, typer.Option("--webrtc-any-interface", help="Let WebRTC media use every interface, not just --host.")
     ] = False,
     ray: Annotated[
-        str | None, typer.Option("--ray", help="Ray cluster address: place sessions on its GPU workers.")
+        str | None,
+        typer.Option(
+            "--ray", help="Place sessions on engine replicas of a Ray cluster: local, auto or ray://HOST:PORT."
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option("--replicas", help="With --ray: engine replicas (default: one per GPU; 1 without GPUs)."),
     ] = None,
 ) -> None:
     """Serve live talking heads (WebRTC, WebSocket) and offline jobs (HTTP) with a browser page at /."""
@@ -120,20 +127,51 @@ def serve_command(
     from flashhead.pipeline.registry import resolve_model_name
     from flashhead.serve.app import create_app
 
-    if ray is not None:
-        raise ConfigError("--ray is not implemented yet: see docs/scaling.md for the planned placement")
     if max_sessions < 1 or max_batch < 1:
         raise ConfigError("--max-sessions and --max-batch must be at least 1")
+    if replicas is not None and (ray is None or replicas < 1):
+        raise ConfigError("--replicas needs --ray and must be at least 1")
     if not is_loopback(host) and token is None:
         logger.warning("serving on %s without --token: anyone who can reach it can use it", host)
     limits = ServeLimits(
         max_sessions=max_sessions, max_batch=max_batch, max_session_seconds=max_session_seconds,
         max_upload_bytes=int(max_upload_mb * MiB),
     )  # fmt: skip
-    pipe = FlashHeadPipeline.from_pretrained(resolve_model_name(model, weights), weights=weights, device=device)
     ice = None  # WebRTC media on every interface, as the HTTP server
     if not ice_any and host not in ("0.0.0.0", "::"):
         ice = ["127.0.0.1"] if host == "localhost" else [host]
+    if ray is not None:
+        serve_on_ray(ray, replicas, model, weights, device, limits, host, port, token, ice)
+        return
+    pipe = FlashHeadPipeline.from_pretrained(resolve_model_name(model, weights), weights=weights, device=device)
     app = create_app(pipe, token=token, limits=limits, ice_addresses=ice)
     print(f"flashhead serve: {pipe.name} on http://{host}:{port}/ (auth {'on' if token else 'off'})")
     run_server(app, host, port, limits=limits)
+
+
+def serve_on_ray(
+    address: str, replicas: int | None, model: str, weights: Path | None, device: str | None, limits: ServeLimits,
+    host: str, port: int, token: str | None, ice: list[str] | None,
+) -> None:  # fmt: skip
+    """The same server, its sessions placed on engine replicas of a Ray cluster (docs/scaling.md)."""
+    try:
+        from flashhead.serve.cluster import RayCluster, parse_address
+        from flashhead.serve.replica import ReplicaSpec
+    except ImportError as e:
+        raise ConfigError(f"--ray needs Ray Serve: pip install 'flashhead[serve]' ({e})") from None
+    from flashhead.serve.app import create_app
+
+    parse_address(address)  # a bad address fails before Ray starts
+    spec = ReplicaSpec(
+        model=model, weights=str(weights) if weights else None, device=device, max_sessions=limits.max_sessions,
+        max_batch=limits.max_batch, max_buffered_seconds=limits.max_buffered_audio_seconds,
+    )  # fmt: skip
+    with RayCluster.connect(address, spec, replicas=replicas) as cluster:
+        engine = cluster.engine()
+        # The front end admits every replica's sessions; each replica still refuses beyond its own measured capacity.
+        front = ServeLimits(**{**limits.__dict__, "max_sessions": engine.max_sessions - limits.max_running_jobs})
+        app = create_app(engine, token=token, limits=front, ice_addresses=ice)
+        n = cluster.resources.replicas
+        print(f"flashhead serve: {cluster.info['model']} on {n} Ray replica(s), http://{host}:{port}/ "
+              f"(auth {'on' if token else 'off'})")  # fmt: skip
+        run_server(app, host, port, limits=front)

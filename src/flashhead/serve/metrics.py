@@ -80,6 +80,10 @@ class ServeMetrics:
 
     def round_done(self, batch: int, seconds: float, frames: int) -> None:
         self.round_seconds.observe(seconds)
+        self.frames_done(frames)
+
+    def frames_done(self, frames: int) -> None:
+        """Frames generated: by this server's engine, or by the cluster replicas it fronts (`serve --ray`)."""
         self.frames.inc(frames)
         self.frame_rate.add(frames)
 
