@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# FLASHHEAD_SHARED: where ../shared is elsewhere (the device machine gets only the repo and carried folders).
+SHARED = Path(os.environ.get("FLASHHEAD_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 MEDIA = SHARED / "media"
 

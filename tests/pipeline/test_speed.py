@@ -60,20 +60,18 @@ def test_switches_parse_and_reject_bad_values():
 
 
 @pytest.mark.parametrize("grid", [(5, 16, 16), (9, 32, 32)])  # the Lite and Pro token grids at 512 px
-def test_float32_rope_table_matches_the_float64_path(grid):
+def test_rope_table_matches_the_complex_path(grid):
     head_dim = 128
     phasors = rope_frequencies(head_dim, grid, torch.device("cpu"))
     table = rope_table(head_dim, grid, torch.device("cpu"))
-    assert table.dtype == torch.float32 and table.shape == (*phasors.shape, 2)
+    assert table.dtype == torch.float64 and table.shape == (*phasors.shape, 2)
     x = torch.randn(1, phasors.shape[0], 2, head_dim, generator=torch.Generator().manual_seed(0))
     exact, fast = apply_rope(x, phasors), apply_rope(x, table)
-    assert (fast - exact).abs().max() < 1e-5 * x.abs().max()
-    # In bfloat16 (the inference dtype) the two agree to within one rounding step of the output.
+    assert (fast - exact).abs().max() < 1e-6 * x.abs().max()
+    # In bfloat16 (the inference dtype) the real float64 rotation rounds exactly like the complex one: a
+    # float32 rotation flipped ~0.5 % of the roundings, which random-weight networks amplify to ~35 dB PSNR.
     xb = x.bfloat16()
-    exact_b, fast_b = apply_rope(xb, phasors).float(), apply_rope(xb, table).float()
-    ulp = torch.maximum(exact_b.abs(), fast_b.abs()) * 2**-7 + 1e-6  # one bf16 step at the larger value
-    assert bool(((fast_b - exact_b).abs() <= ulp).all())
-    assert (fast_b != exact_b).float().mean() < 0.01
+    assert torch.equal(apply_rope(xb, phasors), apply_rope(xb, table))
 
 
 # -- the fast denoiser --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class SpeedConfig:
     """Which optimisations run. Defaults: none (the plain eager path).
 
     Attributes:
-        rope_table: RoPE as a float32 (cos, sin) table computed once per token grid, instead of float64
+        rope_table: RoPE as a real float64 (cos, sin) table computed once per token grid, instead of float64
             complex arithmetic at every forward (the angles are still computed in float64).
         cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
             the audio tokens projected once per chunk instead of once per step.
