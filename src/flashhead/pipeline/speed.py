@@ -26,8 +26,8 @@ class SpeedConfig:
     """Which optimisations run. Defaults: none (the plain eager path).
 
     Attributes:
-        rope_table: RoPE as a real float64 (cos, sin) table computed once per token grid, instead of float64
-            complex arithmetic at every forward (the angles are still computed in float64).
+        rope_table: RoPE as a real float64 (cos, sin) table computed once per token grid, instead of complex
+            phasors rebuilt at every forward (same float64 arithmetic; no complex dtypes, so it compiles).
         cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
             the audio tokens projected once per chunk instead of once per step.
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
