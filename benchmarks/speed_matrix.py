@@ -34,6 +34,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+attention=fa3", {"attention": "fa3"}, True),
     ("+attention=cudnn", {"attention": "cudnn"}, False),
     ("+cudnn_benchmark", {"cudnn_benchmark": True}, False),
+    ("+vae_channels_last", {"vae_channels_last": True}, True),
     ("+pinned_memory", {"pinned_memory": True}, False),
     ("+audio_stream", {"audio_stream": True}, False),
     ("+compile_color", {"compile_color": True}, False),

@@ -40,6 +40,7 @@ EXACT = {
 }
 REASSOCIATING = {
     "attention_flash": "attention=flash",
+    "vae_channels_last": "vae_channels_last=on",
     "compile_color": "compile_color=on",
     "compile_dit": "compile_dit=on,rope_table=on",
     "compile_vae": "compile_vae=on",

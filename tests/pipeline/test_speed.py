@@ -160,7 +160,7 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
     plain = run_stream(lite, SpeedConfig(), audio, image)
     assert len(plain) == round(1.5 * 25)
     # Noise drawn ahead of time (pinned_memory), audio prefetch (a no-op without CUDA), cached conditioning
-    # and the float32 RoPE table: the same frames up to float rounding.
+    # and the RoPE table: the same frames up to float rounding.
     fast = run_stream(lite, SpeedConfig(rope_table=True, cond_cache=True, pinned_memory=True, audio_stream=True),
                       audio, image)  # fmt: skip
     assert fast.shape == plain.shape
@@ -168,6 +168,21 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
     # Noise drawn ahead alone changes nothing at all: the same numbers in the same order.
     assert np.array_equal(run_stream(lite, SpeedConfig(pinned_memory=True), audio, image), plain)
     assert lite.speed.is_plain and lite._fast is None
+
+
+def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
+    convs = [m for m in lite.vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs
+    audio = speech(1.0)
+    image = np.random.default_rng(2).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
+    plain = run_stream(lite, SpeedConfig(), audio, image)
+    lite.optimize(SpeedConfig(vae_channels_last=True))
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+    assert not all(c.weight.is_contiguous() for c in convs)
+    lite.optimize(SpeedConfig())
+    assert all(c.weight.is_contiguous() for c in convs)
+    # The same convolutions in another memory layout: the frames up to float rounding.
+    assert psnr_uint8(run_stream(lite, SpeedConfig(vae_channels_last=True), audio, image), plain) > 50
 
 
 def test_decode_new_only_keeps_the_frame_count(lite):

@@ -214,7 +214,13 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
         raise ConfigError("fp8 cannot be switched off again on this pipeline: reload the model")
     for block in dit.blocks:
         _compile(block, speed.compile_mode) if speed.compile_dit else _uncompile(block)
-    decoder = getattr(getattr(vae, "model", None), "decoder", None)
+    model = getattr(vae, "model", None)
+    if isinstance(model, torch.nn.Module):
+        # Channels-last weights make cuDNN pick NDHWC kernels, and their outputs carry the layout onwards.
+        layout = torch.channels_last_3d if speed.vae_channels_last else torch.contiguous_format
+        for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv3d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    decoder = getattr(model, "decoder", None)
     if decoder is not None:
         _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
 

@@ -33,6 +33,8 @@ class SpeedConfig:
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
             "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`).
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
+        vae_channels_last: VAE weights in channels-last 3-D layout, so cuDNN runs the 3-D convolutions
+            channels-last (NDHWC), the layout Hopper tensor-core kernels prefer; not in `optimized` until measured.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder.
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
@@ -52,6 +54,7 @@ class SpeedConfig:
     cond_cache: bool = False
     attention: Literal["sdpa", "cudnn", "flash", "efficient", "math", "fa3"] = "sdpa"
     cudnn_benchmark: bool = False
+    vae_channels_last: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
     compile_color: bool = False
