@@ -161,41 +161,64 @@ def rollout(pipe, clip, seconds: float, seed: int) -> np.ndarray:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Docs-ready figure: error and identity similarity against time, mouth r per model, a mouth trace."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax_err, ax_id), (ax_bar, ax_trace) = axes
     colours = {"student": "tab:blue", "teacher_4step": "tab:orange", "truth": "tab:gray"}
+    labels = {"student": "distilled student (4 steps)", "teacher_4step": "teacher, 4 Euler steps + CFG"}
+
+    def mean_curve(clips, key):
+        n = min(len(c[key]) for c in clips)  # clips of slightly different lengths: the common span
+        return np.nanmean(np.array([c[key][:n] for c in clips]), axis=0)
+
     for name, summary in results["models"].items():
-        err = np.nanmean(np.array([c["mse_per_second"] for c in summary["clips"]]), axis=0)
-        ident = np.nanmean(np.array([c["identity_per_second"] for c in summary["clips"]]), axis=0)
-        label = f"{name} (mouth r={summary['mouth_corr']:.2f})"
-        axes[0].plot(np.arange(len(err)) + 0.5, err, label=label, color=colours.get(name))
-        axes[1].plot(np.arange(len(ident)) + 0.5, ident, label=f"{name} ({summary['identity_slope_per_min']:+.3f}/min)",
-                     color=colours.get(name))  # fmt: skip
-    truth_ident = np.nanmean(np.array([c["identity_per_second"] for c in results["truth"]["clips"]]), axis=0)
-    axes[1].plot(np.arange(len(truth_ident)) + 0.5, truth_ident, label="ground truth", color="tab:gray", ls="--")
+        err, ident = mean_curve(summary["clips"], "mse_per_second"), mean_curve(summary["clips"], "identity_per_second")
+        ax_err.plot(np.arange(len(err)) + 0.5, err, label=f"{labels.get(name, name)}: {summary['mse']:.4f}",
+                    color=colours.get(name))  # fmt: skip
+        ax_id.plot(np.arange(len(ident)) + 0.5, ident, color=colours.get(name),
+                   label=f"{labels.get(name, name)}: {summary['identity_slope_per_min']:+.3f}/min")  # fmt: skip
+    truth_ident = mean_curve(results["truth"]["clips"], "identity_per_second")
+    ax_id.plot(np.arange(len(truth_ident)) + 0.5, truth_ident, color="tab:gray", ls="--",
+               label=f"ground truth: {results['truth']['identity_slope_per_min']:+.3f}/min")  # fmt: skip
+
+    names = [*results["models"], "truth"]
+    per_clip = [[c["mouth_corr"] for c in results["models"][n]["clips"]] for n in results["models"]]
+    per_clip.append([c["mouth_corr"] for c in results["truth"]["clips"]])
+    means = [float(np.nanmean(v)) for v in per_clip]
+    x = np.arange(len(names))
+    ax_bar.bar(x, means, color=[colours.get(n) for n in names], alpha=0.8)
+    for i, v in enumerate(per_clip):
+        ax_bar.scatter(np.full(len(v), x[i]), v, color="black", s=12, zorder=3)  # each clip
+        ax_bar.text(x[i], means[i], f"{means[i]:.2f}", ha="center", va="bottom")
+    ax_bar.set_xticks(x, [labels.get(n, "ground truth (ceiling)") for n in names], fontsize=8)
+
     clip0 = results["truth"]["clips"][0]
     fps = results["fps"]
     span = slice(0, min(len(clip0["mouth_open"]), 10 * fps))
     t = np.arange(span.stop) / fps
 
-    def z(x):
-        x = np.asarray(x, np.float64)[span]
-        return (x - np.nanmean(x)) / (np.nanstd(x) + 1e-12)
+    def z(v):
+        v = np.asarray(v, np.float64)[span]
+        return (v - np.nanmean(v)) / (np.nanstd(v) + 1e-12)
 
-    axes[2].plot(t, z(clip0["mouth_open"]), color="black", label="truth (drawn opening)")
+    ax_trace.plot(t, z(clip0["mouth_open"]), color="black", label="truth (drawn opening)")
     for name, summary in results["models"].items():
-        axes[2].plot(t, z(summary["clips"][0]["mouth_signal"]), color=colours.get(name), label=name, alpha=0.8)
-    axes[0].set(title="error to ground truth", xlabel="time (s)", ylabel="pixel MSE")
-    axes[1].set(title="identity: similarity to the reference", xlabel="time (s)", ylabel="cosine")
-    axes[2].set(title="mouth opening, first clip, first 10 s (z-scored)", xlabel="time (s)")
-    for ax in axes:
+        ax_trace.plot(t, z(summary["clips"][0]["mouth_signal"]), color=colours.get(name), label=labels.get(name),
+                      alpha=0.8)  # fmt: skip
+    ax_err.set(title="error to the ground truth (mean over clips)", xlabel="time (s)", ylabel="pixel MSE")
+    ax_id.set(title="identity: similarity of each second to the reference", xlabel="time (s)", ylabel="cosine")
+    ax_bar.set(title="mouth opening read from the pixels vs truth (Pearson r)", ylabel="r")
+    ax_trace.set(title="mouth opening, first clip, first 10 s (z-scored)", xlabel="time (s)")
+    for ax in (ax_err, ax_id, ax_trace):
         ax.legend(fontsize=8)
+    for ax in axes.ravel():
         ax.grid(alpha=0.3)
-    fig.suptitle(results["title"], fontsize=10)
+    fig.suptitle(results["title"], fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -203,9 +226,49 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def markdown_table(results: dict) -> str:
+    """The summary as a markdown table, ready for docs/distillation.md."""
+    rows = [("distilled student (4 steps, no CFG)", results["models"]["student"]),
+            (f"teacher, 4 Euler steps + audio CFG {results['teacher_guidance']}", results["models"]["teacher_4step"]),
+            ("ground truth (the read-outs' ceiling)", results["truth"])]  # fmt: skip
+    lines = [
+        f"{len(results['truth']['clips'])} held-out clips x {results['seconds']:.0f} s, {results['size']} px, "
+        f"device {results['device']}",
+        "",
+        "| model | pixel MSE to truth | mouth r | identity slope (/min) | identity, last 10 s | rollout FPS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        mse = f"{m['mse']:.5f}" if "mse" in m else "0"
+        r = m.get("mouth_corr", m.get("truth_mouth_corr"))
+        last = np.mean([np.mean(c["identity_per_second"][-10:]) for c in m["clips"]])
+        fps = m.get("fps")
+        lines.append(f"| {name} | {mse} | {r:.3f} | {m['identity_slope_per_min']:+.4f} | {last:.3f} | "
+                     f"{f'{fps:.0f}' if fps else '-'} |")  # fmt: skip
+    v = results["verdict"]
+    lines += ["", "verdict: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v.items())]
+    return "\n".join(lines) + "\n"
+
+
+def export_student_dit(student_dir: Path, out: Path) -> Path:
+    """The student's DiT in float16, as the embedded model ships (its drop-in replacement candidate)."""
+    from flashhead.models.dit import FlashHeadDiT
+
+    dit = FlashHeadDiT.from_pretrained(student_dir / "dit").to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    dit.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
 def summarise(clips: list[dict]) -> dict:
     return {
         "mse": float(np.mean([c["mse"] for c in clips])),
+        "fps": float(sum(c["frames"] for c in clips) / sum(c["seconds"] for c in clips)),
         "mouth_corr": float(np.nanmean([c["mouth_corr"] for c in clips])),
         "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in clips])),
         "clips": clips,
@@ -227,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of both models")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="precision of both models' DiT and VAE in the rollouts")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("flashhead").setLevel(logging.INFO)
@@ -235,10 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
 
-    teacher = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    teacher = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device, torch_dtype=dtype)
     size = teacher.config.height
-    student_dir = train_student(args, size)
-    student = FlashHeadPipeline.from_pretrained(student_dir, device=args.device)
+    student_dir = Path(train_student(args, size))
+    student = FlashHeadPipeline.from_pretrained(student_dir, device=args.device, torch_dtype=dtype)
     guidance = teacher.config.guidance_scale if teacher.config.guidance_scale > 1 else 3.0
     teacher.config = teacher.config.replace(num_inference_steps=4, sampler="euler", guidance_scale=guidance)
     models = {"student": student, "teacher_4step": teacher}
@@ -276,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
         "title": f"student ({student_dir}) vs teacher with 4 Euler steps + CFG {guidance} ({args.teacher}); "
         f"{len(clips)} clips x {args.seconds:.0f} s",
         "teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
-        "size": size, "device": args.device, "verdict": verdict,
+        "size": size, "device": _device_name(args.device), "dtype": args.dtype, "teacher_guidance": guidance,
+        "verdict": verdict,
         "models": {"student": s, "teacher_4step": t4},
         "truth": {"truth_mouth_corr": float(np.nanmean([c["mouth_corr"] for c in truth_clips])),
                   "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in truth_clips])),
@@ -288,10 +355,18 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out / "results.json")
     plot(results, out / "results.png")
-    table = {n: {k: v for k, v in m.items() if k != "clips"} for n, m in results["models"].items()}
-    print(json.dumps({"summary": table, "truth_mouth_corr": results["truth"]["truth_mouth_corr"],
-                      "verdict": verdict}, indent=2))  # fmt: skip
+    table = markdown_table(results)
+    (out / "results.md.tmp").write_text(table)
+    (out / "results.md.tmp").replace(out / "results.md")
+    export_student_dit(student_dir, out / "student-dit-fp16")
+    print(table)
     return results
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
 
 
 if __name__ == "__main__":
