@@ -6,15 +6,15 @@
 #   bash .device/distill/run.sh                                  # the experiment (carry [".device"])
 #   bash .device/distill/run.sh --set distill.regression_weight=1.0   # a variant: Stage-2 overrides
 #
-# Environment: OUT (results; default /tmp/distill-out), EVAL_SECONDS (60), EVAL_CLIPS (3), SITE (/tmp/site),
-# SKIP_WHEELS=1 (a machine that has diffusers and soxr already).
+# Environment: OUT (results; default /tmp/distill-out), RUN (work folder; runs/distill), EVAL_SECONDS (60),
+# EVAL_CLIPS (3), SITE (/tmp/site), SKIP_WHEELS=1 (a machine that has diffusers and soxr already).
 # Leaves in $OUT (8 files): results.md/.json/.png, student_dit.safetensors (float16) + student_dit_config.json,
 # metrics.jsonl + summary.json of the training run, log.txt.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/distill-out}
 SITE=${SITE:-/tmp/site}
-RUN=runs/distill
+RUN=${RUN:-runs/distill}
 mkdir -p "$OUT"
 if [ "${SKIP_WHEELS:-0}" != 1 ]; then  # the device lacks diffusers and soxr (cp312 wheels); a CPU dry run skips this
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \

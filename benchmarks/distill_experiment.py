@@ -9,14 +9,18 @@ teacher sampled with 4 steps and no distillation, over long autoregressive rollo
 2. Evaluation clips: --eval-clips procedural synthetic clips of --seconds each (identities and sentences the
    training shards never saw: their own dataset seed), with the drawn mouth opening as lip-sync truth;
    or an existing shard folder (--eval-data).
-3. Roll out both models through the real streaming pipeline from the clip's first frame and its audio:
-   student (distilled sampler, 4 steps) and teacher (Euler, 4 steps, its audio CFG). Same seed for both.
+3. Roll out the models through the real streaming pipeline from the clip's first frame and its audio:
+   student (distilled sampler, 4 steps) and teacher (Euler, 4 steps, its audio CFG), same seed, same --dtype;
+   and a control (not part of the verdict; --no-control skips it): the teacher's weights with the student's
+   sampler and no training, which separates what the training did from what the sampler change does.
 4. Per clip, per second: error to the ground-truth frames (MSE of pixels in [0, 1]); mouth opening read from
    the pixels (darkness of the mouth box) and its Pearson correlation with the truth over the whole clip;
    identity similarity of each frame to the reference (cosine of mean-removed 32x32 thumbnails: the face
    layout and colours, which identity drift changes) and its least-squares slope per minute.
 5. OUT/results.json (all curves and the verdict: student error lower, mouth correlation at least as high,
-   identity slope flatter) and OUT/results.png.
+   identity slope flatter), OUT/results.png (error and identity against time, mouth r bars, a mouth trace),
+   OUT/results.md (the table for docs/distillation.md, also printed) and OUT/student-dit-fp16 (the student's
+   DiT in float16, as the embedded model ships: the drop-in candidate for src/flashhead/assets/flashhead-tiny).
 
 The mouth read-out is validated on the ground truth itself: `truth_mouth_corr` (pixels of the real frames vs
 the drawn opening) is the ceiling a perfect generator would reach.
@@ -44,6 +48,14 @@ log = logging.getLogger("distill_experiment")
 
 # ---------------------------------------------------------------------------------------------------
 # Metrics
+
+
+CONTROL = "teacher_distilled_sampler"
+LABELS = {
+    "student": "distilled student (4 steps, no CFG)",
+    "teacher_4step": "teacher, 4 Euler steps + audio CFG",
+    CONTROL: "control: teacher weights, student's sampler (no training)",
+}
 
 
 def mouth_signal(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -169,8 +181,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     (ax_err, ax_id), (ax_bar, ax_trace) = axes
-    colours = {"student": "tab:blue", "teacher_4step": "tab:orange", "truth": "tab:gray"}
-    labels = {"student": "distilled student (4 steps)", "teacher_4step": "teacher, 4 Euler steps + CFG"}
+    colours = {"student": "tab:blue", "teacher_4step": "tab:orange", CONTROL: "tab:green", "truth": "tab:gray"}
+    labels = {k: v.split(" (")[0] if k == "student" else v.replace("audio ", "") for k, v in LABELS.items()}
 
     def mean_curve(clips, key):
         n = min(len(c[key]) for c in clips)  # clips of slightly different lengths: the common span
@@ -228,9 +240,9 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown_table(results: dict) -> str:
     """The summary as a markdown table, ready for docs/distillation.md."""
-    rows = [("distilled student (4 steps, no CFG)", results["models"]["student"]),
-            (f"teacher, 4 Euler steps + audio CFG {results['teacher_guidance']}", results["models"]["teacher_4step"]),
-            ("ground truth (the read-outs' ceiling)", results["truth"])]  # fmt: skip
+    cfg = f" {results['teacher_guidance']}"
+    rows = [(LABELS[n] + (cfg if n == "teacher_4step" else ""), m) for n, m in results["models"].items()]
+    rows.append(("ground truth (the read-outs' ceiling)", results["truth"]))
     lines = [
         f"{len(results['truth']['clips'])} held-out clips x {results['seconds']:.0f} s, {results['size']} px, "
         f"device {results['device']}",
@@ -254,7 +266,7 @@ def export_student_dit(student_dir: Path, out: Path) -> Path:
     """The student's DiT in float16, as the embedded model ships (its drop-in replacement candidate)."""
     from flashhead.models.dit import FlashHeadDiT
 
-    dit = FlashHeadDiT.from_pretrained(student_dir / "dit").to(torch.float16)
+    dit = FlashHeadDiT.from_pretrained(student_dir / "dit", torch_dtype=torch.float16)
     tmp = out.with_name(out.name + ".tmp")
     dit.save_pretrained(tmp)
     if out.exists():
@@ -290,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of both models")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-control", action="store_true",
+                    help="skip the control: the teacher's weights with the student's sampler, untrained")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="precision of both models' DiT and VAE in the rollouts")  # fmt: skip
     args = ap.parse_args(argv)
@@ -308,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     guidance = teacher.config.guidance_scale if teacher.config.guidance_scale > 1 else 3.0
     teacher.config = teacher.config.replace(num_inference_steps=4, sampler="euler", guidance_scale=guidance)
     models = {"student": student, "teacher_4step": teacher}
+    if not args.no_control:  # what the sampler change alone does, so the training's share can be read off
+        models[CONTROL] = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device, torch_dtype=dtype,
+                                                            config=student.config)  # fmt: skip
 
     clips = eval_clips(args, size)
     fps = student.config.fps
@@ -344,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
         "size": size, "device": _device_name(args.device), "dtype": args.dtype, "teacher_guidance": guidance,
         "verdict": verdict,
-        "models": {"student": s, "teacher_4step": t4},
+        "models": {"student": s, "teacher_4step": t4} | {n: summarise(c) for n, c in per_model.items()
+                                                          if n == CONTROL},
         "truth": {"truth_mouth_corr": float(np.nanmean([c["mouth_corr"] for c in truth_clips])),
                   "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in truth_clips])),
                   "clips": truth_clips},
