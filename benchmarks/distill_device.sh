@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 7 on one GPU in one call of under 9 minutes: distil flashhead-tiny (configs/stage2_tiny_distill.yaml,
-# 5.5 min budget), then compare the student with the 4-step teacher over 60-s rollouts of held-out clips.
+# 5 min budget), then compare the student with the 4-step teacher over 60-s rollouts of held-out clips.
 # benchmarks/distill_payload.py installs this file as .device/distill/run.sh next to its data.tar.xz:
 #
 #   bash .device/distill/run.sh                                  # the experiment (carry [".device"])
