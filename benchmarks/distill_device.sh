@@ -31,13 +31,17 @@ echo "== train $(date +%T)" | tee -a "$OUT/log.txt"
 python3 -m flashhead.train stage2 configs/stage2_tiny_distill.yaml --set "data.roots=[$RUN/data/train]" \
     --set "output_dir=$RUN/exp/run" "$@" 2>&1 | log
 cp "$RUN/exp/run/metrics.jsonl" "$RUN/exp/run/summary.json" "$OUT/"
-
-echo "== evaluate $(date +%T)" | tee -a "$OUT/log.txt"
-python3 benchmarks/distill_experiment.py --config configs/stage2_tiny_distill.yaml \
-    --teacher src/flashhead/assets/flashhead-tiny --data "$RUN/data/train" --eval-data "$RUN/data/eval" \
-    --out "$RUN/exp" --seconds "${EVAL_SECONDS:-60}" --eval-clips "${EVAL_CLIPS:-3}" 2>&1 | log
-cp "$RUN/exp/results.md" "$RUN/exp/results.json" "$RUN/exp/results.png" "$OUT/"
+# The student in float16 now: if the evaluation overruns the call, the trained model is already in $OUT.
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from distill_experiment import export_student_dit; export_student_dit(Path(sys.argv[1]), Path(sys.argv[2]))" \
+    "$RUN/exp/run/export" "$RUN/exp/student-dit-fp16"
 cp "$RUN/exp/student-dit-fp16/diffusion_pytorch_model.safetensors" "$OUT/student_dit.safetensors"
 cp "$RUN/exp/student-dit-fp16/config.json" "$OUT/student_dit_config.json"
+
+echo "== evaluate $(date +%T)" | tee -a "$OUT/log.txt"
+# results.md/.json/.png go straight to $OUT and are rewritten after every clip (a cut-short run keeps its part)
+python3 benchmarks/distill_experiment.py --config configs/stage2_tiny_distill.yaml \
+    --teacher src/flashhead/assets/flashhead-tiny --data "$RUN/data/train" --eval-data "$RUN/data/eval" \
+    --out "$RUN/exp" --results "$OUT" --seconds "${EVAL_SECONDS:-60}" --eval-clips "${EVAL_CLIPS:-3}" 2>&1 | log
 echo "== done $(date +%T)" | tee -a "$OUT/log.txt"
 ls -la "$OUT"

@@ -245,7 +245,7 @@ def markdown_table(results: dict) -> str:
     rows.append(("ground truth (the read-outs' ceiling)", results["truth"]))
     lines = [
         f"{len(results['truth']['clips'])} held-out clips x {results['seconds']:.0f} s, {results['size']} px, "
-        f"device {results['device']}",
+        f"device {results['device']}" + ("" if results.get("complete", True) else " (INCOMPLETE: cut short)"),
         "",
         "| model | pixel MSE to truth | mouth r | identity slope (/min) | identity, last 10 s | rollout FPS |",
         "|---|---|---|---|---|---|",
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of both models")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--results", default=None, help="folder for results.json/.md/.png (default: --out)")
     ap.add_argument("--no-control", action="store_true",
                     help="skip the control: the teacher's weights with the student's sampler, untrained")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -332,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     truth_clips = []
     from flashhead.train.data import resize_center_crop
 
-    for clip in tqdm(clips, desc="eval clips"):
+    meta = {"teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
+            "size": size, "device": _device_name(args.device), "dtype": args.dtype, "teacher_guidance": guidance}
+    results_dir = Path(args.results or args.out)
+    results: dict = {}
+    for i, clip in enumerate(tqdm(clips, desc="eval clips")):
         n = min(len(clip.frames), int(round(args.seconds * fps)))
         truth = resize_center_crop(clip.frames[:n], size, size).numpy()
         scale = size / clip.frames.shape[1]
@@ -347,7 +352,16 @@ def main(argv: list[str] | None = None) -> dict:
             per_model[name].append(m | {"key": clip.key, "seconds": time.perf_counter() - t0})
             log.info("%s %s: mse %.5f mouth r %.3f identity slope %+.4f/min", clip.key, name, m["mse"],
                      m["mouth_corr"], m["identity_slope_per_min"])  # fmt: skip
+        # after every clip, so that a run cut short (a device call's time limit) still leaves its figures
+        results = assemble_results(per_model, truth_clips, meta, complete=i + 1 == len(clips))
+        write_results(results, results_dir)
 
+    export_student_dit(student_dir, Path(args.out) / "student-dit-fp16")
+    print(markdown_table(results))
+    return results
+
+
+def assemble_results(per_model: dict[str, list], truth_clips: list[dict], meta: dict, complete: bool) -> dict:
     s, t4 = summarise(per_model["student"]), summarise(per_model["teacher_4step"])
     verdict = {
         "student_error_lower": s["mse"] < t4["mse"],
@@ -355,11 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
         "student_identity_flatter": abs(s["identity_slope_per_min"]) < abs(t4["identity_slope_per_min"]),
     }
     verdict["student_better_on_all"] = all(verdict.values())
-    results = {
-        "title": f"student ({student_dir}) vs teacher with 4 Euler steps + CFG {guidance} ({args.teacher}); "
-        f"{len(clips)} clips x {args.seconds:.0f} s",
-        "teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
-        "size": size, "device": _device_name(args.device), "dtype": args.dtype, "teacher_guidance": guidance,
+    return meta | {
+        "title": f"student ({meta['student']}) vs teacher with 4 Euler steps + CFG {meta['teacher_guidance']} "
+        f"({meta['teacher']}); {len(truth_clips)} clips x {meta['seconds']:.0f} s"
+        + ("" if complete else " (incomplete)"),
+        "complete": complete,
         "verdict": verdict,
         "models": {"student": s, "teacher_4step": t4} | {n: summarise(c) for n, c in per_model.items()
                                                           if n == CONTROL},
@@ -367,18 +381,17 @@ def main(argv: list[str] | None = None) -> dict:
                   "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in truth_clips])),
                   "clips": truth_clips},
     }  # fmt: skip
-    out = Path(args.out)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.png and results.md in `out`, each through a temp file."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out / "results.json")
     plot(results, out / "results.png")
-    table = markdown_table(results)
-    (out / "results.md.tmp").write_text(table)
+    (out / "results.md.tmp").write_text(markdown_table(results))
     (out / "results.md.tmp").replace(out / "results.md")
-    export_student_dit(student_dir, out / "student-dit-fp16")
-    print(table)
-    return results
 
 
 def _device_name(device: str) -> str:
