@@ -9,14 +9,18 @@ teacher sampled with 4 steps and no distillation, over long autoregressive rollo
 2. Evaluation clips: --eval-clips procedural synthetic clips of --seconds each (identities and sentences the
    training shards never saw: their own dataset seed), with the drawn mouth opening as lip-sync truth;
    or an existing shard folder (--eval-data).
-3. Roll out both models through the real streaming pipeline from the clip's first frame and its audio:
-   student (distilled sampler, 4 steps) and teacher (Euler, 4 steps, its audio CFG). Same seed for both.
+3. Roll out the models through the real streaming pipeline from the clip's first frame and its audio:
+   student (distilled sampler, 4 steps) and teacher (Euler, 4 steps, its audio CFG), same seed, same --dtype;
+   and a control (not part of the verdict; --no-control skips it): the teacher's weights with the student's
+   sampler and no training, which separates what the training did from what the sampler change does.
 4. Per clip, per second: error to the ground-truth frames (MSE of pixels in [0, 1]); mouth opening read from
    the pixels (darkness of the mouth box) and its Pearson correlation with the truth over the whole clip;
    identity similarity of each frame to the reference (cosine of mean-removed 32x32 thumbnails: the face
    layout and colours, which identity drift changes) and its least-squares slope per minute.
 5. OUT/results.json (all curves and the verdict: student error lower, mouth correlation at least as high,
-   identity slope flatter) and OUT/results.png.
+   identity slope flatter), OUT/results.png (error and identity against time, mouth r bars, a mouth trace),
+   OUT/results.md (the table for docs/distillation.md, also printed) and OUT/student-dit-fp16 (the student's
+   DiT in float16, as the embedded model ships: the drop-in candidate for src/flashhead/assets/flashhead-tiny).
 
 The mouth read-out is validated on the ground truth itself: `truth_mouth_corr` (pixels of the real frames vs
 the drawn opening) is the ceiling a perfect generator would reach.
@@ -44,6 +48,14 @@ log = logging.getLogger("distill_experiment")
 
 # ---------------------------------------------------------------------------------------------------
 # Metrics
+
+
+CONTROL = "teacher_distilled_sampler"
+LABELS = {
+    "student": "distilled student (4 steps, no CFG)",
+    "teacher_4step": "teacher, 4 Euler steps + audio CFG",
+    CONTROL: "control: teacher weights, student's sampler (no training)",
+}
 
 
 def mouth_signal(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -161,41 +173,64 @@ def rollout(pipe, clip, seconds: float, seed: int) -> np.ndarray:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Docs-ready figure: error and identity similarity against time, mouth r per model, a mouth trace."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colours = {"student": "tab:blue", "teacher_4step": "tab:orange", "truth": "tab:gray"}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax_err, ax_id), (ax_bar, ax_trace) = axes
+    colours = {"student": "tab:blue", "teacher_4step": "tab:orange", CONTROL: "tab:green", "truth": "tab:gray"}
+    labels = {k: v.split(" (")[0] if k == "student" else v.replace("audio ", "") for k, v in LABELS.items()}
+
+    def mean_curve(clips, key):
+        n = min(len(c[key]) for c in clips)  # clips of slightly different lengths: the common span
+        return np.nanmean(np.array([c[key][:n] for c in clips]), axis=0)
+
     for name, summary in results["models"].items():
-        err = np.nanmean(np.array([c["mse_per_second"] for c in summary["clips"]]), axis=0)
-        ident = np.nanmean(np.array([c["identity_per_second"] for c in summary["clips"]]), axis=0)
-        label = f"{name} (mouth r={summary['mouth_corr']:.2f})"
-        axes[0].plot(np.arange(len(err)) + 0.5, err, label=label, color=colours.get(name))
-        axes[1].plot(np.arange(len(ident)) + 0.5, ident, label=f"{name} ({summary['identity_slope_per_min']:+.3f}/min)",
-                     color=colours.get(name))  # fmt: skip
-    truth_ident = np.nanmean(np.array([c["identity_per_second"] for c in results["truth"]["clips"]]), axis=0)
-    axes[1].plot(np.arange(len(truth_ident)) + 0.5, truth_ident, label="ground truth", color="tab:gray", ls="--")
+        err, ident = mean_curve(summary["clips"], "mse_per_second"), mean_curve(summary["clips"], "identity_per_second")
+        ax_err.plot(np.arange(len(err)) + 0.5, err, label=f"{labels.get(name, name)}: {summary['mse']:.4f}",
+                    color=colours.get(name))  # fmt: skip
+        ax_id.plot(np.arange(len(ident)) + 0.5, ident, color=colours.get(name),
+                   label=f"{labels.get(name, name)}: {summary['identity_slope_per_min']:+.3f}/min")  # fmt: skip
+    truth_ident = mean_curve(results["truth"]["clips"], "identity_per_second")
+    ax_id.plot(np.arange(len(truth_ident)) + 0.5, truth_ident, color="tab:gray", ls="--",
+               label=f"ground truth: {results['truth']['identity_slope_per_min']:+.3f}/min")  # fmt: skip
+
+    names = [*results["models"], "truth"]
+    per_clip = [[c["mouth_corr"] for c in results["models"][n]["clips"]] for n in results["models"]]
+    per_clip.append([c["mouth_corr"] for c in results["truth"]["clips"]])
+    means = [float(np.nanmean(v)) for v in per_clip]
+    x = np.arange(len(names))
+    ax_bar.bar(x, means, color=[colours.get(n) for n in names], alpha=0.8)
+    for i, v in enumerate(per_clip):
+        ax_bar.scatter(np.full(len(v), x[i]), v, color="black", s=12, zorder=3)  # each clip
+        ax_bar.text(x[i], means[i], f"{means[i]:.2f}", ha="center", va="bottom")
+    ax_bar.set_xticks(x, [labels.get(n, "ground truth (ceiling)") for n in names], fontsize=8)
+
     clip0 = results["truth"]["clips"][0]
     fps = results["fps"]
     span = slice(0, min(len(clip0["mouth_open"]), 10 * fps))
     t = np.arange(span.stop) / fps
 
-    def z(x):
-        x = np.asarray(x, np.float64)[span]
-        return (x - np.nanmean(x)) / (np.nanstd(x) + 1e-12)
+    def z(v):
+        v = np.asarray(v, np.float64)[span]
+        return (v - np.nanmean(v)) / (np.nanstd(v) + 1e-12)
 
-    axes[2].plot(t, z(clip0["mouth_open"]), color="black", label="truth (drawn opening)")
+    ax_trace.plot(t, z(clip0["mouth_open"]), color="black", label="truth (drawn opening)")
     for name, summary in results["models"].items():
-        axes[2].plot(t, z(summary["clips"][0]["mouth_signal"]), color=colours.get(name), label=name, alpha=0.8)
-    axes[0].set(title="error to ground truth", xlabel="time (s)", ylabel="pixel MSE")
-    axes[1].set(title="identity: similarity to the reference", xlabel="time (s)", ylabel="cosine")
-    axes[2].set(title="mouth opening, first clip, first 10 s (z-scored)", xlabel="time (s)")
-    for ax in axes:
+        ax_trace.plot(t, z(summary["clips"][0]["mouth_signal"]), color=colours.get(name), label=labels.get(name),
+                      alpha=0.8)  # fmt: skip
+    ax_err.set(title="error to the ground truth (mean over clips)", xlabel="time (s)", ylabel="pixel MSE")
+    ax_id.set(title="identity: similarity of each second to the reference", xlabel="time (s)", ylabel="cosine")
+    ax_bar.set(title="mouth opening read from the pixels vs truth (Pearson r)", ylabel="r")
+    ax_trace.set(title="mouth opening, first clip, first 10 s (z-scored)", xlabel="time (s)")
+    for ax in (ax_err, ax_id, ax_trace):
         ax.legend(fontsize=8)
+    for ax in axes.ravel():
         ax.grid(alpha=0.3)
-    fig.suptitle(results["title"], fontsize=10)
+    fig.suptitle(results["title"], fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -203,9 +238,49 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def markdown_table(results: dict) -> str:
+    """The summary as a markdown table, ready for docs/distillation.md."""
+    cfg = f" {results['teacher_guidance']}"
+    rows = [(LABELS[n] + (cfg if n == "teacher_4step" else ""), m) for n, m in results["models"].items()]
+    rows.append(("ground truth (the read-outs' ceiling)", results["truth"]))
+    lines = [
+        f"{len(results['truth']['clips'])} held-out clips x {results['seconds']:.0f} s, {results['size']} px, "
+        f"device {results['device']}" + ("" if results.get("complete", True) else " (INCOMPLETE: cut short)"),
+        "",
+        "| model | pixel MSE to truth | mouth r | identity slope (/min) | identity, last 10 s | rollout FPS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        mse = f"{m['mse']:.5f}" if "mse" in m else "0"
+        r = m.get("mouth_corr", m.get("truth_mouth_corr"))
+        last = np.mean([np.mean(c["identity_per_second"][-10:]) for c in m["clips"]])
+        fps = m.get("fps")
+        lines.append(f"| {name} | {mse} | {r:.3f} | {m['identity_slope_per_min']:+.4f} | {last:.3f} | "
+                     f"{f'{fps:.0f}' if fps else '-'} |")  # fmt: skip
+    v = results["verdict"]
+    lines += ["", "verdict: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v.items())]
+    return "\n".join(lines) + "\n"
+
+
+def export_student_dit(student_dir: Path, out: Path) -> Path:
+    """The student's DiT in float16, as the embedded model ships (its drop-in replacement candidate)."""
+    from flashhead.models.dit import FlashHeadDiT
+
+    dit = FlashHeadDiT.from_pretrained(student_dir / "dit", torch_dtype=torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    dit.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
 def summarise(clips: list[dict]) -> dict:
     return {
         "mse": float(np.mean([c["mse"] for c in clips])),
+        "fps": float(sum(c["frames"] for c in clips) / sum(c["seconds"] for c in clips)),
         "mouth_corr": float(np.nanmean([c["mouth_corr"] for c in clips])),
         "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in clips])),
         "clips": clips,
@@ -227,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of both models")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--results", default=None, help="folder for results.json/.md/.png (default: --out)")
+    ap.add_argument("--no-control", action="store_true",
+                    help="skip the control: the teacher's weights with the student's sampler, untrained")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="precision of both models' DiT and VAE in the rollouts")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("flashhead").setLevel(logging.INFO)
@@ -235,13 +315,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
 
-    teacher = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    teacher = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device, torch_dtype=dtype)
     size = teacher.config.height
-    student_dir = train_student(args, size)
-    student = FlashHeadPipeline.from_pretrained(student_dir, device=args.device)
+    student_dir = Path(train_student(args, size))
+    student = FlashHeadPipeline.from_pretrained(student_dir, device=args.device, torch_dtype=dtype)
     guidance = teacher.config.guidance_scale if teacher.config.guidance_scale > 1 else 3.0
     teacher.config = teacher.config.replace(num_inference_steps=4, sampler="euler", guidance_scale=guidance)
     models = {"student": student, "teacher_4step": teacher}
+    if not args.no_control:  # what the sampler change alone does, so the training's share can be read off
+        models[CONTROL] = FlashHeadPipeline.from_pretrained(args.teacher, device=args.device, torch_dtype=dtype,
+                                                            config=student.config)  # fmt: skip
 
     clips = eval_clips(args, size)
     fps = student.config.fps
@@ -249,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     truth_clips = []
     from flashhead.train.data import resize_center_crop
 
-    for clip in tqdm(clips, desc="eval clips"):
+    meta = {"teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
+            "size": size, "device": _device_name(args.device), "dtype": args.dtype, "teacher_guidance": guidance}
+    results_dir = Path(args.results or args.out)
+    results: dict = {}
+    for i, clip in enumerate(tqdm(clips, desc="eval clips")):
         n = min(len(clip.frames), int(round(args.seconds * fps)))
         truth = resize_center_crop(clip.frames[:n], size, size).numpy()
         scale = size / clip.frames.shape[1]
@@ -264,7 +352,16 @@ def main(argv: list[str] | None = None) -> dict:
             per_model[name].append(m | {"key": clip.key, "seconds": time.perf_counter() - t0})
             log.info("%s %s: mse %.5f mouth r %.3f identity slope %+.4f/min", clip.key, name, m["mse"],
                      m["mouth_corr"], m["identity_slope_per_min"])  # fmt: skip
+        # after every clip, so that a run cut short (a device call's time limit) still leaves its figures
+        results = assemble_results(per_model, truth_clips, meta, complete=i + 1 == len(clips))
+        write_results(results, results_dir)
 
+    export_student_dit(student_dir, Path(args.out) / "student-dit-fp16")
+    print(markdown_table(results))
+    return results
+
+
+def assemble_results(per_model: dict[str, list], truth_clips: list[dict], meta: dict, complete: bool) -> dict:
     s, t4 = summarise(per_model["student"]), summarise(per_model["teacher_4step"])
     verdict = {
         "student_error_lower": s["mse"] < t4["mse"],
@@ -272,26 +369,35 @@ def main(argv: list[str] | None = None) -> dict:
         "student_identity_flatter": abs(s["identity_slope_per_min"]) < abs(t4["identity_slope_per_min"]),
     }
     verdict["student_better_on_all"] = all(verdict.values())
-    results = {
-        "title": f"student ({student_dir}) vs teacher with 4 Euler steps + CFG {guidance} ({args.teacher}); "
-        f"{len(clips)} clips x {args.seconds:.0f} s",
-        "teacher": str(args.teacher), "student": str(student_dir), "seconds": args.seconds, "fps": fps,
-        "size": size, "device": args.device, "verdict": verdict,
-        "models": {"student": s, "teacher_4step": t4},
+    return meta | {
+        "title": f"student ({meta['student']}) vs teacher with 4 Euler steps + CFG {meta['teacher_guidance']} "
+        f"({meta['teacher']}); {len(truth_clips)} clips x {meta['seconds']:.0f} s"
+        + ("" if complete else " (incomplete)"),
+        "complete": complete,
+        "verdict": verdict,
+        "models": {"student": s, "teacher_4step": t4} | {n: summarise(c) for n, c in per_model.items()
+                                                          if n == CONTROL},
         "truth": {"truth_mouth_corr": float(np.nanmean([c["mouth_corr"] for c in truth_clips])),
                   "identity_slope_per_min": float(np.mean([c["identity_slope_per_min"] for c in truth_clips])),
                   "clips": truth_clips},
     }  # fmt: skip
-    out = Path(args.out)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.png and results.md in `out`, each through a temp file."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out / "results.json")
     plot(results, out / "results.png")
-    table = {n: {k: v for k, v in m.items() if k != "clips"} for n, m in results["models"].items()}
-    print(json.dumps({"summary": table, "truth_mouth_corr": results["truth"]["truth_mouth_corr"],
-                      "verdict": verdict}, indent=2))  # fmt: skip
-    return results
+    (out / "results.md.tmp").write_text(markdown_table(results))
+    (out / "results.md.tmp").replace(out / "results.md")
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
 
 
 if __name__ == "__main__":

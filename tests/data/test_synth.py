@@ -270,3 +270,40 @@ def test_dataset_bytes_do_not_depend_on_worker_count(tmp_path):
     synth_dataset(tmp_path / "two", plans, workers=2, progress=False)
     one, two = (tmp_path / d / "shard-000000.tar" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_long_clips_speak_to_the_end_and_short_plans_are_unchanged():
+    from flashhead.data.cli import is_val_sentence, make_clip, plan_clips
+
+    # 8 seeds used to run out after ~20 s: a 60-s clip fell silent for its last two thirds
+    short = plan_clips(20, seed=11, kind="procedural", seconds=(3, 5), val_fraction=0.1)
+    assert all(len(p.sentence_seeds) == 8 for p in short)
+    assert [p.identity for p in short[:3]] == [118199, 931619, 904320]  # flashhead-tiny's training set, as made
+    (plan,) = plan_clips(1, seed=4, kind="procedural", seconds=(30, 30), val_fraction=0.1)
+    assert len(plan.sentence_seeds) >= 30 and plan.sentence_seeds[:8] == plan_clips(
+        1, seed=4, kind="procedural", seconds=(30, 30), val_fraction=0.1)[0].sentence_seeds[:8]  # fmt: skip
+    assert all(is_val_sentence(s, 0.1) == (plan.split == "val") for s in plan.sentence_seeds)
+    clip = make_clip(plan, size=64)
+    assert clip.meta["speech_spans"][-1][1] > 25 and len(clip.meta["sentences"]) > 8
+
+
+def test_held_out_plans_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from flashhead.data.cli import data_app, is_val_identity, plan_clips
+    from flashhead.data.shards import read_manifest
+    from flashhead.errors import ConfigError
+
+    plans = plan_clips(30, seed=777, kind="procedural", seconds=(2, 3), val_fraction=0.1, held_out=True)
+    train = plan_clips(300, seed=777, kind="procedural", seconds=(2, 3), val_fraction=0.1)
+    assert all(p.split == "val" and is_val_identity(p.identity, 0.1) for p in plans)
+    assert not {p.identity for p in plans} & {p.identity for p in train if p.split == "train"}
+    assert not {s for p in plans for s in p.sentence_seeds} & {s for p in train if p.split == "train"
+                                                                for s in p.sentence_seeds}  # fmt: skip
+    with pytest.raises(ConfigError, match="val_fraction"):
+        plan_clips(1, held_out=True, val_fraction=0.0)
+    args = ["synth", "--n", "2", "--out", str(tmp_path / "ev"), "--seconds", "1", "--size", "64", "--workers", "1",
+            "--held-out"]  # fmt: skip
+    result = CliRunner().invoke(data_app, args)
+    assert result.exit_code == 0, result.output
+    assert set(read_manifest(tmp_path / "ev")["split"]) == {"val"}

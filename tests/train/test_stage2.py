@@ -214,6 +214,17 @@ def test_cli_train_export_and_generate(dataset_dir, teacher_dir, tmp_path):
     assert bad.exit_code == 2 and "teacher.path" in bad.output
 
 
+def test_time_budget_stops_with_checkpoint_and_export(dataset_dir, teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = stage2_config(dataset_dir, teacher_dir, run, "distill.total_steps=50", "distill.max_minutes=1.0e-5",
+                        "export_at_end=true", "log.interval=10")  # fmt: skip
+    result = train_stage2(cfg)
+    assert result.step == 1 and [h["step"] for h in result.history] == [1]  # the stopping step is logged
+    assert latest_checkpoint(run).name == "step-00000001.pt" and (run / "export" / "model_index.json").is_file()
+    with pytest.raises(Exception, match="max_minutes"):
+        stage2_config(dataset_dir, teacher_dir, run, "distill.max_minutes=0")
+
+
 def test_shipped_stage2_configs():
     lite = Stage2Config.from_file(REPO / "configs" / "stage2_lite.yaml")
     assert lite.generator_optim.lr == 2e-6 and lite.critic_optim.lr == 4e-7  # [PAPER]
@@ -223,3 +234,9 @@ def test_shipped_stage2_configs():
     assert tiny.distill.num_chunks == 3 and tiny.teacher.path == "runs/stage1-tiny/export"
     with pytest.raises(Exception, match="dmd_sigma_range"):
         Stage2Config.from_file(STAGE2_TINY, ["distill.dmd_sigma_range=[0.5, 0.2]"])
+    # issue 7's run: the shipped teacher's own geometry, CFG and precision, bounded by a budget
+    exp = Stage2Config.from_file(REPO / "configs" / "stage2_tiny_distill.yaml")
+    gen = json.loads((REPO / exp.teacher.path / "generation_config.json").read_text())
+    assert exp.distill.guidance_scale == gen["guidance_scale"] and exp.data.height == gen["height"] == 128
+    assert exp.distill.motion_latent_frames == gen["motion_latent_frames"] and exp.precision == "fp32"
+    assert exp.distill.max_minutes and exp.distill.total_steps > 10_000 and exp.val.interval == 0

@@ -54,6 +54,11 @@ def test_resume_continues_bit_exactly(dataset_dir, tmp_path):
         train(tiny_config(dataset_dir, tmp_path / "a", *common))
 
 
+def test_time_budget_stops_with_a_checkpoint(dataset_dir, tmp_path):
+    result = train(tiny_config(dataset_dir, tmp_path / "run", "optim.total_steps=40", "optim.max_minutes=1.0e-5"))
+    assert result.step == 1 and latest_checkpoint(tmp_path / "run").name == "step-00000001.pt"
+
+
 def test_checkpoint_rng_state_round_trip():
     state = rng_state()
     expected = (torch.rand(3), np.random.rand(3), __import__("random").random())

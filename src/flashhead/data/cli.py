@@ -39,6 +39,7 @@ def _data() -> None:
 Kind = Literal["procedural", "portrait", "mix"]
 _IDENTITY_POOL = 1_000_000
 _SENTENCES_PER_CLIP = 8  # more than an 8-s clip can use; unused seeds are simply not spoken
+_SECONDS_PER_SENTENCE = 1.0  # longer clips get one more seed per second (a sentence + pause takes ~2-3 s)
 
 
 def _unit(x: int, salt: int) -> float:
@@ -90,17 +91,21 @@ def plan_clips(
     val_fraction: float = 0.1,
     portraits: list[Path] | None = None,
     fps: int = 25,
+    held_out: bool = False,
 ) -> list[ClipPlan]:
-    """Plans for `n` clips: the same arguments always give the same plans."""
+    """Plans for `n` clips: the same arguments always give the same plans. `held_out` makes every clip a val
+    clip (identity, sentences, portrait from the held-out pools of `val_fraction`): evaluation sets."""
     if n < 0 or not 0 <= val_fraction < 1 or not 0 < seconds[0] <= seconds[1]:
         raise ConfigError(f"bad plan: n={n}, val_fraction={val_fraction}, seconds={seconds}")
+    if held_out and val_fraction <= 0:
+        raise ConfigError("held-out clips need val_fraction > 0 (it sets the size of the held-out pools)")
     train_p, val_p = split_portraits(list(portraits or []), val_fraction)
     if kind in ("portrait", "mix") and not train_p:
         raise ConfigError("portrait clips need at least one usable portrait (--portraits DIR)")
     plans = []
     for i in range(n):
         rng = np.random.default_rng([seed, i, 0x91A2])
-        split = "val" if rng.random() < val_fraction else "train"
+        split = "val" if rng.random() < val_fraction or held_out else "train"
         want_val = split == "val"
         this_kind = kind if kind != "mix" else ("portrait" if rng.random() < 0.5 else "procedural")
         if this_kind == "portrait" and want_val and not val_p:
@@ -111,6 +116,12 @@ def plan_clips(
             if is_val_sentence(s, val_fraction) == want_val:
                 sentence_seeds.append(s)
         secs = round(float(rng.uniform(*seconds)) * fps) / fps
+        # Long clips need more sentences; a separate stream keeps the plans of short clips unchanged.
+        extra = np.random.default_rng([seed, i, 0x5E47])
+        while len(sentence_seeds) < max(_SENTENCES_PER_CLIP, int(np.ceil(secs / _SECONDS_PER_SENTENCE))):
+            s = int(extra.integers(2**31))
+            if is_val_sentence(s, val_fraction) == want_val:
+                sentence_seeds.append(s)
         key = f"s{seed}-{this_kind[:4]}-{i:07d}"
         if this_kind == "procedural":
             identity = int(rng.integers(_IDENTITY_POOL))
@@ -221,6 +232,9 @@ def synth(
         float, typer.Option(help="Share of clips (and of identities and sentences) held out.")
     ] = 0.1,
     shard_max_clips: Annotated[int, typer.Option(help="Clips per shard.")] = 256,
+    held_out: Annotated[
+        bool, typer.Option("--held-out", help="Every clip from the held-out identities and sentences (eval sets).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace shards already in --out.")] = False,
 ) -> None:
     """Generate synthetic talking-head clips with known lip-sync truth into WebDataset shards."""
@@ -229,7 +243,8 @@ def synth(
             raise ConfigError(f"--kind must be procedural, portrait or mix, got {kind!r}")
         found = usable_portraits(portraits, size) if portraits is not None and kind != "procedural" else []
         plans = plan_clips(
-            n, seed=seed, kind=kind, seconds=_parse_seconds(seconds), val_fraction=val_fraction, portraits=found
+            n, seed=seed, kind=kind, seconds=_parse_seconds(seconds), val_fraction=val_fraction, portraits=found,
+            held_out=held_out,
         )
         wall = synth_dataset(
             out, plans, size=size, workers=workers, shard_max_clips=shard_max_clips, overwrite=overwrite

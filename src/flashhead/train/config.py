@@ -232,6 +232,7 @@ class DistillSection:
     """The distillation recipe (flashhead.train.distill); [PAPER] marks the report's values (SPEC 9.2)."""
 
     total_steps: int = 3000  # iterations; every one updates the fake score, every `critic_ratio`-th the student
+    max_minutes: float | None = None  # wall-clock budget: stop early (checkpoint + export) once it is spent
     num_chunks: int = 5  # [PAPER] K: the longest rollout, in chunks
     num_inference_steps: int = 4  # [CODE] the student's sampler (x0-predict + re-noise)
     shift: float = 5.0  # [CODE] the schedule's shift
@@ -288,6 +289,8 @@ class Stage2Config(ConfigFile):
             )
         if ds.motion_latent_frames < 1:
             raise ConfigError("distill.motion_latent_frames must be >= 1")
+        if ds.max_minutes is not None and ds.max_minutes <= 0:
+            raise ConfigError(f"distill.max_minutes must be positive (or null), got {ds.max_minutes}")
         for name in ("micro_batch_size", "frame_num", "height", "width", "windows_per_clip"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from flashhead.train.trainer import (
     _dit_folder,
     _tensorboard,
     _val_videos,
+    budget_spent,
     build_frozen,
     eval_dit,
     init_distributed,
@@ -319,7 +321,8 @@ def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainR
     cost = None
     recompute = cfg.teacher.gradient_checkpointing
     total = cfg.distill.total_steps
-    while step < total:
+    t_start, out_of_time = time.perf_counter(), False
+    while step < total and not out_of_time:
         step_position = position
         inputs = encode_rollouts(next(batches), vae, audio_encoder, spec)
         cost = cost or sample_cost(dit_config, inputs.y.shape[2:])
@@ -332,7 +335,11 @@ def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainR
         keys = [key for key in LOGGED if key in out]
         means = _all_mean(torch.stack([torch.as_tensor(out[key], dtype=torch.float32, device=info.device)
                                        for key in keys]), info)  # fmt: skip
-        if step % cfg.log.interval == 0 or step == total:
+        out_of_time = budget_spent(t_start, cfg.distill.max_minutes, info)
+        if out_of_time and info.is_main:
+            logger.info("step %d: the %.1f-minute budget is spent; stopping", step, cfg.distill.max_minutes)
+        last = step == total or out_of_time
+        if step % cfg.log.interval == 0 or last:
             rates = meter.report()  # collective (memory of every GPU)
             point = {"step": step, **{key: float(v) for key, v in zip(keys, means, strict=True)},
                      "k": out["k"], "exit_step": out["exit_step"], "lr": parts.g_sched.get_last_lr()[0],
@@ -347,7 +354,7 @@ def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainR
             validate(
                 parts.ema.full_state_dict(), dit_config, vae, audio_encoder, spec, cfg, step, info, writer, run_dir
             )
-        if cfg.log.checkpoint_interval and (step % cfg.log.checkpoint_interval == 0 or step == total):
+        if cfg.log.checkpoint_interval and (step % cfg.log.checkpoint_interval == 0 or last):
             state = training_state(step, parts, info)
             if info.is_main:
                 epoch, index = dataset.position(position)

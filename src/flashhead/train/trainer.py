@@ -108,6 +108,16 @@ def _all_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def budget_spent(t_start: float, max_minutes: float | None, info: DistInfo) -> bool:
+    """Whether a wall-clock budget is spent. Every process must stop at the same step: rank 0's clock decides."""
+    if max_minutes is None:
+        return False
+    flag = torch.tensor(float(time.perf_counter() - t_start > max_minutes * 60), device=info.device)
+    if info.distributed:
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def _barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
@@ -522,14 +532,9 @@ def train(
         if cfg.val.interval and step % cfg.val.interval == 0:
             validate(ema.full_state_dict(), dit.config, vae, audio_encoder, spec, cfg, step, info, writer, run_dir)
 
-        if cfg.optim.max_minutes is not None:
-            # Every process must stop at the same step: rank 0's clock decides.
-            flag = torch.tensor(float(time.perf_counter() - t_start > cfg.optim.max_minutes * 60), device=info.device)
-            if info.distributed:
-                dist.broadcast(flag, 0)
-            out_of_time = bool(flag.item())
-            if out_of_time and info.is_main:
-                logger.info("step %d: the %.1f-minute budget is spent; stopping", step, cfg.optim.max_minutes)
+        out_of_time = budget_spent(t_start, cfg.optim.max_minutes, info)
+        if out_of_time and info.is_main:
+            logger.info("step %d: the %.1f-minute budget is spent; stopping", step, cfg.optim.max_minutes)
 
         every = cfg.log.checkpoint_interval
         if every and (step % every == 0 or step == cfg.optim.total_steps or out_of_time):
