@@ -1,14 +1,20 @@
-"""Sequence-parallel benchmark: one GPU against N GPUs, Pro and Lite, in one torchrun run.
+"""Sequence-parallel benchmark: one GPU against N GPUs, Pro then Lite, in one torchrun run.
 
-    torchrun --nproc-per-node 2 benchmarks/sp_bench.py --json $OUT/sp.json          # Pro and Lite
+    torchrun --nproc-per-node 2 benchmarks/sp_bench.py --json $OUT/sp.json          # Pro, then Lite
     torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --json $OUT/sp.json
 
-For each model (random-init full-size weights, official config, identical on every rank) and each speed
-configuration: rank 0 alone streams the speech through the engine (the other ranks wait), then all ranks
-stream it again sequence-parallel. Reported per part: steady FPS, time to first frame, per-stage ms per
-chunk (rank 0, synchronised), peak GPU memory of every rank, the SP/1-GPU speed-up, and the PSNR of the
-SP frames against the 1-GPU frames of the same seed (bf16). The JSON is rewritten after every part and a
-part that fails is reported and skipped, so a run cut short still leaves its numbers. Writes no video.
+For each model (random-init full-size weights, official config, identical on every rank):
+- "parts" (first): the DiT forward and the VAE decode alone, 1 GPU against split (ms, synchronised), the
+  split decode's PSNR against the 1-GPU decode of the same latent, and a profile of one DiT forward either
+  way (GPU busy time against wall time, the top kernels / ops): where the split's time goes.
+- per speed configuration (Pro: plain, compiled; Lite: plain): rank 0 alone streams the speech through the
+  engine (the other ranks wait), then all ranks stream it again split (forced for Lite, whose policy is not
+  to split). Reported: steady FPS, time to first frame, per-stage ms per chunk (rank 0, synchronised), peak
+  GPU memory of every rank, the speed-up, and the PSNR of the split frames against the 1-GPU frames.
+- Lite "replicas": what its policy does with N GPUs instead: every rank streams on its own GPU at once;
+  per-rank and total FPS.
+The JSON is rewritten after every part and a part that fails is reported and skipped, so a run cut short
+still leaves its numbers. Writes no video.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from flashhead.pipeline.stream import StreamEngine  # noqa: E402
 from flashhead.pipeline.timing import StageTimer  # noqa: E402
 
 logger = logging.getLogger("sp_bench")
+
+# Splitting a model that the policy keeps on one GPU (Lite) is still measured, to watch its overhead.
+FORCE_SPLIT = True
 
 SPEEDS = {
     "plain": "",
@@ -95,6 +104,99 @@ def peak_memory_all_ranks(side_group) -> list[float | None]:
     return every
 
 
+def _timed(fn, repeat: int) -> tuple[float, object]:
+    """Median ms of `repeat` synchronised calls after one warm-up, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        _sync()
+        start = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return round(float(np.median(times)), 1), out
+
+
+def _profile(fn, top: int = 12) -> dict:
+    """One call under torch.profiler: wall ms, GPU busy ms (sum of kernel time), the top ops by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        _sync()
+        wall = 1000 * (time.perf_counter() - start)
+    events = prof.key_averages()
+
+    def device_ms(e, total: bool = False) -> float:
+        name = ("device_time_total" if total else "self_device_time_total")
+        return getattr(e, name, 0.0) / 1000
+
+    on_gpu = torch.cuda.is_available()
+    ranked = sorted(events, key=lambda e: device_ms(e, True) if on_gpu else e.cpu_time_total, reverse=True)[:top]
+    return {
+        "wall_ms": round(wall, 1),
+        "gpu_busy_ms": round(sum(device_ms(e) for e in events), 1),
+        "ops": sum(e.count for e in events),
+        "top": [[e.key[:60], e.count, round(device_ms(e, total=True), 2), round(e.cpu_time_total / 1000, 2)]
+                for e in ranked],  # fmt: skip
+    }
+
+
+def measure_parts(pipe, group, args) -> dict:
+    """DiT forward and VAE decode alone: 1 GPU (rank 0, the others wait) against split; decode PSNR; profiles."""
+    from flashhead.parallel.dit import SequenceParallelDiT
+    from flashhead.parallel.vae import split_decode
+
+    cfg, d = pipe.config, pipe.dit.config
+    C, T, H, W = pipe.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width)
+    g = torch.Generator().manual_seed(0)  # the same inputs on every rank
+    dev, dt = group.device, pipe.dtype
+    x, y = (torch.randn(1, C, T, H, W, generator=g).to(dev, dt) for _ in range(2))
+    context = torch.randn(1, cfg.frame_num, d.audio_window, d.audio_layers, d.audio_channels, generator=g).to(dev, dt)
+    t = torch.tensor([500.0], device=dev)
+    out: dict = {"latent": [C, T, H, W]}
+    pipe.parallelize(None)
+    pipe.optimize(None)
+    with torch.no_grad():
+        full = None
+        if group.is_leader:
+            out["dit_ms_1_gpu"], _ = _timed(lambda: pipe.dit(x, t, context, y), 3)
+            out["decode_ms_1_gpu"], full = _timed(lambda: pipe.vae.decode(x), 2)
+            out["profile_dit_1_gpu"] = _profile(lambda: pipe.dit(x, t, context, y))
+        peak_memory_all_ranks(args.side_group)  # the others wait here
+        sp = SequenceParallelDiT(pipe.dit, group)
+        out["dit_ms_split"], _ = _timed(lambda: sp(x, t, context, y), 3)
+        out["decode_ms_split"], split = _timed(lambda: split_decode(pipe.vae, x, group), 2)
+        profile = _profile(lambda: sp(x, t, context, y))
+        if group.is_leader:
+            out["profile_dit_split"] = profile
+            out["dit_speedup"] = round(out["dit_ms_1_gpu"] / out["dit_ms_split"], 3)
+            out["decode_speedup"] = round(out["decode_ms_1_gpu"] / out["decode_ms_split"], 3)
+            mse = float((split.float() - full.float()).pow(2).mean())
+            out["decode_split_psnr_db"] = "inf" if mse == 0 else round(10 * np.log10(4 / mse), 2)  # range [-1, 1]
+            out["decode_split_max_abs"] = float((split.float() - full.float()).abs().max())
+            to8 = lambda v: ((v.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()  # noqa: E731
+            out["decode_split_psnr_uint8_db"] = psnr(to8(split), to8(full))
+    pipe.parallelize(None)  # the split DiT swapped the attention kernels: restore them
+    return out
+
+
+def measure_replicas(pipe, group, args, image, audio, chunk_samples: int) -> dict:
+    """Every rank streams on its own GPU at the same time (one replica per GPU): per-rank and total FPS."""
+    pipe.parallelize(None)
+    pipe.optimize(None)
+    engine = StreamEngine(pipe, max_sessions=4, max_batch=1)
+    run_stream(engine, image, audio[: 2 * chunk_samples])  # warm-up
+    dist.barrier(group=args.side_group)
+    _, total, frames = run_stream(engine, image, audio, seed=group.rank)
+    fps = [None] * group.world_size
+    dist.all_gather_object(fps, round(len(frames) / total, 2), group=args.side_group)
+    return {"fps_per_rank": fps, "total_fps": round(sum(fps), 2)}
+
+
 def bench_model(model: str, group, args, report: dict, save) -> None:
     leader = group.is_leader
     if model == "tiny":  # the packaged small model: a CPU smoke run of this script (gloo)
@@ -109,7 +211,13 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     chunk_samples = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
     out = report.setdefault(model, {})
-    for name in args.speeds:
+    if model != "lite" or args.lite_parts:
+        try:
+            out["parts"] = measure_parts(pipe, group, args)
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            out["parts"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        save()
+    for name in args.lite_speeds if model == "lite" else args.speeds:
         if time.perf_counter() > args.deadline:
             out[name] = {"skipped": "time budget spent"}
             continue
@@ -130,7 +238,7 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         # N GPUs: the same stream, sequence parallel.
         try:
             reset_peak_memory()
-            pipe.parallelize(group)
+            pipe.parallelize(group, force=FORCE_SPLIT)
             pipe.optimize(speed)
             if leader:
                 try:
@@ -151,6 +259,12 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         memory = peak_memory_all_ranks(args.side_group)
         part.setdefault(f"gpus_{group.world_size}", {})["peak_gpu_memory_gib_per_rank"] = memory
         save()
+    if model in ("lite", "tiny") and time.perf_counter() < args.deadline:
+        try:
+            out["replicas"] = measure_replicas(pipe, group, args, image, audio, chunk_samples)
+        except Exception as e:  # noqa: BLE001
+            out["replicas"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        save()
     del pipe
     torch.cuda.empty_cache()
 
@@ -158,13 +272,16 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pro,lite", help="pro, lite, pro,lite (or tiny: a CPU smoke run)")
-    parser.add_argument("--speeds", default="plain,fast,compiled", help=f"comma list of {', '.join(SPEEDS)}")
+    parser.add_argument("--speeds", default="plain,compiled", help=f"Pro (and tiny): comma list of {', '.join(SPEEDS)}")
+    parser.add_argument("--lite-speeds", default="plain", help="the same for Lite")
+    parser.add_argument("--lite-parts", action="store_true", help="also measure Lite's DiT / decode parts")
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of speech per timed stream")
     parser.add_argument("--audio", default=None, help="16 kHz mono WAV (default: the shared speech file)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.speeds = [s for s in args.speeds.split(",") if s]
+    args.lite_speeds = [s for s in args.lite_speeds.split(",") if s]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
     args.deadline = start + args.budget
@@ -178,6 +295,9 @@ def main() -> None:
     # The idle ranks wait out rank 0's single-GPU runs (compilation included) on a CPU group.
     args.side_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1200))
     report: dict = {"world_size": group.world_size, "environment": environment(), "models": {}}
+    if torch.cuda.device_count() > 1:  # without peer access NCCL goes through host memory: slow all-to-alls
+        report["environment"]["gpu_peer_access"] = torch.cuda.can_device_access_peer(0, 1)
+        report["environment"]["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
 
     def save() -> None:
         if not group.is_leader:

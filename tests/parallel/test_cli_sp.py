@@ -1,4 +1,8 @@
-"""`flashhead generate --sp N`: the command starts torchrun itself; rank 0 writes the same video as one process."""
+"""`flashhead generate --sp N`: the command starts torchrun itself; rank 0 writes the same video as one process.
+
+The tiny model has too few tokens for the split to pay (flashhead.parallel.policy), so under --sp 2 its
+leader works alone and the follower returns at once; the split itself is tested in test_sp_pipeline.py.
+"""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@
     else: pipe.follow()                        # runs the DiT / VAE shards until the leader is done
 
 Modules: `group` (process group, token partition), `attention` (Ulysses and ring attention),
-`dit` (the DiT forward on a token shard), `vae` (VAE decode split into row strips), `runner`
-(the leader / follower protocol that keeps the ranks in step).
+`dit` (the DiT forward on a token shard), `vae` (VAE decode split into row strips; `wan_decode`: the exact
+Wan2.1 strip decode), `runner` (the leader / follower protocol that keeps the ranks in step), `policy`
+(where a split pays: Pro yes, Lite no).
 """
 
 from flashhead.parallel.group import SequenceParallelGroup, TokenPartition, init_sequence_parallel, partition_tokens

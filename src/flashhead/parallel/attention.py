@@ -3,9 +3,9 @@
 Each rank holds q, k, v (B, s_r, H, d) for its own contiguous shard of the sequence (shards may differ in
 size) and gets back the attention output of the same shard, equal to attention over the whole sequence:
 
-- Ulysses (H divisible by N): one all-to-all turns sequence shards into head shards (every rank sees the
-  whole sequence for H / N heads), any local kernel runs, a second all-to-all turns the result back.
-  Communication is 4 tensors of the shard's size per layer, independent of N.
+- Ulysses (H divisible by N): one all-to-all turns the q, k, v sequence shards into head shards (every rank
+  sees the whole sequence for H / N heads), any local kernel runs, a second all-to-all turns the result back.
+  Communication is 4 tensors of the shard's size per layer in 2 collectives, independent of N.
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
   not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Computed in float32 with a plain matmul
@@ -32,18 +32,34 @@ def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 def _all_to_all(x: torch.Tensor, out_sizes: Sequence[int], in_sizes: Sequence[int], group) -> torch.Tensor:
-    # Functional collective: traceable by torch.compile and capturable in a CUDA graph (NCCL).
-    out = funcol.all_to_all_single(x.contiguous(), list(out_sizes), list(in_sizes), group or dist.group.WORLD)
-    return funcol.wait_tensor(out)
+    """All-to-all along dim 0 with uneven splits."""
+    x = x.contiguous()
+    if torch.compiler.is_compiling():  # functional collective: traceable, and capturable in a CUDA graph
+        out = funcol.all_to_all_single(x, list(out_sizes), list(in_sizes), group or dist.group.WORLD)
+        return funcol.wait_tensor(out)
+    # Eager: the plain collective into a preallocated output, without the functional wrapper's tensor
+    # subclass and separate wait op (a few hundred per chunk: their host time adds up when launch-bound).
+    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
+    dist.all_to_all_single(out, x, list(out_sizes), list(in_sizes), group=group)
+    return out
 
 
 def seq_to_heads(x: torch.Tensor, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
     """(B, s_rank, H, d) sequence shard -> (B, L, H / N, d): the whole sequence for this rank's heads."""
-    B, s, H, d = x.shape
+    return qkv_to_heads(x[None], sizes, group)[0]
+
+
+def qkv_to_heads(qkv: torch.Tensor, sizes: Sequence[int], group=None) -> torch.Tensor:
+    """(P, B, s_rank, H, d) stacked sequence shards (e.g. q, k, v) -> (P, B, L, H / N, d) head shards.
+
+    One copy into rank-major order and one all-to-all for all P tensors (not one per tensor): fewer
+    collectives and launches per layer. The result is a view in (P, B, L, h, d) order, strided.
+    """
+    P, B, s, H, d = qkv.shape
     n = len(sizes)
-    x = x.reshape(B, s, n, H // n, d).permute(2, 1, 0, 3, 4).reshape(n * s, B, H // n, d)  # rank-major
-    out = _all_to_all(x, sizes, [s] * n, group)  # (L, B, H/N, d), sequence order
-    return out.permute(1, 0, 2, 3)
+    x = qkv.reshape(P, B, s, n, H // n, d).permute(3, 2, 0, 1, 4, 5).reshape(n * s, P, B, H // n, d)
+    out = _all_to_all(x, sizes, [s] * n, group)  # (L, P, B, H/N, d), sequence order
+    return out.permute(1, 2, 0, 3, 4)
 
 
 def heads_to_seq(x: torch.Tensor, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
@@ -58,7 +74,7 @@ def ulysses_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, kern
     """Attention of a sequence shard against the whole sequence, by two all-to-alls (heads % N == 0)."""
     if q.shape[2] % len(sizes):
         raise ConfigError(f"Ulysses attention needs heads ({q.shape[2]}) divisible by the ranks ({len(sizes)})")
-    q, k, v = (seq_to_heads(t, sizes, rank, group) for t in (q, k, v))
+    q, k, v = qkv_to_heads(torch.stack([q, k, v]), sizes, group).unbind(0)
     return heads_to_seq((kernel or sdpa_kernel)(q, k, v), sizes, rank, group)
 
 

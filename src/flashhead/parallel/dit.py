@@ -32,6 +32,7 @@ class SequenceParallelDiT:
         self.attention: SequenceParallelAttention | None = None
         self._partitions: dict[tuple[int, int, int], TokenPartition] = {}
         self._segments: dict[tuple, torch.Tensor] = {}
+        self._rope: dict[tuple, torch.Tensor] = {}
         self.install()
 
     @property
@@ -80,14 +81,23 @@ class SequenceParallelDiT:
         tokens, grid = dit.patchify(x, y)  # (B, L, D); the conv is cheap next to the blocks
         part = self.partition(grid)
         start, stop = part.bounds(rank)
-        rope = dit.rope(grid, x.device) if rope is None else rope
+        rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
         for block in dit.blocks:
-            shard = block(shard, audio, t_mod, rope[start:stop])
+            shard = block(shard, audio, t_mod, rope)
         out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)
         return dit.unpatchify(self._gather(out, part), grid)
+
+    def _shard_rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        # The plain DiT rebuilds the whole complex128 table every call; a shard needs only its rows, and
+        # they are the same at every step and chunk of this grid.
+        key = (grid, str(device))
+        if key not in self._rope:
+            start, stop = self.partition(grid).bounds(self.group.rank)
+            self._rope[key] = self.dit.rope(grid, device)[start:stop].contiguous()
+        return self._rope[key]
 
     def _segment_index(self, part: TokenPartition, device: torch.device) -> torch.Tensor:
         key = (part, str(device))

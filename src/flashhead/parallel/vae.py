@@ -1,11 +1,13 @@
-"""VAE decode split across ranks: each rank decodes a horizontal strip of the latent, with a halo.
+"""VAE decode split across ranks: each rank decodes a horizontal strip of pixel rows; the strips are gathered.
 
-Rank r decodes latent rows [a_r - halo, b_r + halo) (clipped to the frame) and keeps the pixel rows of
-[a_r, b_r); the strips are gathered on every rank. Convolutions only see `halo` latent rows of
-neighbourhood across a strip border, and the Wan2.1 decoder's mid-block attention sees only its strip,
-so the split is approximate: the error shrinks with the halo and is measured by tests/parallel/test_vae.py
-and `benchmarks/sp_bench.py` (see docs/performance.md). Time is split along the rows, not along time,
-because both decoders carry temporal state (Wan decodes latent frames one by one with a causal cache).
+Time is not split: both decoders carry state through time (Wan decodes latent frames one by one with causal
+caches). Rank r owns latent rows [a_r, b_r) (`strip_bounds`) and returns their pixel rows.
+
+- Wan2.1 (Pro): exact. `WanStripDecoder` runs conv_in and the mid block (with its global attention) on the
+  whole latent and every later layer on the rows its receptive field needs (flashhead.parallel.wan_decode).
+- Other VAEs (LTX, Lite): approximate. The strip is decoded from latent rows [a_r - halo, b_r + halo), so
+  convolutions see only `halo` rows across a border; when the halo covers the frame the whole frame is decoded
+  on every rank, exactly. Lite is not run sequence-parallel by default (see SequenceParallelPolicy).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from flashhead.models.vae import VideoVAE
+from flashhead.models.vae import VideoVAE, WanVideoVAE
 from flashhead.parallel.group import SequenceParallelGroup
+from flashhead.parallel.wan_decode import WanStripDecoder
 
-DEFAULT_HALO = 8  # latent rows; 64 pixel rows for Wan2.1 (Pro), 256 for LTX (Lite)
+DEFAULT_HALO = 8  # latent rows, for the approximate (non-Wan) split
 
 
 def strip_bounds(rows: int, world_size: int) -> list[tuple[int, int]]:
@@ -32,7 +35,12 @@ def strip_bounds(rows: int, world_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def decode_strip(vae: VideoVAE, latent: torch.Tensor, start: int, stop: int, halo: int) -> torch.Tensor:
-    """Pixels of latent rows [start, stop), decoded with `halo` rows of context on both sides."""
+    """Pixels of latent rows [start, stop): exact for Wan2.1, else decoded with `halo` rows of context."""
+    if isinstance(vae, WanVideoVAE):
+        if not hasattr(vae, "_strip_decoder"):
+            vae._strip_decoder = WanStripDecoder(vae.model)
+        z = vae.denormalize(vae._check_latent(latent))
+        return vae._strip_decoder.decode(z, start, stop).clamp(-1.0, 1.0)
     lo, hi = max(0, start - halo), min(latent.shape[-2], stop + halo)
     pixels = vae.decode(latent[..., lo:hi, :])
     sh = vae.stride[1]
@@ -48,7 +56,8 @@ def split_decode(
         return vae.decode(latent)
     rows = latent.shape[-2]
     bounds = strip_bounds(rows, group.world_size)
-    if all(a - halo <= 0 and b + halo >= rows for a, b in bounds if b > a):
+    exact = isinstance(vae, WanVideoVAE)
+    if not exact and all(a - halo <= 0 and b + halo >= rows for a, b in bounds if b > a):
         return vae.decode(latent)  # every strip would decode the whole frame: decode it here, exactly
     start, stop = bounds[group.rank]
     if stop > start:

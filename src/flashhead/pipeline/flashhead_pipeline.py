@@ -157,6 +157,7 @@ class FlashHeadPipeline:
         self.speed = SpeedConfig()
         self._fast = None  # FastDenoiser when a DiT switch is on
         self._sp = None  # SequenceParallelRunner after parallelize()
+        self._sp_idle = None  # the group, where parallelize() chose not to split
 
     def optimize(self, speed: SpeedConfig | str | None = None) -> FlashHeadPipeline:
         """Switch optimisations on or off (`SpeedConfig`, or a string like "compile_dit=on,attention=cudnn").
@@ -178,29 +179,53 @@ class FlashHeadPipeline:
 
     # -- sequence parallel ----------------------------------------------------------------------------
 
-    def parallelize(self, group, halo: int | None = None) -> FlashHeadPipeline:
+    def parallelize(self, group, halo: int | None = None, force: bool = False) -> FlashHeadPipeline:
         """Split every chunk's DiT tokens and VAE decode over the ranks of `group` (a SequenceParallelGroup).
 
         Call on every rank, after moving the pipeline to the rank's device. The leader (rank 0) then uses the
         pipeline as usual (offline or through the streaming engine) and ends with `release_followers()`;
-        every other rank calls `follow()`. `halo`: latent rows of context per decode strip (flashhead.parallel.vae).
-        `parallelize(None)` goes back to single-process inference.
+        every other rank calls `follow()`. `parallelize(None)` goes back to single-process inference.
+
+        Only where the split pays (flashhead.parallel.policy: enough tokens per rank, e.g. Pro on 2 GPUs, not
+        Lite): otherwise the leader runs alone and `follow()` returns at once; `force=True` splits anyway.
+        `halo`: latent rows of context per decode strip for VAEs without an exact split (LTX).
         """
+        from flashhead.parallel.policy import MIN_TOKENS_PER_RANK, chunk_tokens, split_pays
         from flashhead.parallel.runner import SequenceParallelRunner
         from flashhead.parallel.vae import DEFAULT_HALO
 
-        if group is None:  # back to one process
-            self._sp = None
-        else:
-            self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+        self._sp = self._sp_idle = None
+        if group is not None:
+            shape = self.vae.latent_shape(self.config.frame_num, self.config.height, self.config.width)
+            tokens = chunk_tokens(shape, tuple(self.dit.config.patch_size))
+            if force or split_pays(tokens, group.world_size):
+                self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+            else:
+                self._sp_idle = group
+                if group.is_leader:
+                    logger.warning(
+                        "%s: %d tokens per chunk over %d GPUs (< %d per GPU) would run slower split; running on "
+                        "one GPU (for more streams, run one replica per GPU)",
+                        self.name, tokens, group.world_size, MIN_TOKENS_PER_RANK,
+                    )  # fmt: skip
         return self.optimize(self.speed)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether chunks are split over several ranks (after `parallelize`, where the split pays)."""
+        return self._sp is not None
 
     @property
     def _velocity_model(self):
         return self.dit if self._sp is None else self._sp.model
 
     def follow(self) -> None:
-        """On a follower rank: run the DiT and decode shards of each chunk the leader announces, until released."""
+        """On a follower rank: run the DiT and decode shards of each chunk the leader announces, until released.
+
+        Returns at once where `parallelize` chose not to split (the leader then works alone).
+        """
+        if self._sp_idle is not None and not self._sp_idle.is_leader:
+            return
         if self._sp is None or self._sp.group.is_leader:
             raise ConfigError("follow() runs on the follower ranks of a parallelized pipeline")
         while (chunk := self._sp.receive()) is not None:

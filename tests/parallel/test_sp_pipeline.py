@@ -1,0 +1,43 @@
+"""The tiny Pro pipeline under 2 gloo processes (torchrun) against one process: chunks, a whole video.
+
+Split from test_sequence_parallel.py (same worker, tests/parallel/_sp_worker.py) to keep each file short.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _sp_worker as worker  # noqa: E402
+from _sp_worker import torchrun  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("sp_pipe"), "pipeline-plain", "pipeline-rope_table+cond_cache")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """One single-process reference for both: the fast switches used here do not change float32 results."""
+    from _tiny import tiny_pipeline
+
+    return worker.pipeline_run(tiny_pipeline("pro")[0], None)
+
+
+@pytest.mark.parametrize("speed", ["plain", "rope_table+cond_cache"])
+def test_two_process_pipeline_equals_single_process(pipeline, expected, speed):
+    """Tiny Pro pipeline: two chunks and a whole 1.2 s video under 2 processes == one process (plain and fast path)."""
+    got = pipeline[0]
+    assert not any(k.startswith("pipeline") for k in pipeline[1])  # followers return nothing
+    for key in ("a_latents", "a_video", "b_latents", "b_video"):
+        torch.testing.assert_close(got[f"pipeline-{speed}.{key}"], expected[key], rtol=0, atol=2e-5)
+    frames, ref = got[f"pipeline-{speed}.frames"].numpy(), expected["frames"].numpy()
+    assert frames.shape == ref.shape and len(ref) == 30
+    # uint8 frames: float32 reduction order may move a value across a rounding boundary, nothing more
+    assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1

@@ -1,0 +1,73 @@
+"""Exact Wan2.1 strip decode (flashhead.parallel.wan_decode): strips of a decode == the same rows of a full decode.
+
+Single process: the strips are decoded one after the other here; tests/parallel/test_sequence_parallel.py
+checks the gather across 2 gloo processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from _tiny import tiny_vae
+from flashhead.errors import ConfigError
+from flashhead.parallel.vae import decode_strip, strip_bounds
+from flashhead.parallel.wan_decode import WanStripDecoder, row_windows
+
+
+def strips(vae, latent, ranks: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([decode_strip(vae, latent, a, b, 0) for a, b in strip_bounds(latent.shape[-2], ranks)], -2)
+
+
+@pytest.mark.parametrize(("rows", "ranks", "frames"), [(8, 2, 4), (13, 3, 3), (16, 4, 2)])
+def test_strips_equal_full_decode_across_latent_frames(rows, ranks, frames):
+    """Tiny fixture VAE, float32, even and uneven strips, several latent frames (the causal caches carry over)."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, frames, rows, 6, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    got = strips(vae, latent, ranks)
+    assert got.shape == full.shape == (1, 3, 1 + 4 * (frames - 1), 8 * rows, 48)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
+def test_margins_are_the_receptive_field_not_more():
+    """One row less of margin per layer breaks the equality: the margins are needed, and they are tight."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, 2, 32, 4, generator=torch.Generator().manual_seed(0))
+    decoder = WanStripDecoder(vae.model)
+    windows = row_windows(decoder.stages, 32, 0, 16)
+    # Back from the pixels: conv_out 1 row, per level 2 res blocks (2 x 2 rows) and an upsampling conv (1 row)
+    # then halving: 1+4 -> 6 -> 3+4+1 -> 4+4+1 -> ceil(9/2) = 5 latent rows + 4 for the first level's res blocks.
+    assert windows[0] == (0, 16 + 9) and windows[-1] == (0, 16 * 8 + 1)
+    vae._strip_decoder = decoder
+    decoder.stages = [dataclasses.replace(s, radius=max(0, s.radius - 1)) for s in decoder.stages]
+    with torch.no_grad():
+        full = vae.decode(latent)
+    assert (strips(vae, latent, 2) - full).abs().max() > 1e-3
+
+
+def test_full_size_wan21_decoder_is_exact():
+    """The official Wan2.1 VAE config (random weights), 64 x 16 pixels: 2 strips == the full decode."""
+    from diffusers import AutoencoderKLWan
+
+    from flashhead.models.vae import WanVideoVAE, wan_config_to_diffusers
+
+    torch.manual_seed(0)
+    vae = WanVideoVAE(AutoencoderKLWan(**wan_config_to_diffusers()))
+    latent = torch.randn(1, 16, 2, 8, 2, generator=torch.Generator().manual_seed(1))
+    decoder = WanStripDecoder(vae.model)
+    assert [s.upsample for s in decoder.stages].count(2) == 3 and len(decoder.stages) == 4 * 3 + 3 + 1
+    with torch.no_grad():
+        full = vae.decode(latent)
+    torch.testing.assert_close(strips(vae, latent, 2), full, rtol=0, atol=1e-5)
+
+
+def test_unknown_decoder_layers_are_refused():
+    vae = tiny_vae("pro")
+    vae.model.decoder.up_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(16, 16, 5, padding=1)
+    with pytest.raises(ConfigError, match="kernel 5, padding 1"):
+        WanStripDecoder(vae.model)
