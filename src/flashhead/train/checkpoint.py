@@ -9,7 +9,6 @@ way, so a crash at any moment leaves either the old or the new checkpoint fully 
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flashhead.atomic import atomic_path
 from flashhead.errors import CheckpointError
 
 LATEST = "latest"
@@ -26,19 +26,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
     """Write `state` as checkpoints/step-XXXXXXXX.pt, point `latest` at it, keep the newest `keep` (0: all)."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-    _atomic_write(folder / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(folder / LATEST) as tmp:
+        tmp.write_text(path.name + "\n")
     if keep > 0:
         for old in sorted(folder.glob("step-*.pt"))[:-keep]:
             old.unlink()

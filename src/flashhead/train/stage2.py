@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from flashhead.atomic import atomic_path
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.loading import read_json
@@ -419,15 +419,19 @@ def write_stage2_export(
 ) -> Path:
     """A pipeline folder with the EMA student and the distilled sampling settings. A teacher pipeline folder
     is copied (its VAE and audio encoder, whatever kind) with dit/ and generation_config.json replaced."""
-    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
-
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     dit = eval_dit(ema_state, dit_config, torch.device("cpu"), torch.float32)
     gen = student_generation_config(cfg)
     name = f"flashhead-stage2 ({Path(cfg.output_dir).name})"
+    with atomic_path(out) as tmp:
+        _write_student_folder(tmp, dit, gen, name, cfg)
+    logger.info("exported the EMA student to %s", out)
+    return out
+
+
+def _write_student_folder(tmp: Path, dit: Any, gen: Any, name: str, cfg: Stage2Config) -> None:
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+
     if _is_pipeline(cfg.teacher.path) and not (cfg.vae.path or cfg.vae.config or cfg.audio.config):
         shutil.copytree(cfg.teacher.path, tmp, ignore=shutil.ignore_patterns("dit"))
         dit.save_pretrained(tmp / "dit")
@@ -439,11 +443,6 @@ def write_stage2_export(
         pipe = FlashHeadPipeline(dit, vae, audio_encoder, config=gen)
         pipe.name = name
         pipe.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    logger.info("exported the EMA student to %s", out)
-    return out
 
 
 def export_stage2_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flashhead.atomic import atomic_path
 from flashhead.errors import ConfigError
 from flashhead.train.config import apply_override, read_mapping
 
@@ -92,13 +92,8 @@ def export_pipeline(stage1_export: Path, folder: Path, sampling: dict[str, Any])
     pipe = FlashHeadPipeline.from_pretrained(stage1_export, device="cpu", torch_dtype=torch.float32)
     pipe.config = pipe.config.replace(**sampling)
     pipe.name = "flashhead-tiny"
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, weights_dtype=torch.float16)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_path(folder) as tmp:
+        pipe.save_pretrained(tmp, weights_dtype=torch.float16)
     return folder
 
 

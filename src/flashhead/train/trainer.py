@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from flashhead.atomic import atomic_path
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.dit import FlashHeadDiT, official_config
 from flashhead.models.loading import read_json
@@ -726,17 +727,8 @@ def write_export(ema_state: dict[str, torch.Tensor], dit_config: Any, cfg: Stage
     pipe = FlashHeadPipeline(dit, vae, audio_encoder, config=generation_config(cfg))
     pipe.name = f"flashhead-stage1 ({Path(cfg.output_dir).name})"
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pipe.save_pretrained(tmp)
     logger.info("exported the EMA pipeline to %s", out)
     return out
 

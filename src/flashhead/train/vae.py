@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flashhead.atomic import atomic_path
 from flashhead.errors import ConfigError
 from flashhead.train.config import _build, apply_override, read_mapping
 
@@ -268,6 +269,5 @@ def latent_statistics(model: Any, batches: Any, n: int, device: torch.device) ->
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -12,10 +12,10 @@ import dataclasses
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from flashhead.atomic import atomic_path
 from flashhead.data.curate.config import CurateConfig
 from flashhead.data.curate.process import FILE_STAGES, STAGES, Outcome
 
@@ -96,9 +96,8 @@ def write_report(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _plots(report: dict[str, Any]) -> str:
