@@ -33,11 +33,10 @@ def test_failure_keeps_the_old_version_and_cleans_up(tmp_path):
     target = tmp_path / "export"
     target.mkdir()
     (target / "good.json").write_text("{}")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
-            (tmp / "half.json").write_text("{")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "half.json").write_text("{")
+        raise RuntimeError("disk full")
     assert sorted(p.name for p in target.iterdir()) == ["good.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 

@@ -10,7 +10,6 @@ approximate by construction (see docs/performance.md) and therefore not part of 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -134,20 +133,9 @@ class SpeedConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> SpeedConfig:
         """A YAML (.yaml/.yml) or JSON mapping of switches."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read speed config ({e.strerror})") from e
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        from flashhead.config_files import read_mapping
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of speed switches")
-        return cls.from_dict(data)
+        return cls.from_dict(read_mapping(path))
 
 
 def _as_bool(name: str, value: object) -> bool:

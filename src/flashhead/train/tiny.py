@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from flashhead.atomic import atomic_path
+from flashhead.config_files import apply_override, read_mapping
 from flashhead.errors import ConfigError
-from flashhead.train.config import apply_override, read_mapping
 
 logger = logging.getLogger(__name__)
 

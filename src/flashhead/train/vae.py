@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flashhead.atomic import atomic_path
+from flashhead.config_files import apply_override, build_dataclass, read_mapping
 from flashhead.errors import ConfigError
-from flashhead.train.config import _build, apply_override, read_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ class VAETrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAETrainConfig:
-        return _build(cls, data, "")
+        return build_dataclass(cls, data)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> VAETrainConfig:
         data = read_mapping(path)
         for item in overrides or []:
             apply_override(data, item)
-        return _build(cls, data, "")
+        return build_dataclass(cls, data)
 
 
 def build_vae_model(config: dict[str, Any]) -> Any:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flashhead.config_files import apply_override, build_dataclass, read_mapping
 from flashhead.errors import ConfigError
-from flashhead.train.config import _build, apply_override, read_mapping
 
 
 @dataclass
@@ -152,7 +152,7 @@ class CurateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurateConfig:
-        return _build(cls, data, "")
+        return build_dataclass(cls, data)
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
