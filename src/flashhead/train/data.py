@@ -107,6 +107,7 @@ class ClipRef:
     offset: int
     key: str
     num_frames: int
+    source: str = ""  # the manifest's source column (for data.source_weights)
 
 
 def index_clips(roots: Sequence[str | Path], split: str | None, spec: SampleSpec) -> list[ClipRef]:
@@ -124,7 +125,8 @@ def index_clips(roots: Sequence[str | Path], split: str | None, spec: SampleSpec
                 root, int(too_short.sum()), spec.frame_num, int(wrong_fps.sum()), spec.fps,
             )  # fmt: skip
         for row in df[~too_short & ~wrong_fps].itertuples():
-            clips.append(ClipRef(str(Path(root) / row.shard), int(row.offset), row.key, int(row.num_frames)))
+            shard, source = str(Path(root) / row.shard), str(getattr(row, "source", ""))
+            clips.append(ClipRef(shard, int(row.offset), row.key, int(row.num_frames), source))
     return clips
 
 
@@ -332,6 +334,9 @@ class Stage1Dataset(IterableDataset):
     ... (the loader returns them round-robin, i.e. in order). The content of a micro-batch therefore depends
     on nothing but (seed, m, rank): one process with batch G sees exactly the samples of G / B processes,
     and `start_position` resumes the stream exactly.
+
+    `source_weights` {source: share} draws each epoch's M clips at random (with replacement) so that each
+    source (the manifest's `source` column) gets its share of the samples, whatever its number of clips.
     """
 
     def __init__(
@@ -345,6 +350,7 @@ class Stage1Dataset(IterableDataset):
         world_size: int = 1,
         start_position: int = 0,
         windows_per_clip: int = 1,
+        source_weights: dict[str, float] | None = None,
     ):
         if not clips:
             raise ConfigError("no usable clips: check data.roots, the split and the clip lengths")
@@ -358,6 +364,7 @@ class Stage1Dataset(IterableDataset):
             )
         self.start_step = start_position // self.samples_per_step
         self.samples_per_epoch = len(self.clips) * windows_per_clip
+        self.clip_probs = clip_probabilities(self.clips, source_weights) if source_weights else None
         self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
 
     def position(self, p: int) -> tuple[int, int]:
@@ -367,7 +374,11 @@ class Stage1Dataset(IterableDataset):
     def _order(self, epoch: int) -> np.ndarray:
         """Clip index of every position of `epoch` (its own permutation; the last epoch's is kept)."""
         if self._cached_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch) % len(self.clips)
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.clip_probs is None:
+                order = rng.permutation(self.samples_per_epoch) % len(self.clips)
+            else:
+                order = rng.choice(len(self.clips), size=self.samples_per_epoch, p=self.clip_probs)
             self._cached_order = (epoch, order)
         return self._cached_order[1]
 
@@ -392,6 +403,19 @@ class Stage1Dataset(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for step in itertools.count(self.start_step + worker, workers):
             yield self.micro_batch(step)
+
+
+def clip_probabilities(clips: Sequence[ClipRef], source_weights: dict[str, float]) -> np.ndarray:
+    """Per-clip sampling probability: each source's weight (normalised) split evenly over its clips."""
+    sources = sorted({c.source for c in clips})
+    missing = [s for s in sources if s not in source_weights]
+    if missing:
+        raise ConfigError(f"data.source_weights has no weight for source(s) {missing} (present: {sources})")
+    if any(w < 0 for w in source_weights.values()) or sum(source_weights[s] for s in sources) <= 0:
+        raise ConfigError(f"data.source_weights must be >= 0 with a positive sum over {sources}")
+    counts = {s: sum(c.source == s for c in clips) for s in sources}
+    probs = np.array([source_weights[c.source] / counts[c.source] for c in clips], np.float64)
+    return probs / probs.sum()
 
 
 # ---------------------------------------------------------------------------------------------------
