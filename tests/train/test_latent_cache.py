@@ -101,3 +101,6 @@ def test_source_weights_set_each_sources_share_of_the_samples():
                                                source_weights={"many": 0.5, "few": 0.5})._order(0))  # fmt: skip
     with pytest.raises(ConfigError, match="no weight for source"):
         Stage1Dataset(clips, spec, source_weights={"many": 1.0})
+    # "*": every source not named, together
+    probs = Stage1Dataset(clips, spec, source_weights={"many": 0.75, "*": 0.25}).clip_probs
+    assert probs[-1] == pytest.approx(0.25) and probs[0] == pytest.approx(0.75 / 9)

@@ -406,15 +406,17 @@ class Stage1Dataset(IterableDataset):
 
 
 def clip_probabilities(clips: Sequence[ClipRef], source_weights: dict[str, float]) -> np.ndarray:
-    """Per-clip sampling probability: each source's weight (normalised) split evenly over its clips."""
-    sources = sorted({c.source for c in clips})
-    missing = [s for s in sources if s not in source_weights]
-    if missing:
-        raise ConfigError(f"data.source_weights has no weight for source(s) {missing} (present: {sources})")
-    if any(w < 0 for w in source_weights.values()) or sum(source_weights[s] for s in sources) <= 0:
-        raise ConfigError(f"data.source_weights must be >= 0 with a positive sum over {sources}")
-    counts = {s: sum(c.source == s for c in clips) for s in sources}
-    probs = np.array([source_weights[c.source] / counts[c.source] for c in clips], np.float64)
+    """Per-clip sampling probability: each source's weight (normalised) split evenly over its clips. The key
+    "*" weighs all sources not named together (e.g. curated clips, whose source is their file name)."""
+    groups = [c.source if c.source in source_weights else "*" for c in clips]
+    if "*" in groups and "*" not in source_weights:
+        missing = sorted({c.source for c, g in zip(clips, groups, strict=True) if g == "*"})
+        raise ConfigError(f"data.source_weights has no weight for source(s) {missing} (add them or a '*' weight)")
+    present = sorted(set(groups))
+    if any(w < 0 for w in source_weights.values()) or sum(source_weights[g] for g in present) <= 0:
+        raise ConfigError(f"data.source_weights must be >= 0 with a positive sum over {present}")
+    counts = {g: groups.count(g) for g in present}
+    probs = np.array([source_weights[g] / counts[g] for g in groups], np.float64)
     return probs / probs.sum()
 
 
