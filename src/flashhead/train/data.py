@@ -465,6 +465,10 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         x0.append(vae.encode(torch.cat([_pixels(s["video"], device, dtype) for s in samples])))
         stills = [s["reference"][None].expand(spec.frame_num, -1, -1, -1) for s in samples]
         y.append(vae.encode(torch.cat([_pixels(still, device, dtype) for still in stills])))
+    elif all("latents" in s and "ref_latents" in s for s in samples):
+        # Precomputed (a latent cache): one stacked host-to-device copy per kind instead of one per sample.
+        x0.append(torch.stack([s["latents"] for s in samples]).to(device))
+        y.append(torch.stack([s["ref_latents"] for s in samples]).to(device))
     for s in samples if not x0 else ():
         if "latents" in s:
             x0.append(s["latents"][None].to(device))
@@ -475,9 +479,16 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         else:
             still = s["reference"][None].expand(spec.frame_num, -1, -1, -1)
             y.append(_vae_encode(vae, _pixels(still, device, dtype), s["seed"] + 2))
+    if all("audio_features" in s for s in samples):  # precomputed: window on the host, then one copy
+        windows = [cache.context(s["audio_features"]) for s in samples]
+        windows = [torch.zeros_like(w) if s["drop_audio"] else w for w, s in zip(windows, samples, strict=True)]
+        context.append(torch.cat(windows).to(device))
+        samples_to_encode: Sequence[dict[str, Any]] = ()
+    else:
+        samples_to_encode = samples
     if all("audio" in s for s in samples):  # one encoder call for the batch (rows are encoded independently)
         batch_features = list(audio_encoder(torch.stack([s["audio"] for s in samples])))
-    for i, s in enumerate(samples):
+    for i, s in enumerate(samples_to_encode):
         if "audio_features" in s:
             features = s["audio_features"]
         else:
