@@ -7,6 +7,7 @@
 #                                     #         to continue until the recipe's total_steps are done)
 #   bash .device/tiny/run.sh eval     # call 3: float16 export + evaluation
 #   bash .device/tiny/run.sh stage1 --set stage1.optim.total_steps=8000   # extra arguments: recipe overrides
+#                                     (give the same overrides to every call of a run)
 #
 # Carry [".device"]. The run folder survives only while the machine stays warm: every call leaves what the
 # next phase needs in $OUT as state.tar.part-* (<= 8 files of 15 MiB); after a cold start, put them in
