@@ -307,3 +307,33 @@ def test_held_out_plans_and_cli(tmp_path):
     result = CliRunner().invoke(data_app, args)
     assert result.exit_code == 0, result.output
     assert set(read_manifest(tmp_path / "ev")["split"]) == {"val"}
+
+
+def test_held_out_portraits_never_appear_in_train_clips():
+    from flashhead.data.cli import plan_clips
+    from flashhead.errors import ConfigError
+
+    portraits = sorted((MEDIA / "portraits").glob("cc0_*.jpg"))
+    held = [portraits[0].name, portraits[1].name]
+    plans = plan_clips(80, seed=2, kind="portrait", val_fraction=0.2, portraits=portraits, hold_out=held)
+    used = {s: {p.portrait.rsplit("/", 1)[-1] for p in plans if p.split == s} for s in ("train", "val")}
+    assert used["val"] == set(held)  # val clips speak with the held-out photos only
+    assert used["train"] and not used["train"] & set(held)
+    with pytest.raises(ConfigError, match="--hold-out names no usable portrait"):
+        plan_clips(4, kind="portrait", portraits=portraits, hold_out=["nobody.jpg"])
+
+
+def test_crf_sets_the_shard_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from flashhead.data.cli import data_app
+
+    sizes = {}
+    for crf in (12, 30):
+        args = ["synth", "--n", "1", "--out", str(tmp_path / str(crf)), "--seconds", "1", "--workers", "1"]
+        result = CliRunner().invoke(data_app, [*args, "--seed", "3", "--val-fraction", "0", "--crf", str(crf)])
+        assert result.exit_code == 0, result.output
+        sizes[crf] = (tmp_path / str(crf) / "shard-000000.tar").stat().st_size
+    assert sizes[30] < sizes[12]
+    bad = CliRunner().invoke(data_app, ["synth", "--n", "1", "--out", str(tmp_path / "x"), "--crf", "99"])
+    assert bad.exit_code != 0 and "--crf must be in [0, 51]" in bad.output

@@ -21,9 +21,10 @@ from typing import Annotated, Literal
 
 import numpy as np
 import typer
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from flashhead.data.shards import Clip, ShardWriter, encode_clip, read_manifest
+from flashhead.data.shards import Clip, ShardWriter, VideoCodec, encode_clip, read_manifest
 from flashhead.errors import ConfigError, FlashHeadError
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,17 @@ def is_val_sentence(sentence_seed: int, val_fraction: float) -> bool:
     return _unit(sentence_seed, 2) < val_fraction
 
 
-def split_portraits(portraits: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+def split_portraits(
+    portraits: list[Path], val_fraction: float, hold_out: list[str] | None = None
+) -> tuple[list[Path], list[Path]]:
     """(train, val) portraits: the val ones are a fixed-hash choice of round(val_fraction · n), at least one
-    when there are two or more portraits and val_fraction > 0."""
+    when there are two or more portraits and val_fraction > 0; or exactly the files named in `hold_out`."""
+    if hold_out:
+        unknown = sorted(set(hold_out) - {p.name for p in portraits})
+        if unknown:
+            raise ConfigError(f"--hold-out names no usable portrait: {unknown}")
+        keep = sorted(p for p in portraits if p.name not in hold_out)
+        return keep, sorted(p for p in portraits if p.name in hold_out)
     ranked = sorted(portraits, key=lambda p: _unit(int.from_bytes(p.name.encode()[:16].ljust(16, b"\0"), "little"), 3))
     k = 0 if val_fraction <= 0 or len(ranked) < 2 else max(1, round(val_fraction * len(ranked)))
     return sorted(ranked[k:]), sorted(ranked[:k])
@@ -90,16 +99,19 @@ def plan_clips(
     seconds: tuple[float, float] = (4.0, 8.0),
     val_fraction: float = 0.1,
     portraits: list[Path] | None = None,
+    hold_out: list[str] | None = None,
     fps: int = 25,
     held_out: bool = False,
 ) -> list[ClipPlan]:
     """Plans for `n` clips: the same arguments always give the same plans. `held_out` makes every clip a val
-    clip (identity, sentences, portrait from the held-out pools of `val_fraction`): evaluation sets."""
+    clip (identity, sentences, portrait from the held-out pools of `val_fraction`): evaluation sets. `hold_out`:
+    portrait file names that no train clip uses (the val pool; e.g. the portraits a real-photo evaluation keeps
+    for itself)."""
     if n < 0 or not 0 <= val_fraction < 1 or not 0 < seconds[0] <= seconds[1]:
         raise ConfigError(f"bad plan: n={n}, val_fraction={val_fraction}, seconds={seconds}")
     if held_out and val_fraction <= 0:
         raise ConfigError("held-out clips need val_fraction > 0 (it sets the size of the held-out pools)")
-    train_p, val_p = split_portraits(list(portraits or []), val_fraction)
+    train_p, val_p = split_portraits(list(portraits or []), val_fraction, hold_out)
     if kind in ("portrait", "mix") and not train_p:
         raise ConfigError("portrait clips need at least one usable portrait (--portraits DIR)")
     plans = []
@@ -159,9 +171,13 @@ def make_clip(plan: ClipPlan, size: int = 128) -> Clip:
     )  # fmt: skip
 
 
-def _render_and_encode(args: tuple[ClipPlan, int]) -> Clip:
+def _render_and_encode(args: tuple[ClipPlan, int, VideoCodec]) -> Clip:
     # Workers encode too: H.264 is a good share of the cost, and the writer then only copies bytes.
-    return encode_clip(make_clip(*args))
+    # One BLAS thread per worker: the portrait warp's many small scipy calls (Delaunay, griddata) ran ~25x
+    # slower with OpenBLAS threads fighting over two cores (45 s instead of 1.8 s per 4-s clip).
+    plan, size, codec = args
+    with threadpool_limits(limits=1):
+        return encode_clip(make_clip(plan, size), codec)
 
 
 def usable_portraits(folder: str | os.PathLike, size: int = 128) -> list[Path]:
@@ -187,10 +203,11 @@ def synth_dataset(
     shard_max_clips: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    codec: VideoCodec | None = None,
 ) -> float:
     """Render `plans` into shards under `out`; returns the wall time in seconds."""
     start = time.perf_counter()
-    jobs = [(p, size) for p in plans]
+    jobs = [(p, size, codec or VideoCodec()) for p in plans]
     with ShardWriter(out, shard_max_clips=shard_max_clips, overwrite=overwrite) as writer:
         bar = tqdm(total=len(jobs), unit="clip", disable=not progress, desc="synth")
         if workers <= 1:
@@ -236,6 +253,11 @@ def synth(
         bool, typer.Option("--held-out", help="Every clip from the held-out identities and sentences (eval sets).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace shards already in --out.")] = False,
+    hold_out: Annotated[
+        list[str] | None,
+        typer.Option("--hold-out", help="Portrait file name no train clip may use (repeatable; the val pool)."),
+    ] = None,
+    crf: Annotated[int, typer.Option(help="H.264 CRF of the shards (12: visually lossless; higher: smaller).")] = 12,
 ) -> None:
     """Generate synthetic talking-head clips with known lip-sync truth into WebDataset shards."""
     try:
@@ -244,11 +266,14 @@ def synth(
         found = usable_portraits(portraits, size) if portraits is not None and kind != "procedural" else []
         plans = plan_clips(
             n, seed=seed, kind=kind, seconds=_parse_seconds(seconds), val_fraction=val_fraction, portraits=found,
-            held_out=held_out,
-        )
+            held_out=held_out, hold_out=hold_out,
+        )  # fmt: skip
+        if not 0 <= crf <= 51:
+            raise ConfigError(f"--crf must be in [0, 51], got {crf}")
         wall = synth_dataset(
-            out, plans, size=size, workers=workers, shard_max_clips=shard_max_clips, overwrite=overwrite
-        )
+            out, plans, size=size, workers=workers, shard_max_clips=shard_max_clips, overwrite=overwrite,
+            codec=VideoCodec(crf=crf),
+        )  # fmt: skip
     except FlashHeadError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None

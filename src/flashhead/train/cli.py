@@ -136,16 +136,28 @@ def tiny(
         list[str] | None,
         typer.Option("--set", help="Override a recipe setting, e.g. --set stage1.optim.max_minutes=5 (repeatable)."),
     ] = None,
-    eval_clips: Annotated[int, typer.Option("--eval-clips", help="Held-out clips to evaluate on.")] = 8,
+    eval_clips: Annotated[int, typer.Option("--eval-clips", help="Held-out clips per synthetic source.")] = 8,
+    until: Annotated[
+        str, typer.Option("--until", help="Stop after this phase: vae, cache, stage1 or eval (one per machine call).")
+    ] = "eval",
 ) -> None:
-    """Train flashhead-tiny end to end: VAE, Stage 1, float16 export, lip-sync and identity checks."""
+    """Train flashhead-tiny end to end: VAE, latent cache, Stage 1, float16 export, lip-sync and identity checks."""
     from flashhead.train.tiny import load_recipe, run_recipe
 
     _logging()
-    summary = run_recipe([str(d) for d in data], out, load_recipe(recipe, overrides), eval_clips=eval_clips)
+    summary = run_recipe(
+        [str(d) for d in data], out, load_recipe(recipe, overrides), until=until, eval_clips=eval_clips
+    )
+    if not summary:
+        typer.echo(f"flashhead-tiny: phases up to {until} done in {out}")
+        return
     m = summary["mean"]
-    typer.echo(
+    line = (
         f"flashhead-tiny: {out / 'flashhead-tiny'} ({summary['size_mb']:.1f} MB); held-out lip sync r = "
         f"{m['r_generated']:.2f} (real frames {m['r_real_frames']:.2f}), face SSIM {m['face_ssim']:.3f}, "
         f"PSNR {m['face_psnr']:.1f} dB"
     )
+    if "real_portraits" in summary:
+        r = summary["real_portraits"]["mean"]["r_mouth_change_vs_energy"]
+        line += f"; held-back photos: mouth-region change vs speech energy r = {r:.3f}"
+    typer.echo(line)

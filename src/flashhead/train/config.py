@@ -36,7 +36,7 @@ class VAESection:
     path: str | None = None  # release folder, VAE folder or file (see LTXVideoVAE / WanVideoVAE.from_pretrained)
     pipeline: str | None = None  # a pipeline folder: its vae/ AND its audio_encoder/ are used
     config: dict[str, Any] | None = None  # random weights of this official config: smoke runs and tests only
-    sample_posterior: bool = True  # LTX from `path`: encode to a posterior sample (official) or its mean (ours)
+    sample_posterior: bool = True  # LTX (path or config): encode to a posterior sample (official) or its mean
 
 
 @dataclass
@@ -67,6 +67,12 @@ class DataSection:
     micro_batch_size: int = 1  # samples per process per micro-step ([PAPER] 1 per GPU)
     num_workers: int = 2  # DataLoader worker processes per training process
     windows_per_clip: int = 1  # samples drawn from each clip per epoch
+    # Share of the samples per source (manifest `source` column, e.g. synth-portrait: 0.5); empty: every
+    # clip equally often. Every source present needs a weight.
+    source_weights: dict[str, float] = field(default_factory=dict)
+    # A latent cache folder (flashhead.train.latent_cache) to train from instead of decoding and encoding
+    # clips on the fly; it must match this run's geometry and frozen encoders.
+    cache: str | None = None
     # Reference frame: "outside" = a random frame of the clip outside the window (the window's first frame
     # when there is none); "window_first" = always the window's first frame. Cold-start samples (one motion
     # latent frame) always use the window's first frame, as a stream's first chunk does (docs/training.md).

@@ -107,6 +107,7 @@ class ClipRef:
     offset: int
     key: str
     num_frames: int
+    source: str = ""  # the manifest's source column (for data.source_weights)
 
 
 def index_clips(roots: Sequence[str | Path], split: str | None, spec: SampleSpec) -> list[ClipRef]:
@@ -124,7 +125,8 @@ def index_clips(roots: Sequence[str | Path], split: str | None, spec: SampleSpec
                 root, int(too_short.sum()), spec.frame_num, int(wrong_fps.sum()), spec.fps,
             )  # fmt: skip
         for row in df[~too_short & ~wrong_fps].itertuples():
-            clips.append(ClipRef(str(Path(root) / row.shard), int(row.offset), row.key, int(row.num_frames)))
+            shard, source = str(Path(root) / row.shard), str(getattr(row, "source", ""))
+            clips.append(ClipRef(shard, int(row.offset), row.key, int(row.num_frames), source))
     return clips
 
 
@@ -332,6 +334,9 @@ class Stage1Dataset(IterableDataset):
     ... (the loader returns them round-robin, i.e. in order). The content of a micro-batch therefore depends
     on nothing but (seed, m, rank): one process with batch G sees exactly the samples of G / B processes,
     and `start_position` resumes the stream exactly.
+
+    `source_weights` {source: share} draws each epoch's M clips at random (with replacement) so that each
+    source (the manifest's `source` column) gets its share of the samples, whatever its number of clips.
     """
 
     def __init__(
@@ -345,6 +350,7 @@ class Stage1Dataset(IterableDataset):
         world_size: int = 1,
         start_position: int = 0,
         windows_per_clip: int = 1,
+        source_weights: dict[str, float] | None = None,
     ):
         if not clips:
             raise ConfigError("no usable clips: check data.roots, the split and the clip lengths")
@@ -358,6 +364,7 @@ class Stage1Dataset(IterableDataset):
             )
         self.start_step = start_position // self.samples_per_step
         self.samples_per_epoch = len(self.clips) * windows_per_clip
+        self.clip_probs = clip_probabilities(self.clips, source_weights) if source_weights else None
         self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
 
     def position(self, p: int) -> tuple[int, int]:
@@ -367,7 +374,11 @@ class Stage1Dataset(IterableDataset):
     def _order(self, epoch: int) -> np.ndarray:
         """Clip index of every position of `epoch` (its own permutation; the last epoch's is kept)."""
         if self._cached_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch) % len(self.clips)
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.clip_probs is None:
+                order = rng.permutation(self.samples_per_epoch) % len(self.clips)
+            else:
+                order = rng.choice(len(self.clips), size=self.samples_per_epoch, p=self.clip_probs)
             self._cached_order = (epoch, order)
         return self._cached_order[1]
 
@@ -392,6 +403,21 @@ class Stage1Dataset(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for step in itertools.count(self.start_step + worker, workers):
             yield self.micro_batch(step)
+
+
+def clip_probabilities(clips: Sequence[ClipRef], source_weights: dict[str, float]) -> np.ndarray:
+    """Per-clip sampling probability: each source's weight (normalised) split evenly over its clips. The key
+    "*" weighs all sources not named together (e.g. curated clips, whose source is their file name)."""
+    groups = [c.source if c.source in source_weights else "*" for c in clips]
+    if "*" in groups and "*" not in source_weights:
+        missing = sorted({c.source for c, g in zip(clips, groups, strict=True) if g == "*"})
+        raise ConfigError(f"data.source_weights has no weight for source(s) {missing} (add them or a '*' weight)")
+    present = sorted(set(groups))
+    if any(w < 0 for w in source_weights.values()) or sum(source_weights[g] for g in present) <= 0:
+        raise ConfigError(f"data.source_weights must be >= 0 with a positive sum over {present}")
+    counts = {g: groups.count(g) for g in present}
+    probs = np.array([source_weights[g] / counts[g] for g in groups], np.float64)
+    return probs / probs.sum()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,6 +465,10 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         x0.append(vae.encode(torch.cat([_pixels(s["video"], device, dtype) for s in samples])))
         stills = [s["reference"][None].expand(spec.frame_num, -1, -1, -1) for s in samples]
         y.append(vae.encode(torch.cat([_pixels(still, device, dtype) for still in stills])))
+    elif all("latents" in s and "ref_latents" in s for s in samples):
+        # Precomputed (a latent cache): one stacked host-to-device copy per kind instead of one per sample.
+        x0.append(torch.stack([s["latents"] for s in samples]).to(device))
+        y.append(torch.stack([s["ref_latents"] for s in samples]).to(device))
     for s in samples if not x0 else ():
         if "latents" in s:
             x0.append(s["latents"][None].to(device))
@@ -449,9 +479,16 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         else:
             still = s["reference"][None].expand(spec.frame_num, -1, -1, -1)
             y.append(_vae_encode(vae, _pixels(still, device, dtype), s["seed"] + 2))
+    if all("audio_features" in s for s in samples):  # precomputed: window on the host, then one copy
+        windows = [cache.context(s["audio_features"]) for s in samples]
+        windows = [torch.zeros_like(w) if s["drop_audio"] else w for w, s in zip(windows, samples, strict=True)]
+        context.append(torch.cat(windows).to(device))
+        samples_to_encode: Sequence[dict[str, Any]] = ()
+    else:
+        samples_to_encode = samples
     if all("audio" in s for s in samples):  # one encoder call for the batch (rows are encoded independently)
         batch_features = list(audio_encoder(torch.stack([s["audio"] for s in samples])))
-    for i, s in enumerate(samples):
+    for i, s in enumerate(samples_to_encode):
         if "audio_features" in s:
             features = s["audio_features"]
         else:

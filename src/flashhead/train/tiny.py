@@ -1,10 +1,18 @@
-"""The flashhead-tiny recipe: VAE, Stage 1 and export in one command, then the checks its issue asks for.
+"""The flashhead-tiny recipe: VAE, latent cache, Stage 1 and export in one command, then the checks its issue
+asks for.
 
-    flashhead train tiny --data DIR [--data DIR ...] --out runs/tiny
+    flashhead train tiny --data DIR [--data DIR ...] --out runs/tiny [--until vae|cache|stage1|eval]
 
-runs the three steps of `recipes/flashhead_tiny.yaml` (each resumable: a step whose output exists is
-skipped, an interrupted one continues from its checkpoint), writes `OUT/flashhead-tiny` (the pipeline
-folder that ships in `flashhead/assets/`), `OUT/eval.json` and `OUT/curves.png`.
+runs the phases of `recipes/flashhead_tiny.yaml` in order (each resumable: a phase whose output exists is
+skipped, an interrupted one continues from its checkpoint; `--until` stops after a phase, so each call of
+a time-limited machine can run one), writes `OUT/flashhead-tiny` (the pipeline folder that ships in
+`flashhead/assets/`), `OUT/eval.json` and `OUT/curves.png`.
+
+    vae     the small LTX-style VAE (flashhead.train.vae)
+    cache   every training window and reference encoded once by that VAE (flashhead.train.latent_cache)
+    stage1  the DiT, trained from the cache (flashhead.train.trainer)
+    eval    float16 export with the recipe's sampling settings; lip sync and identity on held-out synthetic
+            clips; on held-back real portraits, the correlation of mouth-region change with speech energy
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 RECIPE = "flashhead_tiny.yaml"
 FACE_REGION = (0.25, 0.2, 0.75, 0.85)  # x0, y0, x1, y1 fractions of a face-centred crop
+MOUTH_REGION = (0.3, 0.55, 0.7, 0.85)  # the mouth of a face-centred crop (tests/pipeline/test_embedded_model.py)
+PHASES = ("vae", "cache", "stage1", "eval")
+SECTIONS = {"vae", "cache", "stage1", "export", "eval"}
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -36,9 +47,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         data = read_mapping(path)
     for item in overrides or []:
         apply_override(data, item)
-    unknown = sorted(set(data) - {"vae", "stage1", "export"})
+    unknown = sorted(set(data) - SECTIONS)
     if unknown:
-        raise ConfigError(f"recipe: unknown section(s) {unknown} (expected vae, stage1, export)")
+        raise ConfigError(f"recipe: unknown section(s) {unknown} (expected {', '.join(sorted(SECTIONS))})")
     return data
 
 
@@ -47,14 +58,19 @@ def run_recipe(
     out: str | Path,
     recipe: dict[str, Any] | None = None,
     *,
+    until: str = "eval",
     eval_clips: int = 8,
     eval_seconds: float = 4.0,
 ) -> dict[str, Any]:
-    """Train (or finish training) flashhead-tiny into `out`; returns the evaluation summary."""
+    """Train (or finish training) flashhead-tiny into `out`, up to phase `until`; returns the evaluation
+    summary (empty when `until` stops before the evaluation)."""
     from flashhead.train.config import Stage1Config
     from flashhead.train.trainer import train
     from flashhead.train.vae import VAETrainConfig, train_vae
 
+    if until not in PHASES:
+        raise ConfigError(f"--until must be one of {', '.join(PHASES)}, got {until!r}")
+    last = PHASES.index(until)
     recipe = recipe or load_recipe()
     out = Path(out)
     roots = [str(Path(r)) for r in data_roots]
@@ -65,24 +81,64 @@ def run_recipe(
     if not (vae_folder / "config.json").is_file():
         vae_cfg = VAETrainConfig.from_dict({**recipe.get("vae", {}), "roots": roots, "output_dir": str(out / "vae")})
         train_vae(vae_cfg, resume=True)
+        if not (vae_folder / "config.json").is_file():
+            raise ConfigError(f"{out / 'vae'}: the VAE did not finish")
+
+    s1 = json.loads(json.dumps(recipe.get("stage1", {})))  # a deep copy
+    s1.setdefault("data", {})["roots"] = roots
+    s1.setdefault("vae", {})["path"] = str(vae_folder)
+    s1["output_dir"] = str(out / "stage1")
+    cache_folder = out / "cache"
+    if recipe.get("cache") is not None:
+        s1["data"]["cache"] = str(cache_folder)
+    cfg = Stage1Config.from_dict(s1)
+    if last < PHASES.index("cache"):
+        return {}
+
+    if cfg.data.cache and not (cache_folder / "cache.json").is_file():
+        build_cache(cfg, cache_folder, **(recipe.get("cache") or {}))
+    if last < PHASES.index("stage1"):
+        return {}
 
     export_dir, done = out / "stage1" / "export", out / "stage1" / "DONE"
     if not done.is_file():  # not started, or stopped by its time budget / a crash: (re)start from the checkpoint
-        s1 = json.loads(json.dumps(recipe.get("stage1", {})))  # a deep copy
-        s1.setdefault("data", {})["roots"] = roots
-        s1.setdefault("vae", {})["path"] = str(vae_folder)
-        s1["output_dir"] = str(out / "stage1")
-        cfg = Stage1Config.from_dict(s1)
         result = train(cfg, resume=True)
         if result.step >= cfg.optim.total_steps:
             done.write_text(f"{result.step}\n")
+    if last < PHASES.index("eval"):
+        return {}
+    if not done.is_file():
+        raise ConfigError(f"{out / 'stage1'}: Stage 1 has not reached its {cfg.optim.total_steps} steps yet")
 
     final = export_pipeline(export_dir, out / "flashhead-tiny", recipe.get("export", {}))
     summary = evaluate_tiny(final, roots, clips=eval_clips, seconds=eval_seconds)
     summary["size_mb"] = folder_megabytes(final)
+    portraits = recipe.get("eval", {})
+    if portraits.get("portraits"):
+        summary["real_portraits"] = evaluate_portraits(final, **portraits)
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out, out / "curves.png")
     return summary
+
+
+def build_cache(cfg: Any, folder: Path, *, stride: int | None = None, batch_size: int = 32) -> Path:
+    """The recipe's cache phase: Stage 1's frozen VAE and audio encoder (float32, on the GPU when there is
+    one) over every training window of `cfg.data`."""
+    from flashhead.train.latent_cache import build_latent_cache
+    from flashhead.train.trainer import build_frozen, resolve_dit_config, sample_spec
+
+    dit_config = resolve_dit_config(cfg)
+    vae, audio_encoder = build_frozen(cfg, dit_config["vae_stride"][0])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # the same float32 math Stage 1 would run (TF32 convolutions)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    vae.to(device, torch.float32)
+    audio_encoder.to(device)
+    spec = sample_spec(cfg, dit_config, vae)
+    return build_latent_cache(
+        cfg.data.roots, folder, vae, audio_encoder, spec, split=cfg.data.split, stride=stride, batch_size=batch_size
+    )
 
 
 def export_pipeline(stage1_export: Path, folder: Path, sampling: dict[str, Any]) -> Path:
@@ -105,6 +161,9 @@ def folder_megabytes(folder: Path) -> float:
 # Evaluation: lip sync on held-out synthetic clips, identity on their first frames
 
 
+SYNTHETIC = ("synth-procedural", "synth-portrait")
+
+
 def _box(fractions: tuple[float, float, float, float], h: int, w: int) -> np.ndarray:
     x0, y0, x1, y1 = fractions
     return np.array([x0 * w, y0 * h, x1 * w, y1 * h])
@@ -120,9 +179,11 @@ def grow_box(box: np.ndarray, margin: float) -> np.ndarray:
 def evaluate_tiny(pipeline: Any, roots: list[str], *, clips: int = 8, seconds: float = 4.0, seed: int = 0):
     """Held-out ("val") synthetic clips: the clip's first frame is the reference, its audio drives the model.
 
-    Reports, per clip and on average: Pearson r between the mouth opening measured on the generated frames
-    (`dark_gap` in the clip's mouth box) and the ground-truth opening; the same measure on the real frames
-    (the ceiling of what the measure can show); PSNR / SSIM of the face region against the ground truth.
+    Up to `clips` clips of each synthetic source (procedural faces; animated portraits, whose val clips use
+    only held-back photos). Reports, per clip, on average and per source: Pearson r between the mouth
+    opening measured on the generated frames (`dark_gap` in the clip's mouth box) and the ground truth; the
+    same measure on the real frames (the ceiling of what the measure can show); PSNR / SSIM of the face
+    region against the ground truth.
     """
     from flashhead.data.shards import read_clip_at, read_manifest
     from flashhead.eval.mouth import dark_gap, pearson, psnr, ssim_gray
@@ -136,7 +197,8 @@ def evaluate_tiny(pipeline: Any, roots: list[str], *, clips: int = 8, seconds: f
         manifest = read_manifest(root)
         for r in manifest[manifest.split == "val"].itertuples():
             rows.append((Path(root), r))
-    rows = [(root, r) for root, r in rows if r.source in ("synth-procedural", "synth-portrait")][:clips]
+    per_source = {src: [(root, r) for root, r in rows if r.source == src][:clips] for src in SYNTHETIC}
+    rows = [row for chosen in per_source.values() for row in chosen]
     face = _box(FACE_REGION, h, w).astype(int)
 
     def crop(f: np.ndarray) -> np.ndarray:
@@ -165,8 +227,65 @@ def evaluate_tiny(pipeline: Any, roots: list[str], *, clips: int = 8, seconds: f
         })  # fmt: skip
     if not results:
         raise ConfigError(f"no held-out synthetic clips under {roots} to evaluate on")
-    mean = {k: float(np.mean([x[k] for x in results])) for k in results[0] if k not in ("key", "source")}
-    return {"clips": results, "mean": mean, "resolution": [h, w], "seconds": seconds}
+    def average(items: list[dict]) -> dict[str, float]:
+        return {k: float(np.mean([x[k] for x in items])) for k in items[0] if k not in ("key", "source")}
+
+    by_source = {src: average([x for x in results if x["source"] == src]) for src in per_source if per_source[src]}
+    return {"clips": results, "mean": average(results), "mean_by_source": by_source, "resolution": [h, w],
+            "seconds": seconds}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_portraits(
+    pipeline: Any,
+    portraits: list[str],
+    audio: str,
+    seconds: float = 8.0,
+    portrait_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Does the mouth follow the speech on real photos the model never saw?
+
+    Each portrait (an image file, face-cropped as inference does unless it already has the model's size)
+    speaks the first `seconds` of `audio`; reported per portrait and on average: Pearson r between the
+    mean absolute frame-to-frame change of the mouth region (`MOUTH_REGION` of the crop) and the RMS
+    energy of the audio under each frame (flashhead.eval.mouth), and the first frame's face SSIM.
+    """
+    from flashhead.eval.mouth import frame_energy, pearson, region_motion, ssim_gray
+    from flashhead.media.audio_io import load_audio
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, reference_generator
+
+    pipe = pipeline if isinstance(pipeline, FlashHeadPipeline) else FlashHeadPipeline.from_pretrained(pipeline)
+    h, w = pipe.config.height, pipe.config.width
+    waveform = load_audio(audio, target_sr=pipe.config.sample_rate)[0][: int(seconds * pipe.config.sample_rate)]
+    n = int(seconds * pipe.config.fps)
+    energy = frame_energy(waveform, n, pipe.config.sample_rate, pipe.config.fps)
+    mouth, face = _box(MOUTH_REGION, h, w), _box(FACE_REGION, h, w).astype(int)
+    results = {}
+    for name in portraits:
+        path = Path(portrait_dir or ".") / name
+        if not path.is_file():
+            raise ConfigError(f"evaluation portrait {path} not found")
+        image = np.asarray(_open_rgb(path))
+        if image.shape[:2] != (h, w):
+            image = pipe.prepare_image(path, crop=True)
+        reference = pipe.encode_reference(image, generator=reference_generator(seed))
+        audio_t = torch.from_numpy(np.ascontiguousarray(waveform, np.float32))
+        frames = np.concatenate(list(pipe.iter_frames(reference, audio_t, seed=seed)))[:n]
+        crop = (slice(face[1], face[3]), slice(face[0], face[2]))
+        results[name] = {
+            "r_mouth_change_vs_energy": pearson(region_motion(frames, mouth)[1:], energy[1:]),
+            "first_frame_face_ssim": ssim_gray(frames[0][crop], image[crop]),
+        }
+    mean = {k: float(np.mean([v[k] for v in results.values()])) for k in next(iter(results.values()))}
+    return {"portraits": results, "mean": mean, "audio": Path(audio).name, "seconds": seconds}
+
+
+def _open_rgb(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def plot_curves(run: Path, png: Path) -> Path | None:

@@ -197,7 +197,8 @@ def build_frozen(cfg: Stage1Config, temporal_stride: int) -> tuple[Any, Any]:
 
                 from flashhead.models.vae.ltx import ltx_native_config_to_diffusers
 
-                vae = LTXVideoVAE(AutoencoderKLLTXVideo.from_config(ltx_native_config_to_diffusers(v.config)))
+                model = AutoencoderKLLTXVideo.from_config(ltx_native_config_to_diffusers(v.config))
+                vae = LTXVideoVAE(model, sample_posterior=v.sample_posterior)
             else:
                 from diffusers import AutoencoderKLWan
 
@@ -448,11 +449,21 @@ def train(
 
     # -- data
     if inputs is None:
-        train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
-        dataset = Stage1Dataset(
-            train_clips, spec, seed=cfg.seed, micro_batch_size=cfg.data.micro_batch_size, rank=info.rank,
-            world_size=info.world_size, start_position=position, windows_per_clip=cfg.data.windows_per_clip,
+        stream = dict(
+            seed=cfg.seed, micro_batch_size=cfg.data.micro_batch_size, rank=info.rank, world_size=info.world_size,
+            start_position=position, windows_per_clip=cfg.data.windows_per_clip,
+            source_weights=cfg.data.source_weights or None,
         )  # fmt: skip
+        if cfg.data.cache:  # precomputed latents, references, audio features and masks: no decoding or encoding
+            from flashhead.train.latent_cache import CachedStage1Dataset, LatentCache
+
+            cache = LatentCache(cfg.data.cache)
+            cache.check(spec, vae, audio_encoder)
+            dataset = CachedStage1Dataset(cache, spec, **stream)
+            train_clips = dataset.clips
+        else:
+            train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
+            dataset = Stage1Dataset(train_clips, spec, **stream)
         workers = cfg.data.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
         batches = iter(loader)

@@ -1,0 +1,54 @@
+"""`flashhead train tiny` end to end at toy size, one phase per call as on the time-limited device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _util import MEDIA, REPO
+
+PORTRAIT = "cc0_elderly_man_smiling.jpg"
+SPEECH = MEDIA / "audio" / "speech_en_radio31_16k_8s.wav"
+TOY = [  # 64 px, a couple of steps of everything, no worker processes
+    "vae.height=64", "vae.width=64", "vae.batch_size=2", "vae.total_steps=2", "vae.warmup_steps=1",
+    "vae.num_workers=0", "vae.stats_batches=1", "vae.max_minutes=null", "cache.batch_size=4",
+    "stage1.data.height=64", "stage1.data.width=64", "stage1.data.micro_batch_size=2", "stage1.data.num_workers=0",
+    "stage1.optim.total_steps=3", "stage1.optim.warmup_steps=1", "stage1.log.interval=1",
+    "stage1.log.tensorboard=false", 'stage1.data.source_weights={"*": 1.0}', "export.height=64", "export.width=64",
+    f"eval.portraits=[{PORTRAIT}]", f"eval.portrait_dir={MEDIA / 'portraits'}", f"eval.audio={SPEECH}",
+    "eval.seconds=1.0",
+]  # fmt: skip
+
+
+def _tiny(dataset_dir, out, *args: str) -> subprocess.CompletedProcess:
+    sets = [a for item in TOY for a in ("--set", item)]
+    cmd = [sys.executable, "-m", "flashhead.train", "tiny", "--data", str(dataset_dir), "--out", str(out), *sets]
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+@pytest.mark.slow  # three CLI processes (VAE, cache, Stage 1, export, evaluation): about 90 s on 2 cores
+def test_phases_run_one_call_each_and_evaluate_held_back_photos(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    first = _tiny(dataset_dir, out, "--until", "cache")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "vae" / "vae" / "config.json").is_file() and (out / "cache" / "cache.json").is_file()
+    assert not (out / "stage1").exists()  # stopped after the cache phase
+
+    second = _tiny(dataset_dir, out, "--until", "eval", "--eval-clips", "1")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "held-back photos: mouth-region change vs speech energy r =" in second.stdout
+    summary = json.loads((out / "eval.json").read_text())
+    photos = summary["real_portraits"]["portraits"]
+    assert list(photos) == [PORTRAIT] and -1 <= photos[PORTRAIT]["r_mouth_change_vs_energy"] <= 1
+    assert (out / "curves.png").stat().st_size > 10_000
+    config = (out / "stage1" / "config.yaml").read_text()
+    assert f"cache: {out / 'cache'}" in config  # Stage 1 trained from the cache
+
+    bad = _tiny(dataset_dir, out, "--until", "everything")
+    assert bad.returncode != 0 and "--until must be one of" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
