@@ -29,6 +29,7 @@ tar xJf "$HERE/data.tar.xz" -C "$RUN/data"
 log() { tr '\r' '\n' | grep --line-buffered -v -e '^\s*$' -e 'it/s\]$' | tee -a "$OUT/log.txt"; }
 echo "== train $(date +%T)" | tee -a "$OUT/log.txt"
 python3 -m flashhead.train stage2 configs/stage2_tiny_distill.yaml --set "data.roots=[$RUN/data/train]" \
+    --set "teacher.path=$RUN/data/teacher" \
     --set "output_dir=$RUN/exp/run" "$@" 2>&1 | log
 cp "$RUN/exp/run/metrics.jsonl" "$RUN/exp/run/summary.json" "$OUT/"
 # The student in float16 now: if the evaluation overruns the call, the trained model is already in $OUT.
@@ -41,7 +42,7 @@ cp "$RUN/exp/student-dit-fp16/config.json" "$OUT/student_dit_config.json"
 echo "== evaluate $(date +%T)" | tee -a "$OUT/log.txt"
 # results.md/.json/.png go straight to $OUT and are rewritten after every clip (a cut-short run keeps its part)
 python3 benchmarks/distill_experiment.py --config configs/stage2_tiny_distill.yaml \
-    --teacher src/flashhead/assets/flashhead-tiny --data "$RUN/data/train" --eval-data "$RUN/data/eval" \
+    --teacher "$RUN/data/teacher" --data "$RUN/data/train" --eval-data "$RUN/data/eval" \
     --out "$RUN/exp" --results "$OUT" --seconds "${EVAL_SECONDS:-60}" --eval-clips "${EVAL_CLIPS:-3}" 2>&1 | log
 echo "== done $(date +%T)" | tee -a "$OUT/log.txt"
 ls -la "$OUT"

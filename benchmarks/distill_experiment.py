@@ -1,7 +1,7 @@
 """The distillation experiment of issue 7: a Stage-1 teacher distilled into a 4-step student, against the same
 teacher sampled with 4 steps and no distillation, over long autoregressive rollouts of synthetic speech.
 
-    python benchmarks/distill_experiment.py --teacher src/flashhead/assets/flashhead-tiny \\
+    python benchmarks/distill_experiment.py --teacher runs/distill/data/teacher \\
         --data data/synth-train --out runs/distill-exp --seconds 60 --set distill.total_steps=2000
 
 1. Train: `flashhead train stage2` (configs/stage2_tiny_cpu.yaml unless --config) with the teacher folder,

@@ -6,6 +6,9 @@ Writes OUT/data.tar.xz (train/ and eval/ shard folders) and OUT/run.sh (a copy o
 - train/: --train-clips train-split clips of the training shards long enough for one Stage-2 rollout window
   (configs/stage2_tiny_distill.yaml: 33 + (K - 1) x 28 frames), a seeded choice, copied without re-encoding.
   The student needs the teacher's motion and audio statistics, not every clip, and the payload must stay small.
+- teacher/: the Stage-1 flashhead-tiny pipeline (the teacher). The package ships the distilled student since
+  2026-11-26, so the teacher's DiT and sampling settings are taken from git history (--teacher-commit, the last
+  commit that shipped it) or from a pipeline folder (--teacher, e.g. `flashhead train tiny`'s export).
 - eval/: --eval-clips procedural clips of --seconds each whose identities and sentences come from the held-out
   pools (`flashhead data synth --held-out`), so neither the teacher nor the student ever trained on them.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -29,9 +33,29 @@ from flashhead.data.cli import plan_clips, synth_dataset  # noqa: E402
 from flashhead.data.shards import ShardWriter, iter_clips, read_manifest  # noqa: E402
 
 log = logging.getLogger("distill_payload")
+SHIPPED = "src/flashhead/assets/flashhead-tiny"
+TEACHER_COMMIT = "57c1a7b"  # the last commit whose packaged flashhead-tiny was the Stage-1 model
 
 
-def window_frames(config: Path) -> int:
+def write_teacher(dst: Path, folder: Path | None, commit: str) -> Path:
+    """The teacher pipeline folder: `folder` as is, else the shipped folder with the DiT and sampling settings of
+    `commit` (its VAE and mel encoder are the ones shipped now: distillation did not change them)."""
+    if folder is not None:
+        shutil.copytree(folder, dst)
+        return dst
+    shutil.copytree(REPO / SHIPPED, dst)
+    for rel in ("dit/diffusion_pytorch_model.safetensors", "dit/config.json", "generation_config.json"):
+        try:
+            blob = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{SHIPPED}/{rel}"],
+                                  capture_output=True, check=True).stdout  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as e:
+            msg = f"error: cannot read {rel} of commit {commit} from git ({e}); pass --teacher FOLDER"
+            raise SystemExit(msg) from e
+        (dst / rel).write_bytes(blob)
+    return dst
+
+
+def window_frames(config: Path, teacher: Path) -> int:
     """Frames of one rollout window of the Stage-2 config, with its teacher's chunk geometry."""
     from flashhead.models.loading import read_json
     from flashhead.train.config import Stage2Config
@@ -39,7 +63,7 @@ def window_frames(config: Path) -> int:
     from flashhead.train.rollout_data import RolloutSpec
 
     cfg = Stage2Config.from_file(config)
-    dit = read_json(REPO / cfg.teacher.path / "dit" / "config.json")
+    dit = read_json(teacher / "dit" / "config.json")
     chunk = SampleSpec(cfg.data.height, cfg.data.width, tuple(dit["vae_stride"]), frame_num=cfg.data.frame_num,
                        motion_latent_frames=cfg.distill.motion_latent_frames)  # fmt: skip
     return RolloutSpec(chunk, cfg.distill.num_chunks).frames
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--train", required=True, type=Path, help="training shard folder (flashhead-tiny's procedural/)")
     ap.add_argument("--out", required=True, type=Path, help="folder for data.tar.xz and run.sh")
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "stage2_tiny_distill.yaml")
+    ap.add_argument("--teacher", type=Path, default=None, help="teacher pipeline folder (default: from git)")
+    ap.add_argument("--teacher-commit", default=TEACHER_COMMIT, help="commit that shipped the teacher")
     ap.add_argument("--train-clips", type=int, default=32)
     ap.add_argument("--eval-clips", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each evaluation clip")
@@ -74,9 +100,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    frames = window_frames(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
+        teacher = write_teacher(data / "teacher", args.teacher, args.teacher_commit)
+        frames = window_frames(args.config, teacher)
         keys = copy_subset(args.train, data / "train", args.train_clips, frames, args.seed)
         log.info("train: %d clips of >= %d frames from %s", len(keys), frames, args.train)
         plans = plan_clips(args.eval_clips, seed=args.eval_seed, kind="procedural",
@@ -88,6 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
         with tarfile.open(part, "w:xz", preset=9) as tar:
             tar.add(data / "train", "train")
             tar.add(data / "eval", "eval")
+            tar.add(teacher, "teacher")
         part.replace(args.out / "data.tar.xz")
     script = args.out / "run.sh"
     shutil.copyfile(REPO / "benchmarks" / "distill_device.sh", script.with_suffix(".tmp"))

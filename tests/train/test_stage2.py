@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from flashhead.train import trainer as T
@@ -234,9 +235,12 @@ def test_shipped_stage2_configs():
     assert tiny.distill.num_chunks == 3 and tiny.teacher.path == "runs/stage1-tiny/export"
     with pytest.raises(Exception, match="dmd_sigma_range"):
         Stage2Config.from_file(STAGE2_TINY, ["distill.dmd_sigma_range=[0.5, 0.2]"])
-    # issue 7's run: the shipped teacher's own geometry, CFG and precision, bounded by a budget
+    # issue 7's run: the teacher's own geometry (the shipped folder's), CFG (flashhead-tiny's Stage-1 export, as
+    # its recipe exports it; the package now ships the student) and precision, bounded by a budget
     exp = Stage2Config.from_file(REPO / "configs" / "stage2_tiny_distill.yaml")
-    gen = json.loads((REPO / exp.teacher.path / "generation_config.json").read_text())
-    assert exp.distill.guidance_scale == gen["guidance_scale"] and exp.data.height == gen["height"] == 128
+    gen = json.loads((REPO / "src/flashhead/assets/flashhead-tiny/generation_config.json").read_text())
+    stage1 = yaml.safe_load((REPO / "src/flashhead/train/recipes/flashhead_tiny.yaml").read_text())["export"]
+    assert exp.teacher.path == "runs/distill/data/teacher" and gen["sampler"] == "distilled"
+    assert exp.distill.guidance_scale == stage1["guidance_scale"] and exp.data.height == gen["height"] == 128
     assert exp.distill.motion_latent_frames == gen["motion_latent_frames"] and exp.precision == "fp32"
     assert exp.distill.max_minutes and exp.distill.total_steps > 10_000 and exp.val.interval == 0

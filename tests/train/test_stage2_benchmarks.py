@@ -65,8 +65,8 @@ def test_distill_experiment_pipeline(dataset_dir, teacher_dir, tmp_path):  # noq
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the payload's eval clips need espeak-ng")
 def test_device_payload_and_script_without_pyav(tmp_path):
-    """distill_payload.py packs held-out clips and a training subset; the device script trains the shipped tiny
-    teacher for 2 iterations and evaluates on a machine where `import av` fails, leaving the 8 promised files."""
+    """distill_payload.py packs held-out clips, a training subset and the teacher; the device script trains the
+    tiny teacher for 2 iterations and evaluates on a machine where `import av` fails, leaving the 8 promised files."""
     from flashhead.data.cli import plan_clips, synth_dataset
     from flashhead.data.shards import iter_clips, read_manifest
 
@@ -75,7 +75,8 @@ def test_device_payload_and_script_without_pyav(tmp_path):
     long_enough = read_manifest(tmp_path / "train").query("num_frames >= 89")["key"].tolist()
     device = tmp_path / "device" / "distill"
     _run(REPO / "benchmarks" / "distill_payload.py", "--train", tmp_path / "train", "--out", device,
-         "--train-clips", len(long_enough), "--eval-clips", 1, "--seconds", 3, "--workers", 1)  # fmt: skip
+         "--train-clips", len(long_enough), "--eval-clips", 1, "--seconds", 3, "--workers", 1,
+         "--teacher", REPO / "src" / "flashhead" / "assets" / "flashhead-tiny")  # fmt: skip
     assert (device / "run.sh").read_bytes() == (REPO / "benchmarks" / "distill_device.sh").read_bytes()
     with tarfile.open(device / "data.tar.xz") as tar:
         tar.extractall(tmp_path / "data", filter="data")
@@ -83,6 +84,7 @@ def test_device_payload_and_script_without_pyav(tmp_path):
     original = {c.key: c.video for c in iter_clips(tmp_path / "train", decode=False)}
     assert sorted(packed) == sorted(long_enough) and all(packed[k] == original[k] for k in packed)  # not re-encoded
     assert list(read_manifest(tmp_path / "data" / "eval")["split"]) == ["val"]
+    assert (tmp_path / "data" / "teacher" / "dit" / "diffusion_pytorch_model.safetensors").is_file()
 
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "RUN": str(tmp_path / "run"), "SKIP_WHEELS": "1", "EVAL_SECONDS": "3",
