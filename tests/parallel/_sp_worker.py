@@ -27,7 +27,13 @@ def torchrun(out: Path, *cases: str, nproc: int = 2) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            __file__, str(out), *cases]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    # One retry: in a long suite the standalone rendezvous has (rarely) failed to start on a busy 2-core
+    # machine; a real error fails both attempts, and the first attempt's error is printed either way.
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if proc.returncode == 0:
+            break
+        print(f"torchrun attempt {attempt} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
