@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import wave
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLASHHEAD_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 MEDIA = SHARED / "media"
+SPEECH_16K = MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav"
+
+
+def speech_16k(seconds: float) -> np.ndarray:
+    """The first `seconds` of the shared 16 kHz mono speech recording, float32 in [-1, 1]."""
+    with wave.open(str(SPEECH_16K)) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1
+        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
+    return pcm.astype(np.float32) / 32768
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of 8-bit images or videos in dB; inf when they are identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

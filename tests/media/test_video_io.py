@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from _util import MEDIA
+from _util import MEDIA, psnr_uint8
 from flashhead import __version__
 from flashhead.errors import ConfigError, MediaError
 from flashhead.media.audio_io import load_audio
@@ -26,10 +26,6 @@ def moving_block(num_frames: int, size: int = 256) -> np.ndarray:
     for i in range(num_frames):
         frames[i, 40:80, 8 + 4 * i : 48 + 4 * i] = 255
     return frames
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 def test_written_mp4_is_h264_at_25fps_with_aac_in_sync_and_provenance(tmp_path):
@@ -63,7 +59,7 @@ def test_written_mp4_is_h264_at_25fps_with_aac_in_sync_and_provenance(tmp_path):
 
     decoded, fps, audio = read_video(path)
     assert decoded.shape == frames.shape and fps == 25
-    assert all(psnr(d, f) > 38 for d, f in zip(decoded, frames, strict=True))  # every frame, in order, at CRF 18
+    assert all(psnr_uint8(d, f) > 38 for d, f in zip(decoded, frames, strict=True))  # every frame, in order, at CRF 18
     waveform, rate = audio
     assert rate == 16000 and abs(len(waveform) / rate - 1.6) <= 0.07  # decoders add up to one AAC frame
     # The muxed audio is the start of the speech, in sync: it correlates with the source at zero lag.

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from _util import MEDIA
+from _util import MEDIA, psnr_uint8
 from flashhead.errors import MediaError
 from flashhead.media.detect_cli import detect_command
 from flashhead.media.video_io import VideoWriter, read_video
@@ -28,10 +28,6 @@ def host_frames(name: str, num_frames: int = 25) -> np.ndarray:
         return read_video(MEDIA / "video" / name, max_frames=num_frames)[0]
     photo = read_video(MEDIA / "portraits" / name)[0]  # PyAV decodes a PNG as a one-frame video
     return np.repeat(photo, num_frames, axis=0)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 def reencode(source, target, size: int, crf: int) -> None:
@@ -63,7 +59,7 @@ def test_invisible_psnr_at_least_38_db(name):
     frames = host_frames(name, 10)
     marked = embed_watermark(frames)
     assert marked.shape == frames.shape and marked.dtype == np.uint8
-    assert min(psnr(m, f) for m, f in zip(marked, frames, strict=True)) >= 38
+    assert min(psnr_uint8(m, f) for m, f in zip(marked, frames, strict=True)) >= 38
     assert np.array_equal(embed_watermark(frames[3]), marked[3])  # one frame or a batch: the same mark
 
 

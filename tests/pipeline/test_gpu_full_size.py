@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-import wave
 
 import numpy as np
 import pytest
 import torch
 
-from _util import MEDIA
+from _util import speech_16k
 
 pytestmark = pytest.mark.gpu
 
-
-def speech_16k(seconds: float) -> np.ndarray:
-    with wave.open(str(MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav")) as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1
-        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
-    return pcm.astype(np.float32) / 32768
 
 
 def random_pipeline(variant: str):

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import wave
 
 import numpy as np
 import pytest
 import torch
 
-from _util import MEDIA
+from _util import psnr_uint8, speech_16k
 
 pytestmark = pytest.mark.gpu
 
@@ -51,15 +50,6 @@ FP32_UNSUPPORTED = {"attention_flash"}  # flash / cuDNN attention kernels have n
 MARGIN_DB = 1.5
 
 
-def speech_16k(seconds: float) -> np.ndarray:
-    with wave.open(str(MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav")) as w:
-        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
-    return pcm.astype(np.float32) / 32768
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def build(model: str, dtype: torch.dtype):
@@ -104,8 +94,8 @@ def model(request):
     nudged = portrait(bf16)
     nudged[0, 0, 0] ^= 1
     floor = {
-        "bf16_vs_fp32_db": psnr(reference, reference32),
-        "one_pixel_one_level_db": psnr(stream_frames(bf16, "", nudged), reference),
+        "bf16_vs_fp32_db": psnr_uint8(reference, reference32),
+        "one_pixel_one_level_db": psnr_uint8(stream_frames(bf16, "", nudged), reference),
     }
     print(json.dumps({"model": request.param, **{k: round(v, 2) for k, v in floor.items()}}))
     yield request.param, bf16, fp32, reference, reference32, floor
@@ -123,7 +113,7 @@ def test_exact_switch_keeps_the_frames(model, case):
     name, bf16, _, reference, _, _ = model
     frames = stream_frames(bf16, EXACT[case])
     assert frames.shape == reference.shape
-    value = psnr(frames, reference)
+    value = psnr_uint8(frames, reference)
     report(name, case, psnr_db=value)
     assert value >= 40.0, f"{case}: {value:.1f} dB against the plain bf16 path"
 
@@ -133,8 +123,10 @@ def test_reassociating_switch_computes_the_same(model, case):
     name, bf16, fp32, reference, reference32, floor = model
     if name == "pro" and case in ("compile_vae", "all"):
         pytest.skip("compiling the Wan2.1 decoder takes minutes: measured by benchmarks/speed_matrix.py instead")
-    in_bf16 = psnr(stream_frames(bf16, REASSOCIATING[case]), reference)
-    in_fp32 = math.nan if case in FP32_UNSUPPORTED else psnr(stream_frames(fp32, REASSOCIATING[case]), reference32)
+    in_bf16 = psnr_uint8(stream_frames(bf16, REASSOCIATING[case]), reference)
+    in_fp32 = math.nan
+    if case not in FP32_UNSUPPORTED:
+        in_fp32 = psnr_uint8(stream_frames(fp32, REASSOCIATING[case]), reference32)
     report(name, case, psnr_bf16_db=in_bf16, psnr_fp32_db=in_fp32, bf16_floor_db=floor["bf16_vs_fp32_db"])
     if case not in FP32_UNSUPPORTED:
         assert in_fp32 >= 40.0, f"{case} in float32: {in_fp32:.1f} dB against the plain float32 path"
@@ -152,6 +144,6 @@ def test_approximate_switch_error_is_reported(model, case):
             pytest.skip("fp8 needs matrix sizes divisible by 16 at every layer; measured on the full-size models")
     frames = stream_frames(bf16, REPORT_ONLY[case])
     assert frames.shape == reference.shape
-    value = psnr(frames, reference)
+    value = psnr_uint8(frames, reference)
     report(name, case, psnr_db=value)
     assert np.isfinite(frames).all() and value > 10.0  # approximate, but still the same video

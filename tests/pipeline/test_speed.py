@@ -4,7 +4,6 @@ checked at full size by test_gpu_speed.py on the device)."""
 from __future__ import annotations
 
 import math
-import wave
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from _tiny import tiny_dit, tiny_pipeline
-from _util import MEDIA
+from _util import psnr_uint8, speech_16k
 from flashhead.errors import ConfigError
 from flashhead.models.dit import apply_rope, rope_frequencies, rope_table
 from flashhead.pipeline.fast_path import FastDenoiser
@@ -22,18 +21,6 @@ from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
 from flashhead.pipeline.stream import StreamEngine
-
-
-def speech(seconds: float) -> np.ndarray:
-    with wave.open(str(MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav")) as w:
-        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), dtype=np.int16)
-    return pcm.astype(np.float32) / 32768
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
 
 # -- switches --------------------------------------------------------------------------------------------
 
@@ -155,7 +142,7 @@ def run_stream(pipe, speed: SpeedConfig, audio: np.ndarray, image: np.ndarray) -
 
 
 def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
-    audio = speech(1.5)
+    audio = speech_16k(1.5)
     image = np.random.default_rng(0).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
     plain = run_stream(lite, SpeedConfig(), audio, image)
     assert len(plain) == round(1.5 * 25)
@@ -173,7 +160,7 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
 def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
     convs = [m for m in lite.vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs
-    audio = speech(1.0)
+    audio = speech_16k(1.0)
     image = np.random.default_rng(2).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
     plain = run_stream(lite, SpeedConfig(), audio, image)
     lite.optimize(SpeedConfig(vae_channels_last=True))
@@ -187,7 +174,7 @@ def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
 
 def test_decode_new_only_keeps_the_frame_count(lite):
     """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
-    audio = speech(1.0)
+    audio = speech_16k(1.0)
     image = np.random.default_rng(1).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
     plain = run_stream(lite, SpeedConfig(), audio, image)
     tail = run_stream(lite, SpeedConfig(decode_new_only=True), audio, image)
