@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flashhead.atomic import atomic_path
-from flashhead.config_files import apply_override, build_dataclass, read_mapping
+from flashhead.config_files import ConfigFile
 from flashhead.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 
 
 @dataclass
-class VAETrainConfig:
+class VAETrainConfig(ConfigFile):
     model: dict[str, Any] = field(default_factory=lambda: dict(TINY_VAE_CONFIG))
     roots: list[str] = field(default_factory=list)  # shard folders
     split: str = "train"
@@ -82,17 +82,6 @@ class VAETrainConfig:
     seed: int = 0
     output_dir: str = "runs/vae"
     max_minutes: float | None = None  # stop early (then finish normally) after this much training time
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAETrainConfig:
-        return build_dataclass(cls, data)
-
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> VAETrainConfig:
-        data = read_mapping(path)
-        for item in overrides or []:
-            apply_override(data, item)
-        return build_dataclass(cls, data)
 
 
 def build_vae_model(config: dict[str, Any]) -> Any:
