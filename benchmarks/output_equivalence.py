@@ -50,10 +50,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def build(model: str, dtype, device: str):
     from flashhead.benchmark import BenchSettings, build_pipeline
-    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
 
-    if model == "tiny":
-        return FlashHeadPipeline.from_pretrained("tiny", device=device, torch_dtype=dtype)
     return build_pipeline(BenchSettings(model=model, device=device, dtype=str(dtype).removeprefix("torch.")))[0]
 
 

@@ -29,7 +29,7 @@ DEFAULT_AUDIO = (
 
 @dataclass
 class BenchSettings:
-    model: str = "lite"  # lite | pro
+    model: str = "lite"  # lite | pro (| tiny: the shipped small model, for equivalence checks)
     weights: str | None = None
     seconds: float = 10.0
     streams: int = 0  # 0: only one stream; N: also measure N concurrent streams; -1: search the real-time maximum
@@ -53,11 +53,14 @@ def _speech(path: str | None, seconds: float) -> np.ndarray:
 
 
 def build_pipeline(settings: BenchSettings):
-    """The official pipeline if its weights are present, else the official configuration, randomly initialised."""
+    """The official pipeline if its weights are present, else the official configuration, randomly initialised;
+    "tiny" is the small model shipped in the package (trained weights)."""
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
     from flashhead.pipeline.registry import official_weights_available
 
     dtype = getattr(torch, settings.dtype)
+    if settings.model == "tiny":
+        return FlashHeadPipeline.from_pretrained("tiny", device=settings.device, torch_dtype=dtype), "shipped"
     if settings.weights or (settings.model == "lite" and official_weights_available(None)):
         try:
             pipe = FlashHeadPipeline.from_pretrained(

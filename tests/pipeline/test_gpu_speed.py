@@ -54,10 +54,7 @@ MARGIN_DB = 1.5
 
 def build(model: str, dtype: torch.dtype):
     from flashhead.benchmark import BenchSettings, build_pipeline
-    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
 
-    if model == "tiny":
-        return FlashHeadPipeline.from_pretrained("tiny", device="cuda", torch_dtype=dtype)
     return build_pipeline(BenchSettings(model=model, dtype=str(dtype).removeprefix("torch.")))[0]
 
 
