@@ -19,6 +19,9 @@ TOY = [  # 64 px, a couple of steps of everything, no worker processes
     "stage1.data.height=64", "stage1.data.width=64", "stage1.data.micro_batch_size=2", "stage1.data.num_workers=0",
     "stage1.optim.total_steps=3", "stage1.optim.warmup_steps=1", "stage1.log.interval=1",
     "stage1.log.tensorboard=false", 'stage1.data.source_weights={"*": 1.0}', "export.height=64", "export.width=64",
+    "stage2.data.height=64", "stage2.data.width=64", "stage2.data.micro_batch_size=1", "stage2.data.num_workers=0",
+    "stage2.distill.total_steps=2", "stage2.distill.num_chunks=2", "stage2.distill.critic_ratio=1",
+    "stage2.generator_optim.warmup_steps=0", "stage2.critic_optim.warmup_steps=0", "stage2.log.interval=1",
     f"eval.portraits=[{PORTRAIT}]", f"eval.portrait_dir={MEDIA / 'portraits'}", f"eval.audio={SPEECH}",
     "eval.seconds=1.0",
 ]  # fmt: skip
@@ -31,7 +34,7 @@ def _tiny(dataset_dir, out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
 
-@pytest.mark.slow  # three CLI processes (VAE, cache, Stage 1, export, evaluation): about 90 s on 2 cores
+@pytest.mark.slow  # four CLI processes (VAE, cache, Stage 1, Stage 2, export, evaluation): about 2 min on 2 cores
 def test_phases_run_one_call_each_and_evaluate_held_back_photos(dataset_dir, tmp_path):
     out = tmp_path / "run"
     first = _tiny(dataset_dir, out, "--until", "cache")
@@ -39,12 +42,24 @@ def test_phases_run_one_call_each_and_evaluate_held_back_photos(dataset_dir, tmp
     assert (out / "vae" / "vae" / "config.json").is_file() and (out / "cache" / "cache.json").is_file()
     assert not (out / "stage1").exists()  # stopped after the cache phase
 
-    second = _tiny(dataset_dir, out, "--until", "eval", "--eval-clips", "1")
+    second = _tiny(dataset_dir, out, "--until", "stage2")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "held-back photos: mouth-region change vs speech energy r =" in second.stdout
+    assert (out / "stage1" / "DONE").is_file() and (out / "stage2" / "DONE").read_text().strip() == "2"
+    teacher = json.loads((out / "teacher" / "generation_config.json").read_text())
+    assert teacher["sampler"] == "euler" and teacher["guidance_scale"] == 2.0  # the recipe's `export` sampling
+    assert not (out / "flashhead-tiny").exists()
+
+    third = _tiny(dataset_dir, out, "--until", "eval", "--eval-clips", "1")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "held-back photos: mouth-region change vs speech energy r =" in third.stdout
+    assert "(Stage-1 teacher: r = " in third.stdout
+    shipped = json.loads((out / "flashhead-tiny" / "generation_config.json").read_text())
+    assert shipped["sampler"] == "distilled" and shipped["guidance_scale"] == 1.0  # the student ships
+    assert json.loads((out / "flashhead-tiny" / "model_index.json").read_text())["name"] == "flashhead-tiny"
     summary = json.loads((out / "eval.json").read_text())
     photos = summary["real_portraits"]["portraits"]
     assert list(photos) == [PORTRAIT] and -1 <= photos[PORTRAIT]["r_mouth_change_vs_energy"] <= 1
+    assert -1 <= summary["teacher"]["r_generated"] <= 1
     assert (out / "curves.png").stat().st_size > 10_000
     config = (out / "stage1" / "config.yaml").read_text()
     assert f"cache: {out / 'cache'}" in config  # Stage 1 trained from the cache

@@ -138,10 +138,11 @@ def tiny(
     ] = None,
     eval_clips: Annotated[int, typer.Option("--eval-clips", help="Held-out clips per synthetic source.")] = 8,
     until: Annotated[
-        str, typer.Option("--until", help="Stop after this phase: vae, cache, stage1 or eval (one per machine call).")
+        str,
+        typer.Option("--until", help="Stop after this phase: vae, cache, stage1, stage2 or eval (one per call)."),
     ] = "eval",
 ) -> None:
-    """Train flashhead-tiny end to end: VAE, latent cache, Stage 1, float16 export, lip-sync and identity checks."""
+    """Train flashhead-tiny end to end: VAE, latent cache, Stage 1, Stage-2 distillation, float16 export, checks."""
     from flashhead.train.tiny import load_recipe, run_recipe
 
     _logging()
@@ -157,6 +158,8 @@ def tiny(
         f"{m['r_generated']:.2f} (real frames {m['r_real_frames']:.2f}), face SSIM {m['face_ssim']:.3f}, "
         f"PSNR {m['face_psnr']:.1f} dB"
     )
+    if "teacher" in summary:
+        line += f" (Stage-1 teacher: r = {summary['teacher']['r_generated']:.2f})"
     if "real_portraits" in summary:
         r = summary["real_portraits"]["mean"]["r_mouth_change_vs_energy"]
         line += f"; held-back photos: mouth-region change vs speech energy r = {r:.3f}"

@@ -1,7 +1,7 @@
-"""The flashhead-tiny recipe: VAE, latent cache, Stage 1 and export in one command, then the checks its issue
-asks for.
+"""The flashhead-tiny recipe: VAE, latent cache, Stage 1, Stage-2 distillation and export in one command, then
+the checks its issue asks for.
 
-    flashhead train tiny --data DIR [--data DIR ...] --out runs/tiny [--until vae|cache|stage1|eval]
+    flashhead train tiny --data DIR [--data DIR ...] --out runs/tiny [--until vae|cache|stage1|stage2|eval]
 
 runs the phases of `recipes/flashhead_tiny.yaml` in order (each resumable: a phase whose output exists is
 skipped, an interrupted one continues from its checkpoint; `--until` stops after a phase, so each call of
@@ -10,9 +10,13 @@ a time-limited machine can run one), writes `OUT/flashhead-tiny` (the pipeline f
 
     vae     the small LTX-style VAE (flashhead.train.vae)
     cache   every training window and reference encoded once by that VAE (flashhead.train.latent_cache)
-    stage1  the DiT, trained from the cache (flashhead.train.trainer)
-    eval    float16 export with the recipe's sampling settings; lip sync and identity on held-out synthetic
-            clips; on held-back real portraits, the correlation of mouth-region change with speech energy
+    stage1  the DiT, trained from the cache (flashhead.train.trainer), exported as OUT/teacher with the
+            recipe's `export` sampling (Euler steps + audio CFG)
+    stage2  the teacher distilled into a 4-step student without CFG (flashhead.train.stage2); a recipe
+            whose `stage2` section is null ships the teacher instead
+    eval    float16 export of the final model; lip sync and identity on held-out synthetic clips (and the
+            teacher's figures beside the student's); on held-back real portraits, the correlation of
+            mouth-region change with speech energy
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ logger = logging.getLogger(__name__)
 RECIPE = "flashhead_tiny.yaml"
 FACE_REGION = (0.25, 0.2, 0.75, 0.85)  # x0, y0, x1, y1 fractions of a face-centred crop
 MOUTH_REGION = (0.3, 0.55, 0.7, 0.85)  # the mouth of a face-centred crop (tests/pipeline/test_embedded_model.py)
-PHASES = ("vae", "cache", "stage1", "eval")
-SECTIONS = {"vae", "cache", "stage1", "export", "eval"}
+PHASES = ("vae", "cache", "stage1", "stage2", "eval")
+SECTIONS = {"vae", "cache", "stage1", "export", "stage2", "eval"}
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -65,6 +69,7 @@ def run_recipe(
     """Train (or finish training) flashhead-tiny into `out`, up to phase `until`; returns the evaluation
     summary (empty when `until` stops before the evaluation)."""
     from flashhead.train.config import Stage1Config
+    from flashhead.train.stage2 import train_stage2
     from flashhead.train.trainer import train
     from flashhead.train.vae import VAETrainConfig, train_vae
 
@@ -105,13 +110,34 @@ def run_recipe(
         result = train(cfg, resume=True)
         if result.step >= cfg.optim.total_steps:
             done.write_text(f"{result.step}\n")
-    if last < PHASES.index("eval"):
+    if last < PHASES.index("stage2"):
         return {}
     if not done.is_file():
         raise ConfigError(f"{out / 'stage1'}: Stage 1 has not reached its {cfg.optim.total_steps} steps yet")
+    teacher = out / "teacher"
+    if not (teacher / "model_index.json").is_file():
+        export_pipeline(export_dir, teacher, recipe.get("export", {}), name="flashhead-tiny-teacher")
 
-    final = export_pipeline(export_dir, out / "flashhead-tiny", recipe.get("export", {}))
+    final_source = teacher
+    if recipe.get("stage2") is not None:
+        cfg2 = stage2_config(recipe["stage2"], teacher, roots, out / "stage2")
+        done2 = out / "stage2" / "DONE"
+        if not done2.is_file():  # as Stage 1: a spent time budget stops it, the next call resumes
+            result = train_stage2(cfg2, resume=True)
+            if result.step >= cfg2.distill.total_steps:
+                done2.write_text(f"{result.step}\n")
+        if last < PHASES.index("eval"):
+            return {}
+        if not done2.is_file():
+            raise ConfigError(f"{out / 'stage2'}: Stage 2 has not reached its {cfg2.distill.total_steps} steps yet")
+        final_source = out / "stage2" / "export"  # the EMA student with the distilled sampler, no CFG
+    if last < PHASES.index("eval"):
+        return {}
+
+    final = export_pipeline(final_source, out / "flashhead-tiny", {})
     summary = evaluate_tiny(final, roots, clips=eval_clips, seconds=eval_seconds)
+    if final_source != teacher:  # what distillation changed, on the same clips
+        summary["teacher"] = evaluate_tiny(teacher, roots, clips=eval_clips, seconds=eval_seconds)["mean"]
     summary["size_mb"] = folder_megabytes(final)
     portraits = recipe.get("eval", {})
     if portraits.get("portraits"):
@@ -119,6 +145,17 @@ def run_recipe(
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out, out / "curves.png")
     return summary
+
+
+def stage2_config(section: dict[str, Any], teacher: Path, roots: list[str], output_dir: Path) -> Any:
+    """The recipe's `stage2` section completed with this run's teacher folder, data and output folder."""
+    from flashhead.train.config import Stage2Config
+
+    s2 = json.loads(json.dumps(section))  # a deep copy
+    s2.setdefault("teacher", {})["path"] = str(teacher)
+    s2.setdefault("data", {})["roots"] = roots
+    s2["output_dir"] = str(output_dir)
+    return Stage2Config.from_dict(s2)
 
 
 def build_cache(cfg: Any, folder: Path, *, stride: int | None = None, batch_size: int = 32) -> Path:
@@ -141,13 +178,13 @@ def build_cache(cfg: Any, folder: Path, *, stride: int | None = None, batch_size
     )
 
 
-def export_pipeline(stage1_export: Path, folder: Path, sampling: dict[str, Any]) -> Path:
-    """The Stage-1 export with the shipped sampling settings, float16 weights, named flashhead-tiny."""
+def export_pipeline(source: Path, folder: Path, sampling: dict[str, Any], name: str = "flashhead-tiny") -> Path:
+    """A trained pipeline folder re-saved with `sampling` (GenerationConfig fields) applied, float16 weights."""
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
 
-    pipe = FlashHeadPipeline.from_pretrained(stage1_export, device="cpu", torch_dtype=torch.float32)
+    pipe = FlashHeadPipeline.from_pretrained(source, device="cpu", torch_dtype=torch.float32)
     pipe.config = pipe.config.replace(**sampling)
-    pipe.name = "flashhead-tiny"
+    pipe.name = name
     with atomic_path(folder) as tmp:
         pipe.save_pretrained(tmp, weights_dtype=torch.float16)
     return folder
@@ -289,7 +326,7 @@ def _open_rgb(path: Path) -> Any:
 
 
 def plot_curves(run: Path, png: Path) -> Path | None:
-    """Loss curves of the VAE and the Stage-1 run (metrics.jsonl of each) in one PNG."""
+    """Loss curves of the VAE, Stage 1 and Stage 2 runs (metrics.jsonl of each) in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,27 +335,28 @@ def plot_curves(run: Path, png: Path) -> Path | None:
     def read(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
-    vae, s1 = read(run / "vae" / "metrics.jsonl"), read(run / "stage1" / "metrics.jsonl")
-    if not vae and not s1:
+    panels = [  # (title, points, the keys to draw: label -> function of a point)
+        ("VAE reconstruction", read(run / "vae" / "metrics.jsonl"),
+         {"L1": lambda p: p["l1"], "1 - SSIM": lambda p: 1 - p["ssim"]}),
+        ("Stage 1 (DiT) training loss", read(run / "stage1" / "metrics.jsonl"),
+         {k: (lambda p, k=k: p[k]) for k in ("loss", "flow", "face", "temporal")}),
+        ("Stage 2 (distillation) losses", read(run / "stage2" / "metrics.jsonl"),
+         {k: (lambda p, k=k: p.get(k)) for k in ("critic", "dmd", "regression")}),
+    ]  # fmt: skip
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    if vae:
-        steps = [p["step"] for p in vae]
-        axes[0].plot(steps, [p["l1"] for p in vae], label="L1")
-        axes[0].plot(steps, [1 - p["ssim"] for p in vae], label="1 - SSIM")
-        axes[0].set_yscale("log")
-    axes[0].set(title="VAE reconstruction", xlabel="step")
-    axes[0].legend()
-    if s1:
-        steps = [p["step"] for p in s1]
-        for key in ("loss", "flow", "face", "temporal"):
-            axes[1].plot(steps, [p[key] for p in s1], label=key)
-        axes[1].set_yscale("log")
-    axes[1].set(title="Stage 1 (DiT) training loss", xlabel="step")
-    axes[1].legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, points, keys) in zip(axes[0], panels, strict=True):
+        for label, value in keys.items():
+            xy = [(p["step"], value(p)) for p in points if value(p) is not None]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), label=label)
+        ax.set_yscale("log")
+        ax.set(title=title, xlabel="step")
+        ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
-
