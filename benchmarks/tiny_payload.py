@@ -39,7 +39,8 @@ def eval_members(size: int) -> list[tuple[str, bytes]]:
         kind = "PNG" if name.lower().endswith(".png") else "JPEG"
         Image.fromarray(crop).save(buffer, format=kind, **({"quality": 97} if kind == "JPEG" else {}))
         members.append((f"eval/portraits/{name}", buffer.getvalue()))
-    waveform, rate = load_audio(ev["audio"], target_sr=16000)
+    rate = 16000
+    waveform, _ = load_audio(ev["audio"], target_sr=rate)  # (samples, duration in seconds)
     members.append(("eval/speech.wav", encode_wav(waveform[: int(ev["seconds"] * rate)], rate)))
     return members
 

@@ -67,3 +67,45 @@ def test_phases_run_one_call_each_and_evaluate_held_back_photos(dataset_dir, tmp
     bad = _tiny(dataset_dir, out, "--until", "everything")
     assert bad.returncode != 0 and "--until must be one of" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_device_payload_carries_the_evaluation_speech_at_16_khz(dataset_dir, tmp_path):
+    """benchmarks/tiny_payload.py packs shards + the held-back photos (cropped) + the evaluation speech."""
+    import io
+    import tarfile
+
+    from scipy.io import wavfile
+
+    from flashhead.train.tiny import load_recipe
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tiny_payload.py"), "--data",
+                           f"toy={dataset_dir}", "--out", str(tmp_path), "--size", "64"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with tarfile.open(tmp_path / "data.tar.xz") as tar:
+        names = tar.getnames()
+        rate, speech = wavfile.read(io.BytesIO(tar.extractfile("eval/speech.wav").read()))
+    recipe = load_recipe()["eval"]
+    assert rate == 16000 and len(speech) == int(recipe["seconds"] * 16000)  # the first eval.seconds, at 16 kHz
+    assert speech.std() > 100  # speech, not silence
+    assert {f"eval/portraits/{p}" for p in recipe["portraits"]} <= set(names)
+    assert any(n.startswith("toy/") and n.endswith(".tar") for n in names)
+    assert (tmp_path / "run.sh").read_text() == (REPO / "benchmarks" / "tiny_run.sh").read_text()
+
+
+def test_evaluation_speech_reads_without_pyav(monkeypatch):
+    """Training machines may lack PyAV: the photo evaluation's WAV still loads, resampled to 16 kHz."""
+    import numpy as np
+
+    from flashhead.media.audio_io import load_audio
+    from flashhead.train.tiny import _speech
+
+    with_av = _speech(SPEECH, 16000)
+    monkeypatch.setitem(sys.modules, "flashhead.media.audio_io", None)  # importing it now raises ImportError
+    without = _speech(SPEECH, 16000)
+    assert without.dtype == np.float32 and abs(len(without) - len(with_av)) <= 1
+    assert np.corrcoef(without[: len(with_av)], with_av[: len(without)])[0, 1] > 0.99
+    assert len(load_audio(SPEECH, target_sr=16000)[0]) == len(with_av)
+    eight_khz = _speech(SPEECH, 8000)  # another rate: resampled
+    assert abs(len(eight_khz) - len(with_av) // 2) <= 2

@@ -289,12 +289,11 @@ def evaluate_portraits(
     energy of the audio under each frame (flashhead.eval.mouth), and the first frame's face SSIM.
     """
     from flashhead.eval.mouth import frame_energy, pearson, region_motion, ssim_gray
-    from flashhead.media.audio_io import load_audio
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline, reference_generator
 
     pipe = pipeline if isinstance(pipeline, FlashHeadPipeline) else FlashHeadPipeline.from_pretrained(pipeline)
     h, w = pipe.config.height, pipe.config.width
-    waveform = load_audio(audio, target_sr=pipe.config.sample_rate)[0][: int(seconds * pipe.config.sample_rate)]
+    waveform = _speech(Path(audio), pipe.config.sample_rate)[: int(seconds * pipe.config.sample_rate)]
     n = int(seconds * pipe.config.fps)
     energy = frame_energy(waveform, n, pipe.config.sample_rate, pipe.config.fps)
     mouth, face = _box(MOUTH_REGION, h, w), _box(FACE_REGION, h, w).astype(int)
@@ -316,6 +315,22 @@ def evaluate_portraits(
         }
     mean = {k: float(np.mean([v[k] for v in results.values()])) for k in next(iter(results.values()))}
     return {"portraits": results, "mean": mean, "audio": Path(audio).name, "seconds": seconds}
+
+
+def _speech(path: Path, rate: int) -> np.ndarray:
+    """Mono float32 at `rate`: PyAV decodes any format; WAV also reads without it (training machines may
+    lack PyAV)."""
+    try:
+        from flashhead.media.audio_io import load_audio
+    except ImportError:
+        from scipy.io import wavfile
+        from scipy.signal import resample_poly
+
+        file_rate, pcm = wavfile.read(path)
+        pcm = pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)
+        pcm = pcm.mean(axis=1) if pcm.ndim == 2 else pcm
+        return pcm if file_rate == rate else resample_poly(pcm, rate, file_rate).astype(np.float32)
+    return load_audio(path, target_sr=rate)[0]
 
 
 def _open_rgb(path: Path) -> Any:
