@@ -33,3 +33,50 @@ def test_bad_ray_options_are_refused_with_a_clear_message():
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.2") and not is_loopback("example.com")
+
+
+def test_speed_switches_are_refused_with_ray():
+    result = CliRunner().invoke(app(), ["serve", "--ray", "local", "--optimized"])
+    assert result.exit_code != 0 and "not available with --ray" in str(result.exception)
+
+
+def test_switches_warm_every_batch_size_before_serving(tmp_path):
+    """`--switches` turns speed switches on; the server then runs each batch size once before it listens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from _util import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flashhead.cli", "serve", "--model", "tiny", "--port", str(port), "--max-batch", "2",
+         "--switches", "rope_table,cond_cache"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    lines = output.splitlines()
+    warmed = [i for i, line in enumerate(lines) if "warmed up batch sizes 1-2" in line]
+    listening = [i for i, line in enumerate(lines) if "on http://127.0.0.1" in line]
+    assert warmed and listening and warmed[0] < listening[0], output  # warm before serving
+    assert "compile cache: off" in lines[warmed[0]]  # no compile switch: nothing to cache

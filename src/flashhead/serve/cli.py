@@ -121,10 +121,32 @@ def serve_command(
         int | None,
         typer.Option("--replicas", help="With --ray: engine replicas (default: one per GPU; 1 without GPUs)."),
     ] = None,
+    optimized: Annotated[
+        bool, typer.Option("--optimized", help="Every output-preserving speed switch on (--switches adjusts).")
+    ] = False,
+    switches: Annotated[
+        str, typer.Option("--switches", help='Speed switches, e.g. "compile_dit,cuda_graphs,attention=cudnn".')
+    ] = "",
+    warmup: Annotated[
+        bool | None,
+        typer.Option(
+            "--warmup/--no-warmup",
+            help="Run every batch size once before serving (default: on when a speed switch is on).",
+        ),
+    ] = None,
+    compile_cache: Annotated[
+        str,
+        typer.Option(
+            "--compile-cache",
+            help="File of torch.compile artefacts shared between runs: auto (per model, GPU, torch and switches, "
+            "under ~/.cache/flashhead/compile), a path, or off.",
+        ),
+    ] = "auto",
 ) -> None:
     """Serve live talking heads (WebRTC, WebSocket) and offline jobs (HTTP) with a browser page at /."""
     from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
     from flashhead.pipeline.registry import resolve_model_name
+    from flashhead.pipeline.speed import SpeedConfig
     from flashhead.serve.app import create_app
 
     if max_sessions < 1 or max_batch < 1:
@@ -140,13 +162,42 @@ def serve_command(
     ice = None  # WebRTC media on every interface, as the HTTP server
     if not ice_any and host not in ("0.0.0.0", "::"):
         ice = ["127.0.0.1"] if host == "localhost" else [host]
+    if ray is not None and (optimized or switches or warmup):
+        raise ConfigError("--optimized, --switches and --warmup are not available with --ray yet")
     if ray is not None:
         serve_on_ray(ray, replicas, model, weights, device, limits, host, port, token, ice)
         return
     pipe = FlashHeadPipeline.from_pretrained(resolve_model_name(model, weights), weights=weights, device=device)
+    speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
+    pipe.optimize(speed)
+    if warmup if warmup is not None else not speed.is_plain:
+        prepare_engine(pipe, max_batch, compile_cache)
     app = create_app(pipe, token=token, limits=limits, ice_addresses=ice)
     print(f"flashhead serve: {pipe.name} on http://{host}:{port}/ (auth {'on' if token else 'off'})")
     run_server(app, host, port, limits=limits)
+
+
+def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
+    """Cold start before the first session: load compile artefacts, run every batch size once, save what
+    was compiled for the next start (flashhead.pipeline.warmup)."""
+    from flashhead.pipeline.warmup import (
+        default_cache_path,
+        load_compile_cache,
+        save_compile_cache,
+        warm_batch_sizes,
+        warm_up,
+    )
+
+    compiles = any(getattr(pipe.speed, name) for name in ("compile_dit", "compile_vae", "compile_color"))
+    path = None
+    if compiles and compile_cache != "off":
+        path = default_cache_path(pipe) if compile_cache == "auto" else Path(compile_cache)
+    hit = load_compile_cache(path) if path is not None else False
+    result = warm_up(pipe, warm_batch_sizes(max_batch))
+    saved = save_compile_cache(path) if path is not None else 0
+    cache = "off" if path is None else f"{'loaded' if hit else 'new'} {path}" + (f", saved {saved} B" if saved else "")
+    print(f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s "
+          f"(compile cache: {cache})", flush=True)  # fmt: skip
 
 
 def serve_on_ray(

@@ -1,0 +1,110 @@
+"""Cold start: do the compiling before the first user arrives, and keep the compiled kernels between processes.
+
+With `compile_*` switches a fresh process compiles at its first chunk of each batch size (minutes for the
+full-size models) and `cuda_graphs` captures one graph per batch size. A server calls `warm_up` before it
+accepts sessions, so no session pays for that; and `load_compile_cache` / `save_compile_cache` carry
+torch.compile's artefacts (Inductor's compiled graphs and autotuning results, `torch.compiler.
+save_cache_artifacts`) in one file, so the next process on the same GPU type, torch version and switches
+reuses them instead of compiling again:
+
+    path = default_cache_path(pipe)
+    hit = load_compile_cache(path)          # before the first compiled call
+    warm_up(pipe, batch_sizes=[1, 2, 4, 8])  # compiles (or loads), captures CUDA graphs
+    save_compile_cache(path)                 # what this process compiled, for the next one
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashhead.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_path(pipe: Any) -> Path:
+    """One file per model, device type, torch version, dtype and switch set, under the user's cache folder.
+
+    Compiled kernels are specific to all of them; a file made for another combination is never looked at.
+    """
+    device = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else pipe.device.type
+    key = {"model": pipe.name, "dit": dict(pipe.dit.config), "device": device, "torch": torch.__version__,
+           "dtype": str(pipe.dtype), "speed": pipe.speed.to_dict()}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashhead" / "compile"
+    return root / f"{_slug(pipe.name)}-{_slug(device)}-{digest}.bin"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))[:48]
+
+
+def load_compile_cache(path: str | Path) -> bool:
+    """Load compile artefacts saved by an earlier process, if the file exists; True when it did."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - a stale or foreign file only costs a compile
+        logger.warning("compile cache %s not used: %s", path, e)
+        return False
+    return True
+
+
+def save_compile_cache(path: str | Path) -> int:
+    """Write every compile artefact of this process to `path` (atomically); returns the bytes written (0:
+    nothing was compiled)."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return 0
+    data, _info = artifacts
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return len(data)
+
+
+def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict[str, Any]:
+    """Run one streaming round at each batch size through the real engine (on a grey image and quiet noise),
+    so that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size."""
+    from flashhead.pipeline.stream import StreamEngine
+
+    cfg = pipe.config
+    image = np.full((cfg.height, cfg.width, 3), 128, np.uint8)
+    chunk = pipe.new_frames * cfg.sample_rate // cfg.fps
+    noise = np.random.default_rng(seed).standard_normal(3 * chunk).astype(np.float32) * 0.01
+    seconds: dict[int, float] = {}
+    for n in sorted(set(int(b) for b in batch_sizes)):
+        if n < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {n}")
+        engine = StreamEngine(pipe, max_sessions=n, max_batch=n)
+        sessions = [engine.open_session(image, seed=seed + i) for i in range(n)]
+        for session in sessions:
+            session.push_audio(noise)
+        start = time.perf_counter()
+        produced = engine.step()
+        if torch.cuda.is_available() and pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        seconds[n] = round(time.perf_counter() - start, 3)
+        if len(produced) != n:
+            raise RuntimeError(f"warm-up round at batch {n} produced {len(produced)} chunks")
+        for session in sessions:
+            engine.close_session(session.id)
+    return {"seconds_by_batch": seconds, "total_seconds": round(sum(seconds.values()), 3)}
+
+
+def warm_batch_sizes(max_batch: int) -> list[int]:
+    """Every batch size the engine can form (1 .. max_batch): each is its own compiled shape and CUDA graph."""
+    return list(range(1, max_batch + 1))
