@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for _tiny / _util
 
 from flashhead.parallel import init_sequence_parallel, partition_tokens  # noqa: E402
-from flashhead.parallel.attention import ring_attention, ulysses_attention  # noqa: E402
+from flashhead.parallel.attention import (  # noqa: E402
+    overlap_in_compiled_graphs,
+    ring_attention,
+    ulysses_attention,
+)
 
 
 def torchrun(out: Path, *cases: str, nproc: int = 2) -> list[dict]:
@@ -41,6 +46,22 @@ def torchrun(out: Path, *cases: str, nproc: int = 2) -> list[dict]:
 def attention_inputs(heads: int, length: int = 37, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(2, length, heads, 16, generator=g) for _ in range(3)]
+
+
+HEAD_GROUPS = (1, 2, 3, 6)
+
+
+def compiled_order(code: str) -> list[str]:
+    """The collectives and attention kernels of Inductor's generated code, in call order: launch / wait / attend."""
+    events = []
+    for line in code.splitlines():
+        if "= torch.ops._c10d_functional.all_to_all_single" in line:
+            events.append("launch")
+        elif "torch.ops._c10d_functional.wait_tensor" in line and not line.lstrip().startswith("#"):
+            events.append("wait")
+        elif "= torch.ops.aten._scaled_dot_product" in line:
+            events.append("attend")
+    return events
 
 
 def tiny_random_dit(heads: int):
@@ -101,6 +122,34 @@ def main(out: Path, cases: list[str]) -> None:
             a, b = part.bounds(rank)
             fn = ulysses_attention if case == "ulysses" else ring_attention
             results[case] = fn(q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank)
+        elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
+            q, k, v = attention_inputs(6 * n)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            for groups in HEAD_GROUPS:
+                results[f"{case}.{groups}"] = ulysses_attention(
+                    q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank, head_groups=groups
+                )
+        elif case == "ulysses-inductor":  # compiled by Inductor; the order of launches, waits and kernels
+            from torch._inductor.utils import run_and_get_code
+
+            overlap_in_compiled_graphs()
+            q, k, v = attention_inputs(6 * n)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            for groups in (1, 3):
+                fn = torch.compile(partial(ulysses_attention, sizes=part.sizes, rank=rank, head_groups=groups))
+                got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
+                results[f"{case}.{groups}"] = got
+                results[f"{case}.{groups}.order"] = compiled_order("\n".join(code))
+        elif case == "dit-compiled":  # the pipeline's compile_dit: each block compiled by Inductor
+            from flashhead.parallel.dit import SequenceParallelDiT
+
+            dit = tiny_random_dit(2 * n)
+            for block in dit.blocks:
+                block.compile()
+            with torch.no_grad():
+                results[case] = SequenceParallelDiT(dit, group, head_groups=2)(*dit_inputs(dit))
         elif case.startswith("dit"):  # dit-<heads>
             from flashhead.parallel.dit import SequenceParallelDiT
 

@@ -37,9 +37,16 @@ class ChunkInputs:
 class SequenceParallelRunner:
     """The sequence-parallel DiT, the split decode and the announcements, for one pipeline's networks."""
 
-    def __init__(self, dit: FlashHeadDiT, vae: VideoVAE, group: SequenceParallelGroup, halo: int = DEFAULT_HALO):
+    def __init__(
+        self,
+        dit: FlashHeadDiT,
+        vae: VideoVAE,
+        group: SequenceParallelGroup,
+        halo: int = DEFAULT_HALO,
+        head_groups: int | None = None,
+    ):
         self.group, self.vae, self.halo = group, vae, halo
-        self.model = SequenceParallelDiT(dit, group)
+        self.model = SequenceParallelDiT(dit, group, head_groups)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return split_decode(self.vae, latents, self.group, self.halo)

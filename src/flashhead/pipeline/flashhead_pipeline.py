@@ -179,7 +179,9 @@ class FlashHeadPipeline:
 
     # -- sequence parallel ----------------------------------------------------------------------------
 
-    def parallelize(self, group, halo: int | None = None, force: bool = False) -> FlashHeadPipeline:
+    def parallelize(
+        self, group, halo: int | None = None, force: bool = False, head_groups: int | None = None
+    ) -> FlashHeadPipeline:
         """Split every chunk's DiT tokens and VAE decode over the ranks of `group` (a SequenceParallelGroup).
 
         Call on every rank, after moving the pipeline to the rank's device. The leader (rank 0) then uses the
@@ -189,6 +191,8 @@ class FlashHeadPipeline:
         Only where the split pays (flashhead.parallel.policy: enough tokens per rank, e.g. Pro on 2 GPUs, not
         Lite): otherwise the leader runs alone and `follow()` returns at once; `force=True` splits anyway.
         `halo`: latent rows of context per decode strip for VAEs without an exact split (LTX).
+        `head_groups`: Ulysses all-to-alls pipelined over that many head groups (None: the default, see
+        flashhead.parallel.attention.default_head_groups; 1: not overlapped).
         """
         from flashhead.parallel.policy import MIN_TOKENS_PER_RANK, chunk_tokens, split_pays
         from flashhead.parallel.runner import SequenceParallelRunner
@@ -199,7 +203,8 @@ class FlashHeadPipeline:
             shape = self.vae.latent_shape(self.config.frame_num, self.config.height, self.config.width)
             tokens = chunk_tokens(shape, tuple(self.dit.config.patch_size))
             if force or split_pays(tokens, group.world_size):
-                self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+                halo = DEFAULT_HALO if halo is None else halo
+                self._sp = SequenceParallelRunner(self.dit, self.vae, group, halo, head_groups)
             else:
                 self._sp_idle = group
                 if group.is_leader:
