@@ -88,6 +88,11 @@ def split_decode_latent():
     return torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
 
 
+def split_encode_video():
+    """5 frames of 80 x 16 pixels: 10 latent rows, so 2 ranks get 5 each (strips narrower than their margins)."""
+    return torch.rand(1, 3, 5, 80, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+
+
 def pipeline_run(pipe, speed: str | None):
     """Two chunks (the first, then one with motion frames) and a short whole video, fixed seeds."""
     import numpy as np
@@ -106,8 +111,8 @@ def pipeline_run(pipe, speed: str | None):
     b = pipe.generate_chunk(ref, a.motion_latents, context, generator=torch.Generator().manual_seed(5))
     wave = (0.3 * np.sin(np.arange(int(16000 * 1.2)) * 2 * np.pi * 150 / 16000)).astype(np.float32)
     out = pipe(image, wave, sample_rate=16000, seed=7, progress=False, watermark=False)
-    return {"a_latents": a.latents, "a_video": a.video, "b_latents": b.latents, "b_video": b.video,
-            "frames": torch.from_numpy(out.frames)}  # fmt: skip
+    return {"a_latents": a.latents, "a_video": a.video, "a_motion": a.motion_latents, "b_latents": b.latents,
+            "b_video": b.video, "frames": torch.from_numpy(out.frames)}  # fmt: skip
 
 
 def main(out: Path, cases: list[str]) -> None:
@@ -161,6 +166,11 @@ def main(out: Path, cases: list[str]) -> None:
             from flashhead.parallel.vae import split_decode
 
             results[case] = split_decode(tiny_vae("pro"), split_decode_latent(), group)
+        elif case == "encode":
+            from _tiny import tiny_vae
+            from flashhead.parallel.vae import split_encode
+
+            results[case] = split_encode(tiny_vae("pro"), split_encode_video(), group)
         elif case.startswith("pipeline"):  # pipeline-<speed or plain>
             from _tiny import tiny_pipeline
 
@@ -176,6 +186,8 @@ def main(out: Path, cases: list[str]) -> None:
                 if speed != "plain":
                     pipe.optimize(speed.replace("+", ","))
                 pipe.follow()
+                # the follower took part in the motion re-encodes (its strip encoder exists only then)
+                results[f"{case}.follower_encoded"] = torch.tensor(hasattr(pipe.vae, "_strip_encoder"))
     torch.save(results, out / f"rank{rank}.pt")
 
 

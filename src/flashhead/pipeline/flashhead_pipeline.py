@@ -235,6 +235,8 @@ class FlashHeadPipeline:
             raise ConfigError("follow() runs on the follower ranks of a parallelized pipeline")
         while (chunk := self._sp.receive()) is not None:
             self._denoise_and_decode(chunk)
+            if chunk.encode is not None:  # the leader's motion re-encode, split by rows (Wan)
+                self._sp.encode(None, chunk.encode)
 
     def release_followers(self) -> None:
         """On the leader: let the followers' `follow()` return (call once, when no chunk will follow)."""
@@ -437,8 +439,11 @@ class FlashHeadPipeline:
         # one of them as context; both VAEs map the last k latent frames to the last 1 + st * (k - 1) frames.
         skip = max(cfg.motion_latent_frames - 1, 0) if (self.speed.decode_new_only and new_only is not False) else 0
         first_frame = skip * self.temporal_stride
+        split_encode = None  # the motion frames' shape, where the followers help to encode them
+        if self._sp is not None and self._sp.split_encode:
+            split_encode = (B, 3, self.motion_frames, shape[3] * self.vae.stride[1], shape[4] * self.vae.stride[2])
         latents, decoded = self._denoise_and_decode(
-            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip)
+            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode)
         )
         video = decoded
         if cfg.color_correction_strength > 0:
@@ -449,7 +454,9 @@ class FlashHeadPipeline:
                 video = color_function(self.speed)(decoded, reference_images, cfg.color_correction_strength)
         with self.timer("vae_encode_motion"):
             tail = video[:, :, -self.motion_frames :]
-            if encode_noises is not None and all(n is not None for n in encode_noises):
+            if split_encode is not None:
+                motion_out = self._sp.encode(tail, split_encode)
+            elif encode_noises is not None and all(n is not None for n in encode_noises):
                 motion_out = self._encode(tail, noise=torch.cat(list(encode_noises)))
             else:
                 motion_out = self._encode(tail, generators=list(encode_generators or [None] * B))
