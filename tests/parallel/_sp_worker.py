@@ -138,23 +138,26 @@ def main(out: Path, cases: list[str]) -> None:
         elif case == "ulysses-inductor":  # compiled by Inductor; the order of launches, waits and kernels
             from torch._inductor.utils import run_and_get_code
 
-            overlap_in_compiled_graphs()
             q, k, v = attention_inputs(6 * n)
             part = partition_tokens(1, q.shape[1], n)
             a, b = part.bounds(rank)
             for groups in (1, 3):
                 fn = torch.compile(partial(ulysses_attention, sizes=part.sizes, rank=rank, head_groups=groups))
-                got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
+                with overlap_in_compiled_graphs():
+                    got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
                 results[f"{case}.{groups}"] = got
                 results[f"{case}.{groups}.order"] = compiled_order("\n".join(code))
         elif case == "dit-compiled":  # the pipeline's compile_dit: each block compiled by Inductor
+            from torch._inductor.utils import run_and_get_code
+
             from flashhead.parallel.dit import SequenceParallelDiT
 
             dit = tiny_random_dit(2 * n)
             for block in dit.blocks:
                 block.compile()
             with torch.no_grad():
-                results[case] = SequenceParallelDiT(dit, group, head_groups=2)(*dit_inputs(dit))
+                results[case], code = run_and_get_code(SequenceParallelDiT(dit, group, head_groups=2), *dit_inputs(dit))
+            results[f"{case}.order"] = compiled_order(code[0])  # the first block's graph
         elif case.startswith("dit"):  # dit-<heads>
             from flashhead.parallel.dit import SequenceParallelDiT
 

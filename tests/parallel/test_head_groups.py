@@ -51,12 +51,15 @@ def test_inductor_launches_every_group_before_waiting(ranks):
 
 
 def test_compiled_sequence_parallel_dit_with_head_groups(ranks):
-    """compile_dit's per-block torch.compile, 4 heads on 2 ranks in 2 groups == the eager one-process DiT."""
+    """compile_dit's per-block torch.compile, 4 heads on 2 ranks in 2 groups == the eager one-process DiT, and the
+    compiled block launches both groups' all-to-alls before waiting for the first."""
     dit = worker.tiny_random_dit(4)
     with torch.no_grad():
         expected = dit(*worker.dit_inputs(dit))
     for r in ranks:
         torch.testing.assert_close(r["dit-compiled"], expected, rtol=0, atol=1e-5)
+        order = r["dit-compiled.order"]  # the block's graph, compiled inside the SP forward's Inductor settings
+        assert order.count("launch") == 4 and order[:2] == ["launch", "launch"], order
 
 
 def test_default_head_groups_and_bad_counts():

@@ -118,20 +118,18 @@ class _Pending:
         return self.out
 
 
-def overlap_in_compiled_graphs() -> None:
-    """Keep the head-group pipeline in Inductor-compiled graphs (torch.compile of the DiT blocks).
+def overlap_in_compiled_graphs():
+    """A context in which Inductor keeps the head-group pipeline of the graphs it compiles (torch.compile).
 
     By default Inductor schedules each all-to-all launch right before its wait, which serialises the groups
-    again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late. They move only
-    collectives and waits, so graphs without collectives are unchanged. Read when a graph is compiled.
+    again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late. Scoped to the
+    sequence-parallel forward (where the blocks compile lazily) instead of set for the whole process.
     """
     import torch._inductor.config as inductor
 
-    inductor.reorder_for_compute_comm_overlap = True
     passes = list(inductor.reorder_for_compute_comm_overlap_passes)
-    inductor.reorder_for_compute_comm_overlap_passes = passes + [
-        p for p in ("sink_waits", "raise_comms") if p not in passes
-    ]
+    passes += [p for p in ("sink_waits", "raise_comms") if p not in passes]
+    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=passes)
 
 
 def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ swapped, by `install`, which must run again after anything that resets the kerne
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -49,8 +51,6 @@ class SequenceParallelDiT:
         self.attention = SequenceParallelAttention(
             g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups
         )
-        if self.attention.head_groups > 1:
-            overlap_in_compiled_graphs()
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
 
@@ -90,8 +90,9 @@ class SequenceParallelDiT:
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
-        for block in dit.blocks:
-            shard = block(shard, audio, t_mod, rope)
+        with overlap_in_compiled_graphs() if self.attention.head_groups > 1 else nullcontext():
+            for block in dit.blocks:  # compiled blocks (compile_dit) compile at their first call, in this context
+                shard = block(shard, audio, t_mod, rope)
         out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)
         return dit.unpatchify(self._gather(out, part), grid)
 
