@@ -2,15 +2,20 @@
 
     torchrun --nproc-per-node 2 benchmarks/sp_bench.py --json $OUT/sp.json          # Pro, then Lite
     torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --json $OUT/sp.json
+    torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --head-groups 3 --json $OUT/sp_g3.json
 
 For each model (random-init full-size weights, official config, identical on every rank):
-- "parts" (first): the DiT forward and the VAE decode alone, 1 GPU against split (ms, synchronised), the
-  split decode's PSNR against the 1-GPU decode of the same latent, and a profile of one DiT forward either
-  way (GPU busy time against wall time, the top kernels / ops): where the split's time goes.
+- "parts" (first): the DiT forward, the VAE decode and (Wan) the motion-frame encode alone, 1 GPU against split
+  (ms, synchronised; the split DiT with the chosen head groups and with one group, i.e. no all-to-all overlap),
+  the split decode's PSNR against the 1-GPU decode of the same latent, the split encode's largest difference
+  from the 1-GPU encode, and a profile of one DiT forward either way (GPU busy time against wall time, the top
+  kernels / ops): where the split's time goes.
 - per speed configuration (Pro: plain, compiled; Lite: plain): rank 0 alone streams the speech through the
   engine (the other ranks wait), then all ranks stream it again split (forced for Lite, whose policy is not
   to split). Reported: steady FPS, time to first frame, per-stage ms per chunk (rank 0, synchronised), peak
-  GPU memory of every rank, the speed-up, and the PSNR of the split frames against the 1-GPU frames.
+  GPU memory of every rank, the speed-up, and the PSNR of the split frames against the 1-GPU frames. The split
+  entries say which head groups the Ulysses all-to-alls were pipelined over and whether the motion re-encode
+  was split (Wan; its stage is vae_encode_motion, as on one GPU).
 - Lite "replicas": what its policy does with N GPUs instead: every rank streams on its own GPU at once;
   per-rank and total FPS.
 The JSON is rewritten after every part and a part that fails is reported and skipped, so a run cut short
@@ -157,10 +162,20 @@ def _profile(fn, top: int = 12) -> dict:
     }
 
 
+def split_settings(pipe, group, args) -> dict:
+    """How the split runs: Ulysses head groups (as the library chooses them) and whether the encode is split."""
+    from flashhead.parallel.attention import default_head_groups
+    from flashhead.parallel.vae import splits_encode
+
+    heads = pipe.dit.config.num_heads
+    groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
+    return {"head_groups": groups if heads % group.world_size == 0 else None, "split_encode": splits_encode(pipe.vae)}
+
+
 def measure_parts(pipe, group, args) -> dict:
-    """DiT forward and VAE decode alone: 1 GPU (rank 0, the others wait) against split; decode PSNR; profiles."""
+    """DiT forward, VAE decode and encode alone: 1 GPU (rank 0, the others wait) against split; PSNR; profiles."""
     from flashhead.parallel.dit import SequenceParallelDiT
-    from flashhead.parallel.vae import split_decode
+    from flashhead.parallel.vae import split_decode, split_encode, splits_encode
 
     cfg, d = pipe.config, pipe.dit.config
     C, T, H, W = pipe.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width)
@@ -169,7 +184,8 @@ def measure_parts(pipe, group, args) -> dict:
     x, y = (torch.randn(1, C, T, H, W, generator=g).to(dev, dt) for _ in range(2))
     context = torch.randn(1, cfg.frame_num, d.audio_window, d.audio_layers, d.audio_channels, generator=g).to(dev, dt)
     t = torch.tensor([500.0], device=dev)
-    out: dict = {"latent": [C, T, H, W]}
+    motion = (torch.rand(1, 3, pipe.motion_frames, cfg.height, cfg.width, generator=g) * 2 - 1).to(dev, dt)
+    out: dict = {"latent": [C, T, H, W], **split_settings(pipe, group, args)}
     pipe.parallelize(None)
     pipe.optimize(None)
     with torch.no_grad():
@@ -177,11 +193,16 @@ def measure_parts(pipe, group, args) -> dict:
         if group.is_leader:
             out["dit_ms_1_gpu"], full_v = _timed(lambda: pipe.dit(x, t, context, y), 3)
             out["decode_ms_1_gpu"], full = _timed(lambda: pipe.vae.decode(x), 2)
+            out["encode_ms_1_gpu"], full_enc = _timed(lambda: pipe.vae.encode(motion), 2)
             out["profile_dit_1_gpu"] = _profile(lambda: pipe.dit(x, t, context, y))
         peak_memory_all_ranks(args.side_group)  # the others wait here
-        sp = SequenceParallelDiT(pipe.dit, group)
+        one_group = SequenceParallelDiT(pipe.dit, group, head_groups=1)
+        out["dit_ms_split_1_head_group"], _ = _timed(lambda: one_group(x, t, context, y), 3)
+        sp = SequenceParallelDiT(pipe.dit, group, head_groups=args.head_groups)
         out["dit_ms_split"], split_v = _timed(lambda: sp(x, t, context, y), 3)
         out["decode_ms_split"], split = _timed(lambda: split_decode(pipe.vae, x, group), 2)
+        if splits_encode(pipe.vae):
+            out["encode_ms_split"], split_enc = _timed(lambda: split_encode(pipe.vae, motion, group), 2)
         profile = _profile(lambda: sp(x, t, context, y))
         if group.is_leader:
             out["profile_dit_split"] = profile
@@ -189,6 +210,9 @@ def measure_parts(pipe, group, args) -> dict:
             out["decode_speedup"] = round(out["decode_ms_1_gpu"] / out["decode_ms_split"], 3)
             # One DiT forward, split against whole: the core models' bf16 tolerance is rel-L2 <= 2e-2 (docs/models.md)
             out["dit_split_rel_l2"] = float((split_v.float() - full_v.float()).norm() / full_v.float().norm())
+            if "encode_ms_split" in out:
+                out["encode_speedup"] = round(out["encode_ms_1_gpu"] / out["encode_ms_split"], 3)
+                out["encode_split_max_abs"] = float((split_enc.float() - full_enc.float()).abs().max())
             mse = float((split.float() - full.float()).pow(2).mean())
             out["decode_split_psnr_db"] = "inf" if mse == 0 else round(10 * np.log10(4 / mse), 2)  # range [-1, 1]
             out["decode_split_max_abs"] = float((split.float() - full.float()).abs().max())
@@ -253,14 +277,14 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         # N GPUs: the same stream, sequence parallel.
         try:
             reset_peak_memory()
-            pipe.parallelize(group, force=FORCE_SPLIT)
+            pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups)
             pipe.optimize(speed)
             if leader:
                 try:
                     sp = measure(pipe, image, audio, chunk_samples)
                 finally:
                     pipe.release_followers()
-                entry = {k: v for k, v in sp.items() if k != "frames"}
+                entry = {**split_settings(pipe, group, args), **{k: v for k, v in sp.items() if k != "frames"}}
                 if single is not None:
                     entry["speedup_vs_1_gpu"] = round(sp["steady_fps"] / single["steady_fps"], 3)
                     entry["psnr_vs_1_gpu_db"] = psnr(sp["frames"], single["frames"])
@@ -292,6 +316,9 @@ def main() -> None:
     parser.add_argument("--lite-parts", action="store_true", help="also measure Lite's DiT / decode parts")
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of speech per timed stream")
     parser.add_argument("--audio", default=None, help="16 kHz mono WAV (default: the shared speech file)")
+    parser.add_argument("--head-groups", type=int, default=None,
+                        help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
+                        "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -309,7 +336,8 @@ def main() -> None:
     group = init_sequence_parallel()
     # The idle ranks wait out rank 0's single-GPU runs (compilation included) on a CPU group.
     args.side_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1200))
-    report: dict = {"world_size": group.world_size, "environment": environment(), "models": {}}
+    report: dict = {"world_size": group.world_size, "head_groups_arg": args.head_groups, "environment": environment(),
+                    "models": {}}  # fmt: skip
     if torch.cuda.device_count() > 1:  # without peer access NCCL goes through host memory: slow all-to-alls
         report["environment"]["gpu_peer_access"] = torch.cuda.can_device_access_peer(0, 1)
         report["environment"]["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for _tiny / _util
 
 from flashhead.parallel import init_sequence_parallel, partition_tokens  # noqa: E402
-from flashhead.parallel.attention import ring_attention, ulysses_attention  # noqa: E402
+from flashhead.parallel.attention import (  # noqa: E402
+    overlap_in_compiled_graphs,
+    ring_attention,
+    ulysses_attention,
+)
 
 
 def torchrun(out: Path, *cases: str, nproc: int = 2) -> list[dict]:
@@ -41,6 +46,22 @@ def torchrun(out: Path, *cases: str, nproc: int = 2) -> list[dict]:
 def attention_inputs(heads: int, length: int = 37, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(2, length, heads, 16, generator=g) for _ in range(3)]
+
+
+HEAD_GROUPS = (1, 2, 3, 6)
+
+
+def compiled_order(code: str) -> list[str]:
+    """The collectives and attention kernels of Inductor's generated code, in call order: launch / wait / attend."""
+    events = []
+    for line in code.splitlines():
+        if "= torch.ops._c10d_functional.all_to_all_single" in line:
+            events.append("launch")
+        elif "torch.ops._c10d_functional.wait_tensor" in line and not line.lstrip().startswith("#"):
+            events.append("wait")
+        elif "= torch.ops.aten._scaled_dot_product" in line:
+            events.append("attend")
+    return events
 
 
 def tiny_random_dit(heads: int):
@@ -67,6 +88,11 @@ def split_decode_latent():
     return torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
 
 
+def split_encode_video():
+    """5 frames of 80 x 16 pixels: 10 latent rows, so 2 ranks get 5 each (strips narrower than their margins)."""
+    return torch.rand(1, 3, 5, 80, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+
+
 def pipeline_run(pipe, speed: str | None):
     """Two chunks (the first, then one with motion frames) and a short whole video, fixed seeds."""
     import numpy as np
@@ -85,8 +111,8 @@ def pipeline_run(pipe, speed: str | None):
     b = pipe.generate_chunk(ref, a.motion_latents, context, generator=torch.Generator().manual_seed(5))
     wave = (0.3 * np.sin(np.arange(int(16000 * 1.2)) * 2 * np.pi * 150 / 16000)).astype(np.float32)
     out = pipe(image, wave, sample_rate=16000, seed=7, progress=False, watermark=False)
-    return {"a_latents": a.latents, "a_video": a.video, "b_latents": b.latents, "b_video": b.video,
-            "frames": torch.from_numpy(out.frames)}  # fmt: skip
+    return {"a_latents": a.latents, "a_video": a.video, "a_motion": a.motion_latents, "b_latents": b.latents,
+            "b_video": b.video, "frames": torch.from_numpy(out.frames)}  # fmt: skip
 
 
 def main(out: Path, cases: list[str]) -> None:
@@ -101,6 +127,37 @@ def main(out: Path, cases: list[str]) -> None:
             a, b = part.bounds(rank)
             fn = ulysses_attention if case == "ulysses" else ring_attention
             results[case] = fn(q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank)
+        elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
+            q, k, v = attention_inputs(6 * n)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            for groups in HEAD_GROUPS:
+                results[f"{case}.{groups}"] = ulysses_attention(
+                    q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank, head_groups=groups
+                )
+        elif case == "ulysses-inductor":  # compiled by Inductor; the order of launches, waits and kernels
+            from torch._inductor.utils import run_and_get_code
+
+            q, k, v = attention_inputs(6 * n)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            for groups in (1, 3):
+                fn = torch.compile(partial(ulysses_attention, sizes=part.sizes, rank=rank, head_groups=groups))
+                with overlap_in_compiled_graphs():
+                    got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
+                results[f"{case}.{groups}"] = got
+                results[f"{case}.{groups}.order"] = compiled_order("\n".join(code))
+        elif case == "dit-compiled":  # the pipeline's compile_dit: each block compiled by Inductor
+            from torch._inductor.utils import run_and_get_code
+
+            from flashhead.parallel.dit import SequenceParallelDiT
+
+            dit = tiny_random_dit(2 * n)
+            for block in dit.blocks:
+                block.compile()
+            with torch.no_grad():
+                results[case], code = run_and_get_code(SequenceParallelDiT(dit, group, head_groups=2), *dit_inputs(dit))
+            results[f"{case}.order"] = compiled_order(code[0])  # the first block's graph
         elif case.startswith("dit"):  # dit-<heads>
             from flashhead.parallel.dit import SequenceParallelDiT
 
@@ -112,6 +169,11 @@ def main(out: Path, cases: list[str]) -> None:
             from flashhead.parallel.vae import split_decode
 
             results[case] = split_decode(tiny_vae("pro"), split_decode_latent(), group)
+        elif case == "encode":
+            from _tiny import tiny_vae
+            from flashhead.parallel.vae import split_encode
+
+            results[case] = split_encode(tiny_vae("pro"), split_encode_video(), group)
         elif case.startswith("pipeline"):  # pipeline-<speed or plain>
             from _tiny import tiny_pipeline
 
@@ -127,6 +189,8 @@ def main(out: Path, cases: list[str]) -> None:
                 if speed != "plain":
                     pipe.optimize(speed.replace("+", ","))
                 pipe.follow()
+                # the follower took part in the motion re-encodes (its strip encoder exists only then)
+                results[f"{case}.follower_encoded"] = torch.tensor(hasattr(pipe.vae, "_strip_encoder"))
     torch.save(results, out / f"rank{rank}.pt")
 
 

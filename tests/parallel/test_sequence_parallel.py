@@ -14,7 +14,7 @@ import torch
 from flashhead.errors import ConfigError
 from flashhead.parallel import partition_tokens
 from flashhead.parallel.attention import sdpa_kernel
-from flashhead.parallel.vae import split_decode
+from flashhead.parallel.vae import split_decode, split_encode
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _sp_worker as worker  # noqa: E402
@@ -23,7 +23,7 @@ from _sp_worker import torchrun  # noqa: E402
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("sp_core"), "ulysses", "ring", "dit-4", "dit-3", "decode")
+    return torchrun(tmp_path_factory.mktemp("sp_core"), "ulysses", "ring", "dit-4", "dit-3", "decode", "encode")
 
 
 def test_partition_keeps_segments_inside_frames():
@@ -70,6 +70,30 @@ def test_split_decode_gathers_exact_strips(core):
         full = vae.decode(latent)
     for r in core:
         torch.testing.assert_close(r["decode"], full, rtol=0, atol=1e-5)
+
+
+def test_split_encode_gathers_exact_strips(core):
+    """Wan (Pro) motion re-encode: 2 gloo ranks encode 5 latent rows each, gathered on both == the full encode."""
+    from _tiny import tiny_vae
+
+    vae, video = tiny_vae("pro"), worker.split_encode_video()
+    with torch.no_grad():
+        full = vae.encode(video)
+    for r in core:
+        assert r["encode"].shape == full.shape == (1, 16, 2, 10, 2)
+        torch.testing.assert_close(r["encode"], full, rtol=0, atol=1e-5)
+
+
+def test_split_encode_single_rank_and_refusal():
+    from _tiny import tiny_vae
+    from flashhead.parallel import SequenceParallelGroup
+
+    pro, video = tiny_vae("pro"), worker.split_encode_video()
+    one = SequenceParallelGroup(0, 1, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(split_encode(pro, video, one), pro.encode(video))
+    with pytest.raises(ConfigError, match="split encode needs the Wan2.1 VAE"):
+        split_encode(tiny_vae("lite"), video, one)
 
 
 def test_split_decode_single_rank_and_wide_halo_are_exact():

@@ -32,10 +32,13 @@ def expected():
 
 @pytest.mark.parametrize("speed", ["plain", "rope_table+cond_cache"])
 def test_two_process_pipeline_equals_single_process(pipeline, expected, speed):
-    """Tiny Pro pipeline: two chunks and a whole 1.2 s video under 2 processes == one process (plain and fast path)."""
+    """Tiny Pro pipeline: two chunks (and the first's split motion re-encode) and a whole 1.2 s video under 2
+    processes == one process (plain and fast path)."""
     got = pipeline[0]
-    assert not any(k.startswith("pipeline") for k in pipeline[1])  # followers return nothing
-    for key in ("a_latents", "a_video", "b_latents", "b_video"):
+    # followers return nothing but whether they split-encoded the motion frames with the leader (Wan: they do)
+    assert list(pipeline[1]) == [f"pipeline-{speed}.follower_encoded" for speed in ("plain", "rope_table+cond_cache")]
+    assert bool(pipeline[1][f"pipeline-{speed}.follower_encoded"])
+    for key in ("a_latents", "a_video", "a_motion", "b_latents", "b_video"):
         torch.testing.assert_close(got[f"pipeline-{speed}.{key}"], expected[key], rtol=0, atol=2e-5)
     frames, ref = got[f"pipeline-{speed}.frames"].numpy(), expected["frames"].numpy()
     assert frames.shape == ref.shape and len(ref) == 30

@@ -5,9 +5,10 @@
     if group.is_leader: video = pipe(...); pipe.release_followers()
     else: pipe.follow()                        # runs the DiT / VAE shards until the leader is done
 
-Modules: `group` (process group, token partition), `attention` (Ulysses and ring attention),
-`dit` (the DiT forward on a token shard), `vae` (VAE decode split into row strips; `wan_decode`: the exact
-Wan2.1 strip decode), `runner` (the leader / follower protocol that keeps the ranks in step), `policy`
+Modules: `group` (process group, token partition), `attention` (Ulysses, with its all-to-alls overlapped
+over head groups, and ring attention), `dit` (the DiT forward on a token shard), `vae` (VAE decode and Wan
+encode split into row strips; `wan_decode` / `wan_encode`: the exact Wan2.1 strip decode / encode), `runner`
+(the leader / follower protocol that keeps the ranks in step), `policy`
 (where a split pays: Pro yes, Lite no).
 """
 

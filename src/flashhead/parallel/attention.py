@@ -6,6 +6,10 @@ size) and gets back the attention output of the same shard, equal to attention o
 - Ulysses (H divisible by N): one all-to-all turns the q, k, v sequence shards into head shards (every rank
   sees the whole sequence for H / N heads), any local kernel runs, a second all-to-all turns the result back.
   Communication is 4 tensors of the shard's size per layer in 2 collectives, independent of N.
+  With `head_groups` G > 1 the heads are pipelined in G groups: every group's q / k / v all-to-all is launched
+  at once, group g's kernel runs as soon as its heads have arrived (later groups still in flight) and its
+  output all-to-all is launched right after it, so transfers overlap the attention kernels. Per-head
+  attention does not depend on other heads, so the result is the same as with one group.
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
   not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Computed in float32 with a plain matmul
@@ -70,12 +74,83 @@ def heads_to_seq(x: torch.Tensor, sizes: Sequence[int], rank: int, group=None) -
     return out.reshape(n, s, B, h, d).permute(2, 1, 0, 3, 4).reshape(B, s, n * h, d)
 
 
-def ulysses_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, kernel: Kernel | None = None):
-    """Attention of a sequence shard against the whole sequence, by two all-to-alls (heads % N == 0)."""
-    if q.shape[2] % len(sizes):
-        raise ConfigError(f"Ulysses attention needs heads ({q.shape[2]}) divisible by the ranks ({len(sizes)})")
-    q, k, v = qkv_to_heads(torch.stack([q, k, v]), sizes, group).unbind(0)
-    return heads_to_seq((kernel or sdpa_kernel)(q, k, v), sizes, rank, group)
+def default_head_groups(heads: int, world_size: int) -> int:
+    """The smallest G >= 2 that divides the heads of one rank (pipelining needs two groups at least), else 1."""
+    local = heads // world_size if heads % world_size == 0 else 1
+    return next((g for g in range(2, local + 1) if local % g == 0), 1)
+
+
+def ulysses_attention(
+    q, k, v, sizes: Sequence[int], rank: int, group=None, kernel: Kernel | None = None, head_groups: int = 1
+):
+    """Attention of a sequence shard against the whole sequence, by all-to-alls (heads % N == 0).
+
+    `head_groups` G (dividing heads / N): 1 = one all-to-all each way; G > 1 = the overlapped pipeline.
+    """
+    n, heads = len(sizes), q.shape[2]
+    if heads % n:
+        raise ConfigError(f"Ulysses attention needs heads ({heads}) divisible by the ranks ({n})")
+    if head_groups < 1 or (heads // n) % head_groups:
+        raise ConfigError(f"head_groups {head_groups} must divide the {heads // n} heads of each rank")
+    if head_groups == 1:
+        q, k, v = qkv_to_heads(torch.stack([q, k, v]), sizes, group).unbind(0)
+        return heads_to_seq((kernel or sdpa_kernel)(q, k, v), sizes, rank, group)
+    return _overlapped_ulysses(q, k, v, sizes, rank, group, kernel or sdpa_kernel, head_groups)
+
+
+class _Pending:
+    """An all-to-all in flight: `wait()` gives its output (eager: c10d work; compiling: a functional collective)."""
+
+    def __init__(self, x: torch.Tensor, out: torch.Tensor | None, out_sizes, in_sizes, group):
+        self.out, self.work = out, None
+        if torch.compiler.is_compiling():
+            # The raw functional op: funcol.all_to_all_single would put its wait right after the launch while
+            # tracing; this wait goes into the graph only where wait() is called, as late as possible.
+            name = (group or dist.group.WORLD).group_name
+            self.out = torch.ops._c10d_functional.all_to_all_single(x, list(out_sizes), list(in_sizes), name)
+        else:
+            self.work = dist.all_to_all_single(out, x, list(out_sizes), list(in_sizes), group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is None:
+            return torch.ops._c10d_functional.wait_tensor(self.out)
+        self.work.wait()  # on CUDA: the compute stream waits for the transfer, the host goes on
+        return self.out
+
+
+def overlap_in_compiled_graphs():
+    """A context in which Inductor keeps the head-group pipeline of the graphs it compiles (torch.compile).
+
+    By default Inductor schedules each all-to-all launch right before its wait, which serialises the groups
+    again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late. Scoped to the
+    sequence-parallel forward (where the blocks compile lazily) instead of set for the whole process.
+    """
+    import torch._inductor.config as inductor
+
+    passes = list(inductor.reorder_for_compute_comm_overlap_passes)
+    passes += [p for p in ("sink_waits", "raise_comms") if p not in passes]
+    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=passes)
+
+
+def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int) -> torch.Tensor:
+    B, s, H, d = q.shape
+    n, L = len(sizes), sum(sizes)
+    hg = H // n // G  # heads per group per rank; rank r's group g holds heads r * H/N + g * hg + [0, hg)
+    # One copy into (G, N * s, 3, B, hg, d) order: each group's send buffer is then a contiguous block.
+    send = torch.stack([q, k, v]).reshape(3, B, s, n, G, hg, d).permute(4, 3, 2, 0, 1, 5, 6)
+    send = send.reshape(G, n * s, 3, B, hg, d)
+    eager = not torch.compiler.is_compiling()
+    recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
+    back = q.new_empty((G, n * s, B, hg, d)) if eager else None
+    incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
+    outgoing = []
+    for g in range(G):
+        x = incoming[g].wait().permute(1, 2, 0, 3, 4)  # (3, B, L, hg, d): the whole sequence, this group's heads
+        out = kernel(x[0], x[1], x[2]).permute(1, 0, 2, 3).contiguous()  # (L, B, hg, d)
+        outgoing.append(_Pending(out, back[g] if eager else None, [s] * n, sizes, group))
+    waited = [p.wait() for p in outgoing]
+    back = back if eager else torch.stack(waited)  # (G, N * s, B, hg, d), rank-major
+    return back.reshape(G, n, s, B, hg, d).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
 
 
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int):
@@ -125,16 +200,32 @@ class SequenceParallelAttention:
     Ulysses when the heads divide over the ranks, ring attention otherwise. `sizes` (the shard size of
     every rank) is set by the sequence-parallel DiT before each forward; `inner` is the local kernel
     Ulysses runs on its head shard (None: torch SDPA; e.g. FlashAttention-3 with attention=fa3).
+    `head_groups`: Ulysses heads pipelined in that many groups (None: `default_head_groups`; 1: not pipelined).
     """
 
-    def __init__(self, rank: int, world_size: int, heads: int, group=None, inner: Kernel | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        heads: int,
+        group=None,
+        inner: Kernel | None = None,
+        head_groups: int | None = None,
+    ):
         self.rank, self.world_size, self.group, self.inner = rank, world_size, group, inner
         self.method = "ulysses" if heads % world_size == 0 else "ring"
+        if head_groups is None:
+            head_groups = default_head_groups(heads, world_size)
+        if self.method == "ring":
+            head_groups = 1  # ring attention already overlaps its transfers with compute
+        elif head_groups < 1 or (heads // world_size) % head_groups:
+            raise ConfigError(f"head_groups {head_groups} must divide the {heads // world_size} heads of each rank")
+        self.head_groups = head_groups
         self.sizes: tuple[int, ...] = ()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if len(self.sizes) != self.world_size or self.sizes[self.rank] != q.shape[1]:
             raise RuntimeError(f"shard sizes {self.sizes} do not fit {q.shape[1]} tokens on rank {self.rank}")
         if self.method == "ulysses":
-            return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner)
+            return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner, self.head_groups)
         return ring_attention(q, k, v, self.sizes, self.rank, self.group)

@@ -12,11 +12,13 @@ swapped, by `install`, which must run again after anything that resets the kerne
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
 from flashhead.models.dit import FlashHeadDiT
-from flashhead.parallel.attention import SequenceParallelAttention
+from flashhead.parallel.attention import SequenceParallelAttention, overlap_in_compiled_graphs
 from flashhead.parallel.group import SequenceParallelGroup, TokenPartition, partition_tokens
 
 
@@ -24,11 +26,12 @@ class SequenceParallelDiT:
     """A FlashHeadDiT run by every rank of `group` on its token shard; same call signature as the DiT.
 
     It offers what the samplers use (`forward`, `forward_embedded`, `embed_time`, `embed_audio`, `rope`,
-    `config`), so `denoise_chunk` and `FastDenoiser` drive it like the plain model.
+    `config`), so `denoise_chunk` and `FastDenoiser` drive it like the plain model. `head_groups`: the
+    Ulysses head-group pipeline (None: `default_head_groups`; 1: one all-to-all each way, not overlapped).
     """
 
-    def __init__(self, dit: FlashHeadDiT, group: SequenceParallelGroup):
-        self.dit, self.group = dit, group
+    def __init__(self, dit: FlashHeadDiT, group: SequenceParallelGroup, head_groups: int | None = None):
+        self.dit, self.group, self.head_groups = dit, group, head_groups
         self.attention: SequenceParallelAttention | None = None
         self._partitions: dict[tuple[int, int, int], TokenPartition] = {}
         self._segments: dict[tuple, torch.Tensor] = {}
@@ -45,7 +48,9 @@ class SequenceParallelDiT:
         if isinstance(inner, SequenceParallelAttention):
             inner = inner.inner
         g = self.group
-        self.attention = SequenceParallelAttention(g.rank, g.world_size, self.config.num_heads, g.group, inner)
+        self.attention = SequenceParallelAttention(
+            g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups
+        )
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
 
@@ -85,8 +90,9 @@ class SequenceParallelDiT:
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
-        for block in dit.blocks:
-            shard = block(shard, audio, t_mod, rope)
+        with overlap_in_compiled_graphs() if self.attention.head_groups > 1 else nullcontext():
+            for block in dit.blocks:  # compiled blocks (compile_dit) compile at their first call, in this context
+                shard = block(shard, audio, t_mod, rope)
         out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)
         return dit.unpatchify(self._gather(out, part), grid)
 

@@ -1,10 +1,12 @@
 """The leader / follower protocol that keeps the sequence-parallel ranks in step.
 
-The leader (rank 0) runs the program: it reads inputs, owns streaming sessions, colour-corrects,
-re-encodes motion frames and writes outputs. Whenever it reaches a chunk's denoising it first announces
-the chunk (a small header by `broadcast_object_list`, then the input tensors by `broadcast`), and every
-rank runs the same DiT and VAE-decode shards on bit-identical inputs. Followers do nothing else: they
-loop in `FlashHeadPipeline.follow` until the leader sends "stop" (`release_followers`).
+The leader (rank 0) runs the program: it reads inputs, owns streaming sessions, colour-corrects and
+writes outputs. Whenever it reaches a chunk's denoising it first announces the chunk (a small header by
+`broadcast_object_list`, then the input tensors by `broadcast`), and every rank runs the same DiT and
+VAE-decode shards on bit-identical inputs. With the Wan2.1 VAE (Pro) the header also says that a motion
+re-encode follows: after colour correction the leader broadcasts the motion frames and every rank encodes
+its strip of them (`encode`). Followers do nothing else: they loop in `FlashHeadPipeline.follow` until the
+leader sends "stop" (`release_followers`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae import VideoVAE
 from flashhead.parallel.dit import SequenceParallelDiT
 from flashhead.parallel.group import SequenceParallelGroup
-from flashhead.parallel.vae import DEFAULT_HALO, split_decode
+from flashhead.parallel.vae import DEFAULT_HALO, split_decode, split_encode, splits_encode
 
 
 @dataclass
@@ -32,23 +34,44 @@ class ChunkInputs:
     step_noise: list[torch.Tensor] | None  # one (B, C, F, h, w) per step, or None (Euler)
     lengths: list[int]  # real motion frames per sample
     skip: int  # leading latent frames not decoded
+    encode: tuple[int, ...] | None = None  # shape of the motion frames split-encoded after the decode, or None
 
 
 class SequenceParallelRunner:
     """The sequence-parallel DiT, the split decode and the announcements, for one pipeline's networks."""
 
-    def __init__(self, dit: FlashHeadDiT, vae: VideoVAE, group: SequenceParallelGroup, halo: int = DEFAULT_HALO):
+    def __init__(
+        self,
+        dit: FlashHeadDiT,
+        vae: VideoVAE,
+        group: SequenceParallelGroup,
+        halo: int = DEFAULT_HALO,
+        head_groups: int | None = None,
+    ):
         self.group, self.vae, self.halo = group, vae, halo
-        self.model = SequenceParallelDiT(dit, group)
+        self.model = SequenceParallelDiT(dit, group, head_groups)
+        self.split_encode = splits_encode(vae)  # exact for Wan2.1 only; otherwise the leader encodes alone
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return split_decode(self.vae, latents, self.group, self.halo)
+
+    def encode(self, video: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """Every rank: the VAE encode of the leader's `video` (followers pass None), split by rows."""
+        if self.group.is_leader:
+            if tuple(video.shape) != tuple(shape):
+                raise RuntimeError(f"motion frames {tuple(video.shape)} differ from the announced {tuple(shape)}")
+            video = video.to(self.group.device, self.vae.dtype).contiguous()
+        else:
+            video = torch.empty(shape, dtype=self.vae.dtype, device=self.group.device)
+        dist.broadcast(video, src=0, group=self.group.group)
+        return split_encode(self.vae, video, self.group)
 
     def announce(self, chunk: ChunkInputs) -> None:
         """Leader: send a chunk's inputs to the followers."""
         noise = chunk.step_noise or []
         tensors = [chunk.initial, chunk.motion, chunk.ref_latents, chunk.context, *noise]
         header = {"op": "chunk", "lengths": chunk.lengths, "skip": chunk.skip, "steps": len(noise),
+                  "encode": chunk.encode,
                   "tensors": [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]}  # fmt: skip
         self._broadcast_header(header)
         for t in tensors:
@@ -66,7 +89,7 @@ class SequenceParallelRunner:
             tensors.append(t)
         initial, motion, ref_latents, context, *noise = tensors
         return ChunkInputs(initial, motion, ref_latents, context, noise if header["steps"] else None,
-                           header["lengths"], header["skip"])  # fmt: skip
+                           header["lengths"], header["skip"], header["encode"])  # fmt: skip
 
     def release(self) -> None:
         """Leader: tell the followers that no more chunks come."""

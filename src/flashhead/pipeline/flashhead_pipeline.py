@@ -179,7 +179,9 @@ class FlashHeadPipeline:
 
     # -- sequence parallel ----------------------------------------------------------------------------
 
-    def parallelize(self, group, halo: int | None = None, force: bool = False) -> FlashHeadPipeline:
+    def parallelize(
+        self, group, halo: int | None = None, force: bool = False, head_groups: int | None = None
+    ) -> FlashHeadPipeline:
         """Split every chunk's DiT tokens and VAE decode over the ranks of `group` (a SequenceParallelGroup).
 
         Call on every rank, after moving the pipeline to the rank's device. The leader (rank 0) then uses the
@@ -189,6 +191,8 @@ class FlashHeadPipeline:
         Only where the split pays (flashhead.parallel.policy: enough tokens per rank, e.g. Pro on 2 GPUs, not
         Lite): otherwise the leader runs alone and `follow()` returns at once; `force=True` splits anyway.
         `halo`: latent rows of context per decode strip for VAEs without an exact split (LTX).
+        `head_groups`: Ulysses all-to-alls pipelined over that many head groups (None: the default, see
+        flashhead.parallel.attention.default_head_groups; 1: not overlapped).
         """
         from flashhead.parallel.policy import MIN_TOKENS_PER_RANK, chunk_tokens, split_pays
         from flashhead.parallel.runner import SequenceParallelRunner
@@ -199,7 +203,8 @@ class FlashHeadPipeline:
             shape = self.vae.latent_shape(self.config.frame_num, self.config.height, self.config.width)
             tokens = chunk_tokens(shape, tuple(self.dit.config.patch_size))
             if force or split_pays(tokens, group.world_size):
-                self._sp = SequenceParallelRunner(self.dit, self.vae, group, DEFAULT_HALO if halo is None else halo)
+                halo = DEFAULT_HALO if halo is None else halo
+                self._sp = SequenceParallelRunner(self.dit, self.vae, group, halo, head_groups)
             else:
                 self._sp_idle = group
                 if group.is_leader:
@@ -230,6 +235,8 @@ class FlashHeadPipeline:
             raise ConfigError("follow() runs on the follower ranks of a parallelized pipeline")
         while (chunk := self._sp.receive()) is not None:
             self._denoise_and_decode(chunk)
+            if chunk.encode is not None:  # the leader's motion re-encode, split by rows (Wan)
+                self._sp.encode(None, chunk.encode)
 
     def release_followers(self) -> None:
         """On the leader: let the followers' `follow()` return (call once, when no chunk will follow)."""
@@ -432,8 +439,11 @@ class FlashHeadPipeline:
         # one of them as context; both VAEs map the last k latent frames to the last 1 + st * (k - 1) frames.
         skip = max(cfg.motion_latent_frames - 1, 0) if (self.speed.decode_new_only and new_only is not False) else 0
         first_frame = skip * self.temporal_stride
+        split_encode = None  # the motion frames' shape, where the followers help to encode them
+        if self._sp is not None and self._sp.split_encode:
+            split_encode = (B, 3, self.motion_frames, shape[3] * self.vae.stride[1], shape[4] * self.vae.stride[2])
         latents, decoded = self._denoise_and_decode(
-            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip)
+            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode)
         )
         video = decoded
         if cfg.color_correction_strength > 0:
@@ -444,7 +454,9 @@ class FlashHeadPipeline:
                 video = color_function(self.speed)(decoded, reference_images, cfg.color_correction_strength)
         with self.timer("vae_encode_motion"):
             tail = video[:, :, -self.motion_frames :]
-            if encode_noises is not None and all(n is not None for n in encode_noises):
+            if split_encode is not None:
+                motion_out = self._sp.encode(tail, split_encode)
+            elif encode_noises is not None and all(n is not None for n in encode_noises):
                 motion_out = self._encode(tail, noise=torch.cat(list(encode_noises)))
             else:
                 motion_out = self._encode(tail, generators=list(encode_generators or [None] * B))

@@ -1,0 +1,75 @@
+"""The overlapped Ulysses all-to-all (head groups): 2 gloo processes, eager and Inductor-compiled.
+
+Per-head attention does not depend on the other heads, so every head-group count must give exactly the
+one-group result; compiled, the launches must come before the waits or nothing overlaps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashhead.errors import ConfigError
+from flashhead.parallel.attention import SequenceParallelAttention, default_head_groups, sdpa_kernel, ulysses_attention
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _sp_worker as worker  # noqa: E402
+from _sp_worker import torchrun  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("sp_groups"), "ulysses-groups", "ulysses-inductor", "dit-compiled")
+
+
+def test_every_head_group_count_equals_one_group_bit_for_bit(ranks):
+    """12 heads on 2 ranks (6 each), 37 tokens in uneven shards (19 / 18): G = 2, 3, 6 == G = 1 exactly."""
+    q, k, v = worker.attention_inputs(12)
+    one = torch.cat([r["ulysses-groups.1"] for r in ranks], dim=1)
+    torch.testing.assert_close(one, sdpa_kernel(q, k, v), rtol=0, atol=1e-5)
+    assert [r["ulysses-groups.1"].shape[1] for r in ranks] == [19, 18]
+    for groups in worker.HEAD_GROUPS[1:]:
+        for r in ranks:
+            assert torch.equal(r[f"ulysses-groups.{groups}"], r["ulysses-groups.1"]), groups
+
+
+def test_inductor_launches_every_group_before_waiting(ranks):
+    """Compiled (Inductor, CPU): same numbers as eager, and the generated code keeps the pipeline."""
+    for r in ranks:
+        for groups in (1, 3):
+            torch.testing.assert_close(r[f"ulysses-inductor.{groups}"], r["ulysses-groups.1"], rtol=0, atol=1e-6)
+        order = r["ulysses-inductor.3.order"]
+        assert order.count("launch") == 6 and order.count("attend") == 3, order
+        assert order[:3] == ["launch"] * 3, order  # all q / k / v transfers in flight before the first wait
+        attends = [i for i, e in enumerate(order) if e == "attend"]
+        for a, b in zip(attends, attends[1:], strict=False):
+            # group g's output leaves right after its kernel, before group g + 1's input is awaited
+            assert order[a + 1] == "launch" and "wait" in order[a + 1 : b], order
+
+
+def test_compiled_sequence_parallel_dit_with_head_groups(ranks):
+    """compile_dit's per-block torch.compile, 4 heads on 2 ranks in 2 groups == the eager one-process DiT, and the
+    compiled block launches both groups' all-to-alls before waiting for the first."""
+    dit = worker.tiny_random_dit(4)
+    with torch.no_grad():
+        expected = dit(*worker.dit_inputs(dit))
+    for r in ranks:
+        torch.testing.assert_close(r["dit-compiled"], expected, rtol=0, atol=1e-5)
+        order = r["dit-compiled.order"]  # the block's graph, compiled inside the SP forward's Inductor settings
+        assert order.count("launch") == 4 and order[:2] == ["launch", "launch"], order
+
+
+def test_default_head_groups_and_bad_counts():
+    # Pro's 12 heads: 6 per rank on 2 GPUs -> 2 groups; 3 on 4 -> 3; 1 on 12 -> 1 (nothing to pipeline)
+    assert [default_head_groups(12, n) for n in (1, 2, 3, 4, 6, 12)] == [2, 2, 2, 3, 2, 1]
+    assert default_head_groups(12, 5) == 1  # ring attention
+    assert SequenceParallelAttention(0, 2, 12).head_groups == 2
+    assert SequenceParallelAttention(0, 5, 12, head_groups=4).head_groups == 1  # ring: no head groups
+    with pytest.raises(ConfigError, match="head_groups 4 must divide the 6 heads"):
+        SequenceParallelAttention(0, 2, 12, head_groups=4)
+    q = torch.zeros(1, 4, 12, 8)
+    with pytest.raises(ConfigError, match="head_groups 0 must divide"):
+        ulysses_attention(q, q, q, (4, 4), 0, head_groups=0)
