@@ -54,6 +54,22 @@ def test_stream_equals_offline_generation_and_frame_count(lite):
     assert np.array_equal(np.concatenate([c.audio for c in chunks]), audio[: len(frames) * 640])
 
 
+def test_watermarked_engine_marks_on_the_device_exactly_as_the_host_embedder(lite):
+    from flashhead.media.watermark import embed_watermark
+
+    audio, image = speechlike(2.2), portrait(lite, 3)
+    streams = []
+    for watermark in (False, True):
+        engine = StreamEngine(lite, watermark=watermark)
+        session = engine.open_session(image, seed=2)
+        session.push_audio(audio)
+        session.end()
+        streams.append(frames_of(engine.run_until_idle(), session.id))
+    plain, marked = streams
+    # Same integer arithmetic, other place (detection itself: tests/media/test_watermark.py)
+    assert np.array_equal(marked, embed_watermark(plain)) and not np.array_equal(marked, plain)
+
+
 def test_pieces_of_any_size_give_the_same_frames(lite):
     audio, image = speechlike(2.1, seed=1), portrait(lite, 1)
     results = []

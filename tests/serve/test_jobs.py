@@ -58,7 +58,7 @@ def test_submit_poll_download(server, tiny_lite, tmp_path, monkeypatch):
     from flashhead.media.watermark import detect_watermark
     from flashhead.serve.jobs import JobWriter
 
-    generated = []  # the frames before watermarking and H.264, to compare with the offline pipeline
+    generated = []  # the engine's frames (watermarked on the device) before H.264, to compare with the offline pipeline
     deliver = JobWriter.deliver
     monkeypatch.setattr(JobWriter, "deliver", lambda self, c, lat: (generated.append(c.frames), deliver(self, c, lat)))
 
@@ -88,7 +88,7 @@ def test_submit_poll_download(server, tiny_lite, tmp_path, monkeypatch):
     # The same frames as the offline pipeline (`flashhead generate`) with that seed.
     png = tmp_path / "face.png"
     png.write_bytes(portrait_png())
-    offline = tiny_lite(tiny_lite.prepare_image(png, crop=False), str(WAV), seed=7, watermark=False, progress=False)
+    offline = tiny_lite(tiny_lite.prepare_image(png, crop=False), str(WAV), seed=7, watermark=True, progress=False)
     # Equal up to the float rounding of sharing a batch with the live session (the latents of a batched
     # stream equal the single-stream ones to 1e-5: tests/pipeline/test_batching.py).
     diff = np.abs(np.concatenate(generated).astype(int) - offline.frames.astype(int))

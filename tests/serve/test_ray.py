@@ -71,7 +71,7 @@ def local_frames(image: np.ndarray, audio: np.ndarray, seed: int) -> np.ndarray:
     """The same session on a local engine in this process: the frames `flashhead serve` without --ray sends."""
     from flashhead.pipeline.stream import StreamEngine
 
-    engine = StreamEngine(local_pipeline())
+    engine = StreamEngine(local_pipeline(), watermark=True)  # as a server's engine
     threads = torch.get_num_threads()
     torch.set_num_threads(SPEC.torch_threads)  # as the replicas: the thread count changes float32 summation order
     try:

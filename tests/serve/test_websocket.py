@@ -44,11 +44,14 @@ def upload(server, data: bytes, name="face.png", crop="false", headers=AUTH) -> 
 
 
 def test_a_session_streams_every_frame_with_its_audio(server, tiny_lite):
+    from flashhead.media.watermark import detect_watermark
+
     audio = speech(2.5)
     inline = base64.b64encode(png(tiny_lite)).decode()
+    payloads: list[bytes] = []
     result = asyncio.run(
         stream_audio(server.ws_url, audio, start={"portrait": inline, "crop": False, "encoding": "rgb24"},
-                     headers=AUTH, realtime_factor=None)
+                     headers=AUTH, realtime_factor=None, payloads=payloads)
     )  # fmt: skip
     assert not result.errors and result.close_code == 1000
     assert result.done == {"type": "done", "session_id": result.session_id, "reason": "end", "frames": 62}
@@ -56,6 +59,8 @@ def test_a_session_streams_every_frame_with_its_audio(server, tiny_lite):
     assert result.chunks[-1]["final"] and [c["index"] for c in result.chunks] == list(range(len(result.chunks)))
     h, w = tiny_lite.config.height, tiny_lite.config.width
     assert all(n == h * w * 3 for c in result.chunks for n in c["frame_bytes"])
+    frames = np.frombuffer(b"".join(payloads), np.uint8).reshape(-1, h, w, 3)
+    assert len(frames) == 62 and detect_watermark(frames).detected  # live frames carry the watermark too
     assert wait_until(lambda: not server.service.hub.sessions)  # closed after `done`
 
 

@@ -183,6 +183,12 @@ def _box_mean(x: np.ndarray, k: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
+def watermark_delta(height: int, width: int, payload: int = WATERMARK_ID, strength: float = STRENGTH) -> np.ndarray:
+    """The (H, W) int16 offsets `embed_watermark` adds to every channel of a frame (then clips to 0..255), for
+    callers that apply them elsewhere (the streaming engine adds them on the GPU)."""
+    return _delta(height, width, payload, strength)
+
+
 def _delta(height: int, width: int, payload: int, strength: float) -> np.ndarray:
     """The (H, W) int16 luma offsets that carry `payload`, rounded: frame + round(d) == round(frame + d)."""
     chips, groups = _chips()

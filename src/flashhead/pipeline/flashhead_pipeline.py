@@ -13,6 +13,7 @@ Streaming (flashhead.pipeline.stream) reuses `encode_reference` and `generate_ch
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -110,20 +111,35 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False) -> list[np.ndarray]:
+def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False, watermark: bool = False) -> list[np.ndarray]:
     """Several (1, 3, T, H, W) videos in [-1, 1] -> uint8 (T, H, W, 3) arrays, converted on the device.
 
-    With `pinned`, all of them come back in one non-blocking copy into pinned memory and one wait.
+    With `pinned`, all of them come back in one non-blocking copy into pinned memory and one wait. With
+    `watermark`, the flashhead watermark is added where the frames are (the GPU: an elementwise add before the
+    copy), with the same integer arithmetic as `embed_watermark`, so the result is identical to marking on the host.
     """
-    if not (pinned and videos and videos[0].is_cuda):
-        return [to_uint8(v) for v in videos]
+    if not videos:
+        return []
     lengths = [v.shape[2] for v in videos]
     frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
+    if watermark:
+        delta = _watermark_delta(frames.shape[1], frames.shape[2], frames.device)
+        frames = (frames.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
+    if not (pinned and frames.is_cuda):
+        host = frames.cpu()
+        return [chunk.numpy() for chunk in host.split(lengths)]
     host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(frames, non_blocking=True)
     torch.cuda.current_stream().synchronize()
     return [chunk.numpy() for chunk in host.split(lengths)]
+
+
+@functools.lru_cache(maxsize=8)
+def _watermark_delta(height: int, width: int, device: torch.device) -> torch.Tensor:
+    from flashhead.media.watermark import watermark_delta
+
+    return torch.from_numpy(np.array(watermark_delta(height, width))).to(device)[:, :, None]  # (H, W, 1)
 
 
 class FlashHeadPipeline:

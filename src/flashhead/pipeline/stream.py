@@ -231,8 +231,10 @@ class StreamEngine:
         max_batch: int = 8,
         realtime_margin: float = 0.85,
         max_buffered_seconds: float = 120.0,
+        watermark: bool = False,
     ):
         self.pipeline = pipeline
+        self.watermark = watermark  # frames leave marked (added on the device); servers turn it on
         self.max_sessions = max_sessions
         self.max_batch = max_batch
         self.realtime_margin = realtime_margin
@@ -388,7 +390,7 @@ class StreamEngine:
         if speed.audio_stream and pipe.device.type == "cuda":
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         frames_all = frames_to_host(
-            [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory
+            [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory, watermark=self.watermark
         )
         emitted_at = time.monotonic()
         spf = pipe.config.sample_rate // pipe.config.fps

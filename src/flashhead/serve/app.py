@@ -155,10 +155,12 @@ def create_app(
     limits = limits or ServeLimits()
     if isinstance(engine_or_pipeline, StreamEngine) or hasattr(engine_or_pipeline, "make_worker"):
         engine = engine_or_pipeline  # a local engine, or flashhead.serve.cluster.ClusterEngine
+        if isinstance(engine, StreamEngine):
+            engine.watermark = True  # everything a server sends is marked (cluster replicas mark their own)
     else:
         engine = StreamEngine(
             engine_or_pipeline, max_sessions=limits.engine_sessions, max_batch=limits.max_batch,
-            max_buffered_seconds=limits.max_buffered_audio_seconds,
+            max_buffered_seconds=limits.max_buffered_audio_seconds, watermark=True,
         )  # fmt: skip
     service = ServeService(
         engine, token=token, limits=limits, ice_addresses=None if ice_addresses is None else list(ice_addresses)

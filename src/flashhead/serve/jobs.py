@@ -145,6 +145,8 @@ class JobWriter:
         from flashhead.media.watermark import embed_watermark
 
         metadata = {"model": self.worker.engine.pipeline.name, "seed": self.job.seed, "source": "flashhead serve"}
+        # The server's engines mark frames on the device; an engine handed to create_app without it is marked here.
+        marked = getattr(self.worker.engine, "watermark", True)
         # Audio given up front is muxed as frames arrive (flat memory); the writer cuts it at the last frame.
         with VideoWriter(
             self.job.video_path, fps=self.fps, metadata=metadata, audio=self.waveform, sample_rate=self.sample_rate
@@ -154,7 +156,7 @@ class JobWriter:
                 if isinstance(item, BaseException):
                     raise item
                 if len(item.frames):
-                    writer.write_frames(embed_watermark(item.frames))
+                    writer.write_frames(item.frames if marked else embed_watermark(item.frames))
                     self.job.frames_done += len(item.frames)
                 if item.final:
                     return

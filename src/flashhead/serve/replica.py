@@ -153,7 +153,7 @@ class EngineReplica:
         self.spec = spec
         self.engine = StreamEngine(
             pipe, max_sessions=spec.max_sessions, max_batch=spec.max_batch,
-            max_buffered_seconds=spec.max_buffered_seconds,
+            max_buffered_seconds=spec.max_buffered_seconds, watermark=True,
         )  # fmt: skip
         self.worker = EngineWorker(self.engine)
         self.worker.start()
