@@ -19,6 +19,7 @@ the extra work small where it is costly (the high-resolution levels need only a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,9 +111,7 @@ def row_windows(stages: list[Stage], rows: int, start: int, stop: int) -> list[t
     rows [lo, hi) reads [lo - r, hi + r) at its output resolution (clipped to the frame), i.e. that window
     divided by its upsampling at its input resolution.
     """
-    scale = 1
-    for s in stages:
-        scale *= s.upsample
+    scale = math.prod(s.upsample for s in stages)
     lo, hi, height = start * scale, stop * scale, rows * scale
     windows = []
     for s in reversed(stages):
@@ -130,9 +129,7 @@ class WanStripDecoder:
             raise ConfigError("Wan strip decode: patchified (Wan2.2) VAEs are not supported")
         self.model = model
         self.stages = _stages(model)
-        self.scale = 1
-        for s in self.stages:
-            self.scale *= s.upsample
+        self.scale = math.prod(s.upsample for s in self.stages)  # pixel rows per latent row
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:

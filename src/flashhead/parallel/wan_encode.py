@@ -19,6 +19,7 @@ exact receptive field, not a guessed halo.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,9 +101,7 @@ class WanStripEncoder:
             raise ConfigError("Wan strip encode: patchified (Wan2.2) VAEs are not supported")
         self.model = model
         self.stages = _stages(model)
-        self.scale = 1
-        for s in self.stages:
-            self.scale *= s.stride
+        self.scale = math.prod(s.stride for s in self.stages)  # pixel rows per latent row
 
     @staticmethod
     def chunks(frames: int) -> list[slice]:
