@@ -105,15 +105,11 @@ def run_recipe(
     if last < PHASES.index("stage1"):
         return {}
 
-    export_dir, done = out / "stage1" / "export", out / "stage1" / "DONE"
-    if not done.is_file():  # not started, or stopped by its time budget / a crash: (re)start from the checkpoint
-        result = train(cfg, resume=True)
-        if result.step >= cfg.optim.total_steps:
-            done.write_text(f"{result.step}\n")
+    export_dir = out / "stage1" / "export"
+    stage1_done = resume_until_done(out / "stage1", lambda: train(cfg, resume=True), cfg.optim.total_steps)
     if last < PHASES.index("stage2"):
         return {}
-    if not done.is_file():
-        raise ConfigError(f"{out / 'stage1'}: Stage 1 has not reached its {cfg.optim.total_steps} steps yet")
+    require_done(stage1_done, "Stage 1", cfg.optim.total_steps)
     teacher = out / "teacher"
     if not (teacher / "model_index.json").is_file():
         export_pipeline(export_dir, teacher, recipe.get("export", {}), name="flashhead-tiny-teacher")
@@ -121,15 +117,11 @@ def run_recipe(
     final_source = teacher
     if recipe.get("stage2") is not None:
         cfg2 = stage2_config(recipe["stage2"], teacher, roots, out / "stage2")
-        done2 = out / "stage2" / "DONE"
-        if not done2.is_file():  # as Stage 1: a spent time budget stops it, the next call resumes
-            result = train_stage2(cfg2, resume=True)
-            if result.step >= cfg2.distill.total_steps:
-                done2.write_text(f"{result.step}\n")
-        if last < PHASES.index("eval"):
-            return {}
-        if not done2.is_file():
-            raise ConfigError(f"{out / 'stage2'}: Stage 2 has not reached its {cfg2.distill.total_steps} steps yet")
+        stage2_done = resume_until_done(
+            out / "stage2", lambda: train_stage2(cfg2, resume=True), cfg2.distill.total_steps
+        )
+        if last >= PHASES.index("eval"):
+            require_done(stage2_done, "Stage 2", cfg2.distill.total_steps)
         final_source = out / "stage2" / "export"  # the EMA student with the distilled sampler, no CFG
     if last < PHASES.index("eval"):
         return {}
@@ -145,6 +137,22 @@ def run_recipe(
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out, out / "curves.png")
     return summary
+
+
+def resume_until_done(run_dir: Path, train_call: Any, total_steps: int) -> Path:
+    """Run (or resume) a training phase unless `run_dir/DONE` exists; write DONE once it reaches `total_steps`
+    (a spent time budget or a crash leaves it unwritten: the next call resumes from the checkpoint)."""
+    done = run_dir / "DONE"
+    if not done.is_file():
+        result = train_call()
+        if result.step >= total_steps:
+            done.write_text(f"{result.step}\n")
+    return done
+
+
+def require_done(done: Path, phase: str, total_steps: int) -> None:
+    if not done.is_file():
+        raise ConfigError(f"{done.parent}: {phase} has not reached its {total_steps} steps yet")
 
 
 def stage2_config(section: dict[str, Any], teacher: Path, roots: list[str], output_dir: Path) -> Any:
