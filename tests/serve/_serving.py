@@ -64,6 +64,28 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
     return True
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(process, url: str, timeout: float = 90.0) -> None:
+    """Poll `url`/healthz until a server started as `process` (stdout piped) answers 200; fail with its output
+    if it exits first or `timeout` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @contextmanager
 def serve(target, **kwargs):
     with ServerThread(create_app(target, **kwargs)) as server:

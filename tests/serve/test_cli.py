@@ -43,18 +43,14 @@ def test_speed_switches_are_refused_with_ray():
 def test_switches_warm_every_batch_size_before_serving(tmp_path):
     """`--switches` turns speed switches on; the server then runs each batch size once before it listens."""
     import os
-    import socket
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     from _util import REPO
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ._serving import free_port, wait_for_health
+
+    port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     process = subprocess.Popen(
@@ -63,15 +59,7 @@ def test_switches_warm_every_batch_size_before_serving(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        wait_for_health(process, f"http://127.0.0.1:{port}", timeout=120)
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]

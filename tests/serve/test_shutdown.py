@@ -6,11 +6,9 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import numpy as np
@@ -18,7 +16,7 @@ from PIL import Image
 
 from _util import REPO
 
-from ._serving import speech, stream_audio
+from ._serving import free_port, speech, stream_audio, wait_for_health
 
 SERVER = textwrap.dedent(
     """
@@ -36,12 +34,6 @@ SERVER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_live_sessions_then_exits(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -50,15 +42,7 @@ def test_sigterm_drains_live_sessions_then_exits(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_for_health(process, url, timeout=90)
         pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
         png = io.BytesIO()
         Image.fromarray(pixels).save(png, "PNG")
