@@ -107,8 +107,7 @@ def reference_generator(seed: int) -> torch.Generator:
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounding to the nearest level."""
-    frames = ((video[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+    return frames_to_host([video])[0]
 
 
 def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False, watermark: bool = False) -> list[np.ndarray]:
