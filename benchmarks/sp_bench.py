@@ -162,6 +162,14 @@ def _profile(fn, top: int = 12) -> dict:
     }
 
 
+def profile_stream(pipe, image, audio, chunk_samples: int) -> dict:
+    """A 4-chunk stream under the profiler: is the GPU busy for the whole chunk loop, and with what."""
+    engine = StreamEngine(pipe, max_sessions=4, max_batch=1)
+    report = _profile(lambda: run_stream(engine, image, audio[: 4 * chunk_samples], seed=0), top=25)
+    report["chunks"] = 4
+    return report
+
+
 def split_settings(pipe, group, args) -> dict:
     """How the split runs: Ulysses head groups (as the library chooses them) and whether the encode is split."""
     from flashhead.parallel.attention import default_head_groups
@@ -269,6 +277,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
             if leader:
                 single = measure(pipe, image, audio, chunk_samples)
                 part["gpus_1"] = {k: v for k, v in single.items() if k != "frames"}
+                if args.profile_stream:
+                    part["gpus_1"]["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples)
                 part["gpus_1"]["bf16_floor_psnr_db"] = floor_psnr(pipe, image, audio, single["frames"])
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             part["gpus_1"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
@@ -282,6 +292,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
             if leader:
                 try:
                     sp = measure(pipe, image, audio, chunk_samples)
+                    if args.profile_stream:
+                        sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples)
                 finally:
                     pipe.release_followers()
                 entry = {**split_settings(pipe, group, args), **{k: v for k, v in sp.items() if k != "frames"}}
@@ -319,6 +331,7 @@ def main() -> None:
     parser.add_argument("--head-groups", type=int, default=None,
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
+    parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

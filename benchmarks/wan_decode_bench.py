@@ -1,0 +1,134 @@
+"""Where the Pro VAE decode time goes: the Wan2.1 decode of one Pro chunk under different convolution layouts.
+
+    python benchmarks/wan_decode_bench.py --json wan_decode.json        # one GPU, full-size random weights, bf16
+
+diffusers' `WanCausalConv3d` pads the whole input (time and space) with `F.pad` before every 3-D convolution:
+one extra copy of every activation, twice per residual block. The variants below compute the same
+convolution with less memory traffic; each is timed on the same latent and compared with the stock decode
+(PSNR over [-1, 1]). A variant worth keeping becomes a speed switch (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+STOCK_FORWARD = WanCausalConv3d.forward
+
+
+def _time_padded(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
+    """The causal time context only: cached frames in front, zeros where the cache is short."""
+    front = conv._padding[4]
+    if front == 0:
+        return x
+    if cache_x is not None:
+        x = torch.cat([cache_x.to(x.device, x.dtype), x], dim=2)
+        front -= cache_x.shape[2]
+    return F.pad(x, (0, 0, 0, 0, front, 0)) if front > 0 else x
+
+
+def native_pad_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    # Spatial zero padding inside the convolution kernel instead of a padded copy of the input.
+    x = _time_padded(self, x, cache_x)
+    return F.conv3d(x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]))
+
+
+def conv2d_sum_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    # A (kt, 3, 3) convolution as kt 2-D convolutions over shifted frames, summed: cuDNN's 2-D NHWC kernels.
+    kt = self.kernel_size[0]
+    if kt == 1 or self.stride != (1, 1, 1):
+        return native_pad_forward(self, x, cache_x)
+    x = _time_padded(self, x, cache_x)
+    b, c, t_in, h, w = x.shape
+    t = t_in - kt + 1
+    frames = x.transpose(1, 2)  # (B, T, C, H, W)
+    pad = (self._padding[2], self._padding[0])
+    out = None
+    for k in range(kt):
+        inp = frames[:, k : k + t].reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(inp, self.weight[:, :, k], self.bias if k == 0 else None, 1, pad)
+        out = y if out is None else out.add_(y)
+    return out.reshape(b, t, -1, h, w).transpose(1, 2)
+
+
+VARIANTS = {
+    "stock": (STOCK_FORWARD, False),
+    "channels_last": (STOCK_FORWARD, True),
+    "native_pad": (native_pad_forward, False),
+    "native_pad+channels_last": (native_pad_forward, True),
+    "conv2d_sum": (conv2d_sum_forward, False),
+}
+
+
+def set_layout(model: torch.nn.Module, channels_last: bool) -> None:
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv3d)):
+        conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+
+
+@contextmanager
+def patched(forward):
+    WanCausalConv3d.forward = forward
+    try:
+        yield
+    finally:
+        WanCausalConv3d.forward = STOCK_FORWARD
+
+
+def timed(fn, repeat: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up (cuDNN autotuning)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2], out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    model = AutoencoderKLWan().to(dev, torch.bfloat16).eval()  # the Wan2.1 configuration, random weights
+    z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
+    z = z.to(dev, torch.bfloat16)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent, "variants": {}}
+    ref = None
+    for name in args.variants.split(","):
+        forward, channels_last = VARIANTS[name]
+        set_layout(model, channels_last)
+        torch.cuda.reset_peak_memory_stats()
+        with patched(forward), torch.no_grad():
+            ms, out = timed(lambda: model.decode(z).sample, args.repeat)
+        out = out.float()
+        entry = {"ms": round(ms, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if ref is None:
+            ref = out
+        else:
+            mse = float((out - ref).pow(2).mean())
+            entry["psnr_vs_stock_db"] = "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
+        report["variants"][name] = entry
+        print(name, entry, flush=True)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
