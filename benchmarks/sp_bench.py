@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -55,6 +57,10 @@ SPEEDS = {
     "plain": "",
     "fast": "rope_table,cond_cache,attention=cudnn,cudnn_benchmark,pinned_memory",
     "compiled": "rope_table,cond_cache,attention=cudnn,cudnn_benchmark,pinned_memory,compile_dit,compile_vae",
+    # SpeedConfig.optimized(): also CUDA graphs of the chunk loop (with the all-to-alls inside on N GPUs),
+    # compiled colour correction and side-stream audio.
+    "optimized": "rope_table,cond_cache,attention=cudnn,cudnn_benchmark,pinned_memory,compile_dit,compile_vae,"
+    "compile_color,cuda_graphs,audio_stream",
 }
 
 
@@ -134,8 +140,11 @@ def _timed(fn, repeat: int) -> tuple[float, object]:
     return round(float(np.median(times)), 1), out
 
 
-def _profile(fn, top: int = 12) -> dict:
-    """One call under torch.profiler: wall ms, GPU busy ms (sum of kernel time), the top ops by device time."""
+def _profile(fn, top: int = 12, trace: Path | None = None) -> dict:
+    """One call under torch.profiler: wall ms, GPU busy ms (sum of kernel time), the top ops by device time.
+
+    With `trace`, the Chrome trace (timeline: where the GPU idles and what the host does meanwhile) is written
+    there, gzip-compressed."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -145,6 +154,12 @@ def _profile(fn, top: int = 12) -> dict:
         fn()
         _sync()
         wall = 1000 * (time.perf_counter() - start)
+    if trace is not None:
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
     events = prof.key_averages()
 
     def device_ms(e, total: bool = False) -> float:
@@ -162,10 +177,11 @@ def _profile(fn, top: int = 12) -> dict:
     }
 
 
-def profile_stream(pipe, image, audio, chunk_samples: int) -> dict:
+def profile_stream(pipe, image, audio, chunk_samples: int, trace: Path | None = None) -> dict:
     """A 4-chunk stream under the profiler: is the GPU busy for the whole chunk loop, and with what."""
     engine = StreamEngine(pipe, max_sessions=4, max_batch=1)
-    report = _profile(lambda: run_stream(engine, image, audio[: 4 * chunk_samples], seed=0), top=25)
+    run_stream(engine, image, audio[: 2 * chunk_samples], seed=0)  # the profiler's own first-call costs
+    report = _profile(lambda: run_stream(engine, image, audio[: 4 * chunk_samples], seed=0), top=25, trace=trace)
     report["chunks"] = 4
     return report
 
@@ -278,7 +294,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
                 single = measure(pipe, image, audio, chunk_samples)
                 part["gpus_1"] = {k: v for k, v in single.items() if k != "frames"}
                 if args.profile_stream:
-                    part["gpus_1"]["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples)
+                    trace = args.trace / f"{model}-{name}-1gpu.json.gz" if args.trace else None
+                    part["gpus_1"]["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
                 part["gpus_1"]["bf16_floor_psnr_db"] = floor_psnr(pipe, image, audio, single["frames"])
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             part["gpus_1"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
@@ -293,7 +310,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
                 try:
                     sp = measure(pipe, image, audio, chunk_samples)
                     if args.profile_stream:
-                        sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples)
+                        trace = args.trace / f"{model}-{name}-{group.world_size}gpu.json.gz" if args.trace else None
+                        sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
                 finally:
                     pipe.release_followers()
                 entry = {**split_settings(pipe, group, args), **{k: v for k, v in sp.items() if k != "frames"}}
@@ -332,11 +350,15 @@ def main() -> None:
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
+    parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.speeds = [s for s in args.speeds.split(",") if s]
     args.lite_speeds = [s for s in args.lite_speeds.split(",") if s]
+    if args.trace:
+        args.profile_stream = True
+        args.trace.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
     args.deadline = start + args.budget
