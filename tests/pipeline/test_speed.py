@@ -44,6 +44,23 @@ def test_switches_parse_and_reject_bad_values():
         SpeedConfig(cuda_graphs=True, compile_mode="reduce-overhead")
 
 
+def test_speed_matrix_ladder_ends_at_the_optimized_preset():
+    """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "speed_matrix.py"
+    spec = importlib.util.spec_from_file_location("speed_matrix", path)
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    speed, rows = SpeedConfig(), {}
+    for name, changes, sibling in matrix.LADDER:
+        rows[name] = speed.replace(**changes)
+        speed = speed if sibling else rows[name]
+    assert rows["+compile_vae (all)"] == SpeedConfig.optimized()
+    assert "+vae_conv_pad" in rows
+
+
 # -- RoPE table ------------------------------------------------------------------------------------------
 
 
