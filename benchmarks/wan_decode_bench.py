@@ -1,11 +1,12 @@
 """Where the Pro VAE decode time goes: the Wan2.1 decode of one Pro chunk under different convolution layouts.
 
-    python benchmarks/wan_decode_bench.py --json wan_decode.json        # one GPU, full-size random weights, bf16
+    PYTHONPATH=src python benchmarks/wan_decode_bench.py --json wan_decode.json   # one GPU, full size, bf16
 
 diffusers' `WanCausalConv3d` pads the whole input (time and space) with `F.pad` before every 3-D convolution:
 one extra copy of every activation, twice per residual block. The variants below compute the same
 convolution with less memory traffic; each is timed on the same latent and compared with the stock decode
-(PSNR over [-1, 1]). A variant worth keeping becomes a speed switch (docs/performance.md).
+(PSNR over [-1, 1]). A variant worth keeping becomes a speed switch (docs/performance.md): "native_pad" is now
+the `vae_conv_pad` switch itself (flashhead.models.vae.wan_conv), so this measures the shipped code.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, set_kernel_padding
+
 STOCK_FORWARD = WanCausalConv3d.forward
 
 
@@ -35,17 +38,11 @@ def _time_padded(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor |
     return F.pad(x, (0, 0, 0, 0, front, 0)) if front > 0 else x
 
 
-def native_pad_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    # Spatial zero padding inside the convolution kernel instead of a padded copy of the input.
-    x = _time_padded(self, x, cache_x)
-    return F.conv3d(x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]))
-
-
 def conv2d_sum_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
     # A (kt, 3, 3) convolution as kt 2-D convolutions over shifted frames, summed: cuDNN's 2-D NHWC kernels.
     kt = self.kernel_size[0]
     if kt == 1 or self.stride != (1, 1, 1):
-        return native_pad_forward(self, x, cache_x)
+        return KernelPaddedCausalConv3d.forward(self, x, cache_x)
     x = _time_padded(self, x, cache_x)
     b, c, t_in, h, w = x.shape
     t = t_in - kt + 1
@@ -59,12 +56,13 @@ def conv2d_sum_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Te
     return out.reshape(b, t, -1, h, w).transpose(1, 2)
 
 
+# name: (forward patched into the class for this variant, vae_conv_pad switch, channels-last weights)
 VARIANTS = {
-    "stock": (STOCK_FORWARD, False),
-    "channels_last": (STOCK_FORWARD, True),
-    "native_pad": (native_pad_forward, False),
-    "native_pad+channels_last": (native_pad_forward, True),
-    "conv2d_sum": (conv2d_sum_forward, False),
+    "stock": (STOCK_FORWARD, False, False),
+    "channels_last": (STOCK_FORWARD, False, True),
+    "native_pad": (STOCK_FORWARD, True, False),
+    "native_pad+channels_last": (STOCK_FORWARD, True, True),
+    "conv2d_sum": (conv2d_sum_forward, False, False),
 }
 
 
@@ -110,8 +108,9 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent, "variants": {}}
     ref = None
     for name in args.variants.split(","):
-        forward, channels_last = VARIANTS[name]
+        forward, conv_pad, channels_last = VARIANTS[name]
         set_layout(model, channels_last)
+        set_kernel_padding(model, conv_pad)
         torch.cuda.reset_peak_memory_stats()
         with patched(forward), torch.no_grad():
             ms, out = timed(lambda: model.decode(z).sample, args.repeat)

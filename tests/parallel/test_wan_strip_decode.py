@@ -15,6 +15,8 @@ from _tiny import tiny_vae
 from flashhead.errors import ConfigError
 from flashhead.parallel.vae import decode_strip, strip_bounds
 from flashhead.parallel.wan_decode import WanStripDecoder, row_windows
+from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.speed import SpeedConfig
 
 
 def strips(vae, latent, ranks: int) -> torch.Tensor:
@@ -32,6 +34,20 @@ def test_strips_equal_full_decode_across_latent_frames(rows, ranks, frames):
     got = strips(vae, latent, ranks)
     assert got.shape == full.shape == (1, 3, 1 + 4 * (frames - 1), 8 * rows, 48)
     torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
+def test_strips_with_kernel_padded_convs_equal_the_stock_decode():
+    """vae_conv_pad (+ channels-last): the strips still compute the rows of the plain whole decode."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, 3, 13, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))
+    got = strips(vae, latent, 3)
+    with torch.no_grad():
+        whole = vae.decode(latent)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, full, rtol=0, atol=1e-5)
 
 
 def test_margins_are_the_receptive_field_not_more():

@@ -16,6 +16,8 @@ from _tiny import tiny_vae
 from flashhead.errors import ConfigError
 from flashhead.parallel.vae import strip_bounds
 from flashhead.parallel.wan_encode import WanStripEncoder, row_windows
+from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.speed import SpeedConfig
 
 
 def video(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -41,6 +43,20 @@ def test_strips_equal_full_encode_across_time_chunks(rows, ranks, frames):
     got = strips(vae, WanStripEncoder(vae.model), x, ranks)
     assert got.shape == full.shape == (1, 16, 1 + (frames - 1) // 4, rows, 3)
     torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
+def test_strips_with_kernel_padded_convs_equal_the_stock_encode():
+    """vae_conv_pad (+ channels-last): the strips still give the plain whole encode."""
+    vae = tiny_vae("pro")
+    x = video(9, 8 * 13, 24, seed=4)
+    with torch.no_grad():
+        full = vae.encode(x)
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))
+    got = strips(vae, WanStripEncoder(vae.model), x, 3)
+    with torch.no_grad():
+        whole = vae.encode(x)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, full, rtol=0, atol=1e-5)
 
 
 def test_margins_are_the_receptive_field_not_more():

@@ -33,6 +33,7 @@ def test_switches_parse_and_reject_bad_values():
     assert SpeedConfig().is_plain and not SpeedConfig().fast_denoiser
     optimized = SpeedConfig.optimized()
     assert not optimized.decode_new_only and not optimized.fp8  # only output-preserving switches
+    assert optimized.vae_conv_pad and optimized.vae_channels_last  # Pro decode -19 % (docs/performance.md)
     with pytest.raises(ConfigError, match="unknown speed switch"):
         SpeedConfig.parse("turbo=on")
     with pytest.raises(ConfigError, match="on or off"):
@@ -41,6 +42,23 @@ def test_switches_parse_and_reject_bad_values():
         SpeedConfig(attention="xformers")
     with pytest.raises(ConfigError, match="cuda_graphs"):
         SpeedConfig(cuda_graphs=True, compile_mode="reduce-overhead")
+
+
+def test_speed_matrix_ladder_ends_at_the_optimized_preset():
+    """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "speed_matrix.py"
+    spec = importlib.util.spec_from_file_location("speed_matrix", path)
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    speed, rows = SpeedConfig(), {}
+    for name, changes, sibling in matrix.LADDER:
+        rows[name] = speed.replace(**changes)
+        speed = speed if sibling else rows[name]
+    assert rows["+compile_vae (all)"] == SpeedConfig.optimized()
+    assert "+vae_conv_pad" in rows
 
 
 # -- RoPE table ------------------------------------------------------------------------------------------
@@ -170,6 +188,26 @@ def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
     assert all(c.weight.is_contiguous() for c in convs)
     # The same convolutions in another memory layout: the frames up to float rounding.
     assert psnr_uint8(run_stream(lite, SpeedConfig(vae_channels_last=True), audio, image), plain) > 50
+
+
+def test_vae_conv_pad_keeps_the_pro_frames():
+    """The Wan2.1 (Pro) VAE with spatial padding inside the conv kernels: decode and motion re-encode alike."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d
+
+    pro = tiny_pipeline("pro")[0]
+    convs = [m for m in pro.vae.model.modules() if isinstance(m, WanCausalConv3d)]
+    pro.optimize(SpeedConfig(vae_conv_pad=True))
+    assert convs and all(type(c) is KernelPaddedCausalConv3d for c in convs)
+    pro.optimize(SpeedConfig())
+    assert all(type(c) is WanCausalConv3d for c in convs)
+    audio = speech_16k(1.0)  # two chunks: the second one starts from re-encoded motion frames
+    image = np.random.default_rng(2).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    assert len(plain) == 25
+    for speed in (SpeedConfig(vae_conv_pad=True), SpeedConfig(vae_conv_pad=True, vae_channels_last=True)):
+        assert psnr_uint8(run_stream(pro, speed, audio, image), plain) >= 40
 
 
 def test_decode_new_only_keeps_the_frame_count(lite):

@@ -17,6 +17,7 @@ import torch
 
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT
+from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
 
@@ -214,12 +215,19 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
         raise ConfigError("fp8 cannot be switched off again on this pipeline: reload the model")
     for block in dit.blocks:
         _compile(block, speed.compile_mode) if speed.compile_dit else _uncompile(block)
+    apply_vae_switches(vae, speed)
+
+
+def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
+    """Convolution layout, Wan convolution padding and decoder compile on a VideoVAE (undoing earlier ones)."""
     model = getattr(vae, "model", None)
     if isinstance(model, torch.nn.Module):
         # Channels-last weights make cuDNN pick NDHWC kernels, and their outputs carry the layout onwards.
         layout = torch.channels_last_3d if speed.vae_channels_last else torch.contiguous_format
         for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        # Per convolution instance: another pipeline's VAE in this process keeps its own. Wan VAE only.
+        set_kernel_padding(model, speed.vae_conv_pad)
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
