@@ -185,7 +185,7 @@ def plot(result: dict, path: Path) -> None:
 
     from flashhead.atomic import atomic_path
 
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(result["runs"])))
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(result["runs"])))
     colours = {"start + model load": "#8172b3", "warm-up": "#dd8452", "until /healthz": "#bbbbbb",
                "until first frame": "#55a868"}  # fmt: skip
     for i, run in enumerate(result["runs"]):
@@ -199,13 +199,15 @@ def plot(result: dict, path: Path) -> None:
             ax.barh(i, seconds, left=left, color=colours[name], label=name if i == 0 else None)
             left += seconds
         ax.text(left, i, f" {left:.1f} s", va="center")
+    longest = max(r["spawn_to_first_frame_s"] for r in result["runs"])
+    ax.set_xlim(0, max(longest, TARGET_SECONDS) * 1.12)  # room for the labels beside the bars
     ax.axvline(TARGET_SECONDS, color="#c44e52", linestyle="--", label=f"target {TARGET_SECONDS:.0f} s")
     ax.set_yticks(range(len(result["runs"])), [f"{r['run']} ({r['compile_cache']})" for r in result["runs"]])
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the server process was spawned")
     device = ", ".join(result["environment"]["gpus"]) or "CPU"
     ax.set_title(f"flashhead serve cold start: {result['model']} {' '.join(result['serve_args'])} on {device}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
