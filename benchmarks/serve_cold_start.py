@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a job runner's stop) unwinds like Ctrl-C, through the finally that stops the server's process group.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = main()
     print(json.dumps(report), flush=True)
     sys.exit(1 if any("error" in run for run in report["runs"]) else 0)
