@@ -196,6 +196,11 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
     result = warm_up(pipe, warm_batch_sizes(max_batch))
     saved = save_compile_cache(path) if path is not None else 0
     cache = "off" if path is None else f"{'loaded' if hit else 'new'} {path}" + (f", saved {saved} B" if saved else "")
+    if compiles:  # whether the artefacts were really used: a loaded file whose graphs all miss saved nothing
+        from torch._dynamo.utils import counters
+
+        graphs = counters["inductor"]
+        cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
     print(f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s "
           f"(compile cache: {cache})", flush=True)  # fmt: skip
 

@@ -1,0 +1,74 @@
+"""benchmarks/serve_cold_start.py end to end on the CPU: fresh `flashhead serve` processes of the tiny model, a real
+WebSocket client, and a second start that is given the first one's compile artefacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _util import REPO
+
+SCRIPT = REPO / "benchmarks" / "serve_cold_start.py"
+
+
+def run_benchmark(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def process_group_gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow  # two server processes that each compile (or load) on the CPU: ~90 s on 2 cores
+def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_path):
+    out, png, work = tmp_path / "cold.json", tmp_path / "cold.png", tmp_path / "work"
+    proc = run_benchmark("--model", "tiny", "--switches", "compile_color", "--max-batch", "1", "--seconds", 2,
+                         "--work-dir", work, "--out", out, "--plot", png)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result == json.loads(out.read_text())
+    assert result["serve_args"] == ["--switches", "compile_color", "--max-batch", "1"]
+    assert result["environment"]["torch"] == torch.__version__ and result["environment"]["gpus"] == []
+    first, second = result["runs"]
+    for run in (first, second):
+        assert run["frames"] == 2 * 25 and run["stream_done"], run  # all the speech came back as video
+        assert 0 < run["server_warmup_s"] < run["spawn_to_warmed_s"] <= run["spawn_to_health_s"]
+        assert run["spawn_to_health_s"] < run["spawn_to_first_frame_s"]
+        assert run["exit_code"] == 0 and process_group_gone(run["pid"])  # drained, nothing left behind
+    # The first start compiles and saves; the second loads the file and compiles nothing (its Inductor cache
+    # folder was empty, so every cached graph came from the file).
+    assert first["compile_cache"] == "new" and first["inductor_graphs_compiled"] >= 1
+    assert second["compile_cache"] == "loaded" and second["inductor_graphs_compiled"] == 0
+    assert second["inductor_graphs_cached"] >= first["inductor_graphs_compiled"]
+    assert result["compile_cache_mb"] == round((work / "compile-cache.bin").stat().st_size / 2**20, 3) > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "[second] first frame after" in proc.stderr  # progress on stderr, JSON alone on stdout
+
+
+def test_a_server_that_fails_to_start_is_reported_and_cleaned_up(tmp_path):
+    proc = run_benchmark("--model", str(tmp_path / "no-such-model"), "--timeout", 120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout)["runs"]  # no second start after a failed first
+    assert "server exited with" in run["error"] and run["exit_code"] not in (0, None)
+    assert process_group_gone(run["pid"])
+
+
+def test_options_the_script_owns_are_refused():
+    proc = run_benchmark("--model", "tiny", "--port", "8000")
+    assert proc.returncode != 0 and proc.stderr.strip() == (
+        "error: --port is set by this script (a free port, a fresh compile cache)"
+    )
+    proc = run_benchmark("--portrait", "/nonexistent.jpg")
+    assert proc.returncode != 0 and "no portrait at /nonexistent.jpg" in proc.stderr
