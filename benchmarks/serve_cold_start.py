@@ -214,6 +214,27 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def random_weights_folder(model: str, work: Path) -> Path:
+    """The official `model` configuration with random weights, written once as a pipeline folder (bf16 files)."""
+    import torch
+
+    from flashhead.benchmark import BenchSettings, build_pipeline
+
+    if model not in ("lite", "pro"):
+        raise SystemExit(f"error: --random-weights is for lite or pro, not {model!r}")
+    folder = work / f"random-{model}"
+    if not (folder / "model_index.json").is_file():
+        print(f"[cold-start] writing a random-weights {model} pipeline to {folder} (not timed)", file=sys.stderr)
+        gpu = torch.cuda.is_available()  # built where it is quick; the server loads it afresh anyway
+        settings = BenchSettings(model=model, device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32")
+        pipe, _ = build_pipeline(settings)
+        pipe.save_pretrained(folder, weights_dtype=torch.bfloat16)
+        del pipe
+        if gpu:
+            torch.cuda.empty_cache()
+    return folder
+
+
 def main(argv: list[str] | None = None) -> dict:
     # No abbreviations: `--port` must not be taken for `--portrait`, and every unknown option goes to the server.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
@@ -230,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", type=Path, help="PNG of the phases of each start")
     parser.add_argument("--log-dir", type=Path, help="write each server's output here")
     parser.add_argument("--verbose", action="store_true", help="echo every server line, not just its own")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="lite / pro without the official release: save the official configuration with random "
+                        "weights (bf16) as a pipeline folder first (not timed) and serve that folder")  # fmt: skip
     args, serve_args = parser.parse_known_args(argv)
     if clash := [a for a in serve_args if a.split("=")[0] in OWN_OPTIONS]:
         raise SystemExit(f"error: {clash[0]} is set by this script (a free port, a fresh compile cache)")
@@ -262,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         cache = work / "compile-cache.bin"
         cache.unlink(missing_ok=True)  # cold means cold, also in a --work-dir used before
-        cmd = [sys.executable, "-m", "flashhead.cli", "serve", "--model", args.model, "--compile-cache", str(cache),
+        model = random_weights_folder(args.model, work) if args.random_weights else args.model
+        cmd = [sys.executable, "-m", "flashhead.cli", "serve", "--model", str(model), "--compile-cache", str(cache),
                *serve_args]  # fmt: skip
         python_path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
         result = {"benchmark": "serve_cold_start", "model": args.model, "serve_args": serve_args,
