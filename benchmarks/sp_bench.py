@@ -276,7 +276,7 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     chunk_samples = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
     out = report.setdefault(model, {})
-    if model != "lite" or args.lite_parts:
+    if (model != "lite" or args.lite_parts) and not args.no_parts:
         try:
             out["parts"] = measure_parts(pipe, group, args)
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
@@ -352,6 +352,7 @@ def main() -> None:
     parser.add_argument("--head-groups", type=int, default=None,
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
+    parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
