@@ -87,3 +87,22 @@ def test_unknown_decoder_layers_are_refused():
     vae.model.decoder.up_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(16, 16, 5, padding=1)
     with pytest.raises(ConfigError, match="kernel 5, padding 1"):
         WanStripDecoder(vae.model)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_compiles_the_strip_step_and_stays_exact():
+    """With compile_vae (the decoder compiled) a strip runs its own compiled per-frame step, same rows (~40 s)."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, 2, 8, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    torch._dynamo.reset()
+    vae.model.decoder.compile()
+    try:
+        with torch.no_grad():
+            top = decode_strip(vae, latent, 0, 4, 0)
+        assert vae._strip_decoder._compiled is not None  # the compiled step ran
+        torch.testing.assert_close(top, full[..., : 4 * 8, :], rtol=0, atol=1e-4)
+    finally:
+        vae.model.decoder._compiled_call_impl = None
+        torch._dynamo.reset()

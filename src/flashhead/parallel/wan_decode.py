@@ -138,16 +138,27 @@ class WanStripDecoder:
         windows = row_windows(self.stages, rows, start, stop)
         x = self.model.post_quant_conv(z)
         cache: Cache = [None] * (2 + 2 * len(dec.mid_block.resnets) + len(self.stages) * 2)  # upper bound
-        frames = []
-        for i in range(x.shape[2]):  # latent frames one at a time, as diffusers' _decode
-            idx = [0]
-            h = _cached_conv(dec.conv_in, x[:, :, i : i + 1], cache, idx)
-            h = dec.mid_block(h, feat_cache=cache, feat_idx=idx)  # whole frame: the attention is global
-            offset = 0  # absolute row of h's first row, at the current resolution
-            for stage, (lo, hi) in zip(self.stages, windows, strict=True):
-                h = h[..., lo - offset : hi - offset, :]
-                h = stage.run(h, cache, idx)
-                offset = lo * stage.upsample
-            lo = start * self.scale
-            frames.append(h[..., lo - offset : lo - offset + (stop - start) * self.scale, :])
-        return torch.cat(frames, dim=2)
+        # compile_vae compiles the decoder module of a one-GPU decode; the strip decode calls the decoder's
+        # parts, so it compiles its own per-frame step (a graph for the first frame, one for the others).
+        step = self._frame
+        if getattr(dec, "_compiled_call_impl", None) is not None:
+            self._compiled = self._compiled or torch.compile(self._frame, dynamic=False)  # one strip per rank
+            step = self._compiled
+        windows = tuple(windows)
+        return torch.cat([step(x[:, :, i : i + 1], cache, windows, start, stop) for i in range(x.shape[2])], dim=2)
+
+    _compiled = None
+
+    def _frame(self, x: torch.Tensor, cache: Cache, windows: tuple, start: int, stop: int) -> torch.Tensor:
+        """One latent frame (as diffusers' _decode loop) -> this strip's pixel rows; updates the causal caches."""
+        dec = self.model.decoder
+        idx = [0]
+        h = _cached_conv(dec.conv_in, x, cache, idx)
+        h = dec.mid_block(h, feat_cache=cache, feat_idx=idx)  # whole frame: the attention is global
+        offset = 0  # absolute row of h's first row, at the current resolution
+        for stage, (lo, hi) in zip(self.stages, windows, strict=True):
+            h = h[..., lo - offset : hi - offset, :]
+            h = stage.run(h, cache, idx)
+            offset = lo * stage.upsample
+        lo = start * self.scale
+        return h[..., lo - offset : lo - offset + (stop - start) * self.scale, :]
