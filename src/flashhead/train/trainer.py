@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,6 +321,10 @@ def lr_factor(step: int, cfg: Stage1Config) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _phase(name: str) -> torch.profiler.record_function:
+    return torch.profiler.record_function(f"stage1.{name}")  # a no-op unless a profiler is running
+
+
 def diffusion_noise(inputs: Stage1Inputs, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma (B,), noise like x0), each sample's from its own seed: independent of batch layout and device."""
     lo = cfg.loss
@@ -332,8 +336,9 @@ def diffusion_noise(inputs: Stage1Inputs, cfg: Stage1Config) -> tuple[torch.Tens
 
 def compute_losses(model: torch.nn.Module, inputs: Stage1Inputs, cfg: Stage1Config, autocast: Any):
     """Forward one micro-batch and return its per-sample LossTerms."""
-    sigma, noise = diffusion_noise(inputs, cfg)
-    x_t = noisy_input(inputs.x0, noise, sigma, inputs.n_motion)
+    with _phase("noise"):
+        sigma, noise = diffusion_noise(inputs, cfg)
+        x_t = noisy_input(inputs.x0, noise, sigma, inputs.n_motion)
     with autocast:
         v_pred = model(x_t, sigma * 1000, inputs.context, inputs.y)
     lo = cfg.loss
@@ -405,12 +410,17 @@ class TrainResult:
 
 
 def train(
-    cfg: Stage1Config, resume: bool | str | Path = False, inputs: Iterator[Stage1Inputs] | None = None
+    cfg: Stage1Config,
+    resume: bool | str | Path = False,
+    inputs: Iterator[Stage1Inputs] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run (or continue) Stage-1 training as configured; `resume` = True (the run's latest checkpoint) or a path.
 
     `inputs`: this process's micro-batches, ready for the DiT (e.g. flashhead.train.synthetic), instead of
     the clips of `cfg.data`. No VAE or audio encoder is built then, so validation and export must be off.
+    `on_step(step)` is called after every optimizer step (a profiler's `step`, a benchmark's clock). The
+    phases of a step are marked as `stage1.*` profiler ranges (benchmarks/stage1_step_profile.py).
     """
     if inputs is not None and (cfg.val.interval or cfg.export_at_end):
         raise ConfigError("training on given inputs has no VAE: set val.interval=0 and export_at_end=false")
@@ -506,21 +516,26 @@ def train(
         step_position = position
         sums = torch.zeros(4, device=info.device)  # total, flow, face, temporal (mean over micro-steps)
         for micro in range(accum):
-            batch = next_inputs()
+            with _phase("data"):
+                batch = next_inputs()
             cost = cost or sample_cost(dit.config, batch.x0.shape[2:])
             set_grad_sync(model, micro == accum - 1)
-            terms = compute_losses(model, batch, cfg, autocast)
-            (terms.total.mean() / accum).backward()
+            with _phase("forward"):
+                terms = compute_losses(model, batch, cfg, autocast)
+            with _phase("backward"):
+                (terms.total.mean() / accum).backward()
             sums += torch.stack([t.detach().mean() for t in (terms.total, terms.flow, terms.face, terms.temporal)])
             position += samples_per_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.optim.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(step)
+        with _phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.optim.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        with _phase("ema"):
+            ema.update(step)
         step += 1
         samples = cfg.data.micro_batch_size * accum  # this process's, per optimizer step
         meter.add(cost, forwards=samples, backwards=samples, recomputed=recompute * samples)
@@ -558,6 +573,8 @@ def train(
                 saved = save_checkpoint(run_dir, step, state, cfg.log.keep_checkpoints)
                 logger.info("step %d: checkpoint %s", step, saved)
             _barrier(info)
+        if on_step is not None:
+            on_step(step)
 
     if inputs is None:
         del batches  # stops the data workers
