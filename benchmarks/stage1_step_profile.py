@@ -17,6 +17,7 @@ and prints JSON: `step_ms` (wall, unprofiled), and per profiled step the host mi
 `outside_model_ms` (everything but the DiT's forward and backward) against `model_ms`, `ops` (aten
 operators through the dispatcher) and on CUDA `launches` (kernel launches and copies) and `device_ms`
 (kernel time), each per phase too. The host numbers include the profiler's own cost per operator.
+`last_loss` (the timed run's last step) tells two versions of the trainer computed the same thing.
 `--budget-minutes` is set by default as `benchmarks/tiny_run.sh` sets it on the device (a budget check
 runs every step); `--budget-minutes 0` trains without one.
 """
@@ -60,8 +61,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace, out: Path) -> float:
-    """Wall milliseconds per optimizer step over the last `args.steps` steps."""
+def time_steps(args: argparse.Namespace, out: Path) -> tuple[float, float]:
+    """(wall milliseconds per optimizer step over the last `args.steps` steps, the last step's loss)."""
     from flashhead.train.trainer import train
 
     clock: dict[int, float] = {}
@@ -71,8 +72,8 @@ def time_steps(args: argparse.Namespace, out: Path) -> float:
             sync()
             clock[step] = time.perf_counter()
 
-    train(recipe_config(args, out, args.warmup + args.steps), on_step=on_step)
-    return 1000 * (clock[args.warmup + args.steps] - clock[args.warmup]) / args.steps
+    result = train(recipe_config(args, out, args.warmup + args.steps), on_step=on_step)
+    return 1000 * (clock[args.warmup + args.steps] - clock[args.warmup]) / args.steps, result.history[-1]["loss"]
 
 
 def profile_steps(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -159,8 +160,8 @@ def main() -> None:
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="s1-profile-"))
     try:
-        result["step_ms"] = round(time_steps(args, work / "timing"), 2)
-        result["steps_per_s"] = round(1000 / result["step_ms"], 2)
+        step_ms, result["last_loss"] = time_steps(args, work / "timing")
+        result["step_ms"], result["steps_per_s"] = round(step_ms, 2), round(1000 / step_ms, 2)
         if args.profile_steps:
             result["profile"] = profile_steps(args, work / "profile")
     finally:

@@ -41,7 +41,7 @@ from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint, rng_s
 from flashhead.train.config import Stage1Config
 from flashhead.train.data import SampleSpec, Stage1Dataset, Stage1Inputs, encode_samples, index_clips
 from flashhead.train.ema import EMA
-from flashhead.train.losses import noisy_input, sample_sigmas, stage1_losses
+from flashhead.train.losses import NoiseSampling, noisy_input, stage1_losses
 from flashhead.train.throughput import (
     MFU_CONVENTION,
     SampleCost,
@@ -113,9 +113,11 @@ def budget_spent(t_start: float, max_minutes: float | None, info: DistInfo) -> b
     """Whether a wall-clock budget is spent. Every process must stop at the same step: rank 0's clock decides."""
     if max_minutes is None:
         return False
-    flag = torch.tensor(float(time.perf_counter() - t_start > max_minutes * 60), device=info.device)
-    if info.distributed:
-        dist.broadcast(flag, 0)
+    spent = time.perf_counter() - t_start > max_minutes * 60
+    if not info.distributed:
+        return spent  # no device tensor: reading one back would make the host wait for the GPU every step
+    flag = torch.tensor(float(spent), device=info.device)
+    dist.broadcast(flag, 0)
     return bool(flag.item())
 
 
@@ -326,11 +328,11 @@ def _phase(name: str) -> torch.profiler.record_function:
 
 
 def diffusion_noise(inputs: Stage1Inputs, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma (B,), noise like x0), each sample's from its own seed: independent of batch layout and device."""
-    lo = cfg.loss
-    generators = [torch.Generator().manual_seed(s) for s in inputs.seeds]
-    sigma = sample_sigmas(generators, lo.shift, lo.timestep_sampling, lo.logit_mean, lo.logit_std)
-    noise = torch.stack([torch.randn(inputs.x0.shape[1:], generator=g) for g in generators])
+    """(sigma (B,), noise like x0), each sample's from its own seed: independent of batch layout and device.
+    Drawn ahead by the data workers (a latent cache's batches), else here."""
+    if inputs.noise is not None:
+        return inputs.sigma, inputs.noise
+    sigma, noise = NoiseSampling.of(cfg.loss).draw(inputs.seeds, inputs.x0.shape[1:])
     return sigma.to(inputs.x0.device), noise.to(inputs.x0.device)
 
 
@@ -469,18 +471,24 @@ def train(
 
             cache = LatentCache(cfg.data.cache)
             cache.check(spec, vae, audio_encoder)
-            dataset = CachedStage1Dataset(cache, spec, **stream)
+            # the workers hand over model inputs with their noise drawn, in pinned memory on CUDA
+            dataset = CachedStage1Dataset(cache, spec, NoiseSampling.of(cfg.loss), **stream)
             train_clips = dataset.clips
         else:
             train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
             dataset = Stage1Dataset(train_clips, spec, **stream)
-        workers = cfg.data.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+        workers, pin = cfg.data.num_workers, bool(cfg.data.cache) and info.device.type == "cuda"
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=pin
+        )
         batches = iter(loader)
         source = f"{len(train_clips)} train clips"
 
         def next_inputs() -> Stage1Inputs:
-            return encode_samples(next(batches), vae, audio_encoder, spec)
+            batch = next(batches)
+            if isinstance(batch, Stage1Inputs):
+                return batch.to(info.device)
+            return encode_samples(batch, vae, audio_encoder, spec)
 
         def stream_position(p: int) -> tuple[int | None, int | None]:
             return dataset.position(p)
