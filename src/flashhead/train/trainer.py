@@ -441,6 +441,8 @@ def train(
     if cfg.model.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     dit.to(info.device)
+    if cfg.model.compile:
+        dit.compile()  # in place: parameter names, checkpoints and the EMA stay those of the eager model
     model = wrap_model(dit, cfg, info)
     ema = EMA(dit, cfg.ema_decay)
     optimizer = make_optimizer(dit, cfg.optim)
