@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import replace
@@ -26,7 +27,7 @@ from flashhead.train.data import (
 from flashhead.train.latent_cache import CachedStage1Dataset, LatentCache, build_latent_cache, window_plan
 from flashhead.train.losses import NoiseSampling, sample_sigmas
 from flashhead.train.trainer import build_dit, build_frozen, compute_losses, resolve_dit_config, sample_spec, train
-from train.helpers import tiny_config
+from train.helpers import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,29 @@ def test_cache_workers_hand_over_the_trainers_inputs_bit_for_bit(cached):
         given = compute_losses(dit, batch, cfg, contextlib.nullcontext())
         assert torch.equal(drawn.total, given.total)
     assert 0 < dropped < 18  # zero contexts and real ones
+
+
+def test_step_profile_finds_no_per_sample_work_in_the_training_process(cached, tmp_path):
+    """benchmarks/stage1_step_profile.py's split of a real profiled run: every phase is seen, and the data
+    phase (a worker's ready batch to the device) costs the same few operators whatever the batch size."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    bench = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "stage1_step_profile.py")
+    summarize = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(summarize)
+    cfg, _, _, _, folder = cached
+    data_ops, plan = [], schedule(wait=0, warmup=1, active=2, repeat=1)
+    for batch in (2, 8):
+        run = tiny_config(cfg.data.roots[0], tmp_path / f"b{batch}", "vae.sample_posterior=false", "data.num_workers=1",
+                          f"data.cache={folder}", f"data.micro_batch_size={batch}", "optim.total_steps=3")  # fmt: skip
+        with profile(activities=[ProfilerActivity.CPU], schedule=plan) as prof:
+            train(run, on_step=lambda _: prof.step())  # noqa: B023 (called inside the loop's own iteration)
+        result = summarize.summarize(list(prof.events()), 2)
+        assert all(result["phases_ops"][p] > 0 for p in summarize.PHASES), result
+        assert result["host_ms"] == pytest.approx(result["model_ms"] + result["outside_model_ms"], abs=0.01)
+        assert result["ops"] == pytest.approx(sum(result["phases_ops"].values()), abs=8)
+        data_ops.append(result["phases_ops"]["data"])
+    assert data_ops[0] == data_ops[1] < 50, data_ops
 
 
 def test_training_reads_the_cache_and_refuses_a_foreign_one(cached, tmp_path):
