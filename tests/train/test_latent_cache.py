@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from flashhead.errors import ConfigError
 from flashhead.train.data import (
@@ -21,8 +25,9 @@ from flashhead.train.data import (
     read_clip,
 )
 from flashhead.train.latent_cache import CachedStage1Dataset, LatentCache, build_latent_cache, window_plan
-from flashhead.train.trainer import build_frozen, resolve_dit_config, sample_spec, train
-from train.helpers import tiny_config
+from flashhead.train.losses import NoiseSampling, sample_sigmas
+from flashhead.train.trainer import build_dit, build_frozen, compute_losses, resolve_dit_config, sample_spec, train
+from train.helpers import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,59 @@ def test_cached_samples_equal_the_on_the_fly_inputs(cached):
         torch.testing.assert_close(pre.context, online.context, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pre.face_mask, online.face_mask, rtol=0, atol=1e-3)
     assert kinds[2] > 5 * kinds[1] > 0  # P(cold start) = 0.1
+
+
+def test_cache_workers_hand_over_the_trainers_inputs_bit_for_bit(cached):
+    """A worker's batch (stacked, audio windowed, noise drawn) is what the training process used to build from
+    the samples itself: per sample, the streaming cache's windows and the sample's own noise generator."""
+    cfg, vae, encoder, spec, folder = cached
+    spec = replace(spec, audio_drop_prob=0.5)  # both kinds of context in a few batches
+    dataset = CachedStage1Dataset(LatentCache(folder), spec, NoiseSampling.of(cfg.loss), seed=5, micro_batch_size=6)
+    windowing, lo, dit = spec.context_cache(encoder), cfg.loss, build_dit(cfg)
+    dropped = 0
+    for step, batch in zip(range(3), DataLoader(dataset, batch_size=None, num_workers=1), strict=False):
+        samples = dataset.micro_batch(step)
+        contexts = [windowing.context(s["audio_features"]) for s in samples]
+        contexts = [torch.zeros_like(c) if s["drop_audio"] else c for c, s in zip(contexts, samples, strict=True)]
+        generators = [torch.Generator().manual_seed(s["seed"]) for s in samples]
+        sigma = sample_sigmas(generators, lo.shift, lo.timestep_sampling, lo.logit_mean, lo.logit_std)
+        noise = torch.stack([torch.randn(samples[0]["latents"].shape, generator=g) for g in generators])
+        assert torch.equal(batch.x0, torch.stack([s["latents"] for s in samples]))
+        assert torch.equal(batch.y, torch.stack([s["ref_latents"] for s in samples]))
+        assert torch.equal(batch.context, torch.cat(contexts))
+        assert torch.equal(batch.face_mask, torch.stack([s["face_mask"] for s in samples]))
+        assert batch.n_motion.tolist() == [s["n_motion"] for s in samples]
+        assert batch.seeds == [s["seed"] for s in samples]
+        assert torch.equal(batch.sigma, sigma) and torch.equal(batch.noise, noise)
+        dropped += sum(s["drop_audio"] for s in samples)
+        # the trainer takes the worker's noise: the same losses as drawing it itself
+        drawn = compute_losses(dit, replace(batch, sigma=None, noise=None), cfg, contextlib.nullcontext())
+        given = compute_losses(dit, batch, cfg, contextlib.nullcontext())
+        assert torch.equal(drawn.total, given.total)
+    assert 0 < dropped < 18  # zero contexts and real ones
+
+
+def test_step_profile_finds_no_per_sample_work_in_the_training_process(cached, tmp_path):
+    """benchmarks/stage1_step_profile.py's split of a real profiled run: every phase is seen, and the data
+    phase (a worker's ready batch to the device) costs the same few operators whatever the batch size."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    bench = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "stage1_step_profile.py")
+    summarize = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(summarize)
+    cfg, _, _, _, folder = cached
+    data_ops, plan = [], schedule(wait=0, warmup=1, active=2, repeat=1)
+    for batch in (2, 8):
+        run = tiny_config(cfg.data.roots[0], tmp_path / f"b{batch}", "vae.sample_posterior=false", "data.num_workers=1",
+                          f"data.cache={folder}", f"data.micro_batch_size={batch}", "optim.total_steps=3")  # fmt: skip
+        with profile(activities=[ProfilerActivity.CPU], schedule=plan) as prof:
+            train(run, on_step=lambda _: prof.step())  # noqa: B023 (called inside the loop's own iteration)
+        result = summarize.summarize(list(prof.events()), 2)
+        assert all(result["phases_ops"][p] > 0 for p in summarize.PHASES), result
+        assert result["host_ms"] == pytest.approx(result["model_ms"] + result["outside_model_ms"], abs=0.01)
+        assert result["ops"] == pytest.approx(sum(result["phases_ops"].values()), abs=8)
+        data_ops.append(result["phases_ops"]["data"])
+    assert data_ops[0] == data_ops[1] < 50, data_ops
 
 
 def test_training_reads_the_cache_and_refuses_a_foreign_one(cached, tmp_path):

@@ -77,6 +77,23 @@ def test_grad_accumulation_matches_a_bigger_micro_batch(dataset_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # compiling the DiT's forward and backward: about a minute on two cores
+def test_compiled_dit_trains_like_the_eager_one(dataset_dir, tmp_path):
+    steps = ("optim.total_steps=3", "data.micro_batch_size=1")
+    from torch._dynamo.utils import counters
+
+    eager = train(tiny_config(dataset_dir, tmp_path / "eager", *steps))
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = train(tiny_config(dataset_dir, tmp_path / "compiled", *steps, "model.compile=true"))
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the DiT
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["position"] == a["position"]
+    final_a, final_b = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in ("eager", "compiled"))
+    assert final_a["model"].keys() == final_b["model"].keys()  # compiled in place: the eager parameter names
+    for name, tensor in final_a["ema"].items():
+        torch.testing.assert_close(final_b["ema"][name], tensor, rtol=0, atol=1e-5)
+
+
 def _torchrun(config_file, tmp_path, *args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

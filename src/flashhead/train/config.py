@@ -26,6 +26,9 @@ class ModelSection:
     init_from: str | None = None  # FlashHead DiT folder, or pipeline folder (its dit/), to start from
     init_from_wan: str | None = None  # Wan2.1-T2V-1.3B weights (file or folder) for the backbone [PAPER]
     gradient_checkpointing: bool = False
+    # torch.compile the DiT (forward and backward): fused elementwise kernels for a launch-bound small model.
+    # Opt-in: close to, not bit-equal with, eager; tested on the CPU only (docs/training.md).
+    compile: bool = False
 
 
 @dataclass

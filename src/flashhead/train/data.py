@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,11 +398,16 @@ class Stage1Dataset(IterableDataset):
         first = step * self.samples_per_step + self.rank * self.micro_batch_size
         return [self.sample_at(first + b) for b in range(self.micro_batch_size)]
 
-    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+    def loader_batch(self, step: int) -> Any:
+        """What the DataLoader hands the trainer for micro-step `step`: here the raw samples, which the
+        trainer encodes on its device (`encode_samples`)."""
+        return self.micro_batch(step)
+
+    def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for step in itertools.count(self.start_step + worker, workers):
-            yield self.micro_batch(step)
+            yield self.loader_batch(step)
 
 
 def clip_probabilities(clips: Sequence[ClipRef], source_weights: dict[str, float]) -> np.ndarray:
@@ -434,6 +439,19 @@ class Stage1Inputs:
     n_motion: torch.Tensor  # (B,) int64
     face_mask: torch.Tensor  # (B, F, h, w) float32
     seeds: list[int]
+    sigma: torch.Tensor | None = None  # (B,) and
+    noise: torch.Tensor | None = None  # like x0: drawn from `seeds` ahead (data workers), else by the trainer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def to(self, device: torch.device) -> Stage1Inputs:
+        """On `device`; from pinned memory the copies are asynchronous (the host does not wait for them)."""
+        moved = {k: v.to(device, non_blocking=v.is_pinned()) for k, v in self.tensors().items()}
+        return replace(self, **moved)
+
+    def pin_memory(self) -> Stage1Inputs:  # called by the DataLoader's pinning thread (pin_memory=True)
+        return replace(self, **{k: v.pin_memory() for k, v in self.tensors().items()})
 
 
 def _pixels(frames: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -448,6 +466,28 @@ def _vae_encode(vae: Any, video: torch.Tensor, seed: int) -> torch.Tensor:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         return vae.encode(video, noise=noise.to(video))
     return vae.encode(video)
+
+
+PRECOMPUTED = ("latents", "ref_latents", "audio_features")
+
+
+def _precomputed_context(samples: Sequence[dict[str, Any]], cache: AudioContextCache) -> torch.Tensor:
+    windows = [cache.context(s["audio_features"]) for s in samples]
+    return torch.cat([torch.zeros_like(w) if s["drop_audio"] else w for w, s in zip(windows, samples, strict=True)])
+
+
+def stack_precomputed(samples: Sequence[dict[str, Any]], spec: SampleSpec) -> Stage1Inputs:
+    """The inputs of fully precomputed samples (a latent cache's) on the CPU: stacked, the audio windowed as
+    `AudioContextCache.context` does at inference, zeros where the audio is dropped. Cheap enough for a data
+    worker, which then hands the trainer one tensor per field instead of a few per sample."""
+    return Stage1Inputs(
+        x0=torch.stack([s["latents"] for s in samples]).float(),
+        y=torch.stack([s["ref_latents"] for s in samples]).float(),
+        context=_precomputed_context(samples, spec.context_cache(None)).float(),  # windowing needs no encoder
+        n_motion=torch.tensor([s["n_motion"] for s in samples]),
+        face_mask=torch.stack([s["face_mask"] for s in samples]),
+        seeds=[s["seed"] for s in samples],
+    )
 
 
 @torch.no_grad()
@@ -465,8 +505,10 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
         x0.append(vae.encode(torch.cat([_pixels(s["video"], device, dtype) for s in samples])))
         stills = [s["reference"][None].expand(spec.frame_num, -1, -1, -1) for s in samples]
         y.append(vae.encode(torch.cat([_pixels(still, device, dtype) for still in stills])))
+    elif all(k in s for s in samples for k in PRECOMPUTED):  # a latent cache's samples: stacked on the host
+        return stack_precomputed(samples, spec).to(device)
     elif all("latents" in s and "ref_latents" in s for s in samples):
-        # Precomputed (a latent cache): one stacked host-to-device copy per kind instead of one per sample.
+        # Precomputed latents: one stacked host-to-device copy per kind instead of one per sample.
         x0.append(torch.stack([s["latents"] for s in samples]).to(device))
         y.append(torch.stack([s["ref_latents"] for s in samples]).to(device))
     for s in samples if not x0 else ():
@@ -480,9 +522,7 @@ def encode_samples(samples: Sequence[dict[str, Any]], vae: Any, audio_encoder: A
             still = s["reference"][None].expand(spec.frame_num, -1, -1, -1)
             y.append(_vae_encode(vae, _pixels(still, device, dtype), s["seed"] + 2))
     if all("audio_features" in s for s in samples):  # precomputed: window on the host, then one copy
-        windows = [cache.context(s["audio_features"]) for s in samples]
-        windows = [torch.zeros_like(w) if s["drop_audio"] else w for w, s in zip(windows, samples, strict=True)]
-        context.append(torch.cat(windows).to(device))
+        context.append(_precomputed_context(samples, cache).to(device))
         samples_to_encode: Sequence[dict[str, Any]] = ()
     else:
         samples_to_encode = samples

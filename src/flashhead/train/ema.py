@@ -16,6 +16,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """shadow <- decay_t * shadow + (1 - decay_t) * param after every optimizer step, with
     decay_t = min(decay, (1 + t) / (10 + t)): early on the average follows the weights closely, so the
@@ -34,8 +38,10 @@ class EMA:
     def update(self, step: int) -> None:
         """Blend in the current weights; `step` is the number of optimizer steps taken before this one."""
         weight = 1 - self.decay_at(step)
-        for name, p in self.params:
-            self.shadow[name].lerp_(p.detach().float(), weight)
+        # One fused call for all tensors (on local shards under FSDP2): a small model's EMA is otherwise a
+        # kernel launch per parameter. Same arithmetic as shadow.lerp_(param, weight) per tensor.
+        shadows = [_local(self.shadow[name]) for name, _ in self.params]
+        torch._foreach_lerp_(shadows, [_local(p.detach()).float() for _, p in self.params], weight)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """{parameter name: full float32 tensor on CPU}, as the model's own state-dict names."""

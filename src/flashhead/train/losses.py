@@ -14,6 +14,7 @@ the definitions here are ours (docs/training.md explains the choice).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,30 @@ def sample_sigmas(
     else:
         raise ValueError(f"unknown timestep sampling {kind!r}")
     return shift_timesteps(u * 1000, shift).float() / 1000
+
+
+@dataclass(frozen=True)
+class NoiseSampling:
+    """How a sample's noise level and noise come from its own seed (the loss section's fields), so that they
+    depend on nothing but the seed: not on the batch layout, the process, the device or the data worker."""
+
+    shift: float = 5.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @classmethod
+    def of(cls, loss: object) -> NoiseSampling:
+        return cls(loss.shift, loss.timestep_sampling, loss.logit_mean, loss.logit_std)
+
+    def draw(self, seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma (B,), noise (B, *shape)) on the CPU, float32: per seed, sigma first, then the noise."""
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        sigma = sample_sigmas(generators, self.shift, self.timestep_sampling, self.logit_mean, self.logit_std)
+        noise = torch.empty(len(seeds), *shape)
+        for row, g in zip(noise, generators, strict=True):
+            torch.randn(tuple(shape), generator=g, out=row)  # in place: no per-sample tensors to stack
+        return sigma, noise
 
 
 def new_frame_mask(n_motion: torch.Tensor, num_frames: int) -> torch.Tensor:

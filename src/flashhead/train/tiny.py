@@ -68,7 +68,6 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Train (or finish training) flashhead-tiny into `out`, up to phase `until`; returns the evaluation
     summary (empty when `until` stops before the evaluation)."""
-    from flashhead.train.config import Stage1Config
     from flashhead.train.stage2 import train_stage2
     from flashhead.train.trainer import train
     from flashhead.train.vae import VAETrainConfig, train_vae
@@ -89,14 +88,8 @@ def run_recipe(
         if not (vae_folder / "config.json").is_file():
             raise ConfigError(f"{out / 'vae'}: the VAE did not finish")
 
-    s1 = json.loads(json.dumps(recipe.get("stage1", {})))  # a deep copy
-    s1.setdefault("data", {})["roots"] = roots
-    s1.setdefault("vae", {})["path"] = str(vae_folder)
-    s1["output_dir"] = str(out / "stage1")
+    cfg = stage1_config(recipe, roots, out)
     cache_folder = out / "cache"
-    if recipe.get("cache") is not None:
-        s1["data"]["cache"] = str(cache_folder)
-    cfg = Stage1Config.from_dict(s1)
     if last < PHASES.index("cache"):
         return {}
 
@@ -153,6 +146,20 @@ def resume_until_done(run_dir: Path, train_call: Any, total_steps: int) -> Path:
 def require_done(done: Path, phase: str, total_steps: int) -> None:
     if not done.is_file():
         raise ConfigError(f"{done.parent}: {phase} has not reached its {total_steps} steps yet")
+
+
+def stage1_config(recipe: dict[str, Any], roots: list[str], out: Path) -> Any:
+    """The recipe's `stage1` section completed with this run's data, VAE (OUT/vae), cache (OUT/cache, when the
+    recipe has a `cache` section) and output folder (OUT/stage1)."""
+    from flashhead.train.config import Stage1Config
+
+    s1 = json.loads(json.dumps(recipe.get("stage1", {})))  # a deep copy
+    s1.setdefault("data", {})["roots"] = roots
+    s1.setdefault("vae", {})["path"] = str(out / "vae" / "vae")
+    s1["output_dir"] = str(out / "stage1")
+    if recipe.get("cache") is not None:
+        s1["data"]["cache"] = str(out / "cache")
+    return Stage1Config.from_dict(s1)
 
 
 def stage2_config(section: dict[str, Any], teacher: Path, roots: list[str], output_dir: Path) -> Any:

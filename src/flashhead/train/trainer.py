@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint, rng_s
 from flashhead.train.config import Stage1Config
 from flashhead.train.data import SampleSpec, Stage1Dataset, Stage1Inputs, encode_samples, index_clips
 from flashhead.train.ema import EMA
-from flashhead.train.losses import noisy_input, sample_sigmas, stage1_losses
+from flashhead.train.losses import NoiseSampling, noisy_input, stage1_losses
 from flashhead.train.throughput import (
     MFU_CONVENTION,
     SampleCost,
@@ -113,9 +113,11 @@ def budget_spent(t_start: float, max_minutes: float | None, info: DistInfo) -> b
     """Whether a wall-clock budget is spent. Every process must stop at the same step: rank 0's clock decides."""
     if max_minutes is None:
         return False
-    flag = torch.tensor(float(time.perf_counter() - t_start > max_minutes * 60), device=info.device)
-    if info.distributed:
-        dist.broadcast(flag, 0)
+    spent = time.perf_counter() - t_start > max_minutes * 60
+    if not info.distributed:
+        return spent  # no device tensor: reading one back would make the host wait for the GPU every step
+    flag = torch.tensor(float(spent), device=info.device)
+    dist.broadcast(flag, 0)
     return bool(flag.item())
 
 
@@ -321,19 +323,24 @@ def lr_factor(step: int, cfg: Stage1Config) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _phase(name: str) -> torch.profiler.record_function:
+    return torch.profiler.record_function(f"stage1.{name}")  # a no-op unless a profiler is running
+
+
 def diffusion_noise(inputs: Stage1Inputs, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma (B,), noise like x0), each sample's from its own seed: independent of batch layout and device."""
-    lo = cfg.loss
-    generators = [torch.Generator().manual_seed(s) for s in inputs.seeds]
-    sigma = sample_sigmas(generators, lo.shift, lo.timestep_sampling, lo.logit_mean, lo.logit_std)
-    noise = torch.stack([torch.randn(inputs.x0.shape[1:], generator=g) for g in generators])
+    """(sigma (B,), noise like x0), each sample's from its own seed: independent of batch layout and device.
+    Drawn ahead by the data workers (a latent cache's batches), else here."""
+    if inputs.noise is not None:
+        return inputs.sigma, inputs.noise
+    sigma, noise = NoiseSampling.of(cfg.loss).draw(inputs.seeds, inputs.x0.shape[1:])
     return sigma.to(inputs.x0.device), noise.to(inputs.x0.device)
 
 
 def compute_losses(model: torch.nn.Module, inputs: Stage1Inputs, cfg: Stage1Config, autocast: Any):
     """Forward one micro-batch and return its per-sample LossTerms."""
-    sigma, noise = diffusion_noise(inputs, cfg)
-    x_t = noisy_input(inputs.x0, noise, sigma, inputs.n_motion)
+    with _phase("noise"):
+        sigma, noise = diffusion_noise(inputs, cfg)
+        x_t = noisy_input(inputs.x0, noise, sigma, inputs.n_motion)
     with autocast:
         v_pred = model(x_t, sigma * 1000, inputs.context, inputs.y)
     lo = cfg.loss
@@ -405,12 +412,17 @@ class TrainResult:
 
 
 def train(
-    cfg: Stage1Config, resume: bool | str | Path = False, inputs: Iterator[Stage1Inputs] | None = None
+    cfg: Stage1Config,
+    resume: bool | str | Path = False,
+    inputs: Iterator[Stage1Inputs] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run (or continue) Stage-1 training as configured; `resume` = True (the run's latest checkpoint) or a path.
 
     `inputs`: this process's micro-batches, ready for the DiT (e.g. flashhead.train.synthetic), instead of
     the clips of `cfg.data`. No VAE or audio encoder is built then, so validation and export must be off.
+    `on_step(step)` is called after every optimizer step (a profiler's `step`, a benchmark's clock). The
+    phases of a step are marked as `stage1.*` profiler ranges (benchmarks/stage1_step_profile.py).
     """
     if inputs is not None and (cfg.val.interval or cfg.export_at_end):
         raise ConfigError("training on given inputs has no VAE: set val.interval=0 and export_at_end=false")
@@ -429,6 +441,8 @@ def train(
     if cfg.model.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     dit.to(info.device)
+    if cfg.model.compile:
+        dit.compile()  # in place: parameter names, checkpoints and the EMA stay those of the eager model
     model = wrap_model(dit, cfg, info)
     ema = EMA(dit, cfg.ema_decay)
     optimizer = make_optimizer(dit, cfg.optim)
@@ -459,18 +473,24 @@ def train(
 
             cache = LatentCache(cfg.data.cache)
             cache.check(spec, vae, audio_encoder)
-            dataset = CachedStage1Dataset(cache, spec, **stream)
+            # the workers hand over model inputs with their noise drawn, in pinned memory on CUDA
+            dataset = CachedStage1Dataset(cache, spec, NoiseSampling.of(cfg.loss), **stream)
             train_clips = dataset.clips
         else:
             train_clips = index_clips(cfg.data.roots, cfg.data.split, spec)
             dataset = Stage1Dataset(train_clips, spec, **stream)
-        workers = cfg.data.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+        workers, pin = cfg.data.num_workers, bool(cfg.data.cache) and info.device.type == "cuda"
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=pin
+        )
         batches = iter(loader)
         source = f"{len(train_clips)} train clips"
 
         def next_inputs() -> Stage1Inputs:
-            return encode_samples(next(batches), vae, audio_encoder, spec)
+            batch = next(batches)
+            if isinstance(batch, Stage1Inputs):
+                return batch.to(info.device)
+            return encode_samples(batch, vae, audio_encoder, spec)
 
         def stream_position(p: int) -> tuple[int | None, int | None]:
             return dataset.position(p)
@@ -506,21 +526,26 @@ def train(
         step_position = position
         sums = torch.zeros(4, device=info.device)  # total, flow, face, temporal (mean over micro-steps)
         for micro in range(accum):
-            batch = next_inputs()
+            with _phase("data"):
+                batch = next_inputs()
             cost = cost or sample_cost(dit.config, batch.x0.shape[2:])
             set_grad_sync(model, micro == accum - 1)
-            terms = compute_losses(model, batch, cfg, autocast)
-            (terms.total.mean() / accum).backward()
+            with _phase("forward"):
+                terms = compute_losses(model, batch, cfg, autocast)
+            with _phase("backward"):
+                (terms.total.mean() / accum).backward()
             sums += torch.stack([t.detach().mean() for t in (terms.total, terms.flow, terms.face, terms.temporal)])
             position += samples_per_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.optim.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(step)
+        with _phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.optim.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        with _phase("ema"):
+            ema.update(step)
         step += 1
         samples = cfg.data.micro_batch_size * accum  # this process's, per optimizer step
         meter.add(cost, forwards=samples, backwards=samples, recomputed=recompute * samples)
@@ -558,6 +583,8 @@ def train(
                 saved = save_checkpoint(run_dir, step, state, cfg.log.keep_checkpoints)
                 logger.info("step %d: checkpoint %s", step, saved)
             _barrier(info)
+        if on_step is not None:
+            on_step(step)
 
     if inputs is None:
         del batches  # stops the data workers
