@@ -43,6 +43,26 @@ def timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def symmetric_exchange(x: torch.Tensor, world: int, rank: int):
+    """An all-to-all of `x` (dim 0 in `world` equal chunks, chunk p for rank p) by copies into the peers'
+    symmetric-memory receive buffers, between two barriers: what NCCL's all-to-all could at best be."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    chunks = x.reshape(world, -1, *x.shape[1:])
+    recv = symm_mem.empty(tuple(chunks.shape), dtype=x.dtype, device=x.device)  # slot r: what rank r sent me
+    handle = symm_mem.rendezvous(recv, dist.group.WORLD)
+    peers = [handle.get_buffer(p, tuple(chunks.shape), x.dtype) for p in range(world)]
+
+    def run() -> torch.Tensor:
+        handle.barrier()  # every peer is done with the previous round's buffer
+        for p in range(world):
+            peers[p][rank].copy_(chunks[p])
+        handle.barrier()  # every peer has written its slot of mine
+        return recv
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=9216, help="tokens of one Pro chunk (9 x 32 x 32)")
@@ -74,6 +94,15 @@ def main() -> None:
         sent = x.numel() * x.element_size() * (world - 1) / world  # bytes leaving each rank
         report["cases"][name] = {"mb_per_rank": round(x.numel() * x.element_size() / 1e6, 2), "ms": round(ms, 3),
                                  "gb_per_s_sent": round(sent / ms / 1e6, 1)}  # fmt: skip
+    if on_gpu:  # the same exchange as direct writes into the peers' memory (torch symmetric memory, NVLink)
+        try:
+            x = cases["qkv_all_to_all"]
+            ms = timed(symmetric_exchange(x, world, rank), args.repeat)
+            sent = x.numel() * x.element_size() * (world - 1) / world
+            entry = {"ms": round(ms, 3), "gb_per_s_sent": round(sent / ms / 1e6, 1)}
+            report["cases"]["qkv_symmetric_memory_copy"] = entry
+        except Exception as e:  # noqa: BLE001 - reported: not every build or machine has it
+            report["cases"]["qkv_symmetric_memory_copy"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     strip = torch.randn(1, 3, 33, 512 // world, 512, device=dev, dtype=torch.bfloat16)  # a decoded Pro strip
     pieces = [torch.empty_like(strip) for _ in range(world)]
     ms = timed(lambda: dist.all_gather(pieces, strip), args.repeat)
