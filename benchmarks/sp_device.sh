@@ -9,8 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
 nvidia-smi topo -m | head -4
 for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL's default p2p channels, then more
-    env $setting timeout 60 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py > "$OUT/a2a-${setting:+tuned}.json" 2>/dev/null
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$OUT/a2a-${setting:+tuned}.json"
+    name="$OUT/a2a-${setting:+tuned}.json"
+    env $setting timeout 90 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --json "$name" > /dev/null 2>&1
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
 timeout 420 torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds compiled,optimized --budget 360 \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
