@@ -196,7 +196,9 @@ def split_settings(pipe, group, args) -> dict:
 
     heads = pipe.dit.config.num_heads
     groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
-    return {"head_groups": groups if heads % group.world_size == 0 else None, "split_encode": splits_encode(pipe.vae)}
+    return {"attention": args.attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
+            "head_groups": groups if heads % group.world_size == 0 and args.attention in (None, "ulysses") else None,
+            "split_encode": splits_encode(pipe.vae)}  # fmt: skip
 
 
 def measure_parts(pipe, group, args) -> dict:
@@ -225,8 +227,11 @@ def measure_parts(pipe, group, args) -> dict:
         peak_memory_all_ranks(args.side_group)  # the others wait here
         one_group = SequenceParallelDiT(pipe.dit, group, head_groups=1)
         out["dit_ms_split_1_head_group"], _ = _timed(lambda: one_group(x, t, context, y), 3)
-        sp = SequenceParallelDiT(pipe.dit, group, head_groups=args.head_groups)
+        sp = SequenceParallelDiT(pipe.dit, group, head_groups=args.head_groups, method=args.attention)
         out["dit_ms_split"], split_v = _timed(lambda: sp(x, t, context, y), 3)
+        if args.attention != "kv_gather":  # the other split of self-attention, for comparison
+            kv = SequenceParallelDiT(pipe.dit, group, method="kv_gather")
+            out["dit_ms_split_kv_gather"], kv_v = _timed(lambda: kv(x, t, context, y), 3)
         out["decode_ms_split"], split = _timed(lambda: split_decode(pipe.vae, x, group), 2)
         if splits_encode(pipe.vae):
             out["encode_ms_split"], split_enc = _timed(lambda: split_encode(pipe.vae, motion, group), 2)
@@ -237,6 +242,8 @@ def measure_parts(pipe, group, args) -> dict:
             out["decode_speedup"] = round(out["decode_ms_1_gpu"] / out["decode_ms_split"], 3)
             # One DiT forward, split against whole: the core models' bf16 tolerance is rel-L2 <= 2e-2 (docs/models.md)
             out["dit_split_rel_l2"] = float((split_v.float() - full_v.float()).norm() / full_v.float().norm())
+            if "dit_ms_split_kv_gather" in out:
+                out["dit_kv_gather_rel_l2"] = float((kv_v.float() - full_v.float()).norm() / full_v.float().norm())
             if "encode_ms_split" in out:
                 out["encode_speedup"] = round(out["encode_ms_1_gpu"] / out["encode_ms_split"], 3)
                 out["encode_split_max_abs"] = float((split_enc.float() - full_enc.float()).abs().max())
@@ -307,7 +314,7 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         # N GPUs: the same stream, sequence parallel.
         try:
             reset_peak_memory()
-            pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups)
+            pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups, attention=args.attention)
             pipe.optimize(speed)
             if leader:
                 try:
@@ -352,6 +359,8 @@ def main() -> None:
     parser.add_argument("--head-groups", type=int, default=None,
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
+    parser.add_argument("--attention", choices=["ulysses", "kv_gather", "ring"], default=None,
+                        help="how self-attention is split (default: the library's choice, Ulysses for Pro)")
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")

@@ -1,8 +1,11 @@
 #!/bin/bash
 # Issue 11 on a 2-GPU device call (kind nvidia-h100-x2; carry .device/whl and .device/shared): the transport, the
-# sequence-parallel Pro stream (compiled and --optimized, each against 1 GPU in the same run, with Chrome traces of
-# a 4-chunk stream), then the GPU equivalence test. About 7 minutes. Results in $OUT.
+# sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
+# then the GPU equivalence test. About 7 minutes. Results in $OUT.
+#   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time both
+#   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 set -uo pipefail
+ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
@@ -13,7 +16,8 @@ for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL'
     env $setting timeout 90 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --json "$name" > /dev/null 2>&1
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
-timeout 420 torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds compiled,optimized --budget 360 \
+timeout 420 torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
+    --attention "$ATTENTION" $([ "$ATTENTION" = ulysses ] || echo --no-parts) \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
 echo "sp_bench rc=$?"
@@ -21,9 +25,9 @@ python3 - "$OUT/sp.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))["models"]["pro"]
 print({k: v for k, v in d.get("parts", {}).items() if not k.startswith("profile")})
-for speed in ("compiled", "optimized"):
+for speed in ("optimized",):
     for gpus in ("gpus_1", "gpus_2"):
         e = {k: v for k, v in d.get(speed, {}).get(gpus, {}).items() if k not in ("profile_stream", "trace")}
         print(speed, gpus, e)
 PY
-timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k pro 2>&1 | tail -3
+[ "$ATTENTION" = ulysses ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k pro 2>&1 | tail -3

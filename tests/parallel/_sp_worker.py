@@ -55,7 +55,7 @@ def compiled_order(code: str) -> list[str]:
     """The collectives and attention kernels of Inductor's generated code, in call order: launch / wait / attend."""
     events = []
     for line in code.splitlines():
-        if "= torch.ops._c10d_functional.all_to_all_single" in line:
+        if any(f"= torch.ops._c10d_functional.{op}" in line for op in ("all_to_all_single", "all_gather")):
             events.append("launch")
         elif "torch.ops._c10d_functional.wait_tensor" in line and not line.lstrip().startswith("#"):
             events.append("wait")
@@ -127,6 +127,32 @@ def main(out: Path, cases: list[str]) -> None:
             a, b = part.bounds(rank)
             fn = ulysses_attention if case == "ulysses" else ring_attention
             results[case] = fn(q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank)
+        elif case == "kv_gather":  # 3 heads (Ulysses could not split them), uneven shards
+            from flashhead.parallel.attention import kv_gather_attention
+
+            q, k, v = attention_inputs(3)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            results[case] = kv_gather_attention(q[:, a:b], k[:, a:b], v[:, a:b], part.sizes, rank)
+        elif case == "kv_gather-inductor":  # compiled; where Inductor puts the gather's launch and wait
+            from torch._inductor.utils import run_and_get_code
+
+            from flashhead.parallel.attention import kv_gather_attention
+
+            q, k, v = attention_inputs(3)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            fn = torch.compile(partial(kv_gather_attention, sizes=part.sizes, rank=rank))
+            with overlap_in_compiled_graphs():
+                got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
+            results[case] = got
+            results[f"{case}.order"] = compiled_order("\n".join(code))
+        elif case == "dit-kv_gather":  # the whole DiT forward with the KV-gather attention, eager
+            from flashhead.parallel.dit import SequenceParallelDiT
+
+            dit = tiny_random_dit(3)
+            with torch.no_grad():
+                results[case] = SequenceParallelDiT(dit, group, method="kv_gather")(*dit_inputs(dit))
         elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
             q, k, v = attention_inputs(6 * n)
             part = partition_tokens(1, q.shape[1], n)
@@ -174,10 +200,11 @@ def main(out: Path, cases: list[str]) -> None:
             from flashhead.parallel.vae import split_encode
 
             results[case] = split_encode(tiny_vae("pro"), split_encode_video(), group)
-        elif case.startswith("pipeline"):  # pipeline-<speed or plain>
+        elif case.startswith("pipeline"):  # pipeline-<speed or plain>, pipeline_kv-...: the KV-gather attention
             from _tiny import tiny_pipeline
 
-            pipe = tiny_pipeline("pro")[0].parallelize(group, force=True)  # tiny: too few tokens to pay
+            attention = "kv_gather" if case.startswith("pipeline_kv") else None
+            pipe = tiny_pipeline("pro")[0].parallelize(group, force=True, attention=attention)  # tiny: few tokens
             speed = case.partition("-")[2]
             if group.is_leader:
                 try:

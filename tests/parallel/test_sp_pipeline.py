@@ -16,10 +16,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _sp_worker as worker  # noqa: E402
 from _sp_worker import torchrun  # noqa: E402
 
+# The KV-gather split of self-attention (pipeline_kv) runs the fast path: the engine's streaming code path.
+CASES = ("pipeline-plain", "pipeline-rope_table+cond_cache", "pipeline_kv-rope_table+cond_cache")
+
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("sp_pipe"), "pipeline-plain", "pipeline-rope_table+cond_cache")
+    return torchrun(tmp_path_factory.mktemp("sp_pipe"), *CASES)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +33,20 @@ def expected():
     return worker.pipeline_run(tiny_pipeline("pro")[0], None)
 
 
-@pytest.mark.parametrize("speed", ["plain", "rope_table+cond_cache"])
-def test_two_process_pipeline_equals_single_process(pipeline, expected, speed):
+@pytest.mark.parametrize("case", CASES)
+def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
     """Tiny Pro pipeline: two chunks (and the first's split motion re-encode) and a whole 1.2 s video under 2
-    processes == one process (plain and fast path)."""
+    processes == one process (plain and fast path; Ulysses and KV-gather attention)."""
     got = pipeline[0]
     # followers return nothing but whether they split-encoded the motion frames with the leader (Wan: they do)
-    assert list(pipeline[1]) == [f"pipeline-{speed}.follower_encoded" for speed in ("plain", "rope_table+cond_cache")]
-    assert bool(pipeline[1][f"pipeline-{speed}.follower_encoded"])
+    assert list(pipeline[1]) == [f"{c}.follower_encoded" for c in CASES]
+    assert bool(pipeline[1][f"{case}.follower_encoded"])
     for key in ("a_latents", "a_video", "a_motion", "b_latents", "b_video"):
-        torch.testing.assert_close(got[f"pipeline-{speed}.{key}"], expected[key], rtol=0, atol=2e-5)
-    frames, ref = got[f"pipeline-{speed}.frames"].numpy(), expected["frames"].numpy()
+        # KV gather sums each softmax in two parts (its log-sum-exp merge): latents move by ~1e-6, and the tiny
+        # random VAE's decode amplifies that ~100x in the videos
+        atol = 2e-3 if case.startswith("pipeline_kv") and key.endswith("video") else 2e-5
+        torch.testing.assert_close(got[f"{case}.{key}"], expected[key], rtol=0, atol=atol)
+    frames, ref = got[f"{case}.frames"].numpy(), expected["frames"].numpy()
     assert frames.shape == ref.shape and len(ref) == 30
     # uint8 frames: float32 reduction order may move a value across a rounding boundary, nothing more
     assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1

@@ -10,6 +10,12 @@ size) and gets back the attention output of the same shard, equal to attention o
   at once, group g's kernel runs as soon as its heads have arrived (later groups still in flight) and its
   output all-to-all is launched right after it, so transfers overlap the attention kernels. Per-head
   attention does not depend on other heads, so the result is the same as with one group.
+- KV gather (any H, any N; meant for 2 GPUs): every rank keeps its queries and gathers the keys / values of
+  all ranks in one all-gather, attending to its own block while the others' are in flight; the per-block
+  results are merged exactly with their log-sum-exp. On 2 GPUs it moves as much data as Ulysses (one shard's
+  k and v in, against q, k, v out and the output back) in one collective instead of two, and the transfer
+  hides behind the local block's attention instead of being exposed. Uses the fused kernels that return the
+  log-sum-exp (cuDNN, else memory-efficient, on CUDA; flash on the CPU).
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
   not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Computed in float32 with a plain matmul
@@ -29,6 +35,7 @@ from flashhead.errors import ConfigError
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = (None, "ulysses", "kv_gather", "ring")  # None: Ulysses where the heads divide over the ranks, else ring
 
 
 def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -153,6 +160,64 @@ def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel:
     return back.reshape(G, n, s, B, hg, d).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, s, d) in q's dtype, log-sum-exp (B, H, s) in float32) of q (B, H, s, d) against k / v blocks."""
+    B, H, s, _ = q.shape
+    if q.is_cuda:
+        try:  # cuDNN: the fastest attention of the Hopper GPUs through torch; its stats are (B, H, s, 1)
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+        except RuntimeError:  # no cuDNN attention for this GPU, shape or build
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse.float().reshape(B, H, -1)[..., :s]  # the efficient kernel pads its stats
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    return out, lse.float().reshape(B, H, s)
+
+
+def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exact softmax attention over the union of key blocks from each block's output and log-sum-exp."""
+    lse = torch.stack(list(lses))  # (n, B, H, s)
+    weights = torch.exp(lse - lse.amax(dim=0, keepdim=True))
+    weights = weights / weights.sum(dim=0, keepdim=True)
+    out = sum(w[..., None] * o.float() for w, o in zip(weights.unbind(0), outs, strict=True))
+    return out.to(outs[0].dtype)
+
+
+def kv_gather_attention(q, k, v, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
+    """Attention of a sequence shard against the whole sequence by one all-gather of every rank's k / v.
+
+    The gather is launched first; the shard's own block is attended while it is in flight (eager: an async
+    c10d all-gather; compiling: a functional collective whose wait Inductor sinks past the local attention).
+    """
+    n, longest = len(sizes), max(sizes)
+    qh = q.transpose(1, 2)  # (B, H, s, d)
+    kv = torch.stack([k, v])  # (2, B, s, H, d)
+    if kv.shape[2] < longest:  # uneven shards: every rank sends the same size
+        kv = torch.nn.functional.pad(kv, (0, 0, 0, 0, 0, longest - kv.shape[2]))
+    kv = kv.contiguous()
+    if torch.compiler.is_compiling():
+        pending = funcol.all_gather_tensor(kv, 0, group or dist.group.WORLD)
+        work = None
+    else:
+        pending = kv.new_empty((n * kv.shape[0], *kv.shape[1:]))
+        work = dist.all_gather_into_tensor(pending, kv, group=group, async_op=True)
+    outs, lses = [], []
+    own_out, own_lse = attention_with_lse(qh, k.transpose(1, 2), v.transpose(1, 2))
+    if work is not None:
+        work.wait()  # on CUDA: the compute stream waits for the transfer, the host goes on
+    gathered = funcol.wait_tensor(pending) if work is None else pending
+    gathered = gathered.reshape(n, 2, *kv.shape[1:])  # (n, 2, B, s_max, H, d)
+    for r in range(n):  # in rank order, the shard's own block in its place
+        if r == rank:
+            outs.append(own_out)
+            lses.append(own_lse)
+            continue
+        kr, vr = gathered[r, 0, :, : sizes[r]], gathered[r, 1, :, : sizes[r]]
+        out, lse = attention_with_lse(qh, kr.transpose(1, 2), vr.transpose(1, 2))
+        outs.append(out)
+        lses.append(lse)
+    return merge_attention(outs, lses).transpose(1, 2)
+
+
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int):
     """(out (B, H, s, d), lse (B, H, s)) of q (B, H, s, d) against one k / v block, in float32."""
     scale = q.shape[-1] ** -0.5
@@ -211,13 +276,18 @@ class SequenceParallelAttention:
         group=None,
         inner: Kernel | None = None,
         head_groups: int | None = None,
+        method: str | None = None,
     ):
         self.rank, self.world_size, self.group, self.inner = rank, world_size, group, inner
-        self.method = "ulysses" if heads % world_size == 0 else "ring"
+        if method not in METHODS:
+            raise ConfigError(f"sequence-parallel attention must be ulysses, kv_gather or ring, not {method!r}")
+        if method == "ulysses" and heads % world_size:
+            raise ConfigError(f"Ulysses attention needs heads ({heads}) divisible by the ranks ({world_size})")
+        self.method = method or ("ulysses" if heads % world_size == 0 else "ring")
         if head_groups is None:
             head_groups = default_head_groups(heads, world_size)
-        if self.method == "ring":
-            head_groups = 1  # ring attention already overlaps its transfers with compute
+        if self.method != "ulysses":
+            head_groups = 1  # ring and KV gather overlap their transfers with compute by themselves
         elif head_groups < 1 or (heads // world_size) % head_groups:
             raise ConfigError(f"head_groups {head_groups} must divide the {heads // world_size} heads of each rank")
         self.head_groups = head_groups
@@ -228,4 +298,11 @@ class SequenceParallelAttention:
             raise RuntimeError(f"shard sizes {self.sizes} do not fit {q.shape[1]} tokens on rank {self.rank}")
         if self.method == "ulysses":
             return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner, self.head_groups)
+        if self.method == "kv_gather":
+            return kv_gather_attention(q, k, v, self.sizes, self.rank, self.group)
         return ring_attention(q, k, v, self.sizes, self.rank, self.group)
+
+    @property
+    def overlaps_in_graphs(self) -> bool:
+        """Whether compiled graphs need Inductor's comm/compute reordering for this attention's overlap."""
+        return self.method == "kv_gather" or self.head_groups > 1

@@ -28,10 +28,13 @@ class SequenceParallelDiT:
     It offers what the samplers use (`forward`, `forward_embedded`, `embed_time`, `embed_audio`, `rope`,
     `config`), so `denoise_chunk` and `FastDenoiser` drive it like the plain model. `head_groups`: the
     Ulysses head-group pipeline (None: `default_head_groups`; 1: one all-to-all each way, not overlapped).
+    `method`: the self-attention split (flashhead.parallel.attention.METHODS; None: Ulysses where it can).
     """
 
-    def __init__(self, dit: FlashHeadDiT, group: SequenceParallelGroup, head_groups: int | None = None):
-        self.dit, self.group, self.head_groups = dit, group, head_groups
+    def __init__(
+        self, dit: FlashHeadDiT, group: SequenceParallelGroup, head_groups: int | None = None, method: str | None = None
+    ):
+        self.dit, self.group, self.head_groups, self.method = dit, group, head_groups, method
         self.attention: SequenceParallelAttention | None = None
         self._partitions: dict[tuple[int, int, int], TokenPartition] = {}
         self._segments: dict[tuple, torch.Tensor] = {}
@@ -49,7 +52,7 @@ class SequenceParallelDiT:
             inner = inner.inner
         g = self.group
         self.attention = SequenceParallelAttention(
-            g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups
+            g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups, self.method
         )
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
@@ -90,7 +93,7 @@ class SequenceParallelDiT:
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
-        with overlap_in_compiled_graphs() if self.attention.head_groups > 1 else nullcontext():
+        with overlap_in_compiled_graphs() if self.attention.overlaps_in_graphs else nullcontext():
             for block in dit.blocks:  # compiled blocks (compile_dit) compile at their first call, in this context
                 shard = block(shard, audio, t_mod, rope)
         out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)

@@ -47,9 +47,10 @@ class SequenceParallelRunner:
         group: SequenceParallelGroup,
         halo: int = DEFAULT_HALO,
         head_groups: int | None = None,
+        attention: str | None = None,
     ):
         self.group, self.vae, self.halo = group, vae, halo
-        self.model = SequenceParallelDiT(dit, group, head_groups)
+        self.model = SequenceParallelDiT(dit, group, head_groups, attention)
         self.split_encode = splits_encode(vae)  # exact for Wan2.1 only; otherwise the leader encodes alone
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

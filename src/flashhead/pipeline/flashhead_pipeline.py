@@ -195,7 +195,12 @@ class FlashHeadPipeline:
     # -- sequence parallel ----------------------------------------------------------------------------
 
     def parallelize(
-        self, group, halo: int | None = None, force: bool = False, head_groups: int | None = None
+        self,
+        group,
+        halo: int | None = None,
+        force: bool = False,
+        head_groups: int | None = None,
+        attention: str | None = None,
     ) -> FlashHeadPipeline:
         """Split every chunk's DiT tokens and VAE decode over the ranks of `group` (a SequenceParallelGroup).
 
@@ -208,6 +213,8 @@ class FlashHeadPipeline:
         `halo`: latent rows of context per decode strip for VAEs without an exact split (LTX).
         `head_groups`: Ulysses all-to-alls pipelined over that many head groups (None: the default, see
         flashhead.parallel.attention.default_head_groups; 1: not overlapped).
+        `attention`: how self-attention is split: "ulysses", "kv_gather" (one all-gather of keys / values,
+        overlapped with the local block's attention) or "ring"; None: Ulysses where the heads divide, else ring.
         """
         from flashhead.parallel.policy import MIN_TOKENS_PER_RANK, chunk_tokens, split_pays
         from flashhead.parallel.runner import SequenceParallelRunner
@@ -219,7 +226,7 @@ class FlashHeadPipeline:
             tokens = chunk_tokens(shape, tuple(self.dit.config.patch_size))
             if force or split_pays(tokens, group.world_size):
                 halo = DEFAULT_HALO if halo is None else halo
-                self._sp = SequenceParallelRunner(self.dit, self.vae, group, halo, head_groups)
+                self._sp = SequenceParallelRunner(self.dit, self.vae, group, halo, head_groups, attention)
             else:
                 self._sp_idle = group
                 if group.is_leader:
@@ -239,6 +246,7 @@ class FlashHeadPipeline:
     def _velocity_model(self):
         return self.dit if self._sp is None else self._sp.model
 
+    @torch.no_grad()  # as the leader's generate_chunks
     def follow(self) -> None:
         """On a follower rank: run the DiT and decode shards of each chunk the leader announces, until released.
 
