@@ -19,7 +19,6 @@ from its own seed, so the same (seed, step, rank) always gives the same micro-ba
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Mapping
@@ -214,5 +213,4 @@ def stage1_batches(
     stream = Stage1Stream(blobs, micro_batch_size, rank)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     for batch in loader:
-        tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "seeds"}
-        yield dataclasses.replace(batch, **{k: v.to(device, non_blocking=True) for k, v in tensors.items()})
+        yield batch.to(device)
