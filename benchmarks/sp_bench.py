@@ -42,7 +42,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from flashhead.benchmark import BenchSettings, _speech, _sync, build_pipeline, environment, run_stream  # noqa: E402
+from flashhead.benchmark import (  # noqa: E402
+    BenchSettings,
+    _speech,
+    _sync,
+    build_pipeline,
+    environment,
+    run_stream,
+    timed_ms,
+)
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
 from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
 from flashhead.pipeline.stream import StreamEngine  # noqa: E402
@@ -130,19 +138,6 @@ def peak_memory_all_ranks(side_group) -> list[float | None]:
     return every
 
 
-def _timed(fn, repeat: int) -> tuple[float, object]:
-    """Median ms of `repeat` synchronised calls after one warm-up, and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeat):
-        _sync()
-        start = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return round(float(np.median(times)), 1), out
-
-
 def _profile(fn, top: int = 12, trace: Path | None = None) -> dict:
     """One call under torch.profiler: wall ms, GPU busy ms (sum of kernel time), the top ops by device time.
 
@@ -220,21 +215,21 @@ def measure_parts(pipe, group, args) -> dict:
     with torch.no_grad():
         full = None
         if group.is_leader:
-            out["dit_ms_1_gpu"], full_v = _timed(lambda: pipe.dit(x, t, context, y), 3)
-            out["decode_ms_1_gpu"], full = _timed(lambda: pipe.vae.decode(x), 2)
-            out["encode_ms_1_gpu"], full_enc = _timed(lambda: pipe.vae.encode(motion), 2)
+            out["dit_ms_1_gpu"], full_v = timed_ms(lambda: pipe.dit(x, t, context, y), 3)
+            out["decode_ms_1_gpu"], full = timed_ms(lambda: pipe.vae.decode(x), 2)
+            out["encode_ms_1_gpu"], full_enc = timed_ms(lambda: pipe.vae.encode(motion), 2)
             out["profile_dit_1_gpu"] = _profile(lambda: pipe.dit(x, t, context, y))
         peak_memory_all_ranks(args.side_group)  # the others wait here
         one_group = SequenceParallelDiT(pipe.dit, group, head_groups=1)
-        out["dit_ms_split_1_head_group"], _ = _timed(lambda: one_group(x, t, context, y), 3)
+        out["dit_ms_split_1_head_group"], _ = timed_ms(lambda: one_group(x, t, context, y), 3)
         sp = SequenceParallelDiT(pipe.dit, group, head_groups=args.head_groups, method=args.attention)
-        out["dit_ms_split"], split_v = _timed(lambda: sp(x, t, context, y), 3)
+        out["dit_ms_split"], split_v = timed_ms(lambda: sp(x, t, context, y), 3)
         if args.attention != "kv_gather":  # the other split of self-attention, for comparison
             kv = SequenceParallelDiT(pipe.dit, group, method="kv_gather")
-            out["dit_ms_split_kv_gather"], kv_v = _timed(lambda: kv(x, t, context, y), 3)
-        out["decode_ms_split"], split = _timed(lambda: split_decode(pipe.vae, x, group), 2)
+            out["dit_ms_split_kv_gather"], kv_v = timed_ms(lambda: kv(x, t, context, y), 3)
+        out["decode_ms_split"], split = timed_ms(lambda: split_decode(pipe.vae, x, group), 2)
         if splits_encode(pipe.vae):
-            out["encode_ms_split"], split_enc = _timed(lambda: split_encode(pipe.vae, motion, group), 2)
+            out["encode_ms_split"], split_enc = timed_ms(lambda: split_encode(pipe.vae, motion, group), 2)
         profile = _profile(lambda: sp(x, t, context, y))
         if group.is_leader:
             out["profile_dit_split"] = profile

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,20 +21,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, set_kernel_padding
+from flashhead.benchmark import timed_ms
+from flashhead.models.vae import WanVideoVAE
+from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, causal_time_context
+from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.speed import SpeedConfig
 
 STOCK_FORWARD = WanCausalConv3d.forward
-
-
-def _time_padded(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
-    """The causal time context only: cached frames in front, zeros where the cache is short."""
-    front = conv._padding[4]
-    if front == 0:
-        return x
-    if cache_x is not None:
-        x = torch.cat([cache_x.to(x.device, x.dtype), x], dim=2)
-        front -= cache_x.shape[2]
-    return F.pad(x, (0, 0, 0, 0, front, 0)) if front > 0 else x
 
 
 def conv2d_sum_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +35,7 @@ def conv2d_sum_forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Te
     kt = self.kernel_size[0]
     if kt == 1 or self.stride != (1, 1, 1):
         return KernelPaddedCausalConv3d.forward(self, x, cache_x)
-    x = _time_padded(self, x, cache_x)
+    x = causal_time_context(self, x, cache_x)
     b, c, t_in, h, w = x.shape
     t = t_in - kt + 1
     frames = x.transpose(1, 2)  # (B, T, C, H, W)
@@ -66,12 +58,6 @@ VARIANTS = {
 }
 
 
-def set_layout(model: torch.nn.Module, channels_last: bool) -> None:
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv3d)):
-        conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
-
-
 @contextmanager
 def patched(forward):
     WanCausalConv3d.forward = forward
@@ -79,18 +65,6 @@ def patched(forward):
         yield
     finally:
         WanCausalConv3d.forward = STOCK_FORWARD
-
-
-def timed(fn, repeat: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up (cuDNN autotuning)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2], out
 
 
 def main() -> None:
@@ -103,19 +77,19 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
     model = AutoencoderKLWan().to(dev, torch.bfloat16).eval()  # the Wan2.1 configuration, random weights
+    vae = WanVideoVAE(model)  # what the speed switches act on
     z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
     z = z.to(dev, torch.bfloat16)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent, "variants": {}}
     ref = None
     for name in args.variants.split(","):
         forward, conv_pad, channels_last = VARIANTS[name]
-        set_layout(model, channels_last)
-        set_kernel_padding(model, conv_pad)
+        apply_vae_switches(vae, SpeedConfig(vae_conv_pad=conv_pad, vae_channels_last=channels_last))
         torch.cuda.reset_peak_memory_stats()
         with patched(forward), torch.no_grad():
-            ms, out = timed(lambda: model.decode(z).sample, args.repeat)
+            ms, out = timed_ms(lambda: model.decode(z).sample, args.repeat)
         out = out.float()
-        entry = {"ms": round(ms, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        entry = {"ms": ms, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         if ref is None:
             ref = out
         else:

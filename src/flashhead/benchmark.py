@@ -96,6 +96,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed_ms(fn, repeat: int) -> tuple[float, object]:
+    """Median ms (0.1 ms) of `repeat` synchronised calls of `fn` after one warm-up call, and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        _sync()
+        start = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return round(float(np.median(times)), 1), out
+
+
 def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 

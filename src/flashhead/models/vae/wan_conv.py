@@ -20,6 +20,21 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch import nn
 
 
+def causal_time_context(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
+    """`x` with the causal time context of `conv` in front (cached frames, else zeros); no spatial padding."""
+    # _padding = (w, w, h, h, 2t, 0) as diffusers builds it; the cache rules below are diffusers' own: a cache
+    # is used only by convolutions that look back in time, and it replaces that many zero frames.
+    front = conv._padding[4]
+    if cache_x is not None and front > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        front -= cache_x.shape[2]
+    if front > 0:
+        x = F.pad(x, (0, 0, 0, 0, front, 0))
+    elif front < 0:  # a cache longer than the context: F.pad with a negative width crops, as in diffusers
+        x = x[:, :, -front:]
+    return x
+
+
 class KernelPaddedCausalConv3d(WanCausalConv3d):
     """`WanCausalConv3d` whose spatial padding is the convolution's own; the causal time context is unchanged.
 
@@ -27,17 +42,8 @@ class KernelPaddedCausalConv3d(WanCausalConv3d):
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        # _padding = (w, w, h, h, 2t, 0) as diffusers builds it; the cache rules below are diffusers' own: a
-        # cache is used only by convolutions that look back in time, and it replaces that many zero frames.
-        front = self._padding[4]
-        if cache_x is not None and front > 0:
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            front -= cache_x.shape[2]
-        if front > 0:
-            x = F.pad(x, (0, 0, 0, 0, front, 0))
-        elif front < 0:  # a cache longer than the context: F.pad with a negative width crops, as in diffusers
-            x = x[:, :, -front:]
         spatial = (0, self._padding[2], self._padding[0])
+        x = causal_time_context(self, x, cache_x)
         return F.conv3d(x, self.weight, self.bias, self.stride, spatial, self.dilation, self.groups)
 
 
