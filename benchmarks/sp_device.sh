@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 11 on a 2-GPU device call (kind nvidia-h100-x2; carry .device/whl and .device/shared): the transport, the
 # sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
-# then the GPU equivalence test. About 7 minutes. Results in $OUT.
+# then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport.
 #   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time both
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 set -uo pipefail
@@ -11,13 +11,13 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
 export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
 nvidia-smi topo -m | head -4
-for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL's default p2p channels, then more
+[ "${A2A:-1}" = 1 ] && for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL's default p2p channels, then more
     name="$OUT/a2a-${setting:+tuned}.json"
     env $setting timeout 90 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --json "$name" > /dev/null 2>&1
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
 timeout 420 torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
-    --attention "$ATTENTION" $([ "$ATTENTION" = ulysses ] || echo --no-parts) \
+    --attention "$ATTENTION" \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
 echo "sp_bench rc=$?"
@@ -30,4 +30,4 @@ for speed in ("optimized",):
         e = {k: v for k, v in d.get(speed, {}).get(gpus, {}).items() if k not in ("profile_stream", "trace")}
         print(speed, gpus, e)
 PY
-[ "$ATTENTION" = ulysses ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k pro 2>&1 | tail -3
+timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3

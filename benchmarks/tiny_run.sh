@@ -20,10 +20,10 @@
 # stage2_metrics.jsonl. A Stage-2 run cut by its budget resumes only on a warm machine (its checkpoint, three
 # networks with Adam states, is too large for the state parts).
 set -euo pipefail
-PHASE=${1:?usage: run.sh vae|stage1|stage2|eval [--set key=value ...]}
+PHASE=${1:?usage: run.sh vae|cache|stage1|stage2|eval [--set key=value ...]}
 shift
-case "$PHASE" in vae|stage1|stage2|eval) ;;
-    *) echo "error: phase must be vae, stage1, stage2 or eval, got '$PHASE'" >&2; exit 2 ;; esac
+case "$PHASE" in vae|cache|stage1|stage2|eval) ;;
+    *) echo "error: phase must be vae, cache, stage1, stage2 or eval, got '$PHASE'" >&2; exit 2 ;; esac
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/tiny-out}
 RUN=${RUN:-runs/tiny}

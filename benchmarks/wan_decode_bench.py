@@ -72,6 +72,12 @@ def main() -> None:
     parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also the compiled decode (compile_vae with both layout switches), whole and as one "
+        "half-height strip, under Dynamo's default recompile limit and a raised one",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -97,10 +103,35 @@ def main() -> None:
             entry["psnr_vs_stock_db"] = "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
         report["variants"][name] = entry
         print(name, entry, flush=True)
+    if args.compiled:
+        report["compiled"] = compiled_variants(vae, z, args.repeat, ref)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text)
+
+
+def compiled_variants(vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None) -> dict:
+    """compile_vae decodes: whole and one strip (rows of the first half), per Dynamo recompile limit."""
+    from flashhead.parallel.vae import decode_strip
+
+    out: dict = {}
+    rows = z.shape[-2]
+    for limit in (torch._dynamo.config.recompile_limit, 64):
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = limit
+        apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
+        with torch.no_grad():
+            ms, whole = timed_ms(lambda: vae.model.decode(z).sample, repeat)
+            strip_ms, _ = timed_ms(lambda: decode_strip(vae, z, 0, rows // 2, 0), repeat)
+        entry = {"ms": ms, "strip_half_ms": strip_ms}
+        if ref is not None:
+            mse = float((whole.float() - ref).pow(2).mean())
+            entry["psnr_vs_stock_db"] = "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
+        out[f"recompile_limit_{limit}"] = entry
+        print("compiled", limit, entry, flush=True)
+    apply_vae_switches(vae, SpeedConfig())
+    return out
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ def _db(value) -> float:
     return float("inf") if value == "inf" else float(value)
 
 
-@pytest.mark.parametrize("model", ["pro", "lite"])
-def test_two_gpu_frames_match_one_gpu(tmp_path, model):
+@pytest.mark.parametrize("model,attention", [("pro", None), ("pro", "kv_gather"), ("lite", None)])
+def test_two_gpu_frames_match_one_gpu(tmp_path, model, attention):
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "benchmarks" / "sp_bench.py"), "--model", model, "--speeds", "plain", "--seconds", "2.3",
            "--json", str(out)] + (["--lite-parts"] if model == "lite" else [])  # fmt: skip
+    cmd += ["--attention", attention] if attention else []  # None: the library's choice
     # Keep the caller's path (the device installs diffusers into its own folder) behind the repo's sources.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

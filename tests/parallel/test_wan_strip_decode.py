@@ -106,3 +106,29 @@ def test_compiled_decoder_compiles_the_strip_step_and_stays_exact():
     finally:
         vae.model.decoder._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_strip_step_keeps_three_graphs_with_every_switch():
+    """The strip's caches keep one layout, so its compiled step has one graph per cache state (none, one frame,
+    two frames) however many frames and chunks follow: every further variant was a recompile, and past Dynamo's
+    limit the decode fell back to eager (~70 s)."""
+    from torch._dynamo.utils import counters
+
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, 5, 8, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    torch._dynamo.reset()
+    counters.clear()
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
+    try:
+        assert torch._dynamo.config.recompile_limit >= 128  # the decoder's nested frames get room for their shapes
+        with torch.no_grad():
+            for _ in range(2):  # two chunks
+                top = decode_strip(vae, latent, 0, 4, 0)
+        assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+        torch.testing.assert_close(top, full[..., : 4 * 8, :], rtol=0, atol=1e-4)
+    finally:
+        apply_vae_switches(vae, SpeedConfig())
+        torch._dynamo.reset()

@@ -17,7 +17,7 @@ TOY = [  # 64 px, a couple of steps of everything, no worker processes
     "vae.height=64", "vae.width=64", "vae.batch_size=2", "vae.total_steps=2", "vae.warmup_steps=1",
     "vae.num_workers=0", "vae.stats_batches=1", "vae.max_minutes=null", "cache.batch_size=4",
     "stage1.data.height=64", "stage1.data.width=64", "stage1.data.micro_batch_size=2", "stage1.data.num_workers=0",
-    "stage1.optim.total_steps=3", "stage1.optim.warmup_steps=1", "stage1.log.interval=1",
+    "stage1.optim.total_steps=3", "stage1.optim.warmup_steps=1", "stage1.log.interval=1", "stage1.model.compile=false",
     "stage1.log.tensorboard=false", 'stage1.data.source_weights={"*": 1.0}', "export.height=64", "export.width=64",
     "stage2.data.height=64", "stage2.data.width=64", "stage2.data.micro_batch_size=1", "stage2.data.num_workers=0",
     "stage2.distill.total_steps=2", "stage2.distill.num_chunks=2", "stage2.distill.critic_ratio=1",

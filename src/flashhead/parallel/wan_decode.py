@@ -144,8 +144,20 @@ class WanStripDecoder:
         if getattr(dec, "_compiled_call_impl", None) is not None:
             self._compiled = self._compiled or torch.compile(self._frame, dynamic=False)  # one strip per rank
             step = self._compiled
-        windows = tuple(windows)
-        return torch.cat([step(x[:, :, i : i + 1], cache, windows, start, stop) for i in range(x.shape[2])], dim=2)
+        windows, frames = tuple(windows), []
+        layout = (  # the layout the decoder's convolutions work in (vae_channels_last)
+            torch.channels_last_3d
+            if dec.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            and not dec.conv_in.weight.is_contiguous()
+            else torch.contiguous_format
+        )
+        for i in range(x.shape[2]):
+            frames.append(step(x[:, :, i : i + 1], cache, windows, start, stop))
+            # One memory layout for every cached tensor: a compiled step guards on the caches' strides, and
+            # the views and copies the decoder leaves there vary (each variant was a recompile, until
+            # Dynamo's recompile limit sent the strip decode back to eager).
+            cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
+        return torch.cat(frames, dim=2)
 
     _compiled = None
 

@@ -21,6 +21,12 @@ from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
 
+# Compiled Wan decodes break their graph inside the decoder (seen on the device with torch 2.11): Dynamo then
+# compiles the residual blocks, resamples and convolutions as frames of their own, one variant per activation
+# shape, and the default limit of 8 variants per frame sent most of the decode back to eager (the log's
+# "hit config.recompile_limit (8)"). A decoder has a few dozen shapes; strips add their row counts.
+VAE_RECOMPILE_LIMIT = 128
+
 logger = logging.getLogger(__name__)
 
 
@@ -231,6 +237,11 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
+    if speed.compile_vae:  # process-wide: Dynamo has no per-function limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * VAE_RECOMPILE_LIMIT
+        )
 
 
 def quantize_fp8(dit: FlashHeadDiT) -> None:

@@ -93,7 +93,8 @@ def run_recipe(
     if last < PHASES.index("cache"):
         return {}
 
-    if cfg.data.cache and not (cache_folder / "cache.json").is_file():
+    stage1_finished = (out / "stage1" / "DONE").is_file()  # then a fresh machine need not rebuild the cache
+    if cfg.data.cache and not stage1_finished and not (cache_folder / "cache.json").is_file():
         build_cache(cfg, cache_folder, **(recipe.get("cache") or {}))
     if last < PHASES.index("stage1"):
         return {}
