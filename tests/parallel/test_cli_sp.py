@@ -13,10 +13,8 @@ import wave
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from _util import MEDIA, REPO
-from flashhead.cli import app
 
 PORTRAIT = MEDIA / "portraits" / "astronaut_woman_512.png"
 
@@ -46,12 +44,14 @@ def test_generate_sp2_matches_one_process(tmp_path):
     proc = _run(*common, "-o", str(tmp_path / "sp.mp4"), "--sp", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote") == 1  # only the leader writes and reports
-    single = CliRunner().invoke(app, ["generate", *common, "-o", str(tmp_path / "one.mp4")])
-    assert single.exit_code == 0, single.output
+    # One plain process with the same thread count: a different count changes float reductions, and the
+    # autoregressive chunks carry such rounding differences on through the whole video.
+    single = _run(*common, "-o", str(tmp_path / "one.mp4"))
+    assert single.returncode == 0, single.stderr[-3000:]
     a, fps, _ = read_video(tmp_path / "sp.mp4")
     b, _, _ = read_video(tmp_path / "one.mp4")
     assert a.shape == b.shape and len(a) == 30 and fps == 25
-    assert np.abs(a.astype(int) - b.astype(int)).mean() < 0.5
+    assert np.array_equal(a, b)  # the leader computed alone, as one process does
 
 
 def test_world_size_mismatch_is_a_clear_error(tmp_path):

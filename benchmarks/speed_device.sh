@@ -1,0 +1,31 @@
+#!/bin/bash
+# Issue 10 on one GPU (kind nvidia-h100-x1; carry .device/whl and .device/shared): the next device calls, each
+# under 10 minutes. Results in $OUT.
+#   bash benchmarks/speed_device.sh decode   # compiled Wan decode, whole and strip, recompile limit 8 vs 128,
+#                                            # with the graph breaks Dynamo reports (~4 min)
+#   bash benchmarks/speed_device.sh equiv    # the GPU equivalence test for Pro (every switch vs plain, ~9 min)
+#   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
+set -uo pipefail
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix}
+OUT=${OUT:-/tmp/speed-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
+export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
+case "$WHAT" in
+decode)
+    TORCH_LOGS=graph_breaks timeout 540 python3 benchmarks/wan_decode_bench.py --variants stock --compiled \
+        --json "$OUT/wan_decode.json" > "$OUT/decode.log" 2>&1
+    echo "rc=$?"
+    grep -E "^stock|^compiled" "$OUT/decode.log"
+    # Each distinct graph-break reason once, with its place in the code.
+    grep -A4 "Graph break" "$OUT/decode.log" | grep -E "Reason|File" | sed 's/.*\] //' | sort | uniq -c | sort -rn | head -20
+    ;;
+equiv)
+    timeout 570 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu_speed.py -k pro 2>&1 | tail -15
+    ;;
+matrix)
+    timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
+        2>&1 | tail -40
+    ;;
+*) echo "error: decode, equiv or matrix, got '$WHAT'" >&2; exit 2 ;;
+esac
