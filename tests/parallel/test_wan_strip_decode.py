@@ -112,7 +112,7 @@ def test_compiled_decoder_compiles_the_strip_step_and_stays_exact():
 def test_compiled_strip_step_keeps_three_graphs_with_every_switch():
     """The strip's caches keep one layout, so its compiled step has one graph per cache state (none, one frame,
     two frames) however many frames and chunks follow: every further variant was a recompile, and past Dynamo's
-    limit the decode fell back to eager (~70 s)."""
+    limit the decode fell back to eager (~20 s)."""
     from torch._dynamo.utils import counters
 
     vae = tiny_vae("pro")
