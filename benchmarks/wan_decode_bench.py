@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from flashhead.benchmark import timed_ms
 from flashhead.models.vae import WanVideoVAE
 from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, causal_time_context
-from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.fast_path import VAE_RECOMPILE_LIMIT, apply_vae_switches
 from flashhead.pipeline.speed import SpeedConfig
 
 STOCK_FORWARD = WanCausalConv3d.forward
@@ -99,8 +99,7 @@ def main() -> None:
         if ref is None:
             ref = out
         else:
-            mse = float((out - ref).pow(2).mean())
-            entry["psnr_vs_stock_db"] = "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
+            entry["psnr_vs_stock_db"] = psnr_db(out, ref)
         report["variants"][name] = entry
         print(name, entry, flush=True)
     if args.compiled:
@@ -111,23 +110,29 @@ def main() -> None:
         args.json.write_text(text)
 
 
+def psnr_db(out: torch.Tensor, ref: torch.Tensor) -> float | str:
+    """PSNR of a decode against the stock one, over the [-1, 1] range."""
+    mse = float((out.float() - ref).pow(2).mean())
+    return "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
+
+
 def compiled_variants(vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None) -> dict:
-    """compile_vae decodes: whole and one strip (rows of the first half), per Dynamo recompile limit."""
+    """compile_vae decodes: whole and one strip (rows of the first half), under Dynamo's default recompile
+    limit (8) and the one compile_vae sets (VAE_RECOMPILE_LIMIT)."""
     from flashhead.parallel.vae import decode_strip
 
     out: dict = {}
     rows = z.shape[-2]
-    for limit in (torch._dynamo.config.recompile_limit, 64):
+    for limit in (8, VAE_RECOMPILE_LIMIT):
         torch._dynamo.reset()
-        torch._dynamo.config.recompile_limit = limit
         apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
+        torch._dynamo.config.recompile_limit = limit  # after the switches, which raise it
         with torch.no_grad():
             ms, whole = timed_ms(lambda: vae.model.decode(z).sample, repeat)
             strip_ms, _ = timed_ms(lambda: decode_strip(vae, z, 0, rows // 2, 0), repeat)
         entry = {"ms": ms, "strip_half_ms": strip_ms}
         if ref is not None:
-            mse = float((whole.float() - ref).pow(2).mean())
-            entry["psnr_vs_stock_db"] = "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
+            entry["psnr_vs_stock_db"] = psnr_db(whole, ref)
         out[f"recompile_limit_{limit}"] = entry
         print("compiled", limit, entry, flush=True)
     apply_vae_switches(vae, SpeedConfig())

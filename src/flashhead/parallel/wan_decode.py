@@ -140,23 +140,24 @@ class WanStripDecoder:
         cache: Cache = [None] * (2 + 2 * len(dec.mid_block.resnets) + len(self.stages) * 2)  # upper bound
         # compile_vae compiles the decoder module of a one-GPU decode; the strip decode calls the decoder's
         # parts, so it compiles its own per-frame step (a graph for the first frame, one for the others).
-        step = self._frame
-        if getattr(dec, "_compiled_call_impl", None) is not None:
+        compiled = getattr(dec, "_compiled_call_impl", None) is not None
+        if compiled:
             self._compiled = self._compiled or torch.compile(self._frame, dynamic=False)  # one strip per rank
-            step = self._compiled
-        windows, frames = tuple(windows), []
+        step = self._compiled if compiled else self._frame
         layout = (  # the layout the decoder's convolutions work in (vae_channels_last)
             torch.channels_last_3d
             if dec.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
             and not dec.conv_in.weight.is_contiguous()
             else torch.contiguous_format
         )
+        windows, frames = tuple(windows), []
         for i in range(x.shape[2]):
             frames.append(step(x[:, :, i : i + 1], cache, windows, start, stop))
-            # One memory layout for every cached tensor: a compiled step guards on the caches' strides, and
-            # the views and copies the decoder leaves there vary (each variant was a recompile, until
-            # Dynamo's recompile limit sent the strip decode back to eager).
-            cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
+            if compiled:
+                # One memory layout for every cached tensor: the compiled step guards on the caches' strides,
+                # and the views and copies the decoder leaves there vary (each variant was a recompile, until
+                # Dynamo's recompile limit sent the strip decode back to eager).
+                cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
         return torch.cat(frames, dim=2)
 
     _compiled = None
