@@ -83,7 +83,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
     model = AutoencoderKLWan().to(dev, torch.bfloat16).eval()  # the Wan2.1 configuration, random weights
-    vae = WanVideoVAE(model)  # what the speed switches act on
+    vae = WanVideoVAE(model).to(dev)  # what the speed switches act on (its latent statistics on the GPU too)
     z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
     z = z.to(dev, torch.bfloat16)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent, "variants": {}}

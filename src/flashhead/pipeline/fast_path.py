@@ -18,13 +18,14 @@ import torch
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae.wan_conv import set_kernel_padding
+from flashhead.models.vae.wan_resample import set_traceable_resample
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
 
-# Compiled Wan decodes break their graph inside the decoder (seen on the device with torch 2.11): Dynamo then
-# compiles the residual blocks, resamples and convolutions as frames of their own, one variant per activation
-# shape, and the default limit of 8 variants per frame sent most of the decode back to eager (the log's
-# "hit config.recompile_limit (8)"). A decoder has a few dozen shapes; strips add their row counts.
+# A compiled Wan decoder is called once per latent frame and recompiles for each cache state it meets (empty,
+# the "Rep" marker, one frame, two frames): about 4 variants per decode shape, and the strip decoder adds its
+# row counts. Dynamo's default limit of 8 variants per frame sent the rest of the decode back to eager (the
+# device log's "hit config.recompile_limit (8)", together with the graph break that wan_resample removes).
 VAE_RECOMPILE_LIMIT = 128
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,8 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         # Per convolution instance: another pipeline's VAE in this process keeps its own. Wan VAE only.
         set_kernel_padding(model, speed.vae_conv_pad)
+        # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'.
+        set_traceable_resample(model, speed.compile_vae)
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
