@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 11 on a 2-GPU device call (kind nvidia-h100-x2; carry .device/whl and .device/shared): the transport, the
 # sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
-# then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport.
+# then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport,
+# TEST=0 the GPU test.
 #   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time both
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 set -uo pipefail
@@ -30,4 +31,4 @@ for speed in ("optimized",):
         e = {k: v for k, v in d.get(speed, {}).get(gpus, {}).items() if k not in ("profile_stream", "trace")}
         print(speed, gpus, e)
 PY
-timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
+[ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3

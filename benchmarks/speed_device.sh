@@ -3,7 +3,8 @@
 # under 10 minutes. Results in $OUT.
 #   bash benchmarks/speed_device.sh decode   # compiled Wan decode, whole and strip, recompile limit 8 vs 128,
 #                                            # with the graph breaks Dynamo reports (~4 min)
-#   bash benchmarks/speed_device.sh equiv    # the GPU equivalence test for Pro (every switch vs plain, ~9 min)
+#   bash benchmarks/speed_device.sh equiv 1  # the GPU equivalence test for Pro, the switches without compile (~9 min)
+#   bash benchmarks/speed_device.sh equiv 2  # ... the compiled ones, all together, FP8, decode_new_only (~6 min)
 #   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
 set -uo pipefail
 WHAT=${1:?usage: speed_device.sh decode|equiv|matrix}
@@ -21,7 +22,13 @@ decode)
     grep -A4 "Graph break" "$OUT/decode.log" | grep -E "Reason|File" | sed 's/.*\] //' | sort | uniq -c | sort -rn | head -20
     ;;
 equiv)
-    timeout 570 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu_speed.py -k pro 2>&1 | tail -15
+    # "pro-" and not "pro": -k matches substrings, and "approximate" holds "pro".
+    COMPILED="compile_dit or compile_vae or all or decode_new_only or fp8"
+    case "${2:-1}" in 1) K="pro- and not ($COMPILED)" ;; *) K="pro- and ($COMPILED)" ;; esac
+    K=${EQUIV_K:-$K}  # or any -k expression
+    timeout 570 python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py -k "$K" > "$OUT/equiv.log" 2>&1
+    echo "rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -40
     ;;
 matrix)
     timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \

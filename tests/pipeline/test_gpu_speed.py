@@ -12,7 +12,8 @@ Two kinds of switch:
   they are checked twice: in float32 against the plain float32 path, PSNR >= 40 dB (same computation, up to
   rounding), and in bf16 no further from plain bf16 than plain bf16 is from fp32, minus 1.5 dB.
 
-FP8 and decode_new_only are approximate by design: their PSNR is printed, not asserted.
+FP8 and decode_new_only are approximate by design: their PSNR is printed; asserted only that they take effect
+(and FP8 stays above 20 dB).
 """
 
 from __future__ import annotations
@@ -119,8 +120,6 @@ def test_exact_switch_keeps_the_frames(model, case):
 @pytest.mark.parametrize("case", list(REASSOCIATING))
 def test_reassociating_switch_computes_the_same(model, case):
     name, bf16, fp32, reference, reference32, floor = model
-    if name == "pro" and case in ("compile_vae", "all"):
-        pytest.skip("compiling the Wan2.1 decoder takes minutes: measured by benchmarks/speed_matrix.py instead")
     in_bf16 = psnr_uint8(stream_frames(bf16, REASSOCIATING[case]), reference)
     in_fp32 = math.nan
     if case not in FP32_UNSUPPORTED:
@@ -144,4 +143,7 @@ def test_approximate_switch_error_is_reported(model, case):
     assert frames.shape == reference.shape
     value = psnr_uint8(frames, reference)
     report(name, case, psnr_db=value)
-    assert np.isfinite(frames).all() and value > 10.0  # approximate, but still the same video
+    assert np.isfinite(frames).all()
+    assert math.isfinite(value)  # identical frames would mean the switch never took effect
+    if case == "fp8":  # close to the bf16 floor; decode_new_only drops decoder context, and random-weight
+        assert value > 20.0  # decoders turn that into another picture (Pro 9.7 dB): reported only
