@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +42,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from trace_stages import load_trace, stage_breakdown  # noqa: E402 (benchmarks/, the script's folder)
 
 from flashhead.benchmark import (  # noqa: E402
     BenchSettings,
@@ -152,12 +155,14 @@ def _profile(fn, top: int = 12, trace: Path | None = None) -> dict:
         fn()
         _sync()
         wall = 1000 * (time.perf_counter() - start)
-    if trace is not None:
-        raw = trace.with_suffix("")
+    # The Chrome trace, always: trace_stages charges its GPU work to the stages that launched it.
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
+        by_stage = stage_breakdown(load_trace(raw))
+        if trace is not None:
+            with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     events = prof.key_averages()
 
     def device_ms(e, total: bool = False) -> float:
@@ -170,6 +175,7 @@ def _profile(fn, top: int = 12, trace: Path | None = None) -> dict:
         "wall_ms": round(wall, 1),
         "gpu_busy_ms": round(sum(device_ms(e) for e in events), 1),
         "ops": sum(e.count for e in events),
+        "gpu_ms_by_launching_stage": by_stage,
         "top": [[e.key[:60], e.count, round(device_ms(e, total=True), 2), round(e.cpu_time_total / 1000, 2)]
                 for e in ranked],  # fmt: skip
     }

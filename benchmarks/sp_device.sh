@@ -9,8 +9,7 @@ set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
-export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi topo -m | head -4
 [ "${A2A:-1}" = 1 ] && for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL's default p2p channels, then more
     name="$OUT/a2a-${setting:+tuned}.json"

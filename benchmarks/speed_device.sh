@@ -10,8 +10,7 @@ set -uo pipefail
 WHAT=${1:?usage: speed_device.sh decode|equiv|matrix}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
-export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
+source "$(dirname "$0")/device_env.sh"
 case "$WHAT" in
 decode)
     TORCH_LOGS=graph_breaks timeout 540 python3 benchmarks/wan_decode_bench.py --variants stock --compiled \

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
+STAGE_PREFIX = "stage:"  # profiler range names
+
 
 class StageTimer:
     """Collects milliseconds per named stage: `with timer("vae_decode"): ...`.
@@ -28,7 +30,10 @@ class StageTimer:
             torch.cuda.synchronize()
         start = time.perf_counter()
         try:
-            yield
+            # Named range for profiler traces (benchmarks/trace_stages.py charges GPU work to the stage that
+            # launched it); a no-op when no profiler runs.
+            with torch.profiler.record_function(STAGE_PREFIX + name):
+                yield
         finally:
             if self.sync:
                 torch.cuda.synchronize()

@@ -93,7 +93,7 @@ def run_recipe(
     if last < PHASES.index("cache"):
         return {}
 
-    stage1_finished = (out / "stage1" / "DONE").is_file()  # then a fresh machine need not rebuild the cache
+    stage1_finished = done_marker(out / "stage1").is_file()  # then a fresh machine need not rebuild the cache
     if cfg.data.cache and not stage1_finished and not (cache_folder / "cache.json").is_file():
         build_cache(cfg, cache_folder, **(recipe.get("cache") or {}))
     if last < PHASES.index("stage1"):
@@ -133,10 +133,15 @@ def run_recipe(
     return summary
 
 
+def done_marker(run_dir: Path) -> Path:
+    """The file that says a training phase reached its steps (holds the step count)."""
+    return run_dir / "DONE"
+
+
 def resume_until_done(run_dir: Path, train_call: Any, total_steps: int) -> Path:
     """Run (or resume) a training phase unless `run_dir/DONE` exists; write DONE once it reaches `total_steps`
     (a spent time budget or a crash leaves it unwritten: the next call resumes from the checkpoint)."""
-    done = run_dir / "DONE"
+    done = done_marker(run_dir)
     if not done.is_file():
         result = train_call()
         if result.step >= total_steps:

@@ -1,0 +1,102 @@
+"""Which stage launched each piece of GPU work in a torch.profiler Chrome trace, and what ran outside every stage.
+
+    python benchmarks/trace_stages.py trace.json.gz        # prints JSON
+
+`StageTimer` wraps each pipeline stage in `record_function("stage:<name>")`. A kernel (or copy / memset) belongs
+to the stage whose host range holds the runtime call that launched it (Kineto links the two by their
+`correlation` id; a CUDA-graph replay's kernels link to the graph launch). Per chunk that splits the GPU's busy
+time into the stages and the rest, the part a per-stage table cannot show (sp_bench: ~64 ms per 2-GPU chunk
+outside the stages), with the rest's biggest kernels by name.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from flashhead.pipeline.timing import STAGE_PREFIX
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+OUTSIDE = "(outside every stage)"
+
+
+def load_trace(path: str | Path) -> dict:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals (microseconds in, milliseconds out)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1000
+
+
+def stage_breakdown(trace: dict, top: int = 12) -> dict:
+    """GPU milliseconds per launching stage, GPU busy and span time, and the biggest kernels outside the stages."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    # Stage ranges per host thread, sorted by start: the innermost range holding a launch is the last one
+    # starting before it that has not ended yet.
+    ranges: dict[tuple, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(STAGE_PREFIX):
+            ranges[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"], e["name"][len(STAGE_PREFIX) :]))
+    for spans in ranges.values():
+        spans.sort()
+    starts = {key: [s[0] for s in spans] for key, spans in ranges.items()}
+    launches = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            launches[e["args"]["correlation"]] = (e["pid"], e["tid"], e["ts"])
+
+    def stage_of(correlation) -> str:
+        if correlation not in launches:
+            return OUTSIDE
+        pid, tid, ts = launches[correlation]
+        spans = ranges.get((pid, tid), [])
+        for i in range(bisect.bisect_right(starts.get((pid, tid), []), ts) - 1, -1, -1):
+            if ts <= spans[i][1]:
+                return spans[i][2]
+            if i < len(spans) - 8:  # stages nest a level or two at most: no need to look further back
+                break
+        return OUTSIDE
+
+    by_stage: dict[str, float] = defaultdict(float)
+    outside: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    busy: dict[object, list[tuple[float, float]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES:
+            continue
+        stage = stage_of(e.get("args", {}).get("correlation"))
+        by_stage[stage] += e["dur"] / 1000
+        if stage == OUTSIDE:
+            outside[e["name"][:80]][0] += 1
+            outside[e["name"][:80]][1] += e["dur"] / 1000
+        busy[e.get("args", {}).get("device", e.get("pid"))].append((e["ts"], e["ts"] + e["dur"]))
+    spans = {
+        str(device): {
+            "busy_ms": round(_union_ms(intervals), 2),
+            "span_ms": round((max(b for _, b in intervals) - min(a for a, _ in intervals)) / 1000, 2),
+        }
+        for device, intervals in busy.items()
+    }
+    ranked = sorted(outside.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return {
+        "gpu_ms_by_stage": {k: round(v, 2) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])},
+        "devices": spans,
+        "outside_top": [[name, int(count), round(ms, 2)] for name, (count, ms) in ranked],
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: trace_stages.py TRACE.json[.gz]")
+    print(json.dumps(stage_breakdown(load_trace(sys.argv[1])), indent=1))

@@ -1,0 +1,74 @@
+"""benchmarks/trace_stages.py: GPU work is charged to the stage whose host range launched it (by Kineto's
+correlation ids), the rest is listed by kernel, busy time is the union of kernel intervals; and StageTimer
+leaves the named ranges it relies on in a real profiler trace."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from flashhead.pipeline.timing import StageTimer
+
+
+def trace_stages():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "trace_stages.py"
+    spec = importlib.util.spec_from_file_location("trace_stages", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def x(cat, name, ts, dur, pid=1, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+
+def test_kernels_are_charged_to_the_launching_stage():
+    events = [
+        x("user_annotation", "stage:dit", 0, 100),
+        x("user_annotation", "stage:vae_decode", 200, 100),
+        x("user_annotation", "stage:color_correction", 220, 10),  # nested inside the decode range
+        x("cuda_runtime", "cudaLaunchKernel", 10, 1, correlation=1),
+        x("cuda_runtime", "cudaGraphLaunch", 50, 1, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", 150, 1, correlation=3),  # between the stages
+        x("cuda_runtime", "cudaLaunchKernel", 225, 1, correlation=4),  # in the nested range
+        x("cuda_runtime", "cudaLaunchKernel", 250, 1, correlation=5),  # in the decode, after the nested range
+        x("cuda_runtime", "cudaMemcpyAsync", 160, 1, correlation=6),
+        x("user_annotation", "stage:dit", 0, 1000, tid=2),  # another thread's range holds no launch of tid 1
+        x("kernel", "gemm", 20, 3000, pid=0, tid=7, correlation=1, device=0),
+        x("kernel", "graph_kernel", 3100, 1000, pid=0, tid=7, correlation=2, device=0),
+        x("kernel", "to_uint8", 5000, 500, pid=0, tid=7, correlation=3, device=0),
+        x("kernel", "to_uint8", 5200, 500, pid=0, tid=8, correlation=3, device=0),  # overlaps the one before
+        x("kernel", "match_colors", 6000, 200, pid=0, tid=7, correlation=4, device=0),
+        x("kernel", "conv", 6300, 700, pid=0, tid=7, correlation=5, device=0),
+        x("gpu_memcpy", "Memcpy DtoH", 7000, 1000, pid=0, tid=9, correlation=6, device=0),
+        x("kernel", "unlaunched", 9000, 100, pid=0, tid=7, correlation=99, device=0),
+    ]
+    report = trace_stages().stage_breakdown({"traceEvents": events})
+    assert report["gpu_ms_by_stage"] == {
+        "dit": 4.0, "(outside every stage)": 2.1, "vae_decode": 0.7, "color_correction": 0.2,
+    }  # fmt: skip
+    assert report["outside_top"] == [["to_uint8", 2, 1.0], ["Memcpy DtoH", 1, 1.0], ["unlaunched", 1, 0.1]]
+    # Busy (microseconds): 20..3020, 3100..4100, 5000..5700 (two overlapping kernels), 6000..6200, 6300..8000,
+    # 9000..9100; the span runs from 20 to 9100.
+    assert report["devices"]["0"] == {"busy_ms": 6.7, "span_ms": 9.08}
+
+
+def test_stage_timer_ranges_reach_the_profiler_trace(tmp_path):
+    timer = StageTimer(sync=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with timer("dit"):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+        with timer("vae_decode"):
+            torch.randn(8, 8).sum()
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    trace = trace_stages().load_trace(path)
+    names = [e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"]
+    assert names.count("stage:dit") == 1 and names.count("stage:vae_decode") == 1
+    assert set(timer.summary()) == {"dit", "vae_decode"}
+    # No GPU here: nothing to charge, but the report is well formed (and JSON).
+    report = trace_stages().stage_breakdown(trace)
+    assert report["gpu_ms_by_stage"] == {} and report["devices"] == {} and json.dumps(report)
