@@ -237,9 +237,10 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         set_kernel_padding(model, speed.vae_conv_pad)
         # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'.
         set_traceable_resample(model, speed.compile_vae)
-    decoder = getattr(model, "decoder", None)
-    if decoder is not None:
-        _compile(decoder, speed.compile_mode) if speed.compile_vae else _uncompile(decoder)
+    # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
+    for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
+        if net is not None:
+            _compile(net, speed.compile_mode) if speed.compile_vae else _uncompile(net)
     if speed.compile_vae:  # process-wide: Dynamo has no per-function limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
         torch._dynamo.config.accumulated_recompile_limit = max(

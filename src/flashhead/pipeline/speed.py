@@ -38,7 +38,7 @@ class SpeedConfig:
             done inside the convolution kernel instead of by a padded copy of every activation (H200, Pro chunk
             decode 465 -> 425 ms, 375 ms with vae_channels_last). No effect on the LTX (Lite) VAE.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
-        compile_vae: torch.compile the VAE decoder.
+        compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
         compile_mode: torch.compile mode for the switches above.
         cuda_graphs: capture the whole 4-step denoising loop of a chunk in one CUDA graph per batch size
