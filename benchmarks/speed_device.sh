@@ -6,8 +6,10 @@
 #   bash benchmarks/speed_device.sh equiv 1  # the GPU equivalence test for Pro, the switches without compile (~9 min)
 #   bash benchmarks/speed_device.sh equiv 2  # ... the compiled ones, all together, FP8, decode_new_only (~6 min)
 #   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
+#   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
+#                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -33,5 +35,10 @@ matrix)
     timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
         2>&1 | tail -40
     ;;
-*) echo "error: decode, equiv or matrix, got '$WHAT'" >&2; exit 2 ;;
+cold)
+    # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
+    timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
+        2>&1 | tail -4
+    ;;
+*) echo "error: decode, equiv, matrix or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

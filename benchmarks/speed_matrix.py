@@ -10,6 +10,7 @@ configuration as it finishes and writes, under --out (default $OUT or ./speed_ma
 
 Usage (device):  PYTHONPATH=src python benchmarks/speed_matrix.py            # Lite + Pro, ~7 min on an H100
 Plot again:      python benchmarks/speed_matrix.py --plot-only speed_matrix.json
+Cold starts:     python benchmarks/speed_matrix.py --models pro --cold-only   # fresh caches, then warm ones
 Each model gets a time budget; configurations that would start after it are recorded as skipped.
 """
 
@@ -21,6 +22,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,6 +242,26 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def spawn_cold_start(model: str, switches: dict, env: dict, left: float, label: str) -> dict:
+    """One cold start in a fresh process (`cold_start` above), given `left` seconds: its row, or why there is none."""
+    if left < 30:
+        return {"model": model, "row": label, "skipped": f"{left:.0f} s of the run left"}
+    spawn = time.time()
+    cmd = [sys.executable, __file__, "--cold", model, "--cold-switches", json.dumps(switches)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "row": label, "error": f"no first frame within {left:.0f} s"}
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("COLD ")), None)
+    if line is None:
+        return {"model": model, "row": label, "error": proc.stderr.strip().splitlines()[-1:]}
+    marks = json.loads(line[5:])
+    row = {"model": model, "row": label, "switches": switches,
+           **{f"{k}_s": round(v - spawn, 1) for k, v in marks.items()}}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="lite,pro")
@@ -250,6 +272,8 @@ def main() -> None:
     parser.add_argument("--no-streams", action="store_true", help="skip the batched-streams search")
     parser.add_argument("--audio", help="16 kHz mono speech WAV (default: ../shared/media; else a synthetic voice)")
     parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only the cold starts of --optimized: empty compile caches, then the caches it left")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cold", help=argparse.SUPPRESS)
     parser.add_argument("--cold-switches", default="{}", help=argparse.SUPPRESS)
@@ -281,7 +305,7 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     started = time.time()
     rows: list[dict] = []
-    for model in args.models.split(","):
+    for model in [] if args.cold_only else args.models.split(","):
         sink = args.out / f"rows_{model}.jsonl"
         sink.unlink(missing_ok=True)
         # The model's own budget, cut so that what is left of the run still fits (cold starts: ~40 s each).
@@ -296,33 +320,23 @@ def main() -> None:
         rows += [json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else []
         if code:
             rows.append({"model": model, "row": "process", "error": f"exit code {code}"})
-    if not args.no_cold_start:
+    if args.cold_only:  # a fresh process with empty compile caches, then one with the caches the first left
+        from flashhead.pipeline.speed import SpeedConfig
+
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashhead_inductor_")
+        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashhead_triton_")
+        switches = SpeedConfig.optimized().to_dict()
+        for model in args.models.split(","):
+            for label in ("cold_start (empty compile cache)", "cold_start"):
+                rows.append(spawn_cold_start(model, switches, env, args.deadline - (time.time() - started), label))
+    elif not args.no_cold_start:
         for model in args.models.split(","):
             # The fastest configuration the ladder reached for this model (its compile artefacts are cached).
             kept = [r for r in rows if r.get("model") == model and "steady_fps" in r and "+" in r["row"][:1]]
             kept = [r for r in kept if not r["row"].startswith(("+attention=flash", "+attention=fa3"))]
             switches = kept[-1]["switches"] if kept else {}
-            left = args.deadline - (time.time() - started)
-            if left < 30:
-                rows.append({"model": model, "row": "cold_start", "skipped": f"{left:.0f} s of the run left"})
-                continue
-            spawn = time.time()
-            cmd = [sys.executable, __file__, "--cold", model, "--cold-switches", json.dumps(switches)]
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=min(left, 150))
-            except subprocess.TimeoutExpired:
-                error = f"no first frame within {min(left, 150):.0f} s"
-                rows.append({"model": model, "row": "cold_start", "error": error})
-                continue
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("COLD ")), None)
-            if line is None:
-                rows.append({"model": model, "row": "cold_start", "error": proc.stderr.strip().splitlines()[-1:]})
-                continue
-            marks = json.loads(line[5:])
-            row = {"model": model, "row": "cold_start", "switches": switches,
-                   **{f"{k}_s": round(v - spawn, 1) for k, v in marks.items()}}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            left = min(args.deadline - (time.time() - started), 150)
+            rows.append(spawn_cold_start(model, switches, env, left, "cold_start"))
     result = {"total_seconds": round(time.time() - started, 1), "psnr_required_db": PSNR_REQUIRED, "rows": rows}
     tmp = args.out / "speed_matrix.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
