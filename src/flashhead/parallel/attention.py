@@ -18,8 +18,8 @@ size) and gets back the attention output of the same shard, equal to attention o
   log-sum-exp (cuDNN, else memory-efficient, on CUDA; flash on the CPU).
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
-  not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Computed in float32 with a plain matmul
-  softmax (query blocks bound the memory), so it is the slower fallback.
+  not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Blocks are attended and merged as in KV gather
+  (fused kernels with their log-sum-exp); N - 1 point-to-point steps instead of one all-gather.
 """
 
 from __future__ import annotations
@@ -218,24 +218,14 @@ def kv_gather_attention(q, k, v, sizes: Sequence[int], rank: int, group=None) ->
     return merge_attention(outs, lses).transpose(1, 2)
 
 
-def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int):
-    """(out (B, H, s, d), lse (B, H, s)) of q (B, H, s, d) against one k / v block, in float32."""
-    scale = q.shape[-1] ** -0.5
-    outs, lses = [], []
-    for qb in q.split(query_block, dim=2):
-        scores = torch.matmul(qb.float(), k.float().transpose(-1, -2)) * scale
-        lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()))
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+def ring_attention(q, k, v, sizes: Sequence[int], rank: int, group=None) -> torch.Tensor:
+    """Attention of a sequence shard against the whole sequence, passing k / v around the ring (any heads).
 
-
-def ring_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, query_block: int = 1024):
-    """Attention of a sequence shard against the whole sequence, passing k / v around the ring (any heads)."""
+    Each block is attended with the fused kernels of KV gather and the blocks are merged the same way."""
     n = len(sizes)
     qh = q.transpose(1, 2)  # (B, H, s, d)
     kv = torch.stack([k, v]).transpose(2, 3).contiguous()  # (2, B, H, s_rank, d)
-    out = lse = None
+    outs, lses = [None] * n, [None] * n  # by the rank that owns the block, as KV gather merges them
     nxt, prv = (rank + 1) % n, (rank - 1) % n
     to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     for step in range(n):
@@ -245,18 +235,12 @@ def ring_attention(q, k, v, sizes: Sequence[int], rank: int, group=None, query_b
             incoming = kv.new_empty((*kv.shape[:3], sizes[(owner - 1) % n], kv.shape[-1]))
             send = dist.P2POp(dist.isend, kv, to_global(nxt), group)
             pending = dist.batch_isend_irecv([send, dist.P2POp(dist.irecv, incoming, to_global(prv), group)])
-        block_out, block_lse = _block_attention(qh, kv[0], kv[1], query_block)
-        if out is None:
-            out, lse = block_out, block_lse
-        else:  # exact merge of two softmax-normalised partial results
-            merged = torch.logaddexp(lse, block_lse)
-            out = out * torch.exp(lse - merged)[..., None] + block_out * torch.exp(block_lse - merged)[..., None]
-            lse = merged
+        outs[owner], lses[owner] = attention_with_lse(qh, kv[0], kv[1])
         for work in pending:
             work.wait()
         if pending:
             kv = incoming
-    return out.transpose(1, 2).to(q.dtype)
+    return merge_attention(outs, lses).transpose(1, 2)
 
 
 class SequenceParallelAttention:
