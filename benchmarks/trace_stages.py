@@ -62,11 +62,10 @@ def stage_breakdown(trace: dict, top: int = 12) -> dict:
             return OUTSIDE
         pid, tid, ts = launches[correlation]
         spans = ranges.get((pid, tid), [])
-        for i in range(bisect.bisect_right(starts.get((pid, tid), []), ts) - 1, -1, -1):
+        last = bisect.bisect_right(starts.get((pid, tid), []), ts) - 1
+        for i in range(last, max(last - 8, -1), -1):  # stages nest a level or two at most: 8 back is plenty
             if ts <= spans[i][1]:
                 return spans[i][2]
-            if i < len(spans) - 8:  # stages nest a level or two at most: no need to look further back
-                break
         return OUTSIDE
 
     by_stage: dict[str, float] = defaultdict(float)

@@ -31,7 +31,7 @@ class StageTimer:
         start = time.perf_counter()
         try:
             # Named range for profiler traces (benchmarks/trace_stages.py charges GPU work to the stage that
-            # launched it); a no-op when no profiler runs.
+            # launched it); next to free when no profiler runs.
             with torch.profiler.record_function(STAGE_PREFIX + name):
                 yield
         finally:
