@@ -5,8 +5,8 @@
 `StageTimer` wraps each pipeline stage in `record_function("stage:<name>")`. A kernel (or copy / memset) belongs
 to the stage whose host range holds the runtime call that launched it (Kineto links the two by their
 `correlation` id; a CUDA-graph replay's kernels link to the graph launch). Per chunk that splits the GPU's busy
-time into the stages and the rest, the part a per-stage table cannot show (sp_bench: ~64 ms per 2-GPU chunk
-outside the stages), with the rest's biggest kernels by name.
+time into the stages and the rest, the part a per-stage table cannot show (sp_bench: ~20 ms per chunk outside
+the timed stages on 1 and 2 GPUs), with the rest's biggest kernels by name.
 """
 
 from __future__ import annotations
