@@ -112,18 +112,38 @@ class WanStripEncoder:
     def features(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Video (B, 3, T, H, W) in [-1, 1] -> mid-block input rows [start, stop): (B, C, T', stop - start, W / 8)."""
         rows = x.shape[-2] // self.scale
-        windows = row_windows(self.stages, rows, start, stop)
+        windows = tuple(row_windows(self.stages, rows, start, stop))
         cache: Cache = [None] * (2 * len(self.stages) + 1)  # upper bound: at most two causal convs per stage
+        # compile_vae compiles the encoder module of a one-GPU encode; the strip encode calls the encoder's parts,
+        # so it compiles its own per-chunk step (a graph for the first frame, one for the 4-frame chunks).
+        enc = self.model.encoder
+        compiled = getattr(enc, "_compiled_call_impl", None) is not None
+        if compiled:
+            self._compiled = self._compiled or torch.compile(self._chunk, dynamic=False)  # one strip per rank
+        step = self._compiled if compiled else self._chunk
+        layout = (  # the layout the encoder's convolutions work in (vae_channels_last)
+            torch.channels_last_3d
+            if enc.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            and not enc.conv_in.weight.is_contiguous()
+            else torch.contiguous_format
+        )
         out = []
         for chunk in self.chunks(x.shape[2]):
-            idx = [0]
-            h = x[:, :, chunk]
-            offset = 0  # absolute row of h's first row, at the current resolution
-            for stage, (lo, hi) in zip(self.stages, windows, strict=True):
-                h = stage.run(h[..., lo - offset : hi - offset, :], cache, idx)
-                offset = lo // stage.stride
-            out.append(h[..., start - offset : stop - offset, :])
+            out.append(step(x[:, :, chunk], cache, windows, start, stop))
+            if compiled:  # one memory layout for every cached tensor, as WanStripDecoder does (no recompiles)
+                cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
         return torch.cat(out, dim=2)
+
+    _compiled = None
+
+    def _chunk(self, h: torch.Tensor, cache: Cache, windows: tuple, start: int, stop: int) -> torch.Tensor:
+        """One time chunk (as diffusers' _encode loop) -> this strip's mid-block input rows; updates the caches."""
+        idx = [0]
+        offset = 0  # absolute row of h's first row, at the current resolution
+        for stage, (lo, hi) in zip(self.stages, windows, strict=True):
+            h = stage.run(h[..., lo - offset : hi - offset, :], cache, idx)
+            offset = lo // stage.stride
+        return h[..., start - offset : stop - offset, :]
 
     @torch.no_grad()
     def finish(self, features: torch.Tensor) -> torch.Tensor:
