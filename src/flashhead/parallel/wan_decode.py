@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -121,6 +122,30 @@ def row_windows(stages: list[Stage], rows: int, start: int, stop: int) -> list[t
     return windows[::-1]
 
 
+def strip_step(holder: Any, net: nn.Module, eager: Callable) -> tuple[Callable, torch.memory_format | None]:
+    """The step a strip runs per frame / time chunk, and the memory layout to keep its caches in.
+
+    Eager as it is unless compile_vae compiled `net` (the whole decoder / encoder, which a strip never calls):
+    then `eager` compiled once per `holder` (`holder._compiled`; one strip per rank), with the layout of `net`'s
+    convolutions (vae_channels_last). The layout is None when nothing needs keeping.
+    """
+    if getattr(net, "_compiled_call_impl", None) is None:
+        return eager, None
+    if holder._compiled is None:
+        holder._compiled = torch.compile(eager, dynamic=False)
+    weight = net.conv_in.weight
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    return holder._compiled, torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def keep_cache_layout(cache: Cache, layout: torch.memory_format | None) -> None:
+    """One memory layout for every cached tensor of a compiled strip step: the step guards on the caches'
+    strides, and the views and copies the layers leave there vary (each variant was a recompile, until Dynamo's
+    recompile limit sent the strip back to eager)."""
+    if layout is not None:
+        cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
+
+
 class WanStripDecoder:
     """Decodes pixel rows [start * 8, stop * 8) of a Wan2.1 latent, equal to the same rows of a full decode."""
 
@@ -140,24 +165,11 @@ class WanStripDecoder:
         cache: Cache = [None] * (2 + 2 * len(dec.mid_block.resnets) + len(self.stages) * 2)  # upper bound
         # compile_vae compiles the decoder module of a one-GPU decode; the strip decode calls the decoder's
         # parts, so it compiles its own per-frame step (a graph for the first frame, one for the others).
-        compiled = getattr(dec, "_compiled_call_impl", None) is not None
-        if compiled:
-            self._compiled = self._compiled or torch.compile(self._frame, dynamic=False)  # one strip per rank
-        step = self._compiled if compiled else self._frame
-        layout = (  # the layout the decoder's convolutions work in (vae_channels_last)
-            torch.channels_last_3d
-            if dec.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
-            and not dec.conv_in.weight.is_contiguous()
-            else torch.contiguous_format
-        )
+        step, layout = strip_step(self, dec, self._frame)
         windows, frames = tuple(windows), []
         for i in range(x.shape[2]):
             frames.append(step(x[:, :, i : i + 1], cache, windows, start, stop))
-            if compiled:
-                # One memory layout for every cached tensor: the compiled step guards on the caches' strides,
-                # and the views and copies the decoder leaves there vary (each variant was a recompile, until
-                # Dynamo's recompile limit sent the strip decode back to eager).
-                cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
+            keep_cache_layout(cache, layout)
         return torch.cat(frames, dim=2)
 
     _compiled = None

@@ -29,7 +29,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample, WanRes
 from torch import nn
 
 from flashhead.errors import ConfigError
-from flashhead.parallel.wan_decode import Cache, _cached_conv, _conv_rows
+from flashhead.parallel.wan_decode import Cache, _cached_conv, _conv_rows, keep_cache_layout, strip_step
 
 FRAMES_PER_CHUNK = 4  # the encoder's time chunks after the first frame, as diffusers' _encode
 
@@ -116,22 +116,11 @@ class WanStripEncoder:
         cache: Cache = [None] * (2 * len(self.stages) + 1)  # upper bound: at most two causal convs per stage
         # compile_vae compiles the encoder module of a one-GPU encode; the strip encode calls the encoder's parts,
         # so it compiles its own per-chunk step (a graph for the first frame, one for the 4-frame chunks).
-        enc = self.model.encoder
-        compiled = getattr(enc, "_compiled_call_impl", None) is not None
-        if compiled:
-            self._compiled = self._compiled or torch.compile(self._chunk, dynamic=False)  # one strip per rank
-        step = self._compiled if compiled else self._chunk
-        layout = (  # the layout the encoder's convolutions work in (vae_channels_last)
-            torch.channels_last_3d
-            if enc.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
-            and not enc.conv_in.weight.is_contiguous()
-            else torch.contiguous_format
-        )
+        step, layout = strip_step(self, self.model.encoder, self._chunk)
         out = []
         for chunk in self.chunks(x.shape[2]):
             out.append(step(x[:, :, chunk], cache, windows, start, stop))
-            if compiled:  # one memory layout for every cached tensor, as WanStripDecoder does (no recompiles)
-                cache[:] = [c.contiguous(memory_format=layout) if isinstance(c, torch.Tensor) else c for c in cache]
+            keep_cache_layout(cache, layout)
         return torch.cat(out, dim=2)
 
     _compiled = None

@@ -52,10 +52,18 @@ def set_kernel_padding(model: nn.Module, on: bool) -> int:
 
     Models without Wan causal convolutions (the LTX VAE) are left as they are (0).
     """
-    target = KernelPaddedCausalConv3d if on else WanCausalConv3d
+    return swap_class(model, WanCausalConv3d, KernelPaddedCausalConv3d, on)
+
+
+def swap_class(model: nn.Module, stock: type, variant: type, on: bool) -> int:
+    """Give every module of `model` that is exactly `stock` or `variant` the class `variant` (`on`) or `stock`.
+
+    The per-instance switch of this package's Wan layer variants (same weights, another forward); returns how many.
+    """
+    target = variant if on else stock
     count = 0
     for module in model.modules():
-        if type(module) in (WanCausalConv3d, KernelPaddedCausalConv3d):
+        if type(module) in (stock, variant):
             module.__class__ = target
             count += 1
     return count

@@ -18,6 +18,8 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanResample
 from torch import nn
 
+from flashhead.models.vae.wan_conv import swap_class
+
 
 class TraceableWanResample(WanResample):
     """`WanResample` whose upsample3d cache logic has no tensor-vs-string comparison; same arithmetic."""
@@ -48,10 +50,4 @@ class TraceableWanResample(WanResample):
 
 def set_traceable_resample(model: nn.Module, on: bool) -> int:
     """Turn every Wan resample layer of `model` into the traceable one (`on`) or back; returns how many."""
-    target = TraceableWanResample if on else WanResample
-    count = 0
-    for module in model.modules():
-        if type(module) in (WanResample, TraceableWanResample):
-            module.__class__ = target
-            count += 1
-    return count
+    return swap_class(model, WanResample, TraceableWanResample, on)
