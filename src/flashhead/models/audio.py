@@ -253,7 +253,9 @@ def prepare_waveform(
 # Per-frame windows
 
 
-def window_indices(start: int, end: int, window: int = 5, clamp_end: int | None = None) -> torch.Tensor:
+def window_indices(
+    start: int, end: int, window: int = 5, clamp_end: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Feature-frame indices of the windows of frames [start, end): (end - start, window), int64.
 
     Frame i gets i + (-w//2 .. +w//2), clamped to [0, clamp_end - 1]. `clamp_end` defaults to `end`:
@@ -261,8 +263,8 @@ def window_indices(start: int, end: int, window: int = 5, clamp_end: int | None 
     streaming chunk repeat frame end - 1 instead of looking ahead.
     """
     half = window // 2
-    offsets = torch.arange(window) - half
-    indices = torch.arange(start, end).unsqueeze(1) + offsets
+    offsets = torch.arange(window, device=device) - half
+    indices = torch.arange(start, end, device=device).unsqueeze(1) + offsets
     return indices.clamp_(0, (end if clamp_end is None else clamp_end) - 1)
 
 
@@ -290,7 +292,9 @@ def audio_windows(
     limit = end if clamp_end is None else clamp_end
     if not 0 <= start < end <= limit <= num_frames:
         raise ValueError(f"bad frame range [{start}, {end}) clamped below {limit} for {num_frames} feature frames")
-    return features[window_indices(start, end, window, limit).to(features.device)]
+    # Built where the features are: a host-made index tensor would need a blocking copy, which on a side
+    # CUDA stream stalls the host until all the stream's queued work (the whole audio encoder) has run.
+    return features[window_indices(start, end, window, limit, device=features.device)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,7 +454,7 @@ class Wav2VecEncoder(nn.Module):
         waveform = torch.as_tensor(waveform)
         batched = waveform.ndim == 2
         samples = waveform if batched else waveform.unsqueeze(0)
-        samples = samples.to(device=self.device, dtype=torch.float32)
+        samples = samples.to(device=self.device, dtype=torch.float32, non_blocking=True)  # async from pinned memory
         num_frames = self.config.frames_for(samples.shape[-1])
         if num_frames < 1:
             raise AudioError(

@@ -72,7 +72,7 @@ class ChunkResult:
 class ChunkNoise:
     """One stream's noise for one chunk, drawn in the official order: initial noise, then one per step."""
 
-    initial: torch.Tensor  # (1, C, F, h, w) float32 on the host
+    initial: torch.Tensor  # (1, C, F, h, w) float32 on the host (on the device once staged: stage_noise)
     renoise: list[torch.Tensor] | None  # one like `initial` per step (None for the Euler sampler)
 
 
@@ -280,6 +280,20 @@ class FlashHeadPipeline:
         initial = randn()
         renoise = None if cfg.use_euler else [randn() for _ in range(cfg.num_inference_steps)]
         return ChunkNoise(initial, renoise)
+
+    def stage_noise(self, noise: ChunkNoise) -> ChunkNoise:
+        """Start copying drawn (pinned) noise to the device now, e.g. during the chunk before the one it is for.
+
+        The copies queue behind the work already launched, so the next chunk finds its noise on the device
+        instead of the host copying it piece by piece between the chunks, while the GPU waits.
+        """
+        if not (self.device.type == "cuda" and noise.initial.is_pinned()):
+            return noise
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        return ChunkNoise(move(noise.initial), None if noise.renoise is None else [move(r) for r in noise.renoise])
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -516,6 +530,8 @@ class FlashHeadPipeline:
         With pinned_memory the concatenation is written into pinned memory and copied without blocking
         the host (the caching host allocator keeps the buffer alive until the copy has run).
         """
+        if any(t.device == self.device for t in tensors):  # staged ahead (stage_noise), maybe with fresh ones
+            return torch.cat([t.to(self.device, non_blocking=True) for t in tensors]).to(self.dtype)
         if self.speed.pinned_memory and self.device.type == "cuda":
             shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
             staged = torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))

@@ -386,7 +386,7 @@ class StreamEngine:
         finals = [s.ended and s.buffered_samples == 0 for s in ready]
         # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
         for s in ready:
-            s.noise_ahead = pipe.draw_noise(s.generator) if speed.pinned_memory else None
+            s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
         if speed.audio_stream and pipe.device.type == "cuda":
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         frames_all = frames_to_host(
@@ -414,6 +414,8 @@ class StreamEngine:
     def _encode_audio(self, sessions: list[StreamSession]) -> list[torch.Tensor]:
         """One audio-encoder call for the sessions' (already appended) FIFOs -> each one's chunk context."""
         buffers = torch.stack([s.cache.buffer for s in sessions])
+        if self.pipeline.device.type == "cuda":
+            buffers = buffers.pin_memory()  # copied without blocking the host (it may be a side stream's turn)
         features = self.pipeline.audio_encoder(buffers)  # (B, S, L, H)
         return [s.cache.context(f) for s, f in zip(sessions, features, strict=True)]
 
@@ -423,7 +425,9 @@ class StreamEngine:
         if not sessions:
             return
         if not hasattr(self, "_audio_stream"):
-            self._audio_stream = torch.cuda.Stream()
+            # High priority: its kernels are small and get SMs as the decode's free up, so the audio is ready
+            # when the next chunk's DiT needs it instead of running after the decode, on the critical path.
+            self._audio_stream = torch.cuda.Stream(priority=-1)
         side = self._audio_stream  # no wait on the main stream: the inputs are host samples and fixed weights
         taken = [s.take_slice() for s in sessions]
         for s, (samples, _) in zip(sessions, taken, strict=True):
