@@ -198,7 +198,8 @@ def split_settings(pipe, group, args) -> dict:
     heads = pipe.dit.config.num_heads
     groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
     return {"attention": args.attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
-            "head_groups": groups if heads % group.world_size == 0 and args.attention in (None, "ulysses") else None,
+            "head_groups": groups if heads % group.world_size == 0 and args.attention in (None, "ulysses", "x_gather")
+            else None,
             "split_encode": splits_encode(pipe.vae)}  # fmt: skip
 
 
@@ -230,9 +231,14 @@ def measure_parts(pipe, group, args) -> dict:
         out["dit_ms_split_1_head_group"], _ = timed_ms(lambda: one_group(x, t, context, y), 3)
         sp = SequenceParallelDiT(pipe.dit, group, head_groups=args.head_groups, method=args.attention)
         out["dit_ms_split"], split_v = timed_ms(lambda: sp(x, t, context, y), 3)
-        if args.attention != "kv_gather":  # the other split of self-attention, for comparison
-            kv = SequenceParallelDiT(pipe.dit, group, method="kv_gather")
-            out["dit_ms_split_kv_gather"], kv_v = timed_ms(lambda: kv(x, t, context, y), 3)
+        others = {}
+        chosen = args.attention or sp.attention.method
+        for method in ("ulysses", "kv_gather", "x_gather"):  # the other splits of self-attention, for comparison
+            if method != chosen and not (method != "kv_gather" and d.num_heads % group.world_size):
+                other = SequenceParallelDiT(pipe.dit, group, method=method)
+                out[f"dit_ms_split_{method}"], others[method] = timed_ms(lambda: other(x, t, context, y), 3)  # noqa: B023
+                other.uninstall()
+        sp.install()  # the last one built swapped the blocks' self-attention
         out["decode_ms_split"], split = timed_ms(lambda: split_decode(pipe.vae, x, group), 2)
         if splits_encode(pipe.vae):
             out["encode_ms_split"], split_enc = timed_ms(lambda: split_encode(pipe.vae, motion, group), 2)
@@ -243,8 +249,8 @@ def measure_parts(pipe, group, args) -> dict:
             out["decode_speedup"] = round(out["decode_ms_1_gpu"] / out["decode_ms_split"], 3)
             # One DiT forward, split against whole: the core models' bf16 tolerance is rel-L2 <= 2e-2 (docs/models.md)
             out["dit_split_rel_l2"] = float((split_v.float() - full_v.float()).norm() / full_v.float().norm())
-            if "dit_ms_split_kv_gather" in out:
-                out["dit_kv_gather_rel_l2"] = float((kv_v.float() - full_v.float()).norm() / full_v.float().norm())
+            for method, v in others.items():
+                out[f"dit_{method}_rel_l2"] = float((v.float() - full_v.float()).norm() / full_v.float().norm())
             if "encode_ms_split" in out:
                 out["encode_speedup"] = round(out["encode_ms_1_gpu"] / out["encode_ms_split"], 3)
                 out["encode_split_max_abs"] = float((split_enc.float() - full_enc.float()).abs().max())
@@ -360,7 +366,7 @@ def main() -> None:
     parser.add_argument("--head-groups", type=int, default=None,
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
-    parser.add_argument("--attention", choices=["ulysses", "kv_gather", "ring"], default=None,
+    parser.add_argument("--attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
                         help="how self-attention is split (default: the library's choice, Ulysses for Pro)")
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")

@@ -51,16 +51,24 @@ def attention_inputs(heads: int, length: int = 37, seed: int = 0):
 HEAD_GROUPS = (1, 2, 3, 6)
 
 
-def compiled_order(code: str) -> list[str]:
-    """The collectives and attention kernels of Inductor's generated code, in call order: launch / wait / attend."""
+def compiled_order(code: str, matmuls: bool = False) -> list[str]:
+    """The collectives and attention kernels of Inductor's generated code, in call order: launch / wait / attend
+    (and, with `matmuls`, "matmul" for every extern GEMM, e.g. the projections)."""
     events = []
     for line in code.splitlines():
-        if any(f"= torch.ops._c10d_functional.{op}" in line for op in ("all_to_all_single", "all_gather")):
+        if line.lstrip().startswith("#"):
+            continue
+        # all_reduce_ works in place: its line has no assignment
+        launches = ("= torch.ops._c10d_functional.all_to_all_single", "= torch.ops._c10d_functional.all_gather",
+                    "torch.ops._c10d_functional.all_reduce_")  # fmt: skip
+        if any(op in line for op in launches):
             events.append("launch")
-        elif "torch.ops._c10d_functional.wait_tensor" in line and not line.lstrip().startswith("#"):
+        elif "torch.ops._c10d_functional.wait_tensor" in line:
             events.append("wait")
         elif "= torch.ops.aten._scaled_dot_product" in line:
             events.append("attend")
+        elif matmuls and any(f"extern_kernels.{op}(" in line for op in ("addmm", "mm", "bmm")):
+            events.append("matmul")
     return events
 
 
@@ -153,6 +161,24 @@ def main(out: Path, cases: list[str]) -> None:
             dit = tiny_random_dit(3)
             with torch.no_grad():
                 results[case] = SequenceParallelDiT(dit, group, method="kv_gather")(*dit_inputs(dit))
+        elif case.startswith("dit-x_gather"):  # dit-x_gather[-uneven|-compiled]: 4 heads, 2 groups on 2 ranks
+            from torch._inductor.utils import run_and_get_code
+
+            from flashhead.parallel.dit import SequenceParallelDiT
+
+            dit = tiny_random_dit(2 * n)
+            inputs = dit_inputs(dit, size=6) if case.endswith("uneven") else dit_inputs(dit)  # 27 or 48 tokens
+            sp = SequenceParallelDiT(dit, group, method="x_gather")
+            with torch.no_grad():
+                if case.endswith("compiled"):
+                    for block in dit.blocks:
+                        block.compile()
+                    results[case], code = run_and_get_code(sp, *inputs)
+                    results[f"{case}.order"] = compiled_order(code[0], matmuls=True)  # the first block's graph
+                else:
+                    results[case] = sp(*inputs)
+            results[f"{case}.classes"] = torch.tensor([type(b.self_attn).__name__ == "GatheredSelfAttention"
+                                                       for b in dit.blocks])  # fmt: skip
         elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
             q, k, v = attention_inputs(6 * n)
             part = partition_tokens(1, q.shape[1], n)
@@ -200,10 +226,10 @@ def main(out: Path, cases: list[str]) -> None:
             from flashhead.parallel.vae import split_encode
 
             results[case] = split_encode(tiny_vae("pro"), split_encode_video(), group)
-        elif case.startswith("pipeline"):  # pipeline-<speed or plain>, pipeline_kv-...: the KV-gather attention
+        elif case.startswith("pipeline"):  # pipeline-<speed or plain>; pipeline_kv-, pipeline_xg-: other splits
             from _tiny import tiny_pipeline
 
-            attention = "kv_gather" if case.startswith("pipeline_kv") else None
+            attention = {"pipeline_kv": "kv_gather", "pipeline_xg": "x_gather"}.get(case.partition("-")[0])
             pipe = tiny_pipeline("pro")[0].parallelize(group, force=True, attention=attention)  # tiny: few tokens
             speed = case.partition("-")[2]
             if group.is_leader:

@@ -16,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _sp_worker as worker  # noqa: E402
 from _sp_worker import torchrun  # noqa: E402
 
-# The KV-gather split of self-attention (pipeline_kv) runs the fast path: the engine's streaming code path.
-CASES = ("pipeline-plain", "pipeline-rope_table+cond_cache", "pipeline_kv-rope_table+cond_cache")
+# The KV-gather and X-gather splits of self-attention (pipeline_kv, pipeline_xg) run the fast path: the engine's
+# streaming code path.
+CASES = ("pipeline-plain", "pipeline-rope_table+cond_cache", "pipeline_kv-rope_table+cond_cache",
+         "pipeline_xg-rope_table+cond_cache")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +38,15 @@ def expected():
 @pytest.mark.parametrize("case", CASES)
 def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
     """Tiny Pro pipeline: two chunks (and the first's split motion re-encode) and a whole 1.2 s video under 2
-    processes == one process (plain and fast path; Ulysses and KV-gather attention)."""
+    processes == one process (plain and fast path; Ulysses, KV-gather and X-gather attention)."""
     got = pipeline[0]
     # followers return nothing but whether they split-encoded the motion frames with the leader (Wan: they do)
     assert list(pipeline[1]) == [f"{c}.follower_encoded" for c in CASES]
     assert bool(pipeline[1][f"{case}.follower_encoded"])
     for key in ("a_latents", "a_video", "a_motion", "b_latents", "b_video"):
-        # KV gather sums each softmax in two parts (its log-sum-exp merge): latents move by ~1e-6, and the tiny
-        # random VAE's decode amplifies that ~100x in the videos
-        atol = 2e-3 if case.startswith("pipeline_kv") and key.endswith("video") else 2e-5
+        # KV gather sums each softmax in two parts (its log-sum-exp merge), X gather each RMS norm: latents move
+        # by ~1e-6, and the tiny random VAE's decode amplifies that ~100x in the videos
+        atol = 2e-3 if case.startswith(("pipeline_kv", "pipeline_xg")) and key.endswith("video") else 2e-5
         torch.testing.assert_close(got[f"{case}.{key}"], expected[key], rtol=0, atol=atol)
     frames, ref = got[f"{case}.frames"].numpy(), expected["frames"].numpy()
     assert frames.shape == ref.shape and len(ref) == 30

@@ -16,6 +16,14 @@ size) and gets back the attention output of the same shard, equal to attention o
   k and v in, against q, k, v out and the output back) in one collective instead of two, and the transfer
   hides behind the local block's attention instead of being exposed. Uses the fused kernels that return the
   log-sum-exp (cuDNN, else memory-efficient, on CUDA; flash on the CPU).
+- X gather (H divisible by N): the Ulysses head split with the input side moved before the projections.
+  Every rank all-gathers the block's (modulated) input x and projects q / k / v of the whole sequence for its
+  own heads (the same FLOPs as projecting all heads of its shard); its own shard is projected while the other
+  shards are in flight. q / k are RMS-normalised over all heads, so the per-token sums of squares of each
+  rank's heads are all-reduced (2 floats per token). Outputs go back by the Ulysses all-to-all, per head
+  group. Against Ulysses: one shard of x (D per token) in instead of q, k, v (3 D / N per token) out, no
+  copy into rank-major order, and the input transfer hides behind the own shard's projections. Not bit-
+  identical to one GPU (the norms' sums are added in another order): within the rounding of the dtype.
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
   not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Blocks are attended and merged as in KV gather
@@ -35,7 +43,7 @@ from flashhead.errors import ConfigError
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = (None, "ulysses", "kv_gather", "ring")  # None: Ulysses where the heads divide over the ranks, else ring
+METHODS = (None, "ulysses", "x_gather", "kv_gather", "ring")  # None: Ulysses where the heads divide, else ring
 
 
 def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -148,16 +156,84 @@ def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel:
     send = send.reshape(G, n * s, 3, B, hg, d)
     eager = not torch.compiler.is_compiling()
     recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
-    back = q.new_empty((G, n * s, B, hg, d)) if eager else None
     incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
+
+    def attend(g: int) -> torch.Tensor:
+        x = incoming[g].wait().permute(1, 2, 0, 3, 4)  # (3, B, L, hg, d): the whole sequence, this group's heads
+        return kernel(x[0], x[1], x[2])
+
+    return _attend_and_send_back(attend, G, q, sizes, group)
+
+
+def _attend_and_send_back(attend: Callable[[int], torch.Tensor], G: int, like: torch.Tensor, sizes, group):
+    """Attend head group after head group (`attend(g)`: (B, L, hg, d) for this rank's heads of group g) and start
+    each group's all-to-all back to the sequence shards as soon as it is done -> (B, s_rank, H, d) like `like`."""
+    B, s, H, d = like.shape
+    n = len(sizes)
+    hg = H // n // G
+    eager = not torch.compiler.is_compiling()
+    back = like.new_empty((G, n * s, B, hg, d)) if eager else None
     outgoing = []
     for g in range(G):
-        x = incoming[g].wait().permute(1, 2, 0, 3, 4)  # (3, B, L, hg, d): the whole sequence, this group's heads
-        out = kernel(x[0], x[1], x[2]).permute(1, 0, 2, 3).contiguous()  # (L, B, hg, d)
+        out = attend(g).permute(1, 0, 2, 3).contiguous()  # (L, B, hg, d)
         outgoing.append(_Pending(out, back[g] if eager else None, [s] * n, sizes, group))
     waited = [p.wait() for p in outgoing]
     back = back if eager else torch.stack(waited)  # (G, N * s, B, hg, d), rank-major
     return back.reshape(G, n, s, B, hg, d).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
+
+
+def x_gather_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: SequenceParallelAttention) -> torch.Tensor:
+    """A DiT `SelfAttention` on this rank's shard x (B, s, D) by the X-gather split; `rope` covers all L tokens.
+
+    Returns the projected output (B, s, D), like `attn(x, rope)` on the whole sequence restricted to the shard.
+    """
+    from flashhead.models.dit import apply_rope
+
+    sizes, rank, group = sp.sizes, sp.rank, sp.group
+    B, s, D = x.shape
+    n, H = len(sizes), attn.num_heads
+    h, d = H // n, D // H
+    rows = slice(rank * h * d, (rank + 1) * h * d)  # this rank's heads in the projections' output channels
+    w_qk = torch.cat([attn.q.weight[rows], attn.k.weight[rows]])
+    b_qk = torch.cat([attn.q.bias[rows], attn.k.bias[rows]])
+    w_v, b_v = attn.v.weight[rows], attn.v.bias[rows]
+
+    def project(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(tokens, w_qk, b_qk), F.linear(tokens, w_v, b_v)
+
+    longest = max(sizes)
+    padded = F.pad(x, (0, 0, 0, longest - s)).contiguous()  # uneven shards: every rank sends the same size
+    if torch.compiler.is_compiling():
+        pending, work = funcol.all_gather_tensor(padded, 0, group or dist.group.WORLD), None
+    else:
+        pending = padded.new_empty((n * B, longest, D))
+        work = dist.all_gather_into_tensor(pending, padded, group=group, async_op=True)
+    own = project(x)  # while the other shards are in flight
+    if work is not None:
+        work.wait()
+    gathered = (funcol.wait_tensor(pending) if work is None else pending).reshape(n, B, longest, D)
+    parts = [own if r == rank else project(gathered[r, :, : sizes[r]]) for r in range(n)]
+    qk = torch.cat([p[0] for p in parts], dim=1)  # (B, L, 2 h d), sequence order
+    v = torch.cat([p[1] for p in parts], dim=1).unflatten(-1, (h, d))
+    q, k = qk.split(h * d, dim=-1)
+    # RMSNorm over all D channels: each rank holds h / H of them; sum the squares over the ranks.
+    squares = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)])  # (2, B, L)
+    if torch.compiler.is_compiling():
+        squares = funcol.wait_tensor(funcol.all_reduce(squares, "sum", group or dist.group.WORLD))
+    else:
+        dist.all_reduce(squares, group=group)
+    q = (q.float() * torch.rsqrt(squares[0, ..., None] / D + attn.norm_q.eps)).to(q.dtype) * attn.norm_q.weight[rows]
+    k = (k.float() * torch.rsqrt(squares[1, ..., None] / D + attn.norm_k.eps)).to(k.dtype) * attn.norm_k.weight[rows]
+    q, k = apply_rope(q.unflatten(-1, (h, d)), rope), apply_rope(k.unflatten(-1, (h, d)), rope)
+    kernel, G = sp.inner or sdpa_kernel, sp.head_groups
+    hg = h // G
+
+    def attend(g: int) -> torch.Tensor:
+        heads = slice(g * hg, (g + 1) * hg)
+        return kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads])
+
+    like = x.unflatten(-1, (H, d))  # (B, s, H, d): the output's shape and dtype
+    return attn.o(_attend_and_send_back(attend, G, like, sizes, group).flatten(2))
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,13 +340,15 @@ class SequenceParallelAttention:
     ):
         self.rank, self.world_size, self.group, self.inner = rank, world_size, group, inner
         if method not in METHODS:
-            raise ConfigError(f"sequence-parallel attention must be ulysses, kv_gather or ring, not {method!r}")
-        if method == "ulysses" and heads % world_size:
-            raise ConfigError(f"Ulysses attention needs heads ({heads}) divisible by the ranks ({world_size})")
+            raise ConfigError(
+                f"sequence-parallel attention must be ulysses, x_gather, kv_gather or ring, not {method!r}"
+            )
+        if method in ("ulysses", "x_gather") and heads % world_size:
+            raise ConfigError(f"{method} attention needs heads ({heads}) divisible by the ranks ({world_size})")
         self.method = method or ("ulysses" if heads % world_size == 0 else "ring")
         if head_groups is None:
             head_groups = default_head_groups(heads, world_size)
-        if self.method != "ulysses":
+        if self.method not in ("ulysses", "x_gather"):
             head_groups = 1  # ring and KV gather overlap their transfers with compute by themselves
         elif head_groups < 1 or (heads // world_size) % head_groups:
             raise ConfigError(f"head_groups {head_groups} must divide the {heads // world_size} heads of each rank")
@@ -284,9 +362,11 @@ class SequenceParallelAttention:
             return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner, self.head_groups)
         if self.method == "kv_gather":
             return kv_gather_attention(q, k, v, self.sizes, self.rank, self.group)
+        if self.method == "x_gather":  # it splits the projections too: see x_gather_self_attention
+            raise RuntimeError("x_gather attention runs whole self-attention modules, not a q / k / v kernel")
         return ring_attention(q, k, v, self.sizes, self.rank, self.group)
 
     @property
     def overlaps_in_graphs(self) -> bool:
         """Whether compiled graphs need Inductor's comm/compute reordering for this attention's overlap."""
-        return self.method == "kv_gather" or self.head_groups > 1
+        return self.method in ("kv_gather", "x_gather") or self.head_groups > 1

@@ -7,7 +7,9 @@ of segments that lie inside one latent frame, and each segment is given its fram
 shards' head outputs are gathered before unpatchify, so every rank returns the whole velocity.
 
 The blocks themselves are unchanged (their compiled graphs are reused); only the self-attention kernel is
-swapped, by `install`, which must run again after anything that resets the kernels (`pipe.optimize`).
+swapped, by `install`, which must run again after anything that resets the kernels (`pipe.optimize`). The
+X-gather split also splits the q / k / v projections, so it swaps the class of the self-attention modules
+(same weights, another forward) and gives them the RoPE rows of the whole sequence.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from flashhead.models.dit import FlashHeadDiT
-from flashhead.parallel.attention import SequenceParallelAttention, overlap_in_compiled_graphs
+from flashhead.errors import ConfigError
+from flashhead.models.dit import FlashHeadDiT, SelfAttention
+from flashhead.parallel.attention import SequenceParallelAttention, overlap_in_compiled_graphs, x_gather_self_attention
 from flashhead.parallel.group import SequenceParallelGroup, TokenPartition, partition_tokens
+
+
+class GatheredSelfAttention(SelfAttention):
+    """A DiT self-attention module run by the X-gather split (its `kernel` is the SequenceParallelAttention)."""
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return x_gather_self_attention(self, x, rope, self.kernel)
 
 
 class SequenceParallelDiT:
@@ -54,8 +64,21 @@ class SequenceParallelDiT:
         self.attention = SequenceParallelAttention(
             g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups, self.method
         )
+        gathered = self.attention.method == "x_gather"
+        if gathered and any(type(b.self_attn.q.weight) is not torch.nn.Parameter for b in self.dit.blocks):
+            raise ConfigError("x_gather attention slices the q / k / v weights by heads: not with fp8 layers")
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
+            if type(block.self_attn) in (SelfAttention, GatheredSelfAttention):
+                block.self_attn.__class__ = GatheredSelfAttention if gathered else SelfAttention
+
+    def uninstall(self) -> None:
+        """Give the blocks back their plain self-attention (class and SDPA kernel), e.g. before another split."""
+        for block in self.dit.blocks:
+            if type(block.self_attn) is GatheredSelfAttention:
+                block.self_attn.__class__ = SelfAttention
+            if block.self_attn.kernel is self.attention:
+                block.self_attn.kernel = self.attention.inner
 
     def partition(self, grid: tuple[int, int, int]) -> TokenPartition:
         if grid not in self._partitions:
@@ -89,7 +112,10 @@ class SequenceParallelDiT:
         tokens, grid = dit.patchify(x, y)  # (B, L, D); the conv is cheap next to the blocks
         part = self.partition(grid)
         start, stop = part.bounds(rank)
-        rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
+        if self.attention.method == "x_gather":  # q / k of the whole sequence are rotated on every rank
+            rope = self.dit.rope(grid, x.device) if rope is None else rope
+        else:
+            rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)

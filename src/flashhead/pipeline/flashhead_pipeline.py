@@ -213,13 +213,16 @@ class FlashHeadPipeline:
         `halo`: latent rows of context per decode strip for VAEs without an exact split (LTX).
         `head_groups`: Ulysses all-to-alls pipelined over that many head groups (None: the default, see
         flashhead.parallel.attention.default_head_groups; 1: not overlapped).
-        `attention`: how self-attention is split: "ulysses", "kv_gather" (one all-gather of keys / values,
-        overlapped with the local block's attention) or "ring"; None: Ulysses where the heads divide, else ring.
+        `attention`: how self-attention is split: "ulysses", "x_gather" (Ulysses with the block input gathered
+        and the q / k / v projections split by heads), "kv_gather" (one all-gather of keys / values, overlapped
+        with the local block's attention) or "ring"; None: Ulysses where the heads divide, else ring.
         """
         from flashhead.parallel.policy import MIN_TOKENS_PER_RANK, chunk_tokens, split_pays
         from flashhead.parallel.runner import SequenceParallelRunner
         from flashhead.parallel.vae import DEFAULT_HALO
 
+        if self._sp is not None:
+            self._sp.model.uninstall()
         self._sp = self._sp_idle = None
         if group is not None:
             shape = self.vae.latent_shape(self.config.frame_num, self.config.height, self.config.width)
