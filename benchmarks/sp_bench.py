@@ -259,7 +259,8 @@ def measure_parts(pipe, group, args) -> dict:
             out["decode_split_max_abs"] = float((split.float() - full.float()).abs().max())
             to8 = lambda v: ((v.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()  # noqa: E731
             out["decode_split_psnr_uint8_db"] = psnr(to8(split), to8(full))
-    pipe.parallelize(None)  # the split DiT swapped the attention kernels: restore them
+    sp.uninstall()  # the split DiTs swapped the blocks' self-attention (X gather: its class too): restore them
+    pipe.parallelize(None)
     return out
 
 

@@ -231,6 +231,30 @@ def test_once_mode_windows_first_and_last_3(windows_json):
     assert got[-3:].tolist() == example["last"]
 
 
+def test_windows_are_indexed_where_the_features_are():
+    """No host-made index copied to the features' device: on CUDA that copy blocks the host until the stream's
+    queued work (the whole audio encoder, on the engine's side stream) has run. "meta" stands in for the GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sources = {a.device for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and sources and out.device not in sources:
+                self.moves.append(str(func))
+            return out
+
+    features = torch.empty(200, 2, 3, device="meta")
+    with Copies() as copies:
+        windows = audio_windows(features, 167, 200)
+    assert windows.shape == (33, 5, 2, 3) and windows.device.type == "meta"
+    assert copies.moves == []
+
+
 def test_window_range_is_validated():
     with pytest.raises(ValueError):
         audio_windows(torch.zeros(10, 1, 1), 5, 11)

@@ -179,6 +179,9 @@ def main(out: Path, cases: list[str]) -> None:
                     results[case] = sp(*inputs)
             results[f"{case}.classes"] = torch.tensor([type(b.self_attn).__name__ == "GatheredSelfAttention"
                                                        for b in dit.blocks])  # fmt: skip
+            sp.uninstall()  # the plain single-process DiT again (sp_bench times one GPU after the split)
+            with torch.no_grad():
+                results[f"{case}.uninstalled"] = dit(*inputs)
         elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
             q, k, v = attention_inputs(6 * n)
             part = partition_tokens(1, q.shape[1], n)

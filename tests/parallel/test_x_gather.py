@@ -38,6 +38,8 @@ def test_sequence_parallel_dit_with_x_gather_equals_single_process(ranks, case):
     for r in ranks:
         torch.testing.assert_close(r[case], expected, rtol=0, atol=1e-5)
         assert r[f"{case}.classes"].all()
+        # uninstall() gives the blocks back their plain self-attention: the one-process forward runs again
+        torch.testing.assert_close(r[f"{case}.uninstalled"], expected, rtol=0, atol=1e-6)
 
 
 def test_compiled_x_gather_overlaps_its_transfers(ranks):
