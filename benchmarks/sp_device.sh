@@ -5,6 +5,7 @@
 # TEST=0 the GPU test.
 #   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time both
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
+#   bash benchmarks/sp_device.sh x_gather    # the X-gather split (block input gathered, projections split by heads)
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
