@@ -65,3 +65,25 @@ def test_x_gather_configuration():
     xg.sizes = (4, 4)
     with pytest.raises(RuntimeError, match="whole self-attention modules"):
         xg(q, q, q)
+
+
+def test_x_gather_installs_and_uninstalls_on_the_blocks_and_refuses_quantized_weights():
+    """No process group needed: installing only swaps classes and kernels."""
+    from flashhead.models.dit import SelfAttention
+    from flashhead.parallel.dit import GatheredSelfAttention, SequenceParallelDiT
+    from flashhead.parallel.group import SequenceParallelGroup
+
+    dit = worker.tiny_random_dit(4)
+    group = SequenceParallelGroup(rank=0, world_size=2, device=torch.device("cpu"))
+    sp = SequenceParallelDiT(dit, group, method="x_gather")
+    assert all(type(b.self_attn) is GatheredSelfAttention and b.self_attn.kernel is sp.attention for b in dit.blocks)
+    sp.uninstall()
+    assert all(type(b.self_attn) is SelfAttention and b.self_attn.kernel is None for b in dit.blocks)
+
+    class Quantized(torch.Tensor):  # stands in for a torchao float8 weight
+        pass
+
+    block = dit.blocks[1].self_attn
+    block.q.weight = torch.nn.Parameter(block.q.weight.detach().as_subclass(Quantized))
+    with pytest.raises(ConfigError, match="not with fp8"):
+        SequenceParallelDiT(dit, group, method="x_gather")

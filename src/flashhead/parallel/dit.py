@@ -65,7 +65,7 @@ class SequenceParallelDiT:
             g.rank, g.world_size, self.config.num_heads, g.group, inner, self.head_groups, self.method
         )
         gathered = self.attention.method == "x_gather"
-        if gathered and any(type(b.self_attn.q.weight) is not torch.nn.Parameter for b in self.dit.blocks):
+        if gathered and any(type(b.self_attn.q.weight.data) is not torch.Tensor for b in self.dit.blocks):
             raise ConfigError("x_gather attention slices the q / k / v weights by heads: not with fp8 layers")
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
