@@ -21,9 +21,10 @@ size) and gets back the attention output of the same shard, equal to attention o
   own heads (the same FLOPs as projecting all heads of its shard); its own shard is projected while the other
   shards are in flight. q / k are RMS-normalised over all heads, so the per-token sums of squares of each
   rank's heads are all-reduced (2 floats per token). Outputs go back by the Ulysses all-to-all, per head
-  group. Against Ulysses: one shard of x (D per token) in instead of q, k, v (3 D / N per token) out, no
-  copy into rank-major order, and the input transfer hides behind the own shard's projections. Not bit-
-  identical to one GPU (the norms' sums are added in another order): within the rounding of the dtype.
+  group. Against Ulysses: for every token of another rank a rank receives x (D values) instead of its heads'
+  q, k, v (3 D / N): 2/3 of the bytes on 2 GPUs, as many on 3, more beyond (meant for 2); no copy into
+  rank-major order; the input transfer hides behind the own shard's projections. Not bit-identical to one
+  GPU (the norms' sums are added in another order): within the rounding of the dtype.
 - Ring (any H, any N): k / v blocks travel around the ring while each rank attends its queries to the
   block it holds; the partial results are merged exactly with their log-sum-exp. Used where the heads do
   not divide over the ranks (12 heads on 5, 7, 8 ... GPUs). Blocks are attended and merged as in KV gather
