@@ -190,15 +190,16 @@ def profile_stream(pipe, image, audio, chunk_samples: int, trace: Path | None = 
     return report
 
 
-def split_settings(pipe, group, args) -> dict:
+def split_settings(pipe, group, args, attention: str | None = None) -> dict:
     """How the split runs: Ulysses head groups (as the library chooses them) and whether the encode is split."""
     from flashhead.parallel.attention import default_head_groups
     from flashhead.parallel.vae import splits_encode
 
     heads = pipe.dit.config.num_heads
     groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
-    return {"attention": args.attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
-            "head_groups": groups if heads % group.world_size == 0 and args.attention in (None, "ulysses", "x_gather")
+    attention = attention or args.attention
+    return {"attention": attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
+            "head_groups": groups if heads % group.world_size == 0 and attention in (None, "ulysses", "x_gather")
             else None,
             "split_encode": splits_encode(pipe.vae)}  # fmt: skip
 
@@ -319,33 +320,36 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
             part["gpus_1"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         part.setdefault("gpus_1", {})["peak_gpu_memory_gib"] = peak_memory_all_ranks(args.side_group)[0]
         save()
-        # N GPUs: the same stream, sequence parallel.
-        try:
-            reset_peak_memory()
-            pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups, attention=args.attention)
-            pipe.optimize(speed)
-            if leader:
-                try:
-                    sp = measure(pipe, image, audio, chunk_samples)
-                    if args.profile_stream:
-                        trace = args.trace / f"{model}-{name}-{group.world_size}gpu.json.gz" if args.trace else None
-                        sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
-                finally:
-                    pipe.release_followers()
-                entry = {**split_settings(pipe, group, args), **{k: v for k, v in sp.items() if k != "frames"}}
-                if single is not None:
-                    entry["speedup_vs_1_gpu"] = round(sp["steady_fps"] / single["steady_fps"], 3)
-                    entry["psnr_vs_1_gpu_db"] = psnr(sp["frames"], single["frames"])
-                    entry["frames_compared"] = int(len(sp["frames"]))
-                part[f"gpus_{group.world_size}"] = entry
-            else:
-                pipe.follow()
-        except Exception as e:  # noqa: BLE001
-            error = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
-            part[f"gpus_{group.world_size}"] = error
-        memory = peak_memory_all_ranks(args.side_group)
-        part.setdefault(f"gpus_{group.world_size}", {})["peak_gpu_memory_gib_per_rank"] = memory
-        save()
+        # N GPUs: the same stream, sequence parallel (then with --compare-attention's split, against the same 1 GPU).
+        for attention in [args.attention] + ([args.compare_attention] if args.compare_attention else []):
+            key = f"gpus_{group.world_size}" + ("" if attention == args.attention else f"_{attention}")
+            try:
+                reset_peak_memory()
+                pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups, attention=attention)
+                pipe.optimize(speed)
+                if leader:
+                    try:
+                        sp = measure(pipe, image, audio, chunk_samples)
+                        if args.profile_stream:
+                            label = f"{group.world_size}gpu" + ("" if attention == args.attention else f"-{attention}")
+                            trace = args.trace / f"{model}-{name}-{label}.json.gz" if args.trace else None
+                            sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
+                    finally:
+                        pipe.release_followers()
+                    entry = {**split_settings(pipe, group, args, attention),
+                             **{k: v for k, v in sp.items() if k != "frames"}}  # fmt: skip
+                    if single is not None:
+                        entry["speedup_vs_1_gpu"] = round(sp["steady_fps"] / single["steady_fps"], 3)
+                        entry["psnr_vs_1_gpu_db"] = psnr(sp["frames"], single["frames"])
+                        entry["frames_compared"] = int(len(sp["frames"]))
+                    part[key] = entry
+                else:
+                    pipe.follow()
+            except Exception as e:  # noqa: BLE001
+                part[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+            memory = peak_memory_all_ranks(args.side_group)
+            part.setdefault(key, {})["peak_gpu_memory_gib_per_rank"] = memory
+            save()
     if model in ("lite", "tiny") and time.perf_counter() < args.deadline:
         try:
             out["replicas"] = measure_replicas(pipe, group, args, image, audio, chunk_samples)
@@ -369,6 +373,8 @@ def main() -> None:
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
     parser.add_argument("--attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
                         help="how self-attention is split (default: the library's choice, Ulysses for Pro)")
+    parser.add_argument("--compare-attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
+                        help="also stream with this split of self-attention (entry gpus_N_<split>), same 1-GPU run")
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")

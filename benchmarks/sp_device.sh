@@ -3,9 +3,10 @@
 # sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
 # then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport,
 # TEST=0 the GPU test.
-#   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time both
+#   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time every split
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 #   bash benchmarks/sp_device.sh x_gather    # the X-gather split (block input gathered, projections split by heads)
+#   COMPARE=x_gather SP_TIMEOUT=540 bash benchmarks/sp_device.sh   # Ulysses, then X gather, against the same 1 GPU
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
@@ -17,8 +18,8 @@ nvidia-smi topo -m | head -4
     env $setting timeout 90 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --json "$name" > /dev/null 2>&1
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
-timeout 420 torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
-    --attention "$ATTENTION" \
+timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
+    --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
 echo "sp_bench rc=$?"
@@ -27,8 +28,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))["models"]["pro"]
 print({k: v for k, v in d.get("parts", {}).items() if not k.startswith("profile")})
 for speed in ("optimized",):
-    for gpus in ("gpus_1", "gpus_2"):
-        e = {k: v for k, v in d.get(speed, {}).get(gpus, {}).items() if k not in ("profile_stream", "trace")}
-        print(speed, gpus, e)
+    for gpus, entry in d.get(speed, {}).items():
+        if gpus.startswith("gpus_"):
+            print(speed, gpus, {k: v for k, v in entry.items() if k not in ("profile_stream", "trace")})
 PY
 [ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
