@@ -29,6 +29,7 @@ import datetime
 import gzip
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -107,10 +108,13 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     stages = {k: round(v["mean_ms"], 1) for k, v in pipe.timer.summary().items()}
     pipe.timer = StageTimer(sync=False)
     _sync()
+    chunks = math.ceil(len(audio) / chunk_samples)  # the last one partly emitted: count chunks, not frames
     return {
         "steady_fps": round(len(frames) / total, 2),
+        "chunk_ms": round(1000 * total / chunks, 1),
         "time_to_first_frame_ms": round(1000 * float(np.median(first)), 1),
         "stage_ms_per_chunk": stages,
+        "outside_stages_ms_per_chunk": round(1000 * total / chunks - sum(stages.values()), 1),
         "warmup_seconds": round(warmup, 1),
         "frames": frames,
     }

@@ -28,8 +28,13 @@ import json, sys
 d = json.load(open(sys.argv[1]))["models"]["pro"]
 print({k: v for k, v in d.get("parts", {}).items() if not k.startswith("profile")})
 for speed in ("optimized",):
-    for gpus, entry in d.get(speed, {}).items():
-        if gpus.startswith("gpus_"):
-            print(speed, gpus, {k: v for k, v in entry.items() if k not in ("profile_stream", "trace")})
+    runs = {k: v for k, v in d.get(speed, {}).items() if k.startswith("gpus_")}
+    for gpus, entry in runs.items():
+        print(speed, gpus, {k: v for k, v in entry.items() if k not in ("profile_stream", "trace")})
+    one = runs.get("gpus_1", {}).get("chunk_ms")
+    for gpus, entry in runs.items():
+        if one and gpus != "gpus_1" and entry.get("chunk_ms"):
+            print(f"{gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
+                  f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
 [ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
