@@ -6,6 +6,9 @@ into our classes so that any test can run the whole pipeline on CPU in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from _util import load_fixture, prefixed
@@ -52,3 +55,24 @@ def tiny_pipeline(variant: str, **config_changes):
     )
     pipe.name = f"tiny-{variant}"
     return pipe, t, p
+
+
+@contextmanager
+def compiled_vae_switches(vae: VideoVAE) -> Iterator[dict]:
+    """compile_vae with both layout switches on `vae`, from a fresh Dynamo state; yields Dynamo's "stats"
+    counters (e.g. unique_graphs) counted from here; the switches and Dynamo are reset afterwards."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from flashhead.pipeline.fast_path import apply_vae_switches
+    from flashhead.pipeline.speed import SpeedConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
+    try:
+        yield counters["stats"]
+    finally:
+        apply_vae_switches(vae, SpeedConfig())
+        torch._dynamo.reset()
+

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from _tiny import tiny_vae
+from _tiny import compiled_vae_switches, tiny_vae
 from flashhead.errors import ConfigError
 from flashhead.parallel.vae import decode_strip, strip_bounds
 from flashhead.parallel.wan_decode import WanStripDecoder, row_windows
@@ -113,22 +113,14 @@ def test_compiled_strip_step_keeps_three_graphs_with_every_switch():
     """The strip's caches keep one layout, so its compiled step has one graph per cache state (none, one frame,
     two frames) however many frames and chunks follow: every further variant was a recompile, and past Dynamo's
     limit the decode fell back to eager (~20 s)."""
-    from torch._dynamo.utils import counters
-
     vae = tiny_vae("pro")
     latent = torch.randn(1, 16, 5, 8, 6, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = vae.decode(latent)
-    torch._dynamo.reset()
-    counters.clear()
-    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
-    try:
+    with compiled_vae_switches(vae) as stats:
         assert torch._dynamo.config.recompile_limit >= 128  # the decoder's nested frames get room for their shapes
         with torch.no_grad():
             for _ in range(2):  # two chunks
                 top = decode_strip(vae, latent, 0, 4, 0)
-        assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+        assert stats["unique_graphs"] <= 3, dict(stats)
         torch.testing.assert_close(top, full[..., : 4 * 8, :], rtol=0, atol=1e-4)
-    finally:
-        apply_vae_switches(vae, SpeedConfig())
-        torch._dynamo.reset()

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from _tiny import tiny_vae
+from _tiny import compiled_vae_switches, tiny_vae
 from flashhead.errors import ConfigError
 from flashhead.parallel.vae import strip_bounds
 from flashhead.parallel.wan_encode import WanStripEncoder, row_windows
@@ -64,28 +64,20 @@ def test_compiled_encoder_compiles_the_strip_step_and_stays_exact():
     """With compile_vae (the encoder compiled) a strip runs its own compiled per-chunk step with every layout
     switch, equal to the eager whole encode: one graph for the first frame and one for a 4-frame chunk per strip
     (a rank runs one strip), and a second stream compiles nothing new (~60 s)."""
-    from torch._dynamo.utils import counters
-
     vae = tiny_vae("pro")
     x = video(5, 8 * 13, 24, seed=5)  # the motion re-encode: a first frame and one 4-frame chunk
     with torch.no_grad():
         full = vae.encode(x)
-    torch._dynamo.reset()
-    counters.clear()
-    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
-    try:
+    with compiled_vae_switches(vae) as stats:
         encoder = WanStripEncoder(vae.model)
         got = strips(vae, encoder, x, 2)
         assert encoder._compiled is not None  # the compiled step ran
-        graphs = counters["stats"]["unique_graphs"]
-        assert graphs <= 2 * 2, dict(counters["stats"])
+        graphs = stats["unique_graphs"]
+        assert graphs <= 2 * 2, dict(stats)
         again = strips(vae, encoder, x, 2)  # the next chunk of a stream: same shapes, no recompile
-        assert counters["stats"]["unique_graphs"] == graphs
+        assert stats["unique_graphs"] == graphs
         torch.testing.assert_close(got, full, rtol=0, atol=1e-4)
         torch.testing.assert_close(again, got, rtol=0, atol=0)
-    finally:
-        apply_vae_switches(vae, SpeedConfig())
-        torch._dynamo.reset()
 
 
 def test_margins_are_the_receptive_field_not_more():
