@@ -123,6 +123,35 @@ def pipeline_run(pipe, speed: str | None):
             "b_video": b.video, "frames": torch.from_numpy(out.frames)}  # fmt: skip
 
 
+def stream_run(pipe, speed: str | None):
+    """Two sessions of different lengths through the streaming engine, batched: each one's frames."""
+    import numpy as np
+
+    from flashhead.pipeline.stream import StreamEngine
+
+    if speed:
+        pipe.optimize(speed)
+    cfg = pipe.config
+    engine = StreamEngine(pipe, max_batch=2)
+    out = {}
+    sessions = []
+    for i, seconds in enumerate((2.3, 1.1)):
+        image = np.random.default_rng(i).integers(0, 256, (cfg.height, cfg.width, 3), dtype=np.uint8)
+        s = engine.open_session(image, seed=i)
+        tone = np.sin(np.arange(int(16000 * seconds)) * 2 * np.pi * (150 + 40 * i) / 16000)
+        s.push_audio((0.3 * tone).astype(np.float32))
+        s.end()
+        sessions.append(s)
+    chunks, flights = [], []
+    while (produced := engine.step()) or engine.in_flight:
+        chunks += produced
+        flights.append(engine.in_flight)
+    for i, s in enumerate(sessions):
+        out[f"frames{i}"] = torch.from_numpy(np.concatenate([c.frames for c in chunks if c.session_id == s.id]))
+    out["in_flight"] = torch.tensor(flights)
+    return out
+
+
 def main(out: Path, cases: list[str]) -> None:
     group = init_sequence_parallel()
     rank, n = group.rank, group.world_size
@@ -229,6 +258,20 @@ def main(out: Path, cases: list[str]) -> None:
             from flashhead.parallel.vae import split_encode
 
             results[case] = split_encode(tiny_vae("pro"), split_encode_video(), group)
+        elif case.startswith("stream"):  # stream-<speed>: the streaming engine on the leader
+            from _tiny import tiny_pipeline
+
+            pipe = tiny_pipeline("pro")[0].parallelize(group, force=True)
+            speed = case.partition("-")[2].replace("+", ",")
+            if group.is_leader:
+                try:
+                    got = stream_run(pipe, speed)
+                finally:
+                    pipe.release_followers()
+                results.update({f"{case}.{k}": v for k, v in got.items()})
+            else:
+                pipe.optimize(speed)
+                pipe.follow()
         elif case.startswith("pipeline"):  # pipeline-<speed or plain>; pipeline_kv-, pipeline_xg-: other splits
             from _tiny import tiny_pipeline
 

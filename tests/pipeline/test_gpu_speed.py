@@ -36,6 +36,7 @@ EXACT = {
     "cudnn_benchmark": "cudnn_benchmark=on",
     "pinned_memory": "pinned_memory=on",
     "audio_stream": "audio_stream=on",
+    "launch_ahead": "launch_ahead=on,pinned_memory=on,audio_stream=on",
     "cuda_graphs": "cuda_graphs=on,rope_table=on,cond_cache=on",
 }
 REASSOCIATING = {

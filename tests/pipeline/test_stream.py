@@ -164,3 +164,62 @@ def test_errors_and_capacity(lite):
     with pytest.raises(CapacityError, match="at measured capacity"):
         engine.open_session(portrait(lite, 8), realtime=True)
     engine.open_session(portrait(lite, 9))  # offline (TTS) sessions are not limited by real time
+
+
+def _run_sessions(pipe, speed, audios, max_batch):
+    """Sessions opened together, all audio pushed, stepped to the end: every chunk, and whether a round was in flight
+    after each step."""
+    from flashhead.pipeline.speed import SpeedConfig
+
+    pipe.optimize(speed)
+    try:
+        engine = StreamEngine(pipe, max_batch=max_batch)
+        sessions = [engine.open_session(portrait(pipe, 20 + i), seed=20 + i) for i in range(len(audios))]
+        for s, audio in zip(sessions, audios, strict=True):
+            s.push_audio(audio)
+            s.end()
+        chunks, in_flight = [], []
+        while (out := engine.step()) or engine.in_flight:
+            chunks += out
+            in_flight.append(engine.in_flight)
+        return sessions, chunks, in_flight
+    finally:
+        pipe.optimize(SpeedConfig())
+
+
+def test_launch_ahead_delivers_the_same_chunks_while_the_next_round_is_already_queued(lite):
+    from flashhead.pipeline.speed import SpeedConfig
+
+    # Three sessions of different lengths, two per round: rounds of changing company, finals in different rounds.
+    audios = [speechlike(2.9, seed=4), speechlike(1.3, seed=5), speechlike(2.0, seed=6)]
+    plain_sessions, plain, plain_flight = _run_sessions(lite, SpeedConfig(), audios, max_batch=2)
+    ahead_sessions, ahead, ahead_flight = _run_sessions(lite, SpeedConfig(launch_ahead=True), audios, max_batch=2)
+    assert not any(plain_flight)
+    # Every step but the last left the next round queued (launched before this round's frames were awaited).
+    assert ahead_flight[:-1] and all(ahead_flight[:-1]) and not ahead_flight[-1]
+    # Same rounds in the same order (longest waiting first), so the same chunks bit for bit.
+    order = [(c.session_id, c.start_frame, c.final) for c in plain]
+    assert [(c.session_id, c.start_frame, c.final) for c in ahead] == order
+    for a, p in zip(ahead, plain, strict=True):
+        assert np.array_equal(a.frames, p.frames) and np.array_equal(a.audio, p.audio)
+    for s, audio in zip(ahead_sessions, audios, strict=True):
+        assert s.finished and s.in_flight == 0
+        assert sum(len(c.frames) for c in ahead if c.session_id == s.id) == round(len(audio) / 640)
+
+
+def test_a_session_closed_while_its_round_is_in_flight_gets_no_chunk(lite):
+    from flashhead.pipeline.speed import SpeedConfig
+
+    lite.optimize(SpeedConfig(launch_ahead=True))
+    try:
+        engine = StreamEngine(lite, max_batch=2)
+        a, b = (engine.open_session(portrait(lite, 30 + i), seed=30 + i) for i in range(2))
+        for s in (a, b):
+            s.push_audio(speechlike(2.5, seed=7))
+        first = engine.step()
+        assert {c.session_id for c in first} == {a.id, b.id} and engine.in_flight  # second round queued
+        engine.close_session(b.id)
+        second = engine.step()
+        assert [c.session_id for c in second] == [a.id] and second[0].start_frame == len(first[0].frames)
+    finally:
+        lite.optimize(SpeedConfig())

@@ -234,3 +234,29 @@ def test_health_and_capacity(tiny_lite):
         # Without a token, a cross-site page may not drive the server through its visitor's browser.
         foreign = httpx.get(srv.url + "/healthz", headers={"Origin": "http://evil.example"})
         assert foreign.status_code == 401 and "cross-origin" in foreign.json()["error"]["message"]
+
+
+def test_sessions_stream_to_the_end_with_rounds_launched_ahead():
+    """The worker with launch_ahead: a round can wait in the engine with no session ready; none is lost or stuck."""
+    from _tiny import tiny_pipeline
+    from flashhead.pipeline.speed import SpeedConfig
+
+    pipe = tiny_pipeline("lite")[0]  # its own pipeline: the switch must not leak into the shared one
+    pipe.optimize(SpeedConfig(launch_ahead=True))
+    inline = base64.b64encode(png(pipe, 4)).decode()
+
+    async def run(srv):
+        return await asyncio.gather(*(
+            stream_audio(srv.ws_url, speech(seconds, offset=i), start={"portrait": inline, "crop": False, "seed": i},
+                         headers=AUTH, realtime_factor=None, timeout=90)
+            for i, seconds in enumerate((3.1, 1.7))
+        ))  # fmt: skip
+
+    with serve(pipe, token=TOKEN) as srv:
+        results = asyncio.run(run(srv))
+        for result, seconds in zip(results, (3.1, 1.7), strict=True):
+            assert not result.errors and result.close_code == 1000
+            assert result.done["reason"] == "end" and result.frames == round(seconds * 25)
+            assert [c["index"] for c in result.chunks] == list(range(len(result.chunks)))
+        assert wait_until(lambda: not srv.service.hub.sessions)
+        assert srv.service.worker.engine.stats.rounds >= 2 and not srv.service.worker.engine.in_flight

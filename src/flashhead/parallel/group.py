@@ -20,6 +20,9 @@ class SequenceParallelGroup:
     world_size: int
     device: torch.device
     group: dist.ProcessGroup | None = None  # None: the default group
+    # Host-side channel (gloo) for the leader's small announcements. On NCCL an announcement would queue behind
+    # the GPU work already launched, so a follower would learn of a chunk only when the previous one is done.
+    control: dist.ProcessGroup | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -52,7 +55,8 @@ def init_sequence_parallel(expected: int | None = None, device: str | None = Non
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=target if cuda else None)
-    return SequenceParallelGroup(rank, world, target)
+    control = dist.new_group(backend="gloo")
+    return SequenceParallelGroup(rank, world, target, control=control)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 The leader (rank 0) runs the program: it reads inputs, owns streaming sessions, colour-corrects and
 writes outputs. Whenever it reaches a chunk's denoising it first announces the chunk (a small header by
-`broadcast_object_list`, then the input tensors by `broadcast`), and every rank runs the same DiT and
-VAE-decode shards on bit-identical inputs. With the Wan2.1 VAE (Pro) the header also says that a motion
-re-encode follows: after colour correction the leader broadcasts the motion frames and every rank encodes
-its strip of them (`encode`). Followers do nothing else: they loop in `FlashHeadPipeline.follow` until the
-leader sends "stop" (`release_followers`).
+`broadcast_object_list` on a host-side gloo group, then the input tensors by `broadcast` on the GPUs' group),
+and every rank runs the same DiT and VAE-decode shards on bit-identical inputs. With the Wan2.1 VAE (Pro) the
+header also says that a motion re-encode follows: after colour correction the leader broadcasts the motion
+frames and every rank encodes its strip of them (`encode`). Followers do nothing else: they loop in
+`FlashHeadPipeline.follow` until the leader sends "stop" (`release_followers`).
 """
 
 from __future__ import annotations
@@ -98,5 +98,8 @@ class SequenceParallelRunner:
 
     def _broadcast_header(self, header: dict | None) -> dict:
         box = [header]
-        dist.broadcast_object_list(box, src=0, group=self.group.group, device=self.group.device)
+        if self.group.control is not None:  # on the host: neither side waits for the GPU work queued before it
+            dist.broadcast_object_list(box, src=0, group=self.group.control, device=torch.device("cpu"))
+        else:
+            dist.broadcast_object_list(box, src=0, group=self.group.group, device=self.group.device)
         return box[0]

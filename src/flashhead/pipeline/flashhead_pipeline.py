@@ -117,21 +117,43 @@ def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False, waterma
     `watermark`, the flashhead watermark is added where the frames are (the GPU: an elementwise add before the
     copy), with the same integer arithmetic as `embed_watermark`, so the result is identical to marking on the host.
     """
-    if not videos:
-        return []
-    lengths = [v.shape[2] for v in videos]
-    frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
-    if watermark:
-        delta = _watermark_delta(frames.shape[1], frames.shape[2], frames.device)
-        frames = (frames.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
-    if not (pinned and frames.is_cuda):
-        host = frames.cpu()
-        return [chunk.numpy() for chunk in host.split(lengths)]
-    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
-    host.copy_(frames, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return [chunk.numpy() for chunk in host.split(lengths)]
+    return HostFrames.start(videos, pinned=pinned, watermark=watermark).wait()
+
+
+@dataclass
+class HostFrames:
+    """Frames on their way to the host: `start` queues the conversion and copy, `wait` returns the arrays.
+
+    With pinned memory on a GPU the copy is queued on the current stream and `wait` waits for that copy only
+    (an event), not for work queued after it, such as the next round the streaming engine launched meanwhile.
+    """
+
+    host: torch.Tensor
+    lengths: list[int]
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, videos: Sequence[torch.Tensor], pinned: bool = False, watermark: bool = False) -> HostFrames:
+        if not videos:
+            return cls(torch.empty(0, dtype=torch.uint8), [])
+        lengths = [v.shape[2] for v in videos]
+        frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
+        if watermark:
+            delta = _watermark_delta(frames.shape[1], frames.shape[2], frames.device)
+            frames = (frames.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
+        if not (pinned and frames.is_cuda):
+            return cls(frames.cpu(), lengths)
+        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, lengths, copied)
+
+    def wait(self) -> list[np.ndarray]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return [chunk.numpy() for chunk in self.host.split(self.lengths)] if self.lengths else []
 
 
 @functools.lru_cache(maxsize=8)

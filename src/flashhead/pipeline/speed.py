@@ -47,6 +47,9 @@ class SpeedConfig:
             without blocking, and bring frames back through one pinned transfer per round.
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
             round's DiT runs (streaming engine).
+        launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
+            round's frames, so the GPU goes from one chunk to the next without waiting for the host (and, with
+            sequence parallelism, for the followers). Needs no more memory than one more chunk's activations.
         decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
             Approximate (the decoders see less temporal context); off in the `optimized` preset.
         fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16.
@@ -65,6 +68,7 @@ class SpeedConfig:
     cuda_graphs: bool = False
     pinned_memory: bool = False
     audio_stream: bool = False
+    launch_ahead: bool = False
     decode_new_only: bool = False
     fp8: bool = False
 
@@ -88,7 +92,7 @@ class SpeedConfig:
         return cls(
             rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, vae_channels_last=True,
             vae_conv_pad=True, compile_dit=True, compile_vae=True, compile_color=True, cuda_graphs=True,
-            pinned_memory=True, audio_stream=True,
+            pinned_memory=True, audio_stream=True, launch_ahead=True,
         )  # fmt: skip
 
     @property

@@ -29,8 +29,8 @@ from flashhead.models.audio import AudioContextCache, prepare_waveform
 from flashhead.pipeline.flashhead_pipeline import (
     ChunkNoise,
     FlashHeadPipeline,
+    HostFrames,
     ReferenceState,
-    frames_to_host,
     reference_generator,
 )
 
@@ -62,6 +62,17 @@ class _AudioAhead:
     filled: int
     context: torch.Tensor
     ready: torch.cuda.Event
+
+
+@dataclass
+class _Round:
+    """A round queued on the device whose frames are on their way to the host."""
+
+    sessions: list[StreamSession]
+    slices: list[tuple[np.ndarray, int]]  # (samples, real samples) each chunk shows
+    finals: list[bool]
+    frames: HostFrames
+    launched: float  # time.perf_counter() when it was queued
 
 
 @dataclass
@@ -105,10 +116,12 @@ class StreamSession:
         self.opened_at = time.monotonic()
         self.first_audio_at: float | None = None
         self.first_frame_at: float | None = None
-        self.ready_since: float | None = None
+        self.ready_since: tuple[float, int] | None = None  # (time, order) it first had a chunk ready
         # Work done ahead while the GPU ran the previous round (pinned_memory / audio_stream switches).
         self.noise_ahead: ChunkNoise | None = None
         self.audio_ahead: _AudioAhead | None = None
+        self.in_flight = 0  # rounds launched with this session's chunk and not delivered yet
+        self.final_launched = False  # its last chunk is launched: it takes no further round
 
     # -- called by clients --------------------------------------------------------------------------
 
@@ -164,11 +177,9 @@ class StreamSession:
         return self._consumed + self._pending_samples
 
     def has_chunk_ready(self) -> bool:
-        return (
-            self.audio_ahead is not None
-            or self._pending_samples >= self.slice_samples
-            or (self.ended and not self.finished)
-        )
+        if self.finished or self.final_launched:
+            return False
+        return self.audio_ahead is not None or self._pending_samples >= self.slice_samples or self.ended
 
     def keep_alive(self, now: float, lead_seconds: float) -> None:
         """A live session whose audio has run dry gets one chunk of silence, so its video never freezes.
@@ -243,6 +254,9 @@ class StreamEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._ready_order = itertools.count()
+        self._in_flight: _Round | None = None  # launched ahead (launch_ahead switch), delivered by the next step
+        self._last_delivered = 0.0
 
     @property
     def chunk_seconds(self) -> float:
@@ -333,27 +347,67 @@ class StreamEngine:
 
     # -- generation ---------------------------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a round was launched ahead and waits for the next `step` to deliver its frames."""
+        return self._in_flight is not None
+
     def step(self, now: float | None = None) -> list[VideoChunk]:
-        """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first)."""
+        """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first).
+
+        With the launch_ahead speed switch the round after it is queued on the device before this round's
+        frames are waited for, and delivered by the next call.
+        """
         now = time.monotonic() if now is None else now
         sessions = self._open()
         lead = self.predicted_round_seconds(min(len(sessions), self.max_batch)) + 0.2
         for s in sessions:
             s.keep_alive(now, lead_seconds=lead)
-            if s.has_chunk_ready() and s.ready_since is None:
-                s.ready_since = now
         out: list[VideoChunk] = []
         for s in sessions:  # ended with every frame shown: close the stream without generating padding
-            if s.ended and not s.finished and s.buffered_samples == 0 and s.total_frames() <= s.frames_emitted:
+            if s.ended and not s.finished and s.in_flight == 0 and s.buffered_samples == 0 \
+                    and s.total_frames() <= s.frames_emitted:  # fmt: skip
                 s.finished = True
                 empty = np.zeros((0, self.pipeline.config.height, self.pipeline.config.width, 3), np.uint8)
                 out.append(
                     VideoChunk(s.id, empty, s.frames_emitted, self.pipeline.config.fps, np.zeros(0, np.float32), True)
                 )
-        ready = sorted((s for s in sessions if s.has_chunk_ready()), key=lambda s: s.ready_since)[: self.max_batch]
+        current, self._in_flight = self._in_flight, None
+        try:
+            if current is None:
+                current = self._launch(self._ready(sessions, now))
+                if current is None:
+                    return out
+            if self.pipeline.speed.launch_ahead:
+                self._in_flight = self._launch(self._ready(self._open(), now, ahead=True))
+            out.extend(self._deliver(current))
+        except BaseException:
+            for r in (current, self._in_flight):  # a failed round's frames are lost; do not wait for them
+                for s in r.sessions if r is not None else ():
+                    s.in_flight = 0
+            self._in_flight = None
+            raise
+        return out
+
+    def _ready(self, sessions: list[StreamSession], now: float, ahead: bool = False) -> list[StreamSession]:
+        """The sessions of the next round: up to max_batch with a chunk ready, longest waiting first."""
+        ready = []
+        for s in sessions:
+            if not s.has_chunk_ready():
+                continue
+            if ahead and s.ended and s.buffered_samples == 0 and s.audio_ahead is None \
+                    and s.total_frames() <= s.frames_emitted + s.in_flight * self.pipeline.new_frames:  # fmt: skip
+                continue  # every frame is in flight already: the session closes once they are delivered
+            if s.ready_since is None:
+                s.ready_since = (now, next(self._ready_order))  # ties (one clock reading) in the order seen
+            ready.append(s)
+        return sorted(ready, key=lambda s: s.ready_since)[: self.max_batch]
+
+    def _launch(self, ready: list[StreamSession]) -> _Round | None:
+        """Queue one round's generation and the copy of its frames to the host; nothing here waits for the GPU."""
         if not ready:
-            return out
-        start = time.perf_counter()
+            return None
+        started = time.perf_counter()
         pipe = self.pipeline
         speed = pipe.speed
         ahead = [s.audio_ahead for s in ready]
@@ -384,31 +438,47 @@ class StreamEngine:
             **noise_kwargs,
         )  # fmt: skip
         finals = [s.ended and s.buffered_samples == 0 for s in ready]
+        for s, result, final in zip(ready, results, finals, strict=True):
+            s.motion_latents = result.motion_latents  # on the device: the next round can be queued behind this one
+            s.ready_since = None
+            s.in_flight += 1
+            s.final_launched = s.final_launched or final
         # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
         for s in ready:
             s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
         if speed.audio_stream and pipe.device.type == "cuda":
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
-        frames_all = frames_to_host(
+        frames = HostFrames.start(
             [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory, watermark=self.watermark
         )
+        return _Round(ready, slices, finals, frames, started)
+
+    def _deliver(self, r: _Round) -> list[VideoChunk]:
+        """Wait for a launched round's frames and hand them out as chunks."""
+        frames_all = r.frames.wait()
         emitted_at = time.monotonic()
-        spf = pipe.config.sample_rate // pipe.config.fps
-        for s, result, (samples, _), frames, final in zip(ready, results, slices, frames_all, finals, strict=True):
-            s.motion_latents = result.motion_latents
-            s.ready_since = None
+        spf = self.pipeline.config.sample_rate // self.pipeline.config.fps
+        out = []
+        for s, (samples, _), frames, final in zip(r.sessions, r.slices, frames_all, r.finals, strict=True):
+            s.in_flight -= 1
             if final:  # drop the frames that only show the end-of-stream padding
                 keep = s.total_frames() - s.frames_emitted
                 frames = frames[: max(keep, 0)]
                 s.finished = True
             if s.first_frame_at is None:
                 s.first_frame_at = emitted_at
-            out.append(VideoChunk(s.id, frames, s.frames_emitted, pipe.config.fps, samples[: len(frames) * spf], final))
+            if self.sessions.get(s.id) is not s:
+                continue  # closed while its chunk was being generated
+            out.append(VideoChunk(s.id, frames, s.frames_emitted, self.pipeline.config.fps,
+                                  samples[: len(frames) * spf], final))  # fmt: skip
             s.frames_emitted += len(frames)
+        done = time.perf_counter()
         self.stats.rounds += 1
-        self.stats.chunks += len(ready)
+        self.stats.chunks += len(r.sessions)
         self.stats.frames += sum(len(c.frames) for c in out)
-        self.stats.round_seconds.append((len(ready), time.perf_counter() - start))
+        # A round launched ahead started on the device when the one before it was delivered.
+        self.stats.round_seconds.append((len(r.sessions), done - max(r.launched, self._last_delivered)))
+        self._last_delivered = done
         return out
 
     def _encode_audio(self, sessions: list[StreamSession]) -> list[torch.Tensor]:
@@ -442,7 +512,7 @@ class StreamEngine:
     def run_until_idle(self, sessions: Iterable[StreamSession] | None = None) -> list[VideoChunk]:
         """Generate until no session has a chunk ready (tests and offline use; servers call `step`)."""
         chunks = []
-        while produced := self.step():
+        while (produced := self.step()) or self.in_flight:
             chunks.extend(produced)
         if sessions is not None:
             for s in sessions:

@@ -129,7 +129,8 @@ class EngineWorker:
         while True:
             with self._cond:
                 sessions = self._sessions()
-                if not (self._stopping or self._commands or any(s.has_chunk_ready() for s in sessions)):
+                busy = self.engine.in_flight or any(s.has_chunk_ready() for s in sessions)  # a round may wait
+                if not (self._stopping or self._commands or busy):
                     live = any(s.realtime and not s.ended for s in sessions)
                     self._cond.wait(self.keepalive_tick if live else None)
                 commands, self._commands = self._commands, []
