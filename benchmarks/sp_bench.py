@@ -56,6 +56,7 @@ from flashhead.benchmark import (  # noqa: E402
     timed_ms,
 )
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
+from flashhead.parallel.group import SequenceParallelGroup, nccl_options  # noqa: E402
 from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
 from flashhead.pipeline.stream import StreamEngine  # noqa: E402
 from flashhead.pipeline.timing import StageTimer  # noqa: E402
@@ -194,6 +195,12 @@ def profile_stream(pipe, image, audio, chunk_samples: int, trace: Path | None = 
     return report
 
 
+def default_priority_group(group: SequenceParallelGroup) -> SequenceParallelGroup:
+    """The same ranks on a second NCCL group whose collectives use default-priority streams (--compare-priority)."""
+    low = dist.new_group(backend="nccl", pg_options=nccl_options(high_priority=False))
+    return SequenceParallelGroup(group.rank, group.world_size, group.device, group=low, control=group.control)
+
+
 def split_settings(pipe, group, args, attention: str | None = None) -> dict:
     """How the split runs: Ulysses head groups (as the library chooses them) and whether the encode is split."""
     from flashhead.parallel.attention import default_head_groups
@@ -325,17 +332,22 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         part.setdefault("gpus_1", {})["peak_gpu_memory_gib"] = peak_memory_all_ranks(args.side_group)[0]
         save()
         # N GPUs: the same stream, sequence parallel (then with --compare-attention's split, against the same 1 GPU).
-        for attention in [args.attention] + ([args.compare_attention] if args.compare_attention else []):
-            key = f"gpus_{group.world_size}" + ("" if attention == args.attention else f"_{attention}")
+        variants = [(args.attention, group, "")]
+        if args.compare_attention:
+            variants.append((args.compare_attention, group, f"_{args.compare_attention}"))
+        if args.compare_priority and group.device.type == "cuda":
+            variants.append((args.attention, default_priority_group(group), "_default_priority"))
+        for attention, sp_group, suffix in variants:
+            key = f"gpus_{group.world_size}{suffix}"
             try:
                 reset_peak_memory()
-                pipe.parallelize(group, force=FORCE_SPLIT, head_groups=args.head_groups, attention=attention)
+                pipe.parallelize(sp_group, force=FORCE_SPLIT, head_groups=args.head_groups, attention=attention)
                 pipe.optimize(speed)
                 if leader:
                     try:
                         sp = measure(pipe, image, audio, chunk_samples)
                         if args.profile_stream:
-                            label = f"{group.world_size}gpu" + ("" if attention == args.attention else f"-{attention}")
+                            label = f"{group.world_size}gpu" + suffix.replace("_", "-", 1)
                             trace = args.trace / f"{model}-{name}-{label}.json.gz" if args.trace else None
                             sp["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
                     finally:
@@ -379,6 +391,8 @@ def main() -> None:
                         help="how self-attention is split (default: the library's choice, Ulysses for Pro)")
     parser.add_argument("--compare-attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
                         help="also stream with this split of self-attention (entry gpus_N_<split>), same 1-GPU run")
+    parser.add_argument("--compare-priority", action="store_true",
+                        help="also stream on an NCCL group with default-priority streams (gpus_N_default_priority)")
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")
@@ -398,7 +412,8 @@ def main() -> None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
+        options = nccl_options() if backend == "nccl" else None  # as init_sequence_parallel: high priority
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300), pg_options=options)
     group = init_sequence_parallel()
     # The idle ranks wait out rank 0's single-GPU runs (compilation included) on a CPU group.
     args.side_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1200))

@@ -7,6 +7,7 @@
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 #   bash benchmarks/sp_device.sh x_gather    # the X-gather split (block input gathered, projections split by heads)
 #   COMPARE=x_gather SP_TIMEOUT=540 bash benchmarks/sp_device.sh   # Ulysses, then X gather, against the same 1 GPU
+#   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on default-priority NCCL streams; no parts
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
@@ -19,7 +20,7 @@ nvidia-smi topo -m | head -4
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
 timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
-    --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} \
+    --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} ${PRIORITY:+--compare-priority} ${NO_PARTS:+--no-parts} \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
 echo "sp_bench rc=$?"
