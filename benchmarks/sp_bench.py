@@ -195,10 +195,10 @@ def profile_stream(pipe, image, audio, chunk_samples: int, trace: Path | None = 
     return report
 
 
-def default_priority_group(group: SequenceParallelGroup) -> SequenceParallelGroup:
-    """The same ranks on a second NCCL group whose collectives use default-priority streams (--compare-priority)."""
-    low = dist.new_group(backend="nccl", pg_options=nccl_options(high_priority=False))
-    return SequenceParallelGroup(group.rank, group.world_size, group.device, group=low, control=group.control)
+def high_priority_group(group: SequenceParallelGroup) -> SequenceParallelGroup:
+    """The same ranks on a second NCCL group whose collectives use high-priority streams (--compare-priority)."""
+    high = dist.new_group(backend="nccl", pg_options=nccl_options(high_priority=True))
+    return SequenceParallelGroup(group.rank, group.world_size, group.device, group=high, control=group.control)
 
 
 def split_settings(pipe, group, args, attention: str | None = None) -> dict:
@@ -336,7 +336,7 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         if args.compare_attention:
             variants.append((args.compare_attention, group, f"_{args.compare_attention}"))
         if args.compare_priority and group.device.type == "cuda":
-            variants.append((args.attention, default_priority_group(group), "_default_priority"))
+            variants.append((args.attention, high_priority_group(group), "_high_priority"))
         for attention, sp_group, suffix in variants:
             key = f"gpus_{group.world_size}{suffix}"
             try:
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--compare-attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
                         help="also stream with this split of self-attention (entry gpus_N_<split>), same 1-GPU run")
     parser.add_argument("--compare-priority", action="store_true",
-                        help="also stream on an NCCL group with default-priority streams (gpus_N_default_priority)")
+                        help="also stream on an NCCL group with high-priority streams (gpus_N_high_priority)")
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")
@@ -412,7 +412,7 @@ def main() -> None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        options = nccl_options() if backend == "nccl" else None  # as init_sequence_parallel: high priority
+        options = nccl_options() if backend == "nccl" else None  # as init_sequence_parallel
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300), pg_options=options)
     group = init_sequence_parallel()
     # The idle ranks wait out rank 0's single-GPU runs (compilation included) on a CPU group.

@@ -7,7 +7,7 @@
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 #   bash benchmarks/sp_device.sh x_gather    # the X-gather split (block input gathered, projections split by heads)
 #   COMPARE=x_gather SP_TIMEOUT=540 bash benchmarks/sp_device.sh   # Ulysses, then X gather, against the same 1 GPU
-#   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on default-priority NCCL streams; no parts
+#   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on high-priority NCCL streams; no parts
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}

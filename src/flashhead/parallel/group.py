@@ -60,13 +60,13 @@ def init_sequence_parallel(expected: int | None = None, device: str | None = Non
     return SequenceParallelGroup(rank, world, target, control=control)
 
 
-def nccl_options(high_priority: bool = True):
-    """Options of the NCCL process group: its collectives on high-priority CUDA streams by default.
+def nccl_options(high_priority: bool = False):
+    """Options of the NCCL process group; `high_priority` puts its collectives on high-priority CUDA streams.
 
-    An all-to-all launched while a compute kernel still has blocks waiting would otherwise get SMs only when
-    that kernel drains (the 2-GPU Pro traces: each layer's first q / k / v all-to-all started ~30 us late,
-    behind the next head group's copy). CUDA graphs keep the priority (torch instantiates them with
-    per-node priorities).
+    High priority lets an all-to-all get SMs before the blocks still queued of a compute kernel launched
+    earlier: in the 2-GPU Pro traces each layer's first q / k / v all-to-all then starts 13 us instead of 31 us
+    after its copy, but the Pro stream was no faster (347.9 against 346.0 ms per chunk, session 9), so NCCL's
+    default stays. CUDA graphs keep the priority (torch instantiates them with per-node priorities).
     """
     options = dist.ProcessGroupNCCL.Options()
     options.is_high_priority_stream = high_priority
