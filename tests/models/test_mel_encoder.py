@@ -74,3 +74,29 @@ def test_save_and_load(tmp_path, speech):
         MelAudioEncoder.from_pretrained(tmp_path / "a")
     with pytest.raises(CheckpointError, match="cannot read"):
         MelAudioEncoder.from_pretrained(tmp_path / "missing")
+
+
+def test_the_waveform_goes_to_the_device_without_blocking_the_host():
+    """The engine encodes the next chunk's audio on a side CUDA stream from pinned memory; a blocking copy there
+    holds the host until that stream's queue has run (tests/pipeline/test_gpu_stream_host.py found it on the
+    GPU). "meta" stands in for the GPU: the copy to it must be non-blocking."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(Exception):
+        pass
+
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            target = kwargs.get("device")
+            if func is torch.ops.aten._to_copy.default and target is not None and args[0].device != target:
+                copies.append(kwargs.get("non_blocking", False))
+                raise Seen  # the rest of the forward does not matter here
+            return func(*args, **kwargs)
+
+    encoder = MelAudioEncoder().to("meta")
+    with pytest.raises(Seen), Copies():
+        encoder(torch.zeros(2, 16000))
+    assert copies == [True]

@@ -111,7 +111,8 @@ class MelAudioEncoder(nn.Module):
         c = self.mel_config
         waveform = torch.as_tensor(waveform)
         batched = waveform.ndim == 2
-        samples = (waveform if batched else waveform.unsqueeze(0)).to(self.device, torch.float32)
+        # Async from pinned memory (the engine's side-stream audio): a blocking copy would hold the host.
+        samples = (waveform if batched else waveform.unsqueeze(0)).to(self.device, torch.float32, non_blocking=True)
         num_frames = samples.shape[-1] * c.fps // c.sample_rate
         if num_frames < 1:
             raise AudioError(f"audio too short: {samples.shape[-1]} samples, need {c.sample_rate // c.fps}")
