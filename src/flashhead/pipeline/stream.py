@@ -356,7 +356,7 @@ class StreamEngine:
         """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first).
 
         With the launch_ahead speed switch the round after it is queued on the device before this round's
-        frames are waited for, and delivered by the next call.
+        frames are waited for, and delivered by the next call (not while this round holds a first chunk).
         """
         now = time.monotonic() if now is None else now
         sessions = self._open()
@@ -378,7 +378,9 @@ class StreamEngine:
                 current = self._launch(self._ready(sessions, now))
                 if current is None:
                     return out
-            if self.pipeline.speed.launch_ahead:
+            # A session's first chunk is handed out before the next round is queued: queuing it first would add
+            # the host's launch time of a whole round to the time to the first frame.
+            if self.pipeline.speed.launch_ahead and all(s.first_frame_at is not None for s in current.sessions):
                 self._in_flight = self._launch(self._ready(self._open(), now, ahead=True))
             out.extend(self._deliver(current))
         except BaseException:
