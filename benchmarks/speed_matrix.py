@@ -40,7 +40,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+vae_conv_pad", {"vae_conv_pad": True}, False),
     ("+pinned_memory", {"pinned_memory": True}, False),
     ("+audio_stream", {"audio_stream": True}, False),
-    ("+launch_ahead", {"launch_ahead": True}, False),
+    ("+launch_ahead", {"launch_ahead": True}, True),
     ("+compile_color", {"compile_color": True}, False),
     ("+compile_dit", {"compile_dit": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
