@@ -54,13 +54,12 @@ def init_sequence_parallel(expected: int | None = None, device: str | None = Non
         # Processes share the cores: without this each one would start a thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
-        options = nccl_options() if cuda else None
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=target if cuda else None, pg_options=options)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=target if cuda else None)
     control = dist.new_group(backend="gloo")
     return SequenceParallelGroup(rank, world, target, control=control)
 
 
-def nccl_options(high_priority: bool = False):
+def nccl_options(high_priority: bool):
     """Options of the NCCL process group; `high_priority` puts its collectives on high-priority CUDA streams.
 
     High priority lets an all-to-all get SMs before the blocks still queued of a compute kernel launched
