@@ -72,6 +72,14 @@ def compiled_order(code: str, matmuls: bool = False) -> list[str]:
     return events
 
 
+def send_buffers(code: str) -> list[str]:
+    """The buffer each all-to-all of Inductor's generated code sends from (a view's base buffer, or the buffer)."""
+    import re
+
+    launch = r"= torch\.ops\._c10d_functional\.all_to_all_single\.default\((?:reinterpret_tensor\()?(\w+)"
+    return re.findall(launch, code)
+
+
 def tiny_random_dit(heads: int):
     from flashhead.models import FlashHeadDiT
 
@@ -242,6 +250,7 @@ def main(out: Path, cases: list[str]) -> None:
             with torch.no_grad():
                 results[case], code = run_and_get_code(SequenceParallelDiT(dit, group, head_groups=2), *dit_inputs(dit))
             results[f"{case}.order"] = compiled_order(code[0])  # the first block's graph
+            results[f"{case}.sends"] = send_buffers(code[0])
         elif case.startswith("dit"):  # dit-<heads>
             from flashhead.parallel.dit import SequenceParallelDiT
 

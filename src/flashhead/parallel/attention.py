@@ -152,9 +152,13 @@ def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel:
     B, s, H, d = q.shape
     n, L = len(sizes), sum(sizes)
     hg = H // n // G  # heads per group per rank; rank r's group g holds heads r * H/N + g * hg + [0, hg)
-    # One copy into (G, N * s, 3, B, hg, d) order: each group's send buffer is then a contiguous block.
-    send = torch.stack([q, k, v]).reshape(3, B, s, n, G, hg, d).permute(4, 3, 2, 0, 1, 5, 6)
-    send = send.reshape(G, n * s, 3, B, hg, d)
+    # Stacked straight into (G, N, s, 3, B, hg, d) order, where each group's send buffer is a contiguous block:
+    # compiled, q and k are then normalised and rotated into the send buffers by the kernel that reduces their
+    # norms, instead of into a (3, B, s, H, d) stack copied into rank-major order per group (session-10 trace).
+    def by_rank_and_group(t: torch.Tensor) -> torch.Tensor:  # (B, s, H, d) -> (G, N, s, B, hg, d), a view
+        return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
+
+    send = torch.stack([by_rank_and_group(t) for t in (q, k, v)], dim=3).reshape(G, n * s, 3, B, hg, d)
     eager = not torch.compiler.is_compiling()
     recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
     incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]

@@ -122,20 +122,22 @@ def row_windows(stages: list[Stage], rows: int, start: int, stop: int) -> list[t
     return windows[::-1]
 
 
-def strip_step(holder: Any, net: nn.Module, eager: Callable) -> tuple[Callable, torch.memory_format | None]:
+def strip_step(
+    holder: Any, net: nn.Module, eager: Callable, attr: str = "_compiled"
+) -> tuple[Callable, torch.memory_format | None]:
     """The step a strip runs per frame / time chunk, and the memory layout to keep its caches in.
 
     Eager as it is unless compile_vae compiled `net` (the whole decoder / encoder, which a strip never calls):
-    then `eager` compiled once per `holder` (`holder._compiled`; one strip per rank), with the layout of `net`'s
-    convolutions (vae_channels_last). The layout is None when nothing needs keeping.
+    then `eager` compiled once per `holder` (kept in `holder.<attr>`; one strip per rank), with the layout of
+    `net`'s convolutions (vae_channels_last). The layout is None when nothing needs keeping.
     """
     if getattr(net, "_compiled_call_impl", None) is None:
         return eager, None
-    if holder._compiled is None:
-        holder._compiled = torch.compile(eager, dynamic=False)
+    if getattr(holder, attr) is None:
+        setattr(holder, attr, torch.compile(eager, dynamic=False))
     weight = net.conv_in.weight
     channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
-    return holder._compiled, torch.channels_last_3d if channels_last else torch.contiguous_format
+    return getattr(holder, attr), torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def keep_cache_layout(cache: Cache, layout: torch.memory_format | None) -> None:

@@ -124,6 +124,7 @@ class WanStripEncoder:
         return torch.cat(out, dim=2)
 
     _compiled = None
+    _compiled_finish = None
 
     def _chunk(self, h: torch.Tensor, cache: Cache, windows: tuple, start: int, stop: int) -> torch.Tensor:
         """One time chunk (as diffusers' _encode loop) -> this strip's mid-block input rows; updates the caches."""
@@ -139,10 +140,18 @@ class WanStripEncoder:
         """Whole mid-block input (B, C, T', H', W') -> raw posterior mean (B, z, T', H', W'), as diffusers' encode."""
         enc = self.model.encoder
         cache: Cache = [None] * (2 * len(enc.mid_block.resnets) + 1)
+        # Compiled like the strips (compile_vae): eager, this tail launched ~3 ms of small kernels per Pro chunk
+        # (session-10 trace) on every rank, where the one-GPU encode runs it inside its compiled graph.
+        step, layout = strip_step(self, enc, self._finish_frame, "_compiled_finish")
         out = []
         for i in range(features.shape[2]):  # one latent frame per encoder chunk, with their causal caches
-            idx = [0]
-            h = enc.mid_block(features[:, :, i : i + 1], feat_cache=cache, feat_idx=idx)
-            out.append(_cached_conv(enc.conv_out, enc.nonlinearity(enc.norm_out(h)), cache, idx))
+            out.append(step(features[:, :, i : i + 1], cache))
+            keep_cache_layout(cache, layout)
         moments = self.model.quant_conv(torch.cat(out, dim=2))
         return moments.chunk(2, dim=1)[0]  # DiagonalGaussianDistribution's mean
+
+    def _finish_frame(self, h: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One latent frame through the mid block, norm_out and conv_out; updates the caches."""
+        enc, idx = self.model.encoder, [0]
+        h = enc.mid_block(h, feat_cache=cache, feat_idx=idx)
+        return _cached_conv(enc.conv_out, enc.nonlinearity(enc.norm_out(h)), cache, idx)

@@ -434,12 +434,19 @@ class StreamEngine:
             drawn = [s.noise_ahead or pipe.draw_noise(s.generator) for s in ready]
             noise_kwargs = {"noises": [d.initial for d in drawn],
                             "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
+        finals = [s.ended and s.buffered_samples == 0 for s in ready]
+        if speed.audio_stream and pipe.device.type == "cuda":
+            # Queued before this round's chunk, the side stream encodes the next round's audio while this DiT runs.
+            # Queued after it (until session 10) the audio waited: the host launched it only when the launch queue
+            # had room again, and cuDNN runs wav2vec2's grouped positional conv on internal streams that wait for
+            # all work queued before it on the default stream, i.e. this round's decode and re-encode; the next DiT
+            # then waited for the audio (4-6 ms per Pro chunk in the session 8-10 traces, 1 and 2 GPUs).
+            self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
             **noise_kwargs,
         )  # fmt: skip
-        finals = [s.ended and s.buffered_samples == 0 for s in ready]
         for s, result, final in zip(ready, results, finals, strict=True):
             s.motion_latents = result.motion_latents  # on the device: the next round can be queued behind this one
             s.ready_since = None
@@ -448,8 +455,6 @@ class StreamEngine:
         # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
         for s in ready:
             s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
-        if speed.audio_stream and pipe.device.type == "cuda":
-            self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         frames = HostFrames.start(
             [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory, watermark=self.watermark
         )
