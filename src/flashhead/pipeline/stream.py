@@ -442,7 +442,7 @@ class StreamEngine:
             # all work queued before it on the default stream, i.e. this round's decode and re-encode; the next DiT
             # then waited for the audio (4-6 ms per Pro chunk in the session 8-10 traces, 1 and 2 GPUs). Queued here,
             # those cuDNN streams wait only for the previous round's tail, and this DiT (default-stream work, which
-            # waits for blocking streams in turn) for the ~1 ms conv rather than the whole audio encode.
+            # waits for blocking streams in turn) for the CNN features and that conv (~2 ms), not the whole encode.
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
