@@ -37,14 +37,16 @@ def _cudnn_back(module, args, output) -> None:
 
 
 def native_pos_conv(pipe, on: bool) -> None:
-    """Grouped conv1d layers of the audio encoder with cuDNN switched off for their call (on) or as usual."""
+    """Grouped conv1d layers of the audio encoder with cuDNN switched off for their call (on) or as usual.
+
+    Only the hooks added here are removed: an old-style weight norm is a forward pre-hook of the same layer."""
     for module in pipe.audio_encoder.model.modules():
         if isinstance(module, torch.nn.Conv1d) and module.groups > 1:
-            module._forward_pre_hooks.clear()
-            module._forward_hooks.clear()
+            for handle in module.__dict__.pop("_ab_hooks", ()):
+                handle.remove()
             if on:
-                module.register_forward_pre_hook(_cudnn_off)
-                module.register_forward_hook(_cudnn_back, always_call=True)
+                module._ab_hooks = (module.register_forward_pre_hook(_cudnn_off),
+                                    module.register_forward_hook(_cudnn_back, always_call=True))  # fmt: skip
 
 
 def main() -> None:
