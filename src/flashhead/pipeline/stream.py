@@ -436,13 +436,10 @@ class StreamEngine:
                             "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
         finals = [s.ended and s.buffered_samples == 0 for s in ready]
         if speed.audio_stream and pipe.device.type == "cuda":
-            # Queued before this round's chunk, the side stream encodes the next round's audio while this DiT runs.
-            # Queued after it (until session 10) the audio waited: the host launched it only when the launch queue
-            # had room again, and cuDNN runs wav2vec2's grouped positional conv on internal streams that wait for
-            # all work queued before it on the default stream, i.e. this round's decode and re-encode; the next DiT
-            # then waited for the audio (4-6 ms per Pro chunk in the session 8-10 traces, 1 and 2 GPUs). Queued here,
-            # those cuDNN streams wait only for the previous round's tail, and this DiT (default-stream work, which
-            # waits for blocking streams in turn) for the CNN features and that conv (~2 ms), not the whole encode.
+            # Before this round's chunk, not after it: cuDNN runs wav2vec2's grouped positional conv on internal
+            # blocking streams that wait for all work already queued on the default stream. Queued after the chunk,
+            # the audio waited for its decode and re-encode, and the next DiT for the audio (4-6 ms per Pro chunk);
+            # queued here, this DiT waits only for the CNN features and that conv (~2 ms). docs/performance.md.
             self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
