@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=9216, help="tokens of one Pro chunk (9 x 32 x 32)")
     parser.add_argument("--dim", type=int, default=1536)
+    parser.add_argument("--head-groups", type=int, default=2, help="Ulysses head groups: one group's tensors too")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -90,6 +91,10 @@ def main() -> None:
         "out_all_to_all": torch.randn(shard, args.dim, device=dev, dtype=torch.bfloat16),
         "small_all_to_all_1MB": torch.randn(512, 1024, device=dev, dtype=torch.bfloat16),
     }
+    if args.head_groups > 1:  # what one head group sends (the first is exposed, as the last output group)
+        width = args.dim // args.head_groups
+        cases["qkv_group_all_to_all"] = torch.randn(3 * shard, width, device=dev, dtype=torch.bfloat16)
+        cases["out_group_all_to_all"] = torch.randn(shard, width, device=dev, dtype=torch.bfloat16)
     on_gpu = torch.cuda.is_available()
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None
     report: dict = {

@@ -53,6 +53,7 @@ from flashhead.benchmark import (  # noqa: E402
     build_pipeline,
     environment,
     run_stream,
+    steady_fps,
     timed_ms,
 )
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
@@ -78,6 +79,7 @@ SPEEDS = {
         if v != SpeedConfig().to_dict()[k]
     ),
 }
+SPEEDS["optimized_ahead"] = SPEEDS["optimized"] + ",launch_ahead"  # the engine queues the next round before waiting
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | str | None:
@@ -103,19 +105,26 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     run_stream(engine, image, audio[: 2 * chunk_samples])
     warmup = time.perf_counter() - start
     first = [run_stream(engine, image, audio[:chunk_samples])[0] for _ in range(2)]
-    _, total, frames = run_stream(engine, image, audio, seed=0)
+    deliveries: list[tuple[float, int]] = []
+    _, total, frames = run_stream(engine, image, audio, seed=0, deliveries=deliveries)
+    steady = steady_fps(deliveries, pipe.new_frames)
     pipe.timer = StageTimer()
     run_stream(engine, image, audio, seed=0)
     stages = {k: round(v["mean_ms"], 1) for k, v in pipe.timer.summary().items()}
     pipe.timer = StageTimer(sync=False)
     _sync()
-    chunk_ms = 1000 * total / math.ceil(len(audio) / chunk_samples)  # the last chunk partly emitted: count chunks
+    # Steady: from the first chunk's hand-out to the last full chunk's (benchmark.steady_fps); the stream figures
+    # (before session 11 the only ones) also hold the first chunk and the last, partly emitted one.
+    stream_chunk_ms = 1000 * total / math.ceil(len(audio) / chunk_samples)
+    steady = steady or len(frames) / total
     return {
-        "steady_fps": round(len(frames) / total, 2),
-        "chunk_ms": round(chunk_ms, 1),
+        "steady_fps": round(steady, 2),
+        "chunk_ms": round(1000 * pipe.new_frames / steady, 1),
+        "stream_fps": round(len(frames) / total, 2),
+        "stream_chunk_ms": round(stream_chunk_ms, 1),
         "time_to_first_frame_ms": round(1000 * float(np.median(first)), 1),
         "stage_ms_per_chunk": stages,
-        "outside_stages_ms_per_chunk": round(chunk_ms - sum(stages.values()), 1),
+        "outside_stages_ms_per_chunk": round(1000 * pipe.new_frames / steady - sum(stages.values()), 1),
         "warmup_seconds": round(warmup, 1),
         "frames": frames,
     }
@@ -199,6 +208,24 @@ def high_priority_group(group: SequenceParallelGroup) -> SequenceParallelGroup:
     """The same ranks on a second NCCL group whose collectives use high-priority streams (--compare-priority)."""
     high = dist.new_group(backend="nccl", pg_options=nccl_options(high_priority=True))
     return SequenceParallelGroup(group.rank, group.world_size, group.device, group=high, control=group.control)
+
+
+def nccl_env_group(group: SequenceParallelGroup, settings: str) -> SequenceParallelGroup:
+    """The same ranks on a second NCCL group whose communicator is made under extra NCCL settings, e.g.
+    "NCCL_PROTO=LL128" (--compare-nccl-env); the process environment is restored afterwards."""
+    extra = dict(item.split("=", 1) for item in settings.split())
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        other = dist.new_group(backend="nccl")
+        dist.barrier(group=other, device_ids=[group.device.index])  # NCCL reads the settings as it makes the comm
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return SequenceParallelGroup(group.rank, group.world_size, group.device, group=other, control=group.control)
 
 
 def split_settings(pipe, group, args, attention: str | None = None) -> dict:
@@ -337,6 +364,9 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
             variants.append((args.compare_attention, group, f"_{args.compare_attention}"))
         if args.compare_priority and group.device.type == "cuda":
             variants.append((args.attention, high_priority_group(group), "_high_priority"))
+        if args.compare_nccl_env and group.device.type == "cuda":
+            suffix = "_" + args.compare_nccl_env.replace("NCCL_", "").replace("=", "_").replace(" ", "_").lower()
+            variants.append((args.attention, nccl_env_group(group, args.compare_nccl_env), suffix))
         for attention, sp_group, suffix in variants:
             key = f"gpus_{group.world_size}{suffix}"
             try:
@@ -393,6 +423,9 @@ def main() -> None:
                         help="also stream with this split of self-attention (entry gpus_N_<split>), same 1-GPU run")
     parser.add_argument("--compare-priority", action="store_true",
                         help="also stream on an NCCL group with high-priority streams (gpus_N_high_priority)")
+    parser.add_argument("--compare-nccl-env", default=None, metavar="SETTINGS",
+                        help='also stream on an NCCL group made under these settings, e.g. "NCCL_PROTO=LL128" '
+                        "(entry gpus_N_proto_ll128)")  # fmt: skip
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")

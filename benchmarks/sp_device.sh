@@ -2,25 +2,33 @@
 # Issue 11 on a 2-GPU device call (kind nvidia-h100-x2; carry .device/whl and .device/shared): the transport, the
 # sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
 # then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport,
-# TEST=0 the GPU test.
+# TEST=0 the GPU test, A2A_ONLY=1 everything after the transport; A2A_SETTINGS: NCCL settings to time, '|' between.
 #   bash benchmarks/sp_device.sh             # Ulysses (the default split of self-attention); parts time every split
 #   bash benchmarks/sp_device.sh kv_gather   # the KV-gather split for the whole stream
 #   bash benchmarks/sp_device.sh x_gather    # the X-gather split (block input gathered, projections split by heads)
 #   COMPARE=x_gather SP_TIMEOUT=540 bash benchmarks/sp_device.sh   # Ulysses, then X gather, against the same 1 GPU
 #   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on high-priority NCCL streams; no parts
+#   NCCL_ENV="NCCL_PROTO=LL128" NO_PARTS=1 bash benchmarks/sp_device.sh   # also on a group made under those settings
+#   SPEEDS=optimized,optimized_ahead NO_PARTS=1 bash benchmarks/sp_device.sh   # --optimized, then with launch_ahead
+#   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: from the first chunk's hand-out to the last full one)
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi topo -m | head -4
-[ "${A2A:-1}" = 1 ] && for setting in "" "NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"; do  # NCCL's default p2p channels, then more
-    name="$OUT/a2a-${setting:+tuned}.json"
+SETTINGS=${A2A_SETTINGS:-"|NCCL_P2P_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32"}  # NCCL's default p2p channels, then more
+IFS='|' read -ra SETTING_LIST <<< "$SETTINGS"
+[ "${A2A:-1}" = 1 ] && for setting in "${SETTING_LIST[@]}"; do
+    name="$OUT/a2a-$(echo "${setting:-default}" | tr -c 'A-Za-z0-9_\n' '_').json"
     env $setting timeout 90 torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --json "$name" > /dev/null 2>&1
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
-timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds optimized --budget 360 \
+[ "${A2A_ONLY:-0}" = 1 ] && exit 0
+timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds "${SPEEDS:-optimized}" --budget 360 \
+    --seconds "${AUDIO_SECONDS:-6}" \
     --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} ${PRIORITY:+--compare-priority} ${NO_PARTS:+--no-parts} \
+    ${NCCL_ENV:+--compare-nccl-env "$NCCL_ENV"} \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
 echo "sp_bench rc=$?"
@@ -28,14 +36,14 @@ python3 - "$OUT/sp.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))["models"]["pro"]
 print({k: v for k, v in d.get("parts", {}).items() if not k.startswith("profile")})
-for speed in ("optimized",):
+for speed in [k for k in d if k.startswith("optimized")]:
     runs = {k: v for k, v in d.get(speed, {}).items() if k.startswith("gpus_")}
     for gpus, entry in runs.items():
         print(speed, gpus, {k: v for k, v in entry.items() if k not in ("profile_stream", "trace")})
     one = runs.get("gpus_1", {}).get("chunk_ms")
     for gpus, entry in runs.items():
         if one and gpus != "gpus_1" and entry.get("chunk_ms"):
-            print(f"{gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
+            print(f"{speed} {gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
                   f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
 [ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3

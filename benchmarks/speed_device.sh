@@ -2,7 +2,7 @@
 # Issue 10 on one GPU (kind nvidia-h100-x1; carry .device/whl and .device/shared): the next device calls, each
 # under 10 minutes. Results in $OUT.
 #   bash benchmarks/speed_device.sh decode   # compiled Wan decode, whole and strip, recompile limit 8 vs 128,
-#                                            # with the graph breaks Dynamo reports (~4 min)
+#                                            # the graph breaks Dynamo reports, the kernels by kind (~4 min)
 #   bash benchmarks/speed_device.sh equiv 1  # the GPU equivalence test for Pro, the switches without compile (~9 min)
 #   bash benchmarks/speed_device.sh equiv 2  # ... the compiled ones, all together, FP8, decode_new_only (~6 min)
 #   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
@@ -15,10 +15,11 @@ mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
 case "$WHAT" in
 decode)
-    TORCH_LOGS=graph_breaks timeout 540 python3 benchmarks/wan_decode_bench.py --variants stock --compiled \
+    TORCH_LOGS=graph_breaks timeout 540 python3 benchmarks/wan_decode_bench.py --variants stock --compiled --profile \
         --json "$OUT/wan_decode.json" > "$OUT/decode.log" 2>&1
     echo "rc=$?"
     grep -E "^stock|^compiled" "$OUT/decode.log"
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['compiled']; [print(k, json.dumps(c[k])) for k in c if k.startswith('profile')]" "$OUT/wan_decode.json"
     # Each distinct graph-break reason once, with its place in the code.
     grep -A4 "Graph break" "$OUT/decode.log" | grep -E "Reason|File" | sed 's/.*\] //' | sort | uniq -c | sort -rn | head -20
     ;;

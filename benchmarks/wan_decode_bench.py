@@ -78,6 +78,11 @@ def main() -> None:
         help="also the compiled decode (compile_vae with both layout switches), whole and as one "
         "half-height strip, under Dynamo's default recompile limit and a raised one",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --compiled: the GPU kernels of one compiled decode, whole and strip, by kernel and by kind",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -103,7 +108,7 @@ def main() -> None:
         report["variants"][name] = entry
         print(name, entry, flush=True)
     if args.compiled:
-        report["compiled"] = compiled_variants(vae, z, args.repeat, ref)
+        report["compiled"] = compiled_variants(vae, z, args.repeat, ref, args.profile)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
@@ -116,9 +121,44 @@ def psnr_db(out: torch.Tensor, ref: torch.Tensor) -> float | str:
     return "inf" if mse == 0 else round(10 * torch.log10(torch.tensor(4 / mse)).item(), 2)
 
 
-def compiled_variants(vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None) -> dict:
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's kind by its name: convolution (cuDNN / CUTLASS implicit GEMM), fused Triton, or other."""
+    lowered = name.lower()
+    if any(key in lowered for key in ("conv", "xmma", "cudnn", "cutlass", "sm90_", "implicit")):
+        return "convolution"
+    if lowered.startswith("triton"):
+        return "triton"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copy"
+    return "other"
+
+
+def kernel_profile(fn, top: int = 25) -> dict:
+    """One call of `fn` under torch.profiler: GPU ms by kernel kind and the `top` kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1000
+    kernels.sort(key=lambda e: -e.device_time_total)
+    return {
+        "gpu_ms": round(sum(kinds.values()), 1),
+        "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"kernel": e.key[:120], "calls": e.count, "ms": round(e.device_time_total / 1000, 2)}
+                for e in kernels[:top]],
+    }  # fmt: skip
+
+
+def compiled_variants(
+    vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None, profile: bool = False
+) -> dict:
     """compile_vae decodes: whole and one strip (rows of the first half), under Dynamo's default recompile
-    limit (8) and the one compile_vae sets (VAE_RECOMPILE_LIMIT)."""
+    limit (8) and the one compile_vae sets (VAE_RECOMPILE_LIMIT); `profile`: the kernels of the latter."""
     from flashhead.parallel.vae import decode_strip
 
     out: dict = {}
@@ -135,6 +175,12 @@ def compiled_variants(vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch
             entry["psnr_vs_stock_db"] = psnr_db(whole, ref)
         out[f"recompile_limit_{limit}"] = entry
         print("compiled", limit, entry, flush=True)
+    if profile:
+        with torch.no_grad():
+            out["profile_whole"] = kernel_profile(lambda: vae.model.decode(z).sample)
+            out["profile_strip_half"] = kernel_profile(lambda: decode_strip(vae, z, 0, rows // 2, 0))
+        for name in ("profile_whole", "profile_strip_half"):
+            print(name, json.dumps(out[name], indent=1), flush=True)
     apply_vae_switches(vae, SpeedConfig())
     return out
 

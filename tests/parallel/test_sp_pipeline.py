@@ -20,7 +20,7 @@ from _sp_worker import torchrun  # noqa: E402
 # streaming code path.
 CASES = ("pipeline-plain", "pipeline-rope_table+cond_cache", "pipeline_kv-rope_table+cond_cache",
          "pipeline_xg-rope_table+cond_cache")  # fmt: skip
-STREAM = "stream-launch_ahead+rope_table+cond_cache"
+STREAM = "stream-rope_table+cond_cache"  # launch_ahead off: a split pipeline's engine launches ahead anyway
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,12 @@ def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
     assert [k for k in pipeline[1] if k.endswith("follower_encoded")] == [f"{c}.follower_encoded" for c in CASES]
     assert bool(pipeline[1][f"{case}.follower_encoded"])
     for key in ("a_latents", "a_video", "a_motion", "b_latents", "b_video"):
-        # KV gather sums each softmax in two parts (its log-sum-exp merge), X gather each RMS norm: latents move
-        # by ~1e-6, and the tiny random VAE's decode amplifies that ~100x in the videos
-        atol = 2e-3 if case.startswith(("pipeline_kv", "pipeline_xg")) and key.endswith("video") else 2e-5
-        torch.testing.assert_close(got[f"{case}.{key}"], expected[key], rtol=0, atol=atol)
+        # Latents move by ~1e-6 (KV gather sums each softmax in two parts, X gather each RMS norm; Ulysses projects
+        # half the tokens, whose float32 GEMMs some CPUs round differently: AMD EPYC, session 11), and the tiny
+        # random VAE's decode amplifies that ~100x in the videos.
+        atol = 2e-3 if key.endswith("video") else 2e-5
+        label = lambda m, key=key: f"{key}: {m}"  # noqa: E731
+        torch.testing.assert_close(got[f"{case}.{key}"], expected[key], rtol=0, atol=atol, msg=label)
     frames, ref = got[f"{case}.frames"].numpy(), expected["frames"].numpy()
     assert frames.shape == ref.shape and len(ref) == 30
     # uint8 frames: float32 reduction order may move a value across a rounding boundary, nothing more
@@ -56,8 +58,9 @@ def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
 
 
 def test_two_process_stream_launching_rounds_ahead_equals_single_process(pipeline):
-    """The leader's engine queues each next round before it waits for the current one's frames (launch_ahead):
-    the announcements reach the followers on the host-side group, in order, and the frames are one process's."""
+    """The leader's engine queues each next round before it waits for the current one's frames (as it always does
+    when split, without the launch_ahead switch): the announcements reach the followers on the host-side group, in
+    order, and the frames are one process's."""
     from _tiny import tiny_pipeline
 
     expected = worker.stream_run(tiny_pipeline("pro")[0], None)

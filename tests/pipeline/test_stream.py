@@ -226,3 +226,28 @@ def test_a_session_closed_while_its_round_is_in_flight_gets_no_chunk(lite):
         assert [c.session_id for c in third] == [a.id] and third[0].start_frame == 2 * len(first[0].frames)
     finally:
         lite.optimize(SpeedConfig())
+
+
+def test_work_queued_while_denoising_runs_after_the_dit_and_before_the_decode(lite):
+    # The engine queues the next round's audio there (audio_stream): the GPU then has the whole DiT in its queue
+    # while the host launches wav2vec2, and the decode has not been queued yet.
+    from flashhead.pipeline.timing import StageTimer
+
+    def chunk(**kwargs):
+        seeds = [torch.Generator().manual_seed(1)], [torch.Generator().manual_seed(2)]
+        return lite.generate_chunks(
+            [reference], [reference.first_motion], [context], generators=seeds[0], encode_generators=seeds[1], **kwargs
+        )[0]
+
+    seen = []
+    reference = lite.encode_reference(portrait(lite, 3), generator=reference_generator(5))
+    context = next(lite.audio_contexts(torch.from_numpy(speechlike(1.0))))
+    timer, lite.timer = lite.timer, StageTimer(sync=False)
+    try:
+        plain = chunk()
+        hooked = chunk(while_denoising=lambda: seen.append({k: v["count"] for k, v in lite.timer.summary().items()}))
+    finally:
+        lite.timer = timer
+    assert len(seen) == 1  # called once per batch
+    assert seen[0]["dit"] == 2 and seen[0]["vae_decode"] == 1  # this chunk's DiT is queued, its decode not yet
+    assert torch.equal(hooked.video, plain.video) and torch.equal(hooked.motion_latents, plain.motion_latents)

@@ -462,12 +462,15 @@ class FlashHeadPipeline:
         renoises: Sequence[Sequence[torch.Tensor]] | None = None,
         encode_noises: Sequence[torch.Tensor | None] | None = None,
         new_only: bool | None = None,
+        while_denoising: Callable[[], None] | None = None,
     ) -> list[ChunkResult]:
         """Generate one chunk for each of several streams in one batch (one DiT call per step for all).
 
         Each stream keeps its own portrait, motion latents (1 frame on its first chunk, 2 afterwards),
         audio and noise generators, so a stream's frames do not depend on which others share its batch.
         `new_only=False` decodes every frame even when the decode_new_only switch is on.
+        `while_denoising`: host work to run once the chunk's DiT is queued on the device and before its decode
+        is, i.e. while the GPU is busy for the longest (the streaming engine queues the next round's audio here).
         """
         cfg = self.config
         B = len(references)
@@ -505,7 +508,7 @@ class FlashHeadPipeline:
         if self._sp is not None and self._sp.split_encode:
             split_encode = (B, 3, self.motion_frames, shape[3] * self.vae.stride[1], shape[4] * self.vae.stride[2])
         latents, decoded = self._denoise_and_decode(
-            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode)
+            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode), while_denoising
         )
         video = decoded
         if cfg.color_correction_strength > 0:
@@ -528,7 +531,9 @@ class FlashHeadPipeline:
             for b in range(B)
         ]  # fmt: skip
 
-    def _denoise_and_decode(self, chunk: ChunkInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoise_and_decode(
+        self, chunk: ChunkInputs, while_denoising: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoised latents and their decode; the part of a chunk that all sequence-parallel ranks run."""
         cfg = self.config
         if self._sp is not None and self._sp.group.is_leader:
@@ -544,6 +549,8 @@ class FlashHeadPipeline:
                     guidance_scale=cfg.guidance_scale, euler=cfg.use_euler, motion_lengths=chunk.lengths,
                     guidance_steps=cfg.guidance_steps,
                 )  # fmt: skip
+        if while_denoising is not None:
+            while_denoising()
         with self.timer("vae_decode"):
             tail = latents[:, :, chunk.skip :]
             decoded = self.vae.decode(tail) if self._sp is None else self._sp.decode(tail)

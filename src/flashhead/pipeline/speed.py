@@ -49,8 +49,10 @@ class SpeedConfig:
             round's DiT runs (streaming engine).
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
             round's frames, so the GPU goes from one chunk to the next without waiting for the host (and, with
-            sequence parallelism, for the followers). Exact, but measured no faster on one H100 (Lite 327 against
-            334 FPS without it), so not in the `optimized` preset.
+            sequence parallelism, for the followers). Exact, but measured no faster on one GPU (Lite 327 against
+            334 FPS without it on an H100, Pro 543.3 against 541.6 ms per chunk on an H200), so not in the
+            `optimized` preset; a sequence-parallel pipeline's engine launches ahead regardless (Pro on 2 H200s:
+            326.0 against 334.2 ms per chunk).
         decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
             Approximate (the decoders see less temporal context); off in the `optimized` preset.
         fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16.

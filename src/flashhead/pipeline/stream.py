@@ -352,10 +352,18 @@ class StreamEngine:
         """Whether a round was launched ahead and waits for the next `step` to deliver its frames."""
         return self._in_flight is not None
 
+    @property
+    def launches_ahead(self) -> bool:
+        """Whether the next round is queued before the current one's frames are waited for: with the launch_ahead
+        switch, and always where the pipeline is split over GPUs, whose followers otherwise wait for the leader's
+        host between chunks (Pro on 2 H200s: 334.2 -> 326.0 ms per chunk; one GPU: no change, docs/performance.md).
+        """
+        return self.pipeline.speed.launch_ahead or self.pipeline.sequence_parallel
+
     def step(self, now: float | None = None) -> list[VideoChunk]:
         """Run one round: generate the next chunk of up to `max_batch` ready sessions (longest waiting first).
 
-        With the launch_ahead speed switch the round after it is queued on the device before this round's
+        Launching ahead (`launches_ahead`), the round after it is queued on the device before this round's
         frames are waited for, and delivered by the next call (not while this round holds a first chunk).
         """
         now = time.monotonic() if now is None else now
@@ -380,7 +388,7 @@ class StreamEngine:
                     return out
             # A session's first chunk is handed out before the next round is queued: queuing it first would add
             # the host's launch time of a whole round to the time to the first frame.
-            if self.pipeline.speed.launch_ahead and all(s.first_frame_at is not None for s in current.sessions):
+            if self.launches_ahead and all(s.first_frame_at is not None for s in current.sessions):
                 self._in_flight = self._launch(self._ready(self._open(), now, ahead=True))
             out.extend(self._deliver(current))
         except BaseException:
@@ -435,16 +443,18 @@ class StreamEngine:
             noise_kwargs = {"noises": [d.initial for d in drawn],
                             "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
         finals = [s.ended and s.buffered_samples == 0 for s in ready]
+        audio_ahead = None
         if speed.audio_stream and pipe.device.type == "cuda":
-            # Before this round's chunk, not after it: cuDNN runs wav2vec2's grouped positional conv on internal
-            # blocking streams that wait for all work already queued on the default stream. Queued after the chunk,
-            # the audio waited for its decode and re-encode, and the next DiT for the audio (4-6 ms per Pro chunk);
-            # queued here, this DiT waits only for the CNN features and that conv (~2 ms). docs/performance.md.
-            self._encode_audio_ahead([s for s, final in zip(ready, finals, strict=True) if not final])
+            # Queued once this round's DiT is (not before the chunk, not after it): launching wav2vec2 takes the host
+            # ~12 ms, during which a GPU with only the last round's tail queued went idle; after the whole chunk,
+            # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
+            # DiT for the audio. Here the conv waits for the DiT only and the rest runs beside the decode.
+            nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
+            audio_ahead = lambda: self._encode_audio_ahead(nexts)  # noqa: E731
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
-            **noise_kwargs,
+            while_denoising=audio_ahead, **noise_kwargs,
         )  # fmt: skip
         for s, result, final in zip(ready, results, finals, strict=True):
             s.motion_latents = result.motion_latents  # on the device: the next round can be queued behind this one
