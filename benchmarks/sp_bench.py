@@ -113,7 +113,7 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     stages = {k: round(v["mean_ms"], 1) for k, v in pipe.timer.summary().items()}
     pipe.timer = StageTimer(sync=False)
     _sync()
-    # Steady: from the first chunk's hand-out to the last full chunk's (benchmark.steady_fps); the stream figures
+    # Steady: a chunk per period from the first hand-out to the last (benchmark.steady_fps); the stream figures
     # (before session 11 the only ones) also hold the first chunk and the last, partly emitted one.
     stream_chunk_ms = 1000 * total / math.ceil(len(audio) / chunk_samples)
     steady = steady or len(frames) / total

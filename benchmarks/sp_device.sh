@@ -10,7 +10,7 @@
 #   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on high-priority NCCL streams; no parts
 #   NCCL_ENV="NCCL_PROTO=LL128" NO_PARTS=1 bash benchmarks/sp_device.sh   # also on a group made under those settings
 #   SPEEDS=optimized,optimized_ahead NO_PARTS=1 bash benchmarks/sp_device.sh   # --optimized, then with launch_ahead
-#   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: from the first chunk's hand-out to the last full one)
+#   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: a chunk per period from the first hand-out to the last)
 set -uo pipefail
 ATTENTION=${1:-ulysses}
 OUT=${OUT:-/tmp/sp-out}

@@ -154,7 +154,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "weights": weights,
         "resolution": [pipe.config.height, pipe.config.width],
         "new_frames_per_chunk": pipe.new_frames,
-        # Steady: once the stream runs (after its first chunk, without a final partial one); stream: all of it.
+        # Steady: a chunk per period after the first (steady_fps); stream: the whole stream, first chunk included.
         "steady_fps": round(steady if steady is not None else frames / total, 2),
         "stream_fps": round(frames / total, 2),
         "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
