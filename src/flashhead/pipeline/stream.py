@@ -446,9 +446,9 @@ class StreamEngine:
         audio_ahead = None
         if speed.audio_stream and pipe.device.type == "cuda":
             # Queued once this round's DiT is (not before the chunk, not after it): launching wav2vec2 takes the host
-            # ~12 ms, during which a GPU with only the last round's tail queued went idle; after the whole chunk,
+            # ~11 ms, during which a GPU with only the last round's tail queued went idle; after the whole chunk,
             # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
-            # DiT for the audio. Here the conv waits for the DiT only and the rest runs beside the decode.
+            # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
             audio_ahead = lambda: self._encode_audio_ahead(nexts)  # noqa: E731
         results = pipe.generate_chunks(
