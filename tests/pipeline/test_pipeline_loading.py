@@ -33,8 +33,10 @@ def test_save_and_load_round_trip_generates_the_same_chunk(tmp_path, variant):
             generator=torch.Generator().manual_seed(0), encode_generator=torch.Generator().manual_seed(2),
         )  # fmt: skip
         outputs.append(chunk)
-    assert torch.equal(outputs[0].video, outputs[1].video)
-    assert torch.equal(outputs[0].motion_latents, outputs[1].motion_latents)
+    # Same weights, same seeds: equal up to float32 rounding (on some CPUs, e.g. AMD EPYC, the reloaded pipeline's
+    # kernels round a few values one ulp apart; a wrong or missing weight moves them by orders more).
+    torch.testing.assert_close(outputs[0].video, outputs[1].video, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[0].motion_latents, outputs[1].motion_latents, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_or_missing_models_give_clear_errors(tmp_path, monkeypatch):

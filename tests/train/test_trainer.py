@@ -91,7 +91,7 @@ def test_compiled_dit_trains_like_the_eager_one(dataset_dir, tmp_path):
     final_a, final_b = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in ("eager", "compiled"))
     assert final_a["model"].keys() == final_b["model"].keys()  # compiled in place: the eager parameter names
     for name, tensor in final_a["ema"].items():
-        torch.testing.assert_close(final_b["ema"][name], tensor, rtol=0, atol=1e-5)
+        torch.testing.assert_close(final_b["ema"][name], tensor, rtol=0, atol=3e-5)  # fused kernels' rounding
 
 
 def _torchrun(config_file, tmp_path, *args, env_extra=None):
