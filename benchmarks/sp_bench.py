@@ -53,8 +53,8 @@ from flashhead.benchmark import (  # noqa: E402
     build_pipeline,
     environment,
     run_stream,
-    steady_fps,
     timed_ms,
+    timed_stream,
 )
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
 from flashhead.parallel.group import SequenceParallelGroup, nccl_options  # noqa: E402
@@ -105,9 +105,7 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     run_stream(engine, image, audio[: 2 * chunk_samples])
     warmup = time.perf_counter() - start
     first = [run_stream(engine, image, audio[:chunk_samples])[0] for _ in range(2)]
-    deliveries: list[tuple[float, int]] = []
-    _, total, frames = run_stream(engine, image, audio, seed=0, deliveries=deliveries)
-    steady = steady_fps(deliveries, pipe.new_frames)
+    frames, total, steady = timed_stream(engine, image, audio, seed=0)
     pipe.timer = StageTimer()
     run_stream(engine, image, audio, seed=0)
     stages = {k: round(v["mean_ms"], 1) for k, v in pipe.timer.summary().items()}
@@ -116,15 +114,15 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     # Steady: a chunk per period from the first hand-out to the last (benchmark.steady_fps); the stream figures
     # (before session 11 the only ones) also hold the first chunk and the last, partly emitted one.
     stream_chunk_ms = 1000 * total / math.ceil(len(audio) / chunk_samples)
-    steady = steady or len(frames) / total
+    chunk_ms = 1000 * pipe.new_frames / steady
     return {
         "steady_fps": round(steady, 2),
-        "chunk_ms": round(1000 * pipe.new_frames / steady, 1),
+        "chunk_ms": round(chunk_ms, 1),
         "stream_fps": round(len(frames) / total, 2),
         "stream_chunk_ms": round(stream_chunk_ms, 1),
         "time_to_first_frame_ms": round(1000 * float(np.median(first)), 1),
         "stage_ms_per_chunk": stages,
-        "outside_stages_ms_per_chunk": round(1000 * pipe.new_frames / steady - sum(stages.values()), 1),
+        "outside_stages_ms_per_chunk": round(chunk_ms - sum(stages.values()), 1),
         "warmup_seconds": round(warmup, 1),
         "frames": frames,
     }

@@ -98,7 +98,7 @@ def run_model(model: str, budget: float, seconds: float, sink: Path | None, stre
         dit_utilisation,
         environment,
         run_stream,
-        steady_fps,
+        timed_stream,
     )  # fmt: skip
     from flashhead.errors import ConfigError
     from flashhead.pipeline.speed import SpeedConfig
@@ -143,9 +143,7 @@ def run_model(model: str, budget: float, seconds: float, sink: Path | None, stre
             run_stream(engine, image, audio[: 2 * chunk])  # warm-up: first and later chunk shapes
             warmup = time.perf_counter() - t0
             first = min(run_stream(engine, image, audio[:chunk])[0] for _ in range(2 if model == "lite" else 1))
-            deliveries: list = []
-            _, total, frames = run_stream(engine, image, audio, deliveries=deliveries)
-            steady = steady_fps(deliveries, pipe.new_frames) or len(frames) / total
+            frames, total, steady = timed_stream(engine, image, audio)
             pipe.timer = StageTimer()
             run_stream(engine, image, audio[: 2 * chunk])
             stages = {k: v["mean_ms"] for k, v in pipe.timer.summary().items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _tiny import tiny_pipeline
-from flashhead.benchmark import run_stream, steady_fps
+from flashhead.benchmark import run_stream, steady_fps, timed_stream
 from flashhead.pipeline.stream import StreamEngine
 
 
@@ -24,10 +24,14 @@ def test_run_stream_reports_every_chunk_as_it_is_handed_out():
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     samples = (0.1 * np.sin(np.arange(int(2.3 * 16000)) / 16000 * 2 * np.pi * 180)).astype(np.float32)
     deliveries = []
-    first, total, frames = run_stream(StreamEngine(pipe), image, samples, deliveries=deliveries)
+    engine = StreamEngine(pipe)
+    first, total, frames = run_stream(engine, image, samples, deliveries=deliveries)
     assert sum(n for _, n in deliveries) == len(frames) == -(-len(samples) // 640)  # a frame per started 40 ms
     times = [t for t, _ in deliveries]
     assert times == sorted(times) and times[0] >= first and times[-1] <= total
     assert len(deliveries) >= 3 and all(n == pipe.new_frames for _, n in deliveries[:-1])
     period = (deliveries[-1][0] - deliveries[0][0]) / (len(deliveries) - 1)
     assert steady_fps(deliveries, pipe.new_frames) == pytest.approx(pipe.new_frames / period)
+    # What the benchmarks call: the same stream's frames, its time and its steady rate.
+    again, seconds, steady = timed_stream(engine, image, samples)
+    assert np.array_equal(again, frames) and seconds > 0 and 0 < steady < float("inf")

@@ -125,8 +125,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     steps = 4 + 3 + (1 if settings.streams else 0)
     bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
 
-    def stream_once(engine: StreamEngine, samples: np.ndarray, deliveries: list | None = None):
-        first, total, frames = run_stream(engine, image, samples, deliveries=deliveries)
+    def stream_once(engine: StreamEngine, samples: np.ndarray) -> tuple[float, float, int]:
+        first, total, frames = run_stream(engine, image, samples)
         return first, total, len(frames)
 
     engine = StreamEngine(pipe, max_sessions=256, max_batch=64)
@@ -138,9 +138,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     bar.update()
     first_frame = [stream_once(engine, audio[:chunk_samples])[0] for _ in range(3)]
     bar.update()
-    deliveries: list[tuple[float, int]] = []
-    _, total, frames = stream_once(engine, audio, deliveries)
-    steady = steady_fps(deliveries, pipe.new_frames)
+    frames, total, steady = timed_stream(engine, image, audio)
     bar.update()
     pipe.timer = StageTimer()
     stream_once(engine, audio)
@@ -155,8 +153,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "resolution": [pipe.config.height, pipe.config.width],
         "new_frames_per_chunk": pipe.new_frames,
         # Steady: a chunk per period after the first (steady_fps); stream: the whole stream, first chunk included.
-        "steady_fps": round(steady if steady is not None else frames / total, 2),
-        "stream_fps": round(frames / total, 2),
+        "steady_fps": round(steady, 2),
+        "stream_fps": round(len(frames) / total, 2),
         "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
         "stage_ms_per_chunk": stages,
         "dit_ms_per_step": round(dit_ms, 2),
@@ -216,6 +214,15 @@ def steady_fps(deliveries: list[tuple[float, int]], frames_per_chunk: int) -> fl
     if len(deliveries) < 2:
         return None
     return frames_per_chunk * (len(deliveries) - 1) / (deliveries[-1][0] - deliveries[0][0])
+
+
+def timed_stream(engine, image: np.ndarray, samples: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float, float]:
+    """One timed stream (`run_stream`): its frames, total seconds and steady FPS (`steady_fps`; the whole stream's
+    rate when it made a single chunk)."""
+    deliveries: list[tuple[float, int]] = []
+    _, total, frames = run_stream(engine, image, samples, seed=seed, deliveries=deliveries)
+    steady = steady_fps(deliveries, engine.pipeline.new_frames)
+    return frames, total, len(frames) / total if steady is None else steady
 
 
 def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:

@@ -12,6 +12,7 @@ keeps only its latest motion latents. The engine knows nothing of HTTP or WebRTC
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -450,7 +451,7 @@ class StreamEngine:
             # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
             # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
-            audio_ahead = lambda: self._encode_audio_ahead(nexts)  # noqa: E731
+            audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
