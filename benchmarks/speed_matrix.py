@@ -42,6 +42,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+audio_stream", {"audio_stream": True}, False),
     ("+launch_ahead", {"launch_ahead": True}, True),
     ("+compile_color", {"compile_color": True}, False),
+    ("+fused_gelu", {"fused_gelu": True}, False),
     ("+compile_dit", {"compile_dit": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae (all)", {"compile_vae": True}, False),

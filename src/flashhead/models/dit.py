@@ -25,6 +25,7 @@ from torch import nn
 
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
+from flashhead.models.linear_gelu import linear_gelu
 from flashhead.models.loading import build_and_load, read_json, read_safetensors, resolve_model_dir, safetensors_files
 
 # Constructor configurations of the released checkpoints (config.json of Model_Lite / Model_Pro).
@@ -193,6 +194,7 @@ class DiTAudioBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.fused_gelu = False  # see FlashHeadDiT.set_fused_gelu
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor, t_mod: torch.Tensor, rope: torch.Tensor):
         # x: (B, L, D) tokens in (f, h, w) order; audio: (B, F, tokens, D); t_mod: (B, 6, D)
@@ -201,7 +203,12 @@ class DiTAudioBlock(nn.Module):
         B, n_frames = audio.shape[:2]
         frame_tokens = self.norm3(x).unflatten(1, (n_frames, -1)).flatten(0, 1)  # (B*F, L/F, D)
         x = x + self.cross_attn(frame_tokens, audio.flatten(0, 1)).unflatten(0, (B, n_frames)).flatten(1, 2)
-        return x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+        return x + self.feed_forward(self.norm2(x) * (1 + scale2) + shift2) * gate2
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu:  # the first layer's bias and GELU in its GEMM's epilogue: one kernel instead of two
+            return self.ffn[2](linear_gelu(x, self.ffn[0].weight, self.ffn[0].bias))
+        return self.ffn(x)
 
 
 class Head(nn.Module):
@@ -365,6 +372,11 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         for module in self.modules():
             if isinstance(module, (SelfAttention, CrossAttention)):
                 module.kernel = kernel
+
+    def set_fused_gelu(self, on: bool) -> None:
+        """Run each block's FFN as one GEMM with a bias + GELU epilogue and one plain GEMM (same weights)."""
+        for block in self.blocks:
+            block.fused_gelu = on
 
     # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
     _unused_prefixes = ("audio_emb.", "text_embedding.")

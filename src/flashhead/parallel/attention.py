@@ -162,29 +162,49 @@ def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel:
     eager = not torch.compiler.is_compiling()
     recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
     incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
+    arrived: dict[int, torch.Tensor] = {}
 
-    def attend(g: int) -> torch.Tensor:
-        x = incoming[g].wait().permute(1, 2, 0, 3, 4)  # (3, B, L, hg, d): the whole sequence, this group's heads
-        return kernel(x[0], x[1], x[2])
+    def attend(g: int, start: int, stop: int) -> torch.Tensor:
+        if g not in arrived:  # (3, B, L, hg, d): the whole sequence, this group's heads
+            arrived[g] = incoming[g].wait().permute(1, 2, 0, 3, 4)
+        x = arrived[g]
+        return kernel(x[0][:, start:stop], x[1], x[2])
 
-    return _attend_and_send_back(attend, G, q, sizes, group)
+    return _attend_and_send_back(attend, G, q, sizes, rank, group)
 
 
-def _attend_and_send_back(attend: Callable[[int], torch.Tensor], G: int, like: torch.Tensor, sizes, group):
-    """Attend head group after head group (`attend(g)`: (B, L, hg, d) for this rank's heads of group g) and start
-    each group's all-to-all back to the sequence shards as soon as it is done -> (B, s_rank, H, d) like `like`."""
+def _attend_and_send_back(
+    attend: Callable[[int, int, int], torch.Tensor], G: int, like: torch.Tensor, sizes, rank: int, group
+) -> torch.Tensor:
+    """Attend head group after head group and send each group's output back to the ranks whose tokens it holds.
+
+    `attend(g, start, stop)`: (B, stop - start, hg, d), this rank's heads of group g for the queries of tokens
+    [start, stop) of the whole sequence. Per group, the queries of the other ranks' tokens are attended first
+    and sent while this rank's own queries are attended, so every group's output transfer, the last one
+    included, runs under an attention kernel instead of holding up the output projection. Per-query attention
+    does not depend on the other queries, so the split changes no value. -> (B, s_rank, H, d) like `like`.
+    """
     B, s, H, d = like.shape
     n = len(sizes)
     hg = H // n // G
+    starts = [sum(sizes[:j]) for j in range(n)]
+    others = [j for j in range(n) if j != rank]
+    out_sizes = [0 if j == rank else s for j in range(n)]  # this rank's tokens, from every other rank
+    in_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # every other rank's tokens, to that rank
     eager = not torch.compiler.is_compiling()
-    back = like.new_empty((G, n * s, B, hg, d)) if eager else None
-    outgoing = []
+    back = like.new_empty((G, (n - 1) * s, B, hg, d)) if eager else None
+    outgoing, own = [], []
     for g in range(G):
-        out = attend(g).permute(1, 0, 2, 3).contiguous()  # (L, B, hg, d)
-        outgoing.append(_Pending(out, back[g] if eager else None, [s] * n, sizes, group))
-    waited = [p.wait() for p in outgoing]
-    back = back if eager else torch.stack(waited)  # (G, N * s, B, hg, d), rank-major
-    return back.reshape(G, n, s, B, hg, d).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
+        parts = [attend(g, starts[j], starts[j] + sizes[j]) for j in others]
+        theirs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, L - s, hg, d)
+        outgoing.append(_Pending(theirs.permute(1, 0, 2, 3).contiguous(), back[g] if eager else None,
+                                 out_sizes, in_sizes, group))  # fmt: skip
+        own.append(attend(g, starts[rank], starts[rank] + s).permute(1, 0, 2, 3))  # (s, B, hg, d)
+    groups = []
+    for g in range(G):
+        received = outgoing[g].wait().reshape(n - 1, s, B, hg, d)  # the other ranks' heads, in rank order
+        groups.append(torch.cat([received[:rank], own[g][None], received[rank:]]))  # (N, s, B, hg, d)
+    return torch.stack(groups).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
 
 
 def x_gather_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: SequenceParallelAttention) -> torch.Tensor:
@@ -233,12 +253,12 @@ def x_gather_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     kernel, G = sp.inner or sdpa_kernel, sp.head_groups
     hg = h // G
 
-    def attend(g: int) -> torch.Tensor:
+    def attend(g: int, start: int, stop: int) -> torch.Tensor:
         heads = slice(g * hg, (g + 1) * hg)
-        return kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads])
+        return kernel(q[:, start:stop, heads], k[:, :, heads], v[:, :, heads])
 
     like = x.unflatten(-1, (H, d))  # (B, s, H, d): the output's shape and dtype
-    return attn.o(_attend_and_send_back(attend, G, like, sizes, group).flatten(2))
+    return attn.o(_attend_and_send_back(attend, G, like, sizes, rank, group).flatten(2))
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
