@@ -1,0 +1,73 @@
+"""One compiled full-size DiT block on one GPU: its time and its kernels (Inductor settings come from the environment).
+
+    python3 benchmarks/block_bench.py --model pro                        # Inductor's defaults
+    TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/block_bench.py     # e.g. persistent reductions tried too
+
+Random weights in bf16, the `--optimized` block (cuDNN attention, RoPE table, fused GELU), the token count of
+one 512x512 chunk (Pro 9,216, Lite 1,280). Prints JSON: median ms per block call over CUDA events, and the
+kernels of one call by GPU time, so one kernel (e.g. the q / k norm + RoPE) can be compared across settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from flashhead.models.dit import FlashHeadDiT, official_config
+from flashhead.pipeline.fast_path import attention_context
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pro", choices=["lite", "pro"])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    device = "cuda"
+    config = official_config(args.model) | {"num_layers": 1}
+    dit = FlashHeadDiT.from_config(config).to(device, torch.bfloat16).eval()
+    dit.set_fused_gelu(True)
+    block = dit.blocks[0]
+    block.compile()
+    frames, h, w = (9, 32, 32) if args.model == "pro" else (5, 16, 16)
+    dim = config["dim"]
+    x = torch.randn(1, frames * h * w, dim, device=device, dtype=torch.bfloat16)
+    audio = torch.randn(1, frames, 32, dim, device=device, dtype=torch.bfloat16)
+    t_mod = torch.randn(1, 6, dim, device=device, dtype=torch.bfloat16) * 0.1
+    rope = dit.rope((frames, h, w), x.device, table=True)
+
+    def call() -> torch.Tensor:
+        with torch.no_grad(), attention_context("cudnn"):
+            return block(x, audio, t_mod, rope)
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + e.device_time_total
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
+    settings = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
+    print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "inductor_env": settings,
+                      "block_ms_median": round(statistics.median(times), 4),
+                      "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
