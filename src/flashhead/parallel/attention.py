@@ -138,14 +138,48 @@ def overlap_in_compiled_graphs():
     """A context in which Inductor keeps the head-group pipeline of the graphs it compiles (torch.compile).
 
     By default Inductor schedules each all-to-all launch right before its wait, which serialises the groups
-    again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late. Scoped to the
+    again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late, and `own_work_after_launch`
+    then puts each group's own-query attention back under its group's output transfer. Scoped to the
     sequence-parallel forward (where the blocks compile lazily) instead of set for the whole process.
     """
     import torch._inductor.config as inductor
 
-    passes = list(inductor.reorder_for_compute_comm_overlap_passes)
-    passes += [p for p in ("sink_waits", "raise_comms") if p not in passes]
-    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=passes)
+    passes = [p for p in inductor.reorder_for_compute_comm_overlap_passes if p not in ("sink_waits", "raise_comms")]
+    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=[
+        *passes, "sink_waits", "raise_comms", own_work_after_launch])  # fmt: skip
+
+
+def own_work_after_launch(snodes: list) -> list:
+    """Inductor reorder pass, after `raise_comms`: work that no collective needs and that uses a wait's result
+    moves up to just after the first collective launched after that wait.
+
+    `raise_comms` schedules first whatever an earlier collective needs, so of a head group's two attention calls
+    the own queries' one (needed by no collective) lands after every later group's remote-query call: the next
+    group's input is then awaited with nothing in between, and the last output transfer hides behind all the
+    own-query calls at once. Moved behind its own group's output launch, each own-query call covers that output
+    transfer and the next group's input transfer.
+    """
+    from torch._inductor.utils import contains_collective, contains_wait
+
+    def is_launch(node) -> bool:
+        return contains_collective(node) and not contains_wait(node)
+
+    needed = set()  # every node some collective launch depends on
+    for node in snodes:
+        if is_launch(node):
+            needed |= set(node.ancestors)
+    order = list(snodes)
+    for node in list(order):
+        if is_launch(node) or contains_wait(node) or node.get_operation_names() & needed:
+            continue
+        i = order.index(node)
+        deps = [j for j in range(i) if order[j].get_operation_names() & node.ancestors]
+        if not deps or not contains_wait(order[deps[-1]]):
+            continue
+        launch = next((j for j in range(deps[-1] + 1, i) if is_launch(order[j])), None)
+        if launch is not None:
+            order.insert(launch + 1, order.pop(i))
+    return order
 
 
 def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int) -> torch.Tensor:
