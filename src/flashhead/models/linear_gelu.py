@@ -2,13 +2,14 @@
 
 `gelu(x @ W.T + b, approximate="tanh")` as one cuBLASLt call on CUDA (`torch._addmm_activation`, epilogue
 GELU_BIAS): the (tokens x 8960) activation is written once instead of written, read and written again by a
-separate GELU kernel (Pro on one H100: 111 us per layer and step, ~13 ms per chunk). The epilogue applies the
+separate GELU kernel (Pro on one H200: 111 us per layer and step, ~13 ms per chunk). The epilogue applies the
 GELU to the float32 accumulator before rounding to bfloat16, so results differ from the two-kernel path by the
 rounding of the activation (the speed switch `fused_gelu` is checked against the plain path on the GPU).
 
 It is a custom op so that torch.compile keeps it as one call: Inductor would otherwise split it back into a
 GEMM and a separate pointwise GELU kernel. Off CUDA it is the plain composition (the CPU kernel of
-`_addmm_activation` applies the exact, not the tanh, GELU).
+`_addmm_activation` applies the exact, not the tanh, GELU). Inference only: it has no backward (training runs
+the plain FFN; the switch is an inference speed switch).
 """
 
 from __future__ import annotations
