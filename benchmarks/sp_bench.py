@@ -57,6 +57,7 @@ from flashhead.benchmark import (  # noqa: E402
     timed_stream,
 )
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
+from flashhead.parallel.attention import METHODS, ULYSSES  # noqa: E402
 from flashhead.parallel.group import SequenceParallelGroup, nccl_options  # noqa: E402
 from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
 from flashhead.pipeline.stream import StreamEngine  # noqa: E402
@@ -235,7 +236,7 @@ def split_settings(pipe, group, args, attention: str | None = None) -> dict:
     groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
     attention = attention or args.attention
     return {"attention": attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
-            "head_groups": groups if heads % group.world_size == 0 and attention in (None, "ulysses", "x_gather")
+            "head_groups": groups if heads % group.world_size == 0 and attention in (None, *ULYSSES)
             else None,
             "split_encode": splits_encode(pipe.vae)}  # fmt: skip
 
@@ -415,9 +416,9 @@ def main() -> None:
     parser.add_argument("--head-groups", type=int, default=None,
                         help="Ulysses all-to-alls pipelined over this many head groups (default: the library's "
                         "choice, 2 for Pro on 2 GPUs; 1: no overlap)")  # fmt: skip
-    parser.add_argument("--attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
+    parser.add_argument("--attention", choices=[m for m in METHODS if m], default=None,
                         help="how self-attention is split (default: the library's choice, Ulysses for Pro)")
-    parser.add_argument("--compare-attention", choices=["ulysses", "x_gather", "kv_gather", "ring"], default=None,
+    parser.add_argument("--compare-attention", choices=[m for m in METHODS if m], default=None,
                         help="also stream with this split of self-attention (entry gpus_N_<split>), same 1-GPU run")
     parser.add_argument("--compare-priority", action="store_true",
                         help="also stream on an NCCL group with high-priority streams (gpus_N_high_priority)")

@@ -239,6 +239,19 @@ def main(out: Path, cases: list[str]) -> None:
                     got, code = run_and_get_code(fn, q[:, a:b], k[:, a:b], v[:, a:b])
                 results[f"{case}.{groups}"] = got
                 results[f"{case}.{groups}.order"] = compiled_order("\n".join(code))
+        elif case == "ulysses-own-first":  # the first group's own block attended while in flight; eager, compiled
+            from torch._inductor.utils import run_and_get_code
+
+            q, k, v = attention_inputs(6 * n)
+            part = partition_tokens(1, q.shape[1], n)
+            a, b = part.bounds(rank)
+            for groups in (2, 3):
+                fn = partial(ulysses_attention, sizes=part.sizes, rank=rank, head_groups=groups, own_first=True)
+                results[f"{case}.{groups}"] = fn(q[:, a:b], k[:, a:b], v[:, a:b])
+            with overlap_in_compiled_graphs():
+                got, code = run_and_get_code(torch.compile(fn), q[:, a:b], k[:, a:b], v[:, a:b])
+            results[f"{case}.compiled"] = got
+            results[f"{case}.order"] = compiled_order("\n".join(code))
         elif case == "dit-compiled":  # the pipeline's compile_dit: each block compiled by Inductor
             from torch._inductor.utils import run_and_get_code
 

@@ -22,7 +22,8 @@ from _sp_worker import torchrun  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("sp_groups"), "ulysses-groups", "ulysses-inductor", "dit-compiled")
+    return torchrun(tmp_path_factory.mktemp("sp_groups"), "ulysses-groups", "ulysses-inductor", "dit-compiled",
+                    "ulysses-own-first")
 
 
 def test_every_head_group_count_equals_one_group_bit_for_bit(ranks):
@@ -54,6 +55,24 @@ def test_inductor_launches_every_group_before_waiting(ranks):
             assert order[i + 1] == "attend" and order[i + 2] == "wait", order
         last_attend = max(i for i, e in enumerate(order) if e == "attend")
         assert order[last_attend + 1 :] == ["wait"] * 3, order  # the outputs are awaited only at the end
+
+
+def test_own_first_attends_the_first_groups_own_block_while_it_is_in_flight(ranks):
+    """ulysses_own_first: the first group's own queries against own keys, merged by log-sum-exp with the rest: equal
+    to one group within float rounding, exact for every other head; compiled, that block runs between the input
+    launches and the first wait."""
+    for rank, r in enumerate(ranks):
+        expected = r["ulysses-groups.1"]
+        for groups in (2, 3):
+            got = r[f"ulysses-own-first.{groups}"]
+            merged = torch.zeros(12, dtype=torch.bool)
+            merged[rank * 6 : rank * 6 + 6 // groups] = True  # this rank's heads of its first group
+            assert torch.equal(got[:, :, ~merged], expected[:, :, ~merged]), groups
+            torch.testing.assert_close(got[:, :, merged], expected[:, :, merged], rtol=0, atol=1e-6)
+            assert not torch.equal(got[:, :, merged], expected[:, :, merged])  # the merge did run
+        torch.testing.assert_close(r["ulysses-own-first.compiled"], expected, rtol=0, atol=1e-6)
+        order = r["ulysses-own-first.order"]
+        assert order[:4] == ["launch"] * 3 + ["attend"] and order[4] == "wait", order
 
 
 def test_compiled_sequence_parallel_dit_with_head_groups(ranks):

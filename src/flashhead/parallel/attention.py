@@ -44,7 +44,10 @@ from flashhead.errors import ConfigError
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = (None, "ulysses", "x_gather", "kv_gather", "ring")  # None: Ulysses where the heads divide, else ring
+# None: Ulysses where the heads divide, else ring. "ulysses_own_first": Ulysses that attends each rank's own block
+# of the first head group while that group is in flight (opt-in until measured on GPUs).
+METHODS = (None, "ulysses", "ulysses_own_first", "x_gather", "kv_gather", "ring")
+ULYSSES = ("ulysses", "ulysses_own_first", "x_gather")  # the methods that split the heads
 
 
 def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,11 +100,21 @@ def default_head_groups(heads: int, world_size: int) -> int:
 
 
 def ulysses_attention(
-    q, k, v, sizes: Sequence[int], rank: int, group=None, kernel: Kernel | None = None, head_groups: int = 1
+    q,
+    k,
+    v,
+    sizes: Sequence[int],
+    rank: int,
+    group=None,
+    kernel: Kernel | None = None,
+    head_groups: int = 1,
+    own_first: bool = False,
 ):
     """Attention of a sequence shard against the whole sequence, by all-to-alls (heads % N == 0).
 
     `head_groups` G (dividing heads / N): 1 = one all-to-all each way; G > 1 = the overlapped pipeline.
+    `own_first` (G > 1): this rank's queries of the first group are attended to its own keys while the group is
+    in flight, and merged with the other ranks' key blocks by log-sum-exp when it has arrived.
     """
     n, heads = len(sizes), q.shape[2]
     if heads % n:
@@ -111,7 +124,7 @@ def ulysses_attention(
     if head_groups == 1:
         q, k, v = qkv_to_heads(torch.stack([q, k, v]), sizes, group).unbind(0)
         return heads_to_seq((kernel or sdpa_kernel)(q, k, v), sizes, rank, group)
-    return _overlapped_ulysses(q, k, v, sizes, rank, group, kernel or sdpa_kernel, head_groups)
+    return _overlapped_ulysses(q, k, v, sizes, rank, group, kernel or sdpa_kernel, head_groups, own_first)
 
 
 class _Pending:
@@ -151,7 +164,8 @@ def overlap_in_compiled_graphs():
 
 def own_work_after_launch(snodes: list) -> list:
     """Inductor reorder pass, after `raise_comms`: work that no collective needs and that uses a wait's result
-    moves up to just after the first collective launched after that wait.
+    moves up to just after the first collective launched after that wait; such work that needs no wait at all
+    (e.g. the own block of `own_first`) goes just before the first wait after the last node it needs.
 
     `raise_comms` schedules first whatever an earlier collective needs, so of a head group's two attention calls
     the own queries' one (needed by no collective) lands after every later group's remote-query call: the next
@@ -173,16 +187,28 @@ def own_work_after_launch(snodes: list) -> list:
         if is_launch(node) or contains_wait(node) or node.get_operation_names() & needed:
             continue
         i = order.index(node)
-        deps = [j for j in range(i) if order[j].get_operation_names() & node.ancestors]
-        if not deps or not contains_wait(order[deps[-1]]):
+        deps = [j for j in range(len(order)) if order[j].get_operation_names() & node.ancestors]
+        if not deps:
             continue
-        launch = next((j for j in range(deps[-1] + 1, i) if is_launch(order[j])), None)
-        if launch is not None:
-            order.insert(launch + 1, order.pop(i))
+        if any(contains_wait(order[j]) for j in deps):
+            if not contains_wait(order[deps[-1]]):
+                continue
+            launch = next((j for j in range(deps[-1] + 1, i) if is_launch(order[j])), None)
+            if launch is not None:
+                order.insert(launch + 1, order.pop(i))
+        else:
+            wait = next((j for j in range(deps[-1] + 1, len(order)) if contains_wait(order[j])), None)
+            users = [j for j in range(i + 1, len(order)) if order[j].ancestors & node.get_operation_names()]
+            if wait is not None and users:
+                wait = min(wait, users[0])  # never after a node that needs it
+            if wait is not None and wait != i + 1:
+                order.insert(wait - (i < wait), order.pop(i))
     return order
 
 
-def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int) -> torch.Tensor:
+def _overlapped_ulysses(
+    q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int, own_first: bool = False
+) -> torch.Tensor:
     B, s, H, d = q.shape
     n, L = len(sizes), sum(sizes)
     hg = H // n // G  # heads per group per rank; rank r's group g holds heads r * H/N + g * hg + [0, hg)
@@ -197,12 +223,23 @@ def _overlapped_ulysses(q, k, v, sizes: Sequence[int], rank: int, group, kernel:
     recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
     incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
     arrived: dict[int, torch.Tensor] = {}
+    starts = [sum(sizes[:j]) for j in range(n)]
+    if own_first:  # this rank's block of the first group's send buffer holds exactly its own q / k / v of those heads
+        mine = send[0].reshape(n, s, 3, B, hg, d)[rank].permute(1, 2, 3, 0, 4)  # (3, B, hg, s, d)
+        own_block = attention_with_lse(mine[0], mine[1], mine[2])  # while the group is in flight
 
     def attend(g: int, start: int, stop: int) -> torch.Tensor:
         if g not in arrived:  # (3, B, L, hg, d): the whole sequence, this group's heads
             arrived[g] = incoming[g].wait().permute(1, 2, 0, 3, 4)
         x = arrived[g]
-        return kernel(x[0][:, start:stop], x[1], x[2])
+        if not (own_first and g == 0 and start == starts[rank]):
+            return kernel(x[0][:, start:stop], x[1], x[2])
+        blocks = [own_block] + [
+            attention_with_lse(mine[0], x[1][:, a : a + m].transpose(1, 2), x[2][:, a : a + m].transpose(1, 2))
+            for j, (a, m) in enumerate(zip(starts, sizes, strict=True))
+            if j != rank
+        ]
+        return merge_attention([o for o, _ in blocks], [lse for _, lse in blocks]).transpose(1, 2)
 
     return _attend_and_send_back(attend, G, q, sizes, rank, group)
 
@@ -299,8 +336,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     """(out (B, H, s, d) in q's dtype, log-sum-exp (B, H, s) in float32) of q (B, H, s, d) against k / v blocks."""
     B, H, s, _ = q.shape
     if q.is_cuda:
+        cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+        if torch.compiler.is_compiling():  # traced as one op: the GPUs that compile the DiT have cuDNN attention
+            out, lse = cudnn(q, k, v, None, True, 0.0, False, False)[:2]
+            return out, lse.float().reshape(B, H, -1)[..., :s]
         try:  # cuDNN: the fastest attention of the Hopper GPUs through torch; its stats are (B, H, s, 1)
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+            out, lse = cudnn(q, k, v, None, True, 0.0, False, False)[:2]
         except RuntimeError:  # no cuDNN attention for this GPU, shape or build
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
         return out, lse.float().reshape(B, H, -1)[..., :s]  # the efficient kernel pads its stats
@@ -400,14 +441,14 @@ class SequenceParallelAttention:
         self.rank, self.world_size, self.group, self.inner = rank, world_size, group, inner
         if method not in METHODS:
             raise ConfigError(
-                f"sequence-parallel attention must be ulysses, x_gather, kv_gather or ring, not {method!r}"
+                f"sequence-parallel attention must be one of {', '.join(m for m in METHODS if m)}, not {method!r}"
             )
-        if method in ("ulysses", "x_gather") and heads % world_size:
+        if method in ULYSSES and heads % world_size:
             raise ConfigError(f"{method} attention needs heads ({heads}) divisible by the ranks ({world_size})")
         self.method = method or ("ulysses" if heads % world_size == 0 else "ring")
         if head_groups is None:
             head_groups = default_head_groups(heads, world_size)
-        if self.method not in ("ulysses", "x_gather"):
+        if self.method not in ULYSSES:
             head_groups = 1  # ring and KV gather overlap their transfers with compute by themselves
         elif head_groups < 1 or (heads // world_size) % head_groups:
             raise ConfigError(f"head_groups {head_groups} must divide the {heads // world_size} heads of each rank")
@@ -417,8 +458,9 @@ class SequenceParallelAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if len(self.sizes) != self.world_size or self.sizes[self.rank] != q.shape[1]:
             raise RuntimeError(f"shard sizes {self.sizes} do not fit {q.shape[1]} tokens on rank {self.rank}")
-        if self.method == "ulysses":
-            return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner, self.head_groups)
+        if self.method in ("ulysses", "ulysses_own_first"):
+            return ulysses_attention(q, k, v, self.sizes, self.rank, self.group, self.inner, self.head_groups,
+                                     own_first=self.method == "ulysses_own_first")  # fmt: skip
         if self.method == "kv_gather":
             return kv_gather_attention(q, k, v, self.sizes, self.rank, self.group)
         if self.method == "x_gather":  # it splits the projections too: see x_gather_self_attention
