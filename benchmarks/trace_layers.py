@@ -7,7 +7,8 @@ which no compute kernel runs (exposed transfers and launch gaps).
 A layer starts at each launch of a marker kernel that runs once per block and step (default: the FFN's first
 GEMM with its fused GELU epilogue, "gelubias"); layers are the spans between consecutive markers that are no
 longer than twice the median (the others hold a chunk boundary). Kinds: attention, GEMM, NCCL, Triton (Inductor's
-fused kernels), memset / memcpy, other. "no_compute_us" is the part of the period covered by no kernel but
+fused kernels), memset / memcpy, other; every stream counts (work beside the DiT, such as the next chunk's audio
+on a side stream, is in its layer's sums). "no_compute_us" is the part of the period covered by no kernel but
 NCCL's: on a sequence-parallel rank that is where it waits for the other ranks.
 """
 
