@@ -15,12 +15,10 @@ NCCL's: on a sequence-parallel rank that is where it waits for the other ranks.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
-from pathlib import Path
 
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+from trace_stages import GPU_CATEGORIES, load_trace  # benchmarks/, the script's folder
 
 
 def kind(name: str) -> str:
@@ -88,12 +86,6 @@ def layer_report(trace: dict, marker: str = "gelubias", listing: bool = False) -
             if a <= e["ts"] < b
         ]
     return report
-
-
-def load_trace(path: str | Path) -> dict:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import struct
+import sys
 import wave
 import zlib
 from pathlib import Path
@@ -20,6 +22,17 @@ SHARED = Path(os.environ.get("FLASHHEAD_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 MEDIA = SHARED / "media"
 SPEECH_16K = MEDIA / "audio" / "speech_en_two_speakers_16k_30s.wav"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, with benchmarks/ on the path for its imports of sibling scripts."""
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def speech_16k(seconds: float) -> np.ndarray:

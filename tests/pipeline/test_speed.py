@@ -46,13 +46,9 @@ def test_switches_parse_and_reject_bad_values():
 
 def test_speed_matrix_ladder_ends_at_the_optimized_preset():
     """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs."""
-    import importlib.util
-    from pathlib import Path
+    from _util import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "speed_matrix.py"
-    spec = importlib.util.spec_from_file_location("speed_matrix", path)
-    matrix = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(matrix)
+    matrix = load_benchmark("speed_matrix")
     speed, rows = SpeedConfig(), {}
     for name, changes, sibling in matrix.LADDER:
         rows[name] = speed.replace(**changes)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from _util import load_benchmark
 
 
 def trace_layers():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "trace_layers.py"
-    spec = importlib.util.spec_from_file_location("trace_layers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trace_layers")
 
 
 def k(name, ts, dur, tid=7, cat="kernel"):

@@ -4,21 +4,16 @@ leaves the named ranges it relies on in a real profiler trace."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
+from _util import load_benchmark
 from flashhead.pipeline.timing import StageTimer
 
 
 def trace_stages():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "trace_stages.py"
-    spec = importlib.util.spec_from_file_location("trace_stages", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trace_stages")
 
 
 def x(cat, name, ts, dur, pid=1, tid=1, **args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from collections import Counter
 from dataclasses import replace
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from _util import load_benchmark
 from flashhead.errors import ConfigError
 from flashhead.train.data import (
     ClipRef,
@@ -27,7 +27,7 @@ from flashhead.train.data import (
 from flashhead.train.latent_cache import CachedStage1Dataset, LatentCache, build_latent_cache, window_plan
 from flashhead.train.losses import NoiseSampling, sample_sigmas
 from flashhead.train.trainer import build_dit, build_frozen, compute_losses, resolve_dit_config, sample_spec, train
-from train.helpers import REPO, tiny_config
+from train.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,7 @@ def test_step_profile_finds_no_per_sample_work_in_the_training_process(cached, t
     phase (a worker's ready batch to the device) costs the same few operators whatever the batch size."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    bench = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "stage1_step_profile.py")
-    summarize = importlib.util.module_from_spec(bench)
-    bench.loader.exec_module(summarize)
+    summarize = load_benchmark("stage1_step_profile")
     cfg, _, _, _, folder = cached
     data_ops, plan = [], schedule(wait=0, warmup=1, active=2, repeat=1)
     for batch in (2, 8):
