@@ -198,14 +198,15 @@ def main(out: Path, cases: list[str]) -> None:
             dit = tiny_random_dit(3)
             with torch.no_grad():
                 results[case] = SequenceParallelDiT(dit, group, method="kv_gather")(*dit_inputs(dit))
-        elif case.startswith("dit-x_gather"):  # dit-x_gather[-uneven|-compiled]: 4 heads, 2 groups on 2 ranks
-            from torch._inductor.utils import run_and_get_code
+        elif case.startswith(("dit-x_gather", "dit-ulysses_kv_first")):  # dit-<method>[-uneven|-compiled]: the splits
+            from torch._inductor.utils import run_and_get_code  # that run whole modules; 4 heads, 2 groups, 2 ranks
 
-            from flashhead.parallel.dit import SequenceParallelDiT
+            from flashhead.parallel.dit import MODULE_CLASSES, SequenceParallelDiT
 
+            method = case.split("-")[1]
             dit = tiny_random_dit(2 * n)
             inputs = dit_inputs(dit, size=6) if case.endswith("uneven") else dit_inputs(dit)  # 27 or 48 tokens
-            sp = SequenceParallelDiT(dit, group, method="x_gather")
+            sp = SequenceParallelDiT(dit, group, method=method)
             with torch.no_grad():
                 if case.endswith("compiled"):
                     for block in dit.blocks:
@@ -214,11 +215,13 @@ def main(out: Path, cases: list[str]) -> None:
                     results[f"{case}.order"] = compiled_order(code[0], matmuls=True)  # the first block's graph
                 else:
                     results[case] = sp(*inputs)
-            results[f"{case}.classes"] = torch.tensor([type(b.self_attn).__name__ == "GatheredSelfAttention"
-                                                       for b in dit.blocks])  # fmt: skip
+            results[f"{case}.classes"] = torch.tensor([type(b.self_attn) is MODULE_CLASSES[method] for b in dit.blocks])
             sp.uninstall()  # the plain single-process DiT again (sp_bench times one GPU after the split)
             with torch.no_grad():
                 results[f"{case}.uninstalled"] = dit(*inputs)
+            if method == "ulysses_kv_first":  # the plain Ulysses split of the same inputs, for bit-for-bit equality
+                with torch.no_grad():
+                    results[f"{case}.ulysses"] = SequenceParallelDiT(dit, group, method="ulysses")(*inputs)
         elif case == "ulysses-groups":  # 6 heads per rank: every head-group count that divides them
             q, k, v = attention_inputs(6 * n)
             part = partition_tokens(1, q.shape[1], n)

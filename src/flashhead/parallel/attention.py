@@ -10,6 +10,11 @@ size) and gets back the attention output of the same shard, equal to attention o
   at once, group g's kernel runs as soon as its heads have arrived (later groups still in flight) and its
   output all-to-all is launched right after it, so transfers overlap the attention kernels. Per-head
   attention does not depend on other heads, so the result is the same as with one group.
+  `ulysses_kv_first` (whole self-attention modules, like X gather): k and v are projected, normalised and sent
+  first; q is projected while they are in flight and sent on its own (no copy to itself). Each rank attends
+  its own queries of the first group as soon as that group's k / v have arrived, which covers the transfer of
+  the other ranks' queries, so no input transfer is exposed (plain Ulysses waits for the first group's whole
+  q / k / v after the last projection). Same values as Ulysses, bit for bit.
 - KV gather (any H, any N; meant for 2 GPUs): every rank keeps its queries and gathers the keys / values of
   all ranks in one all-gather, attending to its own block while the others' are in flight; the per-block
   results are merged exactly with their log-sum-exp. On 2 GPUs it moves as much data as Ulysses (one shard's
@@ -45,9 +50,11 @@ from flashhead.errors import ConfigError
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # None: Ulysses where the heads divide, else ring. "ulysses_own_first": Ulysses that attends each rank's own block
-# of the first head group while that group is in flight (opt-in until measured on GPUs).
-METHODS = (None, "ulysses", "ulysses_own_first", "x_gather", "kv_gather", "ring")
-ULYSSES = ("ulysses", "ulysses_own_first", "x_gather")  # the methods that split the heads
+# of the first head group while that group is in flight (measured slower on 2 x H200, session 13).
+# "ulysses_kv_first": Ulysses with k / v sent before q is projected (see kv_first_self_attention).
+METHODS = (None, "ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather", "kv_gather", "ring")
+ULYSSES = ("ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather")  # the methods that split the heads
+MODULE_METHODS = ("ulysses_kv_first", "x_gather")  # they run whole self-attention modules, not a q / k / v kernel
 
 
 def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -147,19 +154,68 @@ class _Pending:
         return self.out
 
 
-def overlap_in_compiled_graphs():
+def overlap_in_compiled_graphs(method: str | None = None):
     """A context in which Inductor keeps the head-group pipeline of the graphs it compiles (torch.compile).
 
     By default Inductor schedules each all-to-all launch right before its wait, which serialises the groups
     again; its `sink_waits` and `raise_comms` passes restore launch-early / wait-late, and `own_work_after_launch`
-    then puts each group's own-query attention back under its group's output transfer. Scoped to the
-    sequence-parallel forward (where the blocks compile lazily) instead of set for the whole process.
+    then puts each group's own-query attention back under its group's output transfer. `ulysses_kv_first`
+    orders its compute itself and gets `launch_early_wait_late` instead. Scoped to the sequence-parallel forward
+    (where the blocks compile lazily) instead of set for the whole process.
     """
     import torch._inductor.config as inductor
 
     passes = [p for p in inductor.reorder_for_compute_comm_overlap_passes if p not in ("sink_waits", "raise_comms")]
-    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=[
-        *passes, "sink_waits", "raise_comms", own_work_after_launch])  # fmt: skip
+    if method == "ulysses_kv_first":
+        passes.append(launch_early_wait_late)
+    else:
+        passes += ["sink_waits", "raise_comms", own_work_after_launch]
+    return inductor.patch(reorder_for_compute_comm_overlap=True, reorder_for_compute_comm_overlap_passes=passes)
+
+
+def launch_early_wait_late(snodes: list) -> list:
+    """Inductor reorder pass: compute in program order, every collective launched as soon as its inputs are
+    computed, every wait just before the first node that needs it (the rest at the end).
+
+    For code that orders its compute around its transfers itself (kv_first_self_attention). Inductor's own order
+    is not the program's (its `raise_comms` schedules first whatever the next collective needs, which moves the
+    own-query attention meant to cover a transfer behind it; its memory-aware order moves kernels too), so the
+    program position of a node is taken from the traced graph: the last of the FX nodes it was lowered from.
+    """
+    from torch._inductor.utils import contains_collective, contains_wait
+
+    fx_index: dict = {}
+
+    def position(node) -> int:
+        origins = [o for n in node.get_nodes() if getattr(n, "node", None) is not None for o in n.node.get_origins()]
+        for graph in {o.graph for o in origins} - fx_index.keys():
+            fx_index[graph] = {fx: i for i, fx in enumerate(graph.nodes)}
+        return max((fx_index[o.graph][o] for o in origins), default=-1)
+
+    owner = {name: node for node in snodes for name in node.get_operation_names()}
+    inputs = {node: {owner[a] for a in node.ancestors if a in owner} - {node} for node in snodes}
+    launches = [n for n in snodes if contains_collective(n) and not contains_wait(n)]
+    order: list = []
+    done: set = set()
+
+    def emit(node) -> None:
+        for dep in sorted(inputs[node] - done, key=position):  # waits (lazily) and anything else still missing
+            if dep not in done:
+                emit(dep)
+        order.append(node)
+        done.add(node)
+        for launch in launches:
+            if launch not in done and inputs[launch] <= done:
+                emit(launch)
+
+    compute = [n for n in snodes if not contains_collective(n) and not contains_wait(n)]
+    for node in sorted(compute, key=position):  # stable: ties keep Inductor's order
+        if node not in done:
+            emit(node)
+    for node in snodes:  # the waits that no node of the graph needs
+        if node not in done:
+            emit(node)
+    return order
 
 
 def own_work_after_launch(snodes: list) -> list:
@@ -241,41 +297,113 @@ def _overlapped_ulysses(
         ]
         return merge_attention([o for o, _ in blocks], [lse for _, lse in blocks]).transpose(1, 2)
 
-    return _attend_and_send_back(attend, G, q, sizes, rank, group)
+    return _attend_and_send_back(*_by_owner(attend, sizes, rank), G, q, sizes, rank, group)
+
+
+def _by_owner(attend: Callable[[int, int, int], torch.Tensor], sizes, rank: int):
+    """`attend(g, start, stop)` (queries [start, stop) of the whole sequence) -> (theirs(g), mine(g)): group g
+    for the other ranks' queries, in rank order, and for this rank's own."""
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+
+    def theirs(g: int) -> torch.Tensor:
+        parts = [attend(g, starts[j], starts[j] + sizes[j]) for j in range(len(sizes)) if j != rank]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    return theirs, lambda g: attend(g, starts[rank], starts[rank] + sizes[rank])
 
 
 def _attend_and_send_back(
-    attend: Callable[[int, int, int], torch.Tensor], G: int, like: torch.Tensor, sizes, rank: int, group
+    theirs: Callable[[int], torch.Tensor],
+    mine: Callable[[int], torch.Tensor],
+    G: int,
+    like: torch.Tensor,
+    sizes,
+    rank: int,
+    group,
+    mine_first: int = 0,
 ) -> torch.Tensor:
     """Attend head group after head group and send each group's output back to the ranks whose tokens it holds.
 
-    `attend(g, start, stop)`: (B, stop - start, hg, d), this rank's heads of group g for the queries of tokens
-    [start, stop) of the whole sequence. Per group, the queries of the other ranks' tokens are attended first
-    and sent while this rank's own queries are attended, so every group's output transfer, the last one
-    included, runs under an attention kernel instead of holding up the output projection. Per-query attention
-    does not depend on the other queries, so the split changes no value. -> (B, s_rank, H, d) like `like`.
+    `theirs(g)`: (B, L - s, hg, d), this rank's heads of group g for the other ranks' queries (rank order);
+    `mine(g)`: (B, s, hg, d), the same heads for this rank's own queries. Per group the other ranks' queries are
+    attended first and sent while the own queries are attended, so every group's output transfer, the last one
+    included, runs under an attention kernel instead of holding up the output projection; the first
+    `mine_first` groups attend their own queries first instead (to cover an input transfer: kv_first).
+    Per-query attention does not depend on the other queries, so the split changes no value.
+    -> (B, s_rank, H, d) like `like`.
     """
     B, s, H, d = like.shape
     n = len(sizes)
     hg = H // n // G
-    starts = [sum(sizes[:j]) for j in range(n)]
-    others = [j for j in range(n) if j != rank]
     out_sizes = [0 if j == rank else s for j in range(n)]  # this rank's tokens, from every other rank
     in_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # every other rank's tokens, to that rank
     eager = not torch.compiler.is_compiling()
     back = like.new_empty((G, (n - 1) * s, B, hg, d)) if eager else None
     outgoing, own = [], []
     for g in range(G):
-        parts = [attend(g, starts[j], starts[j] + sizes[j]) for j in others]
-        theirs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, L - s, hg, d)
-        outgoing.append(_Pending(theirs.permute(1, 0, 2, 3).contiguous(), back[g] if eager else None,
+        early = mine(g) if g < mine_first else None
+        outgoing.append(_Pending(theirs(g).permute(1, 0, 2, 3).contiguous(), back[g] if eager else None,
                                  out_sizes, in_sizes, group))  # fmt: skip
-        own.append(attend(g, starts[rank], starts[rank] + s).permute(1, 0, 2, 3))  # (s, B, hg, d)
+        own.append((mine(g) if early is None else early).permute(1, 0, 2, 3))  # (s, B, hg, d)
     groups = []
     for g in range(G):
         received = outgoing[g].wait().reshape(n - 1, s, B, hg, d)  # the other ranks' heads, in rank order
         groups.append(torch.cat([received[:rank], own[g][None], received[rank:]]))  # (N, s, B, hg, d)
     return torch.stack(groups).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
+
+
+def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: SequenceParallelAttention) -> torch.Tensor:
+    """A DiT `SelfAttention` on this rank's shard x (B, s, D) by Ulysses with k / v sent before q is projected.
+
+    Per head group, k / v of the shard go to the heads' owners (this rank's own block included, so the kernel
+    sees whole-sequence keys in one tensor), q to the other ranks only. Order: k, v, their launches; q and its
+    launches (the projection and norm of q cover the first group's k / v transfer); then group 0's own queries
+    (they need only k / v, and cover the queries' transfer), group 0's other queries, and every later group as
+    in Ulysses. Returns the projected output (B, s, D), equal to Ulysses bit for bit.
+    """
+    from flashhead.models.dit import apply_rope
+
+    sizes, rank, group, G = sp.sizes, sp.rank, sp.group, sp.head_groups
+    B, s, D = x.shape
+    n, H = len(sizes), attn.num_heads
+    d, hg, L = D // H, H // len(sizes) // G, sum(sizes)
+    others = [j for j in range(n) if j != rank]
+
+    def by_group_and_rank(t: torch.Tensor) -> torch.Tensor:  # (B, s, H, d) -> (G, N, s, B, hg, d), a view
+        return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
+
+    eager = not torch.compiler.is_compiling()
+    k = apply_rope(attn.norm_k(attn.k(x)).unflatten(-1, (H, d)), rope)
+    v = attn.v(x).unflatten(-1, (H, d))
+    kv = torch.stack([by_group_and_rank(k), by_group_and_rank(v)], dim=3).reshape(G, n * s, 2, B, hg, d)
+    kv_recv = kv.new_empty((G, L, 2, B, hg, d)) if eager else None
+    kv_in = [_Pending(kv[g], kv_recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
+    q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope)
+    q = by_group_and_rank(q)
+    q = torch.stack([q[:, j] for j in others + [rank]], dim=1)  # (G, N, s, B, hg, d): other ranks' heads, own last
+    q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
+    q_send = [0 if j == rank else s for j in range(n)]
+    q_recv = q.new_empty((G, L - s, B, hg, d)) if eager else None
+    q_in = [_Pending(q[g, : n - 1].reshape((n - 1) * s, B, hg, d), q_recv[g] if eager else None, q_sizes, q_send,
+                     group) for g in range(G)]  # fmt: skip
+    kernel = sp.inner or sdpa_kernel
+    kv_arrived: dict[int, torch.Tensor] = {}
+
+    def keys_values(g: int) -> torch.Tensor:  # (2, B, L, hg, d)
+        if g not in kv_arrived:
+            kv_arrived[g] = kv_in[g].wait().permute(1, 2, 0, 3, 4)
+        return kv_arrived[g]
+
+    def theirs(g: int) -> torch.Tensor:
+        kv_g = keys_values(g)
+        return kernel(q_in[g].wait().permute(1, 0, 2, 3), kv_g[0], kv_g[1])
+
+    def mine(g: int) -> torch.Tensor:
+        kv_g = keys_values(g)
+        return kernel(q[g, n - 1].permute(1, 0, 2, 3), kv_g[0], kv_g[1])
+
+    like = x.unflatten(-1, (H, d))  # (B, s, H, d): the output's shape and dtype
+    return attn.o(_attend_and_send_back(theirs, mine, G, like, sizes, rank, group, mine_first=1).flatten(2))
 
 
 def x_gather_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: SequenceParallelAttention) -> torch.Tensor:
@@ -329,7 +457,7 @@ def x_gather_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
         return kernel(q[:, start:stop, heads], k[:, :, heads], v[:, :, heads])
 
     like = x.unflatten(-1, (H, d))  # (B, s, H, d): the output's shape and dtype
-    return attn.o(_attend_and_send_back(attend, G, like, sizes, rank, group).flatten(2))
+    return attn.o(_attend_and_send_back(*_by_owner(attend, sizes, rank), G, like, sizes, rank, group).flatten(2))
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,11 +591,11 @@ class SequenceParallelAttention:
                                      own_first=self.method == "ulysses_own_first")  # fmt: skip
         if self.method == "kv_gather":
             return kv_gather_attention(q, k, v, self.sizes, self.rank, self.group)
-        if self.method == "x_gather":  # it splits the projections too: see x_gather_self_attention
-            raise RuntimeError("x_gather attention runs whole self-attention modules, not a q / k / v kernel")
+        if self.method in MODULE_METHODS:  # see x_gather_self_attention, kv_first_self_attention
+            raise RuntimeError(f"{self.method} attention runs whole self-attention modules, not a q / k / v kernel")
         return ring_attention(q, k, v, self.sizes, self.rank, self.group)
 
     @property
     def overlaps_in_graphs(self) -> bool:
         """Whether compiled graphs need Inductor's comm/compute reordering for this attention's overlap."""
-        return self.method in ("kv_gather", "x_gather") or self.head_groups > 1
+        return self.method in ("kv_gather", *MODULE_METHODS) or self.head_groups > 1

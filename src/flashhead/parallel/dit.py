@@ -8,8 +8,9 @@ shards' head outputs are gathered before unpatchify, so every rank returns the w
 
 The blocks themselves are unchanged (their compiled graphs are reused); only the self-attention kernel is
 swapped, by `install`, which must run again after anything that resets the kernels (`pipe.optimize`). The
-X-gather split also splits the q / k / v projections, so it swaps the class of the self-attention modules
-(same weights, another forward) and gives them the RoPE rows of the whole sequence.
+X-gather split also splits the q / k / v projections, and `ulysses_kv_first` orders them around its transfers, so
+these swap the class of the self-attention modules (same weights, another forward); X gather also gives them the
+RoPE rows of the whole sequence.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import torch.distributed as dist
 
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT, SelfAttention
-from flashhead.parallel.attention import SequenceParallelAttention, overlap_in_compiled_graphs, x_gather_self_attention
+from flashhead.parallel.attention import (
+    SequenceParallelAttention,
+    kv_first_self_attention,
+    overlap_in_compiled_graphs,
+    x_gather_self_attention,
+)
 from flashhead.parallel.group import SequenceParallelGroup, TokenPartition, partition_tokens
 
 
@@ -30,6 +36,17 @@ class GatheredSelfAttention(SelfAttention):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return x_gather_self_attention(self, x, rope, self.kernel)
+
+
+class KVFirstSelfAttention(SelfAttention):
+    """A DiT self-attention module run by Ulysses with k / v sent before q is projected (`ulysses_kv_first`)."""
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return kv_first_self_attention(self, x, rope, self.kernel)
+
+
+# The self-attention class each split runs (the plain one for the kernel-only splits); same weights for all.
+MODULE_CLASSES = {"x_gather": GatheredSelfAttention, "ulysses_kv_first": KVFirstSelfAttention}
 
 
 class SequenceParallelDiT:
@@ -67,15 +84,16 @@ class SequenceParallelDiT:
         gathered = self.attention.method == "x_gather"
         if gathered and any(type(b.self_attn.q.weight.data) is not torch.Tensor for b in self.dit.blocks):
             raise ConfigError("x_gather attention slices the q / k / v weights by heads: not with fp8 layers")
+        module_class = MODULE_CLASSES.get(self.attention.method, SelfAttention)
         for block in self.dit.blocks:
             block.self_attn.kernel = self.attention
-            if type(block.self_attn) in (SelfAttention, GatheredSelfAttention):
-                block.self_attn.__class__ = GatheredSelfAttention if gathered else SelfAttention
+            if type(block.self_attn) in (SelfAttention, *MODULE_CLASSES.values()):
+                block.self_attn.__class__ = module_class
 
     def uninstall(self) -> None:
         """Give the blocks back their plain self-attention (class and SDPA kernel), e.g. before another split."""
         for block in self.dit.blocks:
-            if type(block.self_attn) is GatheredSelfAttention:
+            if type(block.self_attn) in MODULE_CLASSES.values():
                 block.self_attn.__class__ = SelfAttention
             if block.self_attn.kernel is self.attention:
                 block.self_attn.kernel = self.attention.inner
@@ -119,7 +137,7 @@ class SequenceParallelDiT:
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
-        with overlap_in_compiled_graphs() if self.attention.overlaps_in_graphs else nullcontext():
+        with overlap_in_compiled_graphs(self.attention.method) if self.attention.overlaps_in_graphs else nullcontext():
             for block in dit.blocks:  # compiled blocks (compile_dit) compile at their first call, in this context
                 shard = block(shard, audio, t_mod, rope)
         out = dit.head(shard, t)  # (B, s, pt*ph*pw*C)

@@ -236,8 +236,8 @@ class FlashHeadPipeline:
         `head_groups`: Ulysses all-to-alls pipelined over that many head groups (None: the default, see
         flashhead.parallel.attention.default_head_groups; 1: not overlapped).
         `attention`: how self-attention is split: "ulysses", "ulysses_own_first" (Ulysses that attends this
-        rank's own block of the first head group while the group is in flight; not yet measured on GPUs),
-        "x_gather" (Ulysses with the block input gathered
+        rank's own block of the first head group while the group is in flight), "ulysses_kv_first" (Ulysses
+        with k / v sent before q is projected), "x_gather" (Ulysses with the block input gathered
         and the q / k / v projections split by heads), "kv_gather" (one all-gather of keys / values, overlapped
         with the local block's attention) or "ring"; None: Ulysses where the heads divide, else ring.
         """

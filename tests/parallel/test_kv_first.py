@@ -1,0 +1,70 @@
+"""Ulysses with k / v sent before q is projected (`ulysses_kv_first`), 2 gloo ranks.
+
+The self-attention modules run `kv_first_self_attention`: k / v of every head group leave first, q is projected
+while they are in flight and goes only to the other ranks, and each rank attends its own queries of the first group
+before awaiting the others'. The whole DiT must equal plain Ulysses bit for bit (eager), and one process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashhead.parallel.attention import SequenceParallelAttention
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _sp_worker as worker  # noqa: E402
+from _sp_worker import torchrun  # noqa: E402
+
+CASES = ("dit-ulysses_kv_first", "dit-ulysses_kv_first-uneven", "dit-ulysses_kv_first-compiled")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("sp_kvf"), *CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kv_first_dit_equals_ulysses_and_single_process(ranks, case):
+    """4 heads on 2 ranks in 2 head groups, batch 2: 48 tokens (even shards) or 27 (uneven, 14 / 13), eager and
+    with compile_dit's per-block Inductor compile."""
+    dit = worker.tiny_random_dit(4)
+    inputs = worker.dit_inputs(dit, size=6) if case.endswith("uneven") else worker.dit_inputs(dit)
+    with torch.no_grad():
+        expected = dit(*inputs)
+    for r in ranks:
+        torch.testing.assert_close(r[case], expected, rtol=0, atol=1e-5)
+        if not case.endswith("compiled"):  # the same kernels on the same data as plain Ulysses: no rounding apart
+            assert torch.equal(r[case], r[f"{case}.ulysses"])
+        assert r[f"{case}.classes"].all()
+        torch.testing.assert_close(r[f"{case}.uninstalled"], expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_kv_first_hides_every_input_transfer(ranks):
+    """Inductor (CPU), the first block's graph: k / v projected and launched (both groups) before q is projected;
+    q's launches next; then group 0's own queries are attended before any query transfer is awaited, and every
+    group's output leaves right after the kernel computing it."""
+    for r in ranks:
+        order = r["dit-ulysses_kv_first-compiled.order"]
+        assert order.count("launch") == 6 and order.count("attend") == 4 + 1, order  # + 1: cross-attention
+        first_launch = order.index("launch")
+        assert order[:first_launch].count("matmul") == 2, order  # the k and v projections only
+        assert order[first_launch : first_launch + 2] == ["launch"] * 2, order  # k / v of both groups
+        assert order[first_launch + 2] == "matmul", order  # q, while they are in flight
+        assert order[first_launch + 3 : first_launch + 5] == ["launch"] * 2, order  # q of both groups
+        assert order[first_launch + 5 : first_launch + 8] == ["wait", "attend", "wait"], order  # own queries of group 0
+        attends = [i for i, e in enumerate(order) if e == "attend"][:4]  # own 0, others 0, others 1, own 1
+        assert [order[i + 1] for i in attends] == ["wait", "launch", "launch", "wait"], order
+        assert order[attends[3] - 1] == "launch", order  # group 1's output in flight under its own queries
+
+
+def test_kv_first_configuration():
+    kvf = SequenceParallelAttention(0, 2, 12, method="ulysses_kv_first")
+    assert kvf.head_groups == 2 and kvf.overlaps_in_graphs
+    q = torch.zeros(1, 4, 12, 8)
+    kvf.sizes = (4, 4)
+    with pytest.raises(RuntimeError, match="whole self-attention modules"):
+        kvf(q, q, q)
