@@ -10,6 +10,7 @@
 #   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on high-priority NCCL streams; no parts
 #   NCCL_ENV="NCCL_PROTO=LL128" NO_PARTS=1 bash benchmarks/sp_device.sh   # also on a group made under those settings
 #   SPEEDS=optimized,optimized_ahead NO_PARTS=1 bash benchmarks/sp_device.sh   # --optimized, then with launch_ahead
+#   CODE=1 ...: also copy Inductor's generated code of the sequence-parallel blocks to $OUT/code
 #   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: a chunk per period from the first hand-out to the last)
 set -uo pipefail
 ATTENTION=${1:-ulysses}
@@ -46,4 +47,8 @@ for speed in [k for k in d if k.startswith("optimized")]:
             print(f"{speed} {gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
                   f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
+if [ "${CODE:-0}" = 1 ]; then  # Inductor's generated code of the graphs with all-to-alls (the sequence-parallel blocks)
+    mkdir -p "$OUT/code"
+    grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | xargs -r cp -t "$OUT/code"
+fi
 [ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3

@@ -80,6 +80,14 @@ def send_buffers(code: str) -> list[str]:
     return re.findall(launch, code)
 
 
+def launch_sizes(code: str) -> list[list[int]]:
+    """The input split sizes of each all-to-all of Inductor's generated code, in call order."""
+    import re
+
+    pattern = r"all_to_all_single\.default\(.*?\[[\d, ]*\], \[([\d, ]*)\]"
+    return [[int(v) for v in m.split(",")] for m in re.findall(pattern, code)]
+
+
 def tiny_random_dit(heads: int):
     from flashhead.models import FlashHeadDiT
 
@@ -213,6 +221,7 @@ def main(out: Path, cases: list[str]) -> None:
                         block.compile()
                     results[case], code = run_and_get_code(sp, *inputs)
                     results[f"{case}.order"] = compiled_order(code[0], matmuls=True)  # the first block's graph
+                    results[f"{case}.launch_sizes"] = launch_sizes(code[0])
                 else:
                     results[case] = sp(*inputs)
             results[f"{case}.classes"] = torch.tensor([type(b.self_attn) is MODULE_CLASSES[method] for b in dit.blocks])

@@ -44,21 +44,24 @@ def test_kv_first_dit_equals_ulysses_and_single_process(ranks, case):
 
 
 def test_compiled_kv_first_hides_every_input_transfer(ranks):
-    """Inductor (CPU), the first block's graph: k / v projected and launched (both groups) before q is projected;
-    q's launches next; then group 0's own queries are attended before any query transfer is awaited, and every
-    group's output leaves right after the kernel computing it."""
-    for r in ranks:
+    """Inductor (CPU), the first block's graph: k / v of group 0 projected and launched before q is projected; then
+    q of group 0, k / v of group 1 and q of group 1 are launched in that order (NCCL runs them one after another);
+    group 0's own queries are attended before any query transfer is awaited; every group's output leaves right
+    after the kernel computing it."""
+    for rank, r in enumerate(ranks):
         order = r["dit-ulysses_kv_first-compiled.order"]
         assert order.count("launch") == 6 and order.count("attend") == 4 + 1, order  # + 1: cross-attention
         first_launch = order.index("launch")
         assert order[:first_launch].count("matmul") == 2, order  # the k and v projections only
-        assert order[first_launch : first_launch + 2] == ["launch"] * 2, order  # k / v of both groups
-        assert order[first_launch + 2] == "matmul", order  # q, while they are in flight
-        assert order[first_launch + 3 : first_launch + 5] == ["launch"] * 2, order  # q of both groups
+        assert order[first_launch + 1] == "matmul", order  # q, while k / v of group 0 are in flight
+        assert order[first_launch + 2 : first_launch + 5] == ["launch"] * 3, order
         assert order[first_launch + 5 : first_launch + 8] == ["wait", "attend", "wait"], order  # own queries of group 0
         attends = [i for i, e in enumerate(order) if e == "attend"][:4]  # own 0, others 0, others 1, own 1
         assert [order[i + 1] for i in attends] == ["wait", "launch", "launch", "wait"], order
         assert order[attends[3] - 1] == "launch", order  # group 1's output in flight under its own queries
+        # what each launch sends (split sizes; 24 tokens per rank): k / v to every rank, q / outputs to the other
+        kv, other = [24, 24], [0, 24] if rank == 0 else [24, 0]
+        assert r["dit-ulysses_kv_first-compiled.launch_sizes"] == [kv, other, kv, other, other, other]
 
 
 def test_kv_first_configuration():

@@ -175,7 +175,8 @@ def overlap_in_compiled_graphs(method: str | None = None):
 
 def launch_early_wait_late(snodes: list) -> list:
     """Inductor reorder pass: compute in program order, every collective launched as soon as its inputs are
-    computed, every wait just before the first node that needs it (the rest at the end).
+    computed and every earlier one launched, every wait just before the first node that needs it (the rest at the
+    end).
 
     For code that orders its compute around its transfers itself (kv_first_self_attention). Inductor's own order
     is not the program's (its `raise_comms` schedules first whatever the next collective needs, which moves the
@@ -194,7 +195,8 @@ def launch_early_wait_late(snodes: list) -> list:
 
     owner = {name: node for node in snodes for name in node.get_operation_names()}
     inputs = {node: {owner[a] for a in node.ancestors if a in owner} - {node} for node in snodes}
-    launches = [n for n in snodes if contains_collective(n) and not contains_wait(n)]
+    # launched in program order: NCCL runs a rank's collectives one after another in the order they are launched
+    launches = sorted((n for n in snodes if contains_collective(n) and not contains_wait(n)), key=position)
     order: list = []
     done: set = set()
 
@@ -204,8 +206,9 @@ def launch_early_wait_late(snodes: list) -> list:
                 emit(dep)
         order.append(node)
         done.add(node)
-        for launch in launches:
-            if launch not in done and inputs[launch] <= done:
+        while launches and (launches[0] in done or inputs[launches[0]] <= done):
+            launch = launches.pop(0)
+            if launch not in done:  # (a wait's need may have launched it already)
                 emit(launch)
 
     compute = [n for n in snodes if not contains_collective(n) and not contains_wait(n)]
@@ -360,6 +363,10 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     launches (the projection and norm of q cover the first group's k / v transfer); then group 0's own queries
     (they need only k / v, and cover the queries' transfer), group 0's other queries, and every later group as
     in Ulysses. Returns the projected output (B, s, D), equal to Ulysses bit for bit.
+
+    `rope`: the shard's RoPE rows twice, stacked (2, s, ...), k rotated by the first copy and q by the second.
+    Inductor fuses two reductions of the same size only where they read some data in common; with one table
+    for both, it fused q's norm into k's kernel (2 x H200 trace), so q was projected before k / v could leave.
     """
     from flashhead.models.dit import apply_rope
 
@@ -373,19 +380,30 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
         return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
 
     eager = not torch.compiler.is_compiling()
-    k = apply_rope(attn.norm_k(attn.k(x)).unflatten(-1, (H, d)), rope)
+    rope_k, rope_q = rope.unbind(0)
+    k = apply_rope(attn.norm_k(attn.k(x)).unflatten(-1, (H, d)), rope_k)
     v = attn.v(x).unflatten(-1, (H, d))
     kv = torch.stack([by_group_and_rank(k), by_group_and_rank(v)], dim=3).reshape(G, n * s, 2, B, hg, d)
     kv_recv = kv.new_empty((G, L, 2, B, hg, d)) if eager else None
-    kv_in = [_Pending(kv[g], kv_recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
-    q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope)
+
+    def send_kv(g: int) -> _Pending:
+        return _Pending(kv[g], kv_recv[g] if eager else None, sizes, [s] * n, group)
+
+    kv_in = [send_kv(0)]
+    q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope_q)
     q = by_group_and_rank(q)
     q = torch.stack([q[:, j] for j in others + [rank]], dim=1)  # (G, N, s, B, hg, d): other ranks' heads, own last
     q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
     q_send = [0 if j == rank else s for j in range(n)]
     q_recv = q.new_empty((G, L - s, B, hg, d)) if eager else None
-    q_in = [_Pending(q[g, : n - 1].reshape((n - 1) * s, B, hg, d), q_recv[g] if eager else None, q_sizes, q_send,
-                     group) for g in range(G)]  # fmt: skip
+    q_in = []
+    # Collectives run one after another on NCCL's stream, in launch order: group 0's queries before group 1's
+    # keys, or the own-query attention that covers their transfer would end before they start.
+    for g in range(G):
+        q_in.append(_Pending(q[g, : n - 1].reshape((n - 1) * s, B, hg, d), q_recv[g] if eager else None, q_sizes,
+                             q_send, group))  # fmt: skip
+        if g + 1 < G:
+            kv_in.append(send_kv(g + 1))
     kernel = sp.inner or sdpa_kernel
     kv_arrived: dict[int, torch.Tensor] = {}
 

@@ -134,6 +134,8 @@ class SequenceParallelDiT:
             rope = self.dit.rope(grid, x.device) if rope is None else rope
         else:
             rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
+        if self.attention.method == "ulysses_kv_first":  # two copies: see kv_first_self_attention
+            rope = torch.stack([rope, rope])
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
