@@ -98,6 +98,10 @@ def same_weights(pipe) -> None:
             dist.broadcast(t.data, src=0)
 
 
+class _Skipped(Exception):
+    """A measurement left out on purpose (--no-one-gpu)."""
+
+
 def measure(pipe, image, audio, chunk_samples: int) -> dict:
     """Rank 0: a warm-up stream, first-frame latency, a timed stream, a stage-timed stream; frames kept."""
     engine = StreamEngine(pipe, max_sessions=4, max_batch=1)
@@ -344,6 +348,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
         # 1 GPU: rank 0 alone (pipeline not parallelized), the other ranks wait.
         single = None
         try:
+            if args.no_one_gpu:
+                raise _Skipped
             pipe.parallelize(None)
             pipe.optimize(speed)
             if leader:
@@ -353,6 +359,8 @@ def bench_model(model: str, group, args, report: dict, save) -> None:
                     trace = args.trace / f"{model}-{name}-1gpu.json.gz" if args.trace else None
                     part["gpus_1"]["profile_stream"] = profile_stream(pipe, image, audio, chunk_samples, trace)
                 part["gpus_1"]["bf16_floor_psnr_db"] = floor_psnr(pipe, image, audio, single["frames"])
+        except _Skipped:
+            part["gpus_1"] = {"skipped": "--no-one-gpu"}
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             part["gpus_1"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         part.setdefault("gpus_1", {})["peak_gpu_memory_gib"] = peak_memory_all_ranks(args.side_group)[0]
@@ -426,6 +434,8 @@ def main() -> None:
                         help='also stream on an NCCL group made under these settings, e.g. "NCCL_PROTO=LL128" '
                         "(entry gpus_N_proto_ll128)")  # fmt: skip
     parser.add_argument("--no-parts", action="store_true", help="skip the parts (DiT / decode / encode alone)")
+    parser.add_argument("--no-one-gpu", action="store_true",
+                        help="skip the 1-GPU stream (no speed-up, no PSNR against it): splits against each other only")
     parser.add_argument("--profile-stream", action="store_true", help="profile a 4-chunk stream on 1 and N GPUs")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile-stream: write Chrome traces here")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")

@@ -10,7 +10,8 @@
 #   PRIORITY=1 NO_PARTS=1 bash benchmarks/sp_device.sh   # also Ulysses on high-priority NCCL streams; no parts
 #   NCCL_ENV="NCCL_PROTO=LL128" NO_PARTS=1 bash benchmarks/sp_device.sh   # also on a group made under those settings
 #   SPEEDS=optimized,optimized_ahead NO_PARTS=1 bash benchmarks/sp_device.sh   # --optimized, then with launch_ahead
-#   CODE=1 ...: also copy Inductor's generated code of the sequence-parallel blocks to $OUT/code
+#   CODE=1 ...: also keep Inductor's generated code of the sequence-parallel blocks ($OUT/code.tgz)
+#   NO_ONE_GPU=1 ...: no 1-GPU stream (the splits against each other only: a shorter run)
 #   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: a chunk per period from the first hand-out to the last)
 set -uo pipefail
 ATTENTION=${1:-ulysses}
@@ -29,6 +30,7 @@ done
 timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds "${SPEEDS:-optimized}" --budget 360 \
     --seconds "${AUDIO_SECONDS:-6}" \
     --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} ${PRIORITY:+--compare-priority} ${NO_PARTS:+--no-parts} \
+    ${NO_ONE_GPU:+--no-one-gpu} \
     ${NCCL_ENV:+--compare-nccl-env "$NCCL_ENV"} \
     --trace "$OUT/traces" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav --json "$OUT/sp.json" \
     > "$OUT/sp.log" 2>&1
@@ -48,7 +50,6 @@ for speed in [k for k in d if k.startswith("optimized")]:
                   f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
 if [ "${CODE:-0}" = 1 ]; then  # Inductor's generated code of the graphs with all-to-alls (the sequence-parallel blocks)
-    mkdir -p "$OUT/code"
-    grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | xargs -r cp -t "$OUT/code"
+    grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | tar czf "$OUT/code.tgz" -T -
 fi
 [ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3

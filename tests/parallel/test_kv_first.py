@@ -43,6 +43,18 @@ def test_kv_first_dit_equals_ulysses_and_single_process(ranks, case):
         torch.testing.assert_close(r[f"{case}.uninstalled"], expected, rtol=0, atol=1e-6)
 
 
+def test_kv_first_on_three_ranks_equals_single_process(tmp_path):
+    """3 ranks (6 heads, 2 per rank in 2 groups): the middle rank's queries for the others are not one block."""
+    ranks = torchrun(tmp_path, "dit-ulysses_kv_first", nproc=3)
+    dit = worker.tiny_random_dit(6)
+    inputs = worker.dit_inputs(dit)
+    with torch.no_grad():
+        expected = dit(*inputs)
+    for r in ranks:
+        torch.testing.assert_close(r["dit-ulysses_kv_first"], expected, rtol=0, atol=1e-5)
+        assert torch.equal(r["dit-ulysses_kv_first"], r["dit-ulysses_kv_first.ulysses"])
+
+
 def test_compiled_kv_first_hides_every_input_transfer(ranks):
     """Inductor (CPU), the first block's graph: k / v of group 0 projected and launched before q is projected; then
     q of group 0, k / v of group 1 and q of group 1 are launched in that order (NCCL runs them one after another);

@@ -348,11 +348,14 @@ def _attend_and_send_back(
         outgoing.append(_Pending(theirs(g).permute(1, 0, 2, 3).contiguous(), back[g] if eager else None,
                                  out_sizes, in_sizes, group))  # fmt: skip
         own.append((mine(g) if early is None else early).permute(1, 0, 2, 3))  # (s, B, hg, d)
-    groups = []
+    blocks = {}  # (rank j, group g) -> (s, B, hg, d): heads j * H / N + g * hg + [0, hg) of this rank's tokens
     for g in range(G):
         received = outgoing[g].wait().reshape(n - 1, s, B, hg, d)  # the other ranks' heads, in rank order
-        groups.append(torch.cat([received[:rank], own[g][None], received[rank:]]))  # (N, s, B, hg, d)
-    return torch.stack(groups).permute(3, 2, 1, 0, 4, 5).reshape(B, s, H, d)
+        for j in range(n):
+            blocks[j, g] = own[g] if j == rank else received[j - (j > rank)]
+    # One concatenation in head order straight into (B, s, H, d): compiled, a single copy kernel (a stack of
+    # the groups and then a permuted copy for the output projection were two passes over the output).
+    return torch.cat([blocks[j, g].permute(1, 0, 2, 3) for j in range(n) for g in range(G)], dim=2)
 
 
 def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: SequenceParallelAttention) -> torch.Tensor:
@@ -374,7 +377,6 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     B, s, D = x.shape
     n, H = len(sizes), attn.num_heads
     d, hg, L = D // H, H // len(sizes) // G, sum(sizes)
-    others = [j for j in range(n) if j != rank]
 
     def by_group_and_rank(t: torch.Tensor) -> torch.Tensor:  # (B, s, H, d) -> (G, N, s, B, hg, d), a view
         return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
@@ -391,6 +393,7 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
 
     kv_in = [send_kv(0)]
     q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope_q)
+    others = [j for j in range(n) if j != rank]
     q = by_group_and_rank(q)
     q = torch.stack([q[:, j] for j in others + [rank]], dim=1)  # (G, N, s, B, hg, d): other ranks' heads, own last
     q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
@@ -400,8 +403,7 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     # Collectives run one after another on NCCL's stream, in launch order: group 0's queries before group 1's
     # keys, or the own-query attention that covers their transfer would end before they start.
     for g in range(G):
-        q_in.append(_Pending(q[g, : n - 1].reshape((n - 1) * s, B, hg, d), q_recv[g] if eager else None, q_sizes,
-                             q_send, group))  # fmt: skip
+        q_in.append(_Pending(q[g, : n - 1].flatten(0, 1), q_recv[g] if eager else None, q_sizes, q_send, group))
         if g + 1 < G:
             kv_in.append(send_kv(g + 1))
     kernel = sp.inner or sdpa_kernel
