@@ -239,6 +239,8 @@ def split_settings(pipe, group, args, attention: str | None = None) -> dict:
     heads = pipe.dit.config.num_heads
     groups = default_head_groups(heads, group.world_size) if args.head_groups is None else args.head_groups
     attention = attention or args.attention
+    split = getattr(getattr(pipe, "_sp", None), "model", None)  # the split in use (None: the library's choice)
+    attention = split.attention.method if split is not None and split.attention is not None else attention
     return {"attention": attention or ("ulysses" if heads % group.world_size == 0 else "ring"),
             "head_groups": groups if heads % group.world_size == 0 and attention in (None, *ULYSSES)
             else None,

@@ -273,7 +273,8 @@ def main(out: Path, cases: list[str]) -> None:
             for block in dit.blocks:
                 block.compile()
             with torch.no_grad():
-                results[case], code = run_and_get_code(SequenceParallelDiT(dit, group, head_groups=2), *dit_inputs(dit))
+                sp = SequenceParallelDiT(dit, group, head_groups=2, method="ulysses")
+                results[case], code = run_and_get_code(sp, *dit_inputs(dit))
             results[f"{case}.order"] = compiled_order(code[0])  # the first block's graph
             results[f"{case}.sends"] = send_buffers(code[0])
         elif case.startswith("dit"):  # dit-<heads>

@@ -35,7 +35,10 @@ def _db(value) -> float:
     return float("inf") if value == "inf" else float(value)
 
 
-@pytest.mark.parametrize("model,attention", [("pro", None), ("pro", "kv_gather"), ("pro", "x_gather"), ("lite", None)])
+@pytest.mark.parametrize(
+    "model,attention",
+    [("pro", None), ("pro", "ulysses"), ("pro", "kv_gather"), ("pro", "x_gather"), ("lite", None)],  # None: k / v first
+)
 def test_two_gpu_frames_match_one_gpu(tmp_path, model, attention):
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -68,7 +68,9 @@ def test_sequence_parallel_dit_with_kv_gather_equals_single_process(ranks):
 
 
 def test_method_choice_and_refusals():
-    assert SequenceParallelAttention(0, 2, 12).method == "ulysses"
+    assert SequenceParallelAttention(0, 2, 12).method == "ulysses_kv_first"  # 2 head groups: k / v first
+    assert SequenceParallelAttention(0, 2, 12, head_groups=1).method == "ulysses"
+    assert SequenceParallelAttention(0, 12, 12).method == "ulysses"  # 1 head per rank: nothing to pipeline
     assert SequenceParallelAttention(0, 5, 12).method == "ring"
     kv = SequenceParallelAttention(0, 2, 12, method="kv_gather")
     assert kv.method == "kv_gather" and kv.head_groups == 1 and kv.overlaps_in_graphs

@@ -49,9 +49,10 @@ from flashhead.errors import ConfigError
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# None: Ulysses where the heads divide, else ring. "ulysses_own_first": Ulysses that attends each rank's own block
-# of the first head group while that group is in flight (measured slower on 2 x H200, session 13).
-# "ulysses_kv_first": Ulysses with k / v sent before q is projected (see kv_first_self_attention).
+# None: Ulysses where the heads divide (as "ulysses_kv_first" when pipelined in head groups), else ring.
+# "ulysses_kv_first": Ulysses with k / v sent before q is projected (see kv_first_self_attention; 3-5 ms faster per
+# Pro chunk than "ulysses" on 2 x H200). "ulysses_own_first": Ulysses that attends each rank's own block of the
+# first head group while that group is in flight (2.5 ms slower than "ulysses" on 2 x H200; kept for comparison).
 METHODS = (None, "ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather", "kv_gather", "ring")
 ULYSSES = ("ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather")  # the methods that split the heads
 MODULE_METHODS = ("ulysses_kv_first", "x_gather")  # they run whole self-attention modules, not a q / k / v kernel
@@ -570,7 +571,8 @@ def ring_attention(q, k, v, sizes: Sequence[int], rank: int, group=None) -> torc
 class SequenceParallelAttention:
     """An attention kernel ((B, s, H, d) shard in, shard out) for the DiT's self-attention modules.
 
-    Ulysses when the heads divide over the ranks, ring attention otherwise. `sizes` (the shard size of
+    Ulysses when the heads divide over the ranks (k / v first, `ulysses_kv_first`, where its heads are pipelined in
+    groups), ring attention otherwise. `sizes` (the shard size of
     every rank) is set by the sequence-parallel DiT before each forward; `inner` is the local kernel
     Ulysses runs on its head shard (None: torch SDPA; e.g. FlashAttention-3 with attention=fa3).
     `head_groups`: Ulysses heads pipelined in that many groups (None: `default_head_groups`; 1: not pipelined).
@@ -593,9 +595,11 @@ class SequenceParallelAttention:
             )
         if method in ULYSSES and heads % world_size:
             raise ConfigError(f"{method} attention needs heads ({heads}) divisible by the ranks ({world_size})")
-        self.method = method or ("ulysses" if heads % world_size == 0 else "ring")
         if head_groups is None:
             head_groups = default_head_groups(heads, world_size)
+        if method is None and heads % world_size == 0:  # k / v first wherever the groups are pipelined
+            method = "ulysses_kv_first" if head_groups > 1 else "ulysses"
+        self.method = method or "ring"
         if self.method not in ULYSSES:
             head_groups = 1  # ring and KV gather overlap their transfers with compute by themselves
         elif head_groups < 1 or (heads // world_size) % head_groups:
