@@ -136,6 +136,10 @@ class SequenceParallelDiT:
             rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
         if self.attention.method == "ulysses_kv_first":  # two copies: see kv_first_self_attention
             rope = torch.stack([rope, rope])
+        # The table's shape differs between splits (and from the one-GPU DiT's): without this, a block compiled
+        # for one split and called with another makes dims of it dynamic (the 2 x H200 trace of session 13 had a
+        # symbolic size-2 dim in the k / v first graph, compared after plain Ulysses in the same process).
+        torch._dynamo.mark_static(rope)
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
         audio = audio.index_select(1, self._segment_index(part, audio.device))  # (B, segments, tokens, D)
