@@ -136,9 +136,9 @@ class SequenceParallelDiT:
             rope = self._shard_rope(grid, x.device) if rope is None else rope[start:stop]
         if self.attention.method == "ulysses_kv_first":  # two copies: see kv_first_self_attention
             rope = torch.stack([rope, rope])
-        # The table's shape differs between splits (and from the one-GPU DiT's): without this, a block compiled
-        # for one split and called with another makes dims of it dynamic (the 2 x H200 trace of session 13 had a
-        # symbolic size-2 dim in the k / v first graph, compared after plain Ulysses in the same process).
+        # Static dims for the table, whose shape differs between splits and from the one-GPU DiT's: in session 13's
+        # generated code (2 x H200) the k / v first block, compiled after plain Ulysses in the same process, had a
+        # symbolic size-2 dim in it (automatic dynamic shapes compare a recompile's inputs with the earlier ones).
         torch._dynamo.mark_static(rope)
         self.attention.sizes = part.sizes
         shard = tokens[:, start:stop]  # (B, s, D)
