@@ -11,6 +11,7 @@
 #   NCCL_ENV="NCCL_PROTO=LL128" NO_PARTS=1 bash benchmarks/sp_device.sh   # also on a group made under those settings
 #   SPEEDS=optimized,optimized_ahead NO_PARTS=1 bash benchmarks/sp_device.sh   # --optimized, then with launch_ahead
 #   CODE=1 ...: also keep Inductor's generated code of the sequence-parallel blocks ($OUT/code.tgz)
+#   BENCH=0 bash benchmarks/sp_device.sh: only the GPU test (TEST_TIMEOUT, default 400 s)
 #   NO_ONE_GPU=1 ...: no 1-GPU stream (the splits against each other only: a shorter run)
 #   AUDIO_SECONDS=10 ...: a longer timed stream (steady FPS: a chunk per period from the first hand-out to the last)
 set -uo pipefail
@@ -27,6 +28,7 @@ IFS='|' read -ra SETTING_LIST <<< "$SETTINGS"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['nccl_env'], {k: v.get('error') or (v['ms'], v['gb_per_s_sent']) for k, v in d['cases'].items()})" "$name"
 done
 [ "${A2A_ONLY:-0}" = 1 ] && exit 0
+if [ "${BENCH:-1}" = 1 ]; then
 timeout "${SP_TIMEOUT:-420}" torchrun --nproc-per-node 2 benchmarks/sp_bench.py --model pro --speeds "${SPEEDS:-optimized}" --budget 360 \
     --seconds "${AUDIO_SECONDS:-6}" \
     --attention "$ATTENTION" ${COMPARE:+--compare-attention "$COMPARE"} ${PRIORITY:+--compare-priority} ${NO_PARTS:+--no-parts} \
@@ -49,7 +51,8 @@ for speed in [k for k in d if k.startswith("optimized")]:
             print(f"{speed} {gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
                   f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
+fi
 if [ "${CODE:-0}" = 1 ]; then  # Inductor's generated code of the graphs with all-to-alls (the sequence-parallel blocks)
     grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | tar czf "$OUT/code.tgz" -T -
 fi
-[ "${TEST:-1}" = 1 ] && timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
+[ "${TEST:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
