@@ -3,6 +3,7 @@ which no compute kernel runs (exposed transfers and launch gaps).
 
     python benchmarks/trace_layers.py trace.json.gz                     # JSON summary (medians over the layers)
     python benchmarks/trace_layers.py trace.json.gz --listing           # also every kernel of the median layer
+    python benchmarks/trace_layers.py trace.json.gz --table             # those as text: stream, start, duration, gap
 
 A layer starts at each launch of a marker kernel that runs once per block and step (default: the FFN's first
 GEMM with its fused GELU epilogue, "gelubias"); layers are the spans between consecutive markers that are no
@@ -88,10 +89,29 @@ def layer_report(trace: dict, marker: str = "gelubias", listing: bool = False) -
     return report
 
 
+def listing_table(listing: list) -> list[str]:
+    """`median_layer` rows as text: stream, start and duration (us), the time before the kernel in which no compute
+    kernel ran (blank for NCCL's), name."""
+    lines, reach = [], 0.0
+    for tid, start, dur, name in listing:
+        compute = kind(name) != "nccl"
+        gap = f"{max(start - reach, 0.0):6.1f}" if compute else ""
+        lines.append(f"{tid!s:>6} {start:8.1f} {dur:7.1f} {gap:>6}  {name}")
+        if compute:
+            reach = max(reach, start + dur)
+    return lines
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace")
     parser.add_argument("--marker", default="gelubias", help="a kernel-name part that occurs once per layer")
     parser.add_argument("--listing", action="store_true", help="every kernel of the median layer")
+    parser.add_argument("--table", action="store_true", help="the median layer's kernels as a text table")
     args = parser.parse_args()
-    print(json.dumps(layer_report(load_trace(args.trace), args.marker, args.listing), indent=1))
+    report = layer_report(load_trace(args.trace), args.marker, args.listing or args.table)
+    if args.table:
+        print(json.dumps({k: v for k, v in report.items() if k != "median_layer"}))
+        print("\n".join(listing_table(report["median_layer"])))
+    else:
+        print(json.dumps(report, indent=1))

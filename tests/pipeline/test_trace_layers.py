@@ -39,6 +39,17 @@ def test_layers_kinds_and_time_without_compute():
     assert names[:2] == ["nvjet_sm90_gelubias_TNN", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"]
 
 
+def test_listing_table_shows_the_time_without_compute_before_each_kernel():
+    events = layer(0) + layer(100) + layer(200) + [k("nvjet_sm90_gelubias_TNN", 300, 10)]
+    report = trace_layers().layer_report({"traceEvents": events}, listing=True)
+    lines = trace_layers().listing_table(report["median_layer"])
+    gaps = [line[24:30].strip() for line in lines]
+    # GEMM at 0; attention after 10 idle; NCCL (blank); GEMM after 10 (attention ended at 50); the Triton kernel
+    # overlaps that GEMM (0); the memset after 15 (compute ended at 75)
+    assert gaps == ["0.0", "10.0", "", "10.0", "0.0", "15.0"], lines
+    assert lines[1].endswith("cudnn_generated_fort_native_sdpa_sm90_flash_fprop")
+
+
 def test_too_few_markers_is_an_error():
     with pytest.raises(ValueError, match="fewer than 3"):
         trace_layers().layer_report({"traceEvents": layer(0)})
