@@ -153,6 +153,10 @@ def test_a_new_session_goes_to_the_emptier_replica_and_a_full_cluster_refuses(se
 
 def test_a_lost_replica_ends_only_its_sessions(server):
     ids = [server.service.portraits.add(portrait(10 + i)).id for i in range(2)]
+    # The router places by the replicas' capacity reports: wait until they no longer count the sessions of the tests
+    # before, or a stale count can send both new sessions to the same replica.
+    engine = server.service.engine
+    assert wait_until(lambda: [r.get("sessions") for r in engine.replicas().values()] == [0, 0])
 
     async def run():
         streams = [
