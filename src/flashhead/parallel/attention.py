@@ -266,6 +266,12 @@ def own_work_after_launch(snodes: list) -> list:
     return order
 
 
+def _by_group_and_rank(t: torch.Tensor, n: int, G: int) -> torch.Tensor:
+    """(B, s, H, d) -> (G, N, s, B, H / N / G, d), a view: rank r's group g holds heads r * H/N + g * hg + [0, hg)."""
+    B, s, H, d = t.shape
+    return t.reshape(B, s, n, G, H // n // G, d).permute(3, 2, 1, 0, 4, 5)
+
+
 def _overlapped_ulysses(
     q, k, v, sizes: Sequence[int], rank: int, group, kernel: Kernel, G: int, own_first: bool = False
 ) -> torch.Tensor:
@@ -275,10 +281,7 @@ def _overlapped_ulysses(
     # Stacked straight into (G, N, s, 3, B, hg, d) order, where each group's send buffer is a contiguous block:
     # compiled, q and k are then normalised and rotated into the send buffers by the kernel that reduces their
     # norms, instead of into a (3, B, s, H, d) stack copied into rank-major order per group (session-10 trace).
-    def by_rank_and_group(t: torch.Tensor) -> torch.Tensor:  # (B, s, H, d) -> (G, N, s, B, hg, d), a view
-        return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
-
-    send = torch.stack([by_rank_and_group(t) for t in (q, k, v)], dim=3).reshape(G, n * s, 3, B, hg, d)
+    send = torch.stack([_by_group_and_rank(t, n, G) for t in (q, k, v)], dim=3).reshape(G, n * s, 3, B, hg, d)
     eager = not torch.compiler.is_compiling()
     recv = send.new_empty((G, L, 3, B, hg, d)) if eager else None  # (G, L, ...): group g writes recv[g]
     incoming = [_Pending(send[g], recv[g] if eager else None, sizes, [s] * n, group) for g in range(G)]
@@ -377,16 +380,13 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     sizes, rank, group, G = sp.sizes, sp.rank, sp.group, sp.head_groups
     B, s, D = x.shape
     n, H = len(sizes), attn.num_heads
-    d, hg, L = D // H, H // len(sizes) // G, sum(sizes)
-
-    def by_group_and_rank(t: torch.Tensor) -> torch.Tensor:  # (B, s, H, d) -> (G, N, s, B, hg, d), a view
-        return t.reshape(B, s, n, G, hg, d).permute(3, 2, 1, 0, 4, 5)
+    d, hg, L = D // H, H // n // G, sum(sizes)
 
     eager = not torch.compiler.is_compiling()
     rope_k, rope_q = rope.unbind(0)
     k = apply_rope(attn.norm_k(attn.k(x)).unflatten(-1, (H, d)), rope_k)
     v = attn.v(x).unflatten(-1, (H, d))
-    kv = torch.stack([by_group_and_rank(k), by_group_and_rank(v)], dim=3).reshape(G, n * s, 2, B, hg, d)
+    kv = torch.stack([_by_group_and_rank(k, n, G), _by_group_and_rank(v, n, G)], dim=3).reshape(G, n * s, 2, B, hg, d)
     kv_recv = kv.new_empty((G, L, 2, B, hg, d)) if eager else None
 
     def send_kv(g: int) -> _Pending:
@@ -395,7 +395,7 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     kv_in = [send_kv(0)]
     q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope_q)
     others = [j for j in range(n) if j != rank]
-    q = by_group_and_rank(q)
+    q = _by_group_and_rank(q, n, G)
     q = torch.stack([q[:, j] for j in others + [rank]], dim=1)  # (G, N, s, B, hg, d): other ranks' heads, own last
     q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
     q_send = [0 if j == rank else s for j in range(n)]
