@@ -108,6 +108,20 @@ def dit_inputs(dit, frames: int = 3, size: int = 8, batch: int = 2):
     return x, torch.tensor([900.0, 300.0][:batch]), context, y
 
 
+def assert_module_split_matches_one_process(ranks: list[dict], case: str) -> None:
+    """A dit-<method>[-uneven|-compiled] case of a split that runs whole self-attention modules (4 heads, 2 ranks):
+    every rank's output equals the one-process DiT, its blocks ran the split's module class, and after
+    uninstall() the plain one-process forward runs again."""
+    dit = tiny_random_dit(4)
+    inputs = dit_inputs(dit, size=6) if case.endswith("uneven") else dit_inputs(dit)
+    with torch.no_grad():
+        expected = dit(*inputs)
+    for r in ranks:
+        torch.testing.assert_close(r[case], expected, rtol=0, atol=1e-5)
+        assert r[f"{case}.classes"].all()
+        torch.testing.assert_close(r[f"{case}.uninstalled"], expected, rtol=0, atol=1e-6)
+
+
 def split_decode_latent():
     return torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
 

@@ -31,15 +31,7 @@ def ranks(tmp_path_factory):
 def test_sequence_parallel_dit_with_x_gather_equals_single_process(ranks, case):
     """4 heads on 2 ranks in 2 head groups, batch 2: 48 tokens (even shards) or 27 (uneven, 14 / 13), eager and
     with compile_dit's per-block Inductor compile; the self-attention modules run the X-gather forward."""
-    dit = worker.tiny_random_dit(4)
-    inputs = worker.dit_inputs(dit, size=6) if case.endswith("uneven") else worker.dit_inputs(dit)
-    with torch.no_grad():
-        expected = dit(*inputs)
-    for r in ranks:
-        torch.testing.assert_close(r[case], expected, rtol=0, atol=1e-5)
-        assert r[f"{case}.classes"].all()
-        # uninstall() gives the blocks back their plain self-attention: the one-process forward runs again
-        torch.testing.assert_close(r[f"{case}.uninstalled"], expected, rtol=0, atol=1e-6)
+    worker.assert_module_split_matches_one_process(ranks, case)
 
 
 def test_compiled_x_gather_overlaps_its_transfers(ranks):
