@@ -88,6 +88,21 @@ def launch_sizes(code: str) -> list[list[int]]:
     return [[int(v) for v in m.split(",")] for m in re.findall(pattern, code)]
 
 
+def fused_key_value(dit, plain_weights: dict) -> torch.Tensor:
+    """Per block: (k's weight in a fused k / v tensor, v's weight in it, k / v weights equal to `plain_weights`,
+    the block's state-dict names unchanged)."""
+    rows = []
+    for i, block in enumerate(dit.blocks):
+        a = block.self_attn
+        fused = getattr(a, "kv_weight", None)
+        in_fused = [fused is not None and w.data_ptr() == fused.data_ptr() + off * fused.element_size()
+                    for w, off in ((a.k.weight, 0), (a.v.weight, a.k.weight.numel()))]  # fmt: skip
+        names = {k for k in dit.state_dict() if k.startswith(f"blocks.{i}.")}
+        same = all(torch.equal(dit.state_dict()[k], plain_weights[k]) for k in names)
+        rows.append(in_fused + [same, names == {k for k in plain_weights if k.startswith(f"blocks.{i}.")}])
+    return torch.tensor(rows)
+
+
 def tiny_random_dit(heads: int):
     from flashhead.models import FlashHeadDiT
 
@@ -228,7 +243,10 @@ def main(out: Path, cases: list[str]) -> None:
             method = case.split("-")[1]
             dit = tiny_random_dit(2 * n)
             inputs = dit_inputs(dit, size=6) if case.endswith("uneven") else dit_inputs(dit)  # 27 or 48 tokens
+            plain_weights = {k: v.clone() for k, v in dit.state_dict().items()}
             sp = SequenceParallelDiT(dit, group, method=method)
+            if method == "ulysses_kv_first":
+                results[f"{case}.fused"] = fused_key_value(dit, plain_weights)
             with torch.no_grad():
                 if case.endswith("compiled"):
                     for block in dit.blocks:
@@ -240,6 +258,8 @@ def main(out: Path, cases: list[str]) -> None:
                     results[case] = sp(*inputs)
             results[f"{case}.classes"] = torch.tensor([type(b.self_attn) is MODULE_CLASSES[method] for b in dit.blocks])
             sp.uninstall()  # the plain single-process DiT again (sp_bench times one GPU after the split)
+            if method == "ulysses_kv_first":
+                results[f"{case}.unfused"] = fused_key_value(dit, plain_weights)
             with torch.no_grad():
                 results[f"{case}.uninstalled"] = dit(*inputs)
             if method == "ulysses_kv_first":  # the plain Ulysses split of the same inputs, for bit-for-bit equality

@@ -37,6 +37,15 @@ def test_kv_first_dit_equals_ulysses_and_single_process(ranks, case):
             assert torch.equal(r[case], r[f"{case}.ulysses"])
 
 
+def test_kv_first_projects_k_and_v_by_one_gemm_over_shared_weights(ranks):
+    """The modules hold k's and v's weights as one tensor whose halves are the k / v parameters (no second copy);
+    uninstalling gives them storage of their own again, with the same values."""
+    for r in ranks:
+        for case in CASES:
+            assert r[f"{case}.fused"].tolist() == [[True, True, True, True]] * 2, case  # per block
+            assert r[f"{case}.unfused"].tolist() == [[False, False, True, True]] * 2, case
+
+
 def test_kv_first_on_three_ranks_equals_single_process(tmp_path):
     """3 ranks (6 heads, 2 per rank in 2 groups): the middle rank's queries for the others are not one block."""
     ranks = torchrun(tmp_path, "dit-ulysses_kv_first", nproc=3)
@@ -58,7 +67,7 @@ def test_compiled_kv_first_hides_every_input_transfer(ranks):
         order = r["dit-ulysses_kv_first-compiled.order"]
         assert order.count("launch") == 6 and order.count("attend") == 4 + 1, order  # + 1: cross-attention
         first_launch = order.index("launch")
-        assert order[:first_launch].count("matmul") == 2, order  # the k and v projections only
+        assert order[:first_launch].count("matmul") == 1, order  # the k / v projection only (one GEMM)
         assert order[first_launch + 1] == "matmul", order  # q, while k / v of group 0 are in flight
         assert order[first_launch + 2 : first_launch + 5] == ["launch"] * 3, order
         assert order[first_launch + 5 : first_launch + 8] == ["wait", "attend", "wait"], order  # own queries of group 0
