@@ -135,8 +135,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return (x.float() * self.inverse_rms(x)).to(x.dtype) * self.weight
+
+    def inverse_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / RMS of x over the last dim (float32, keepdim): split out for callers that normalise x in parts."""
+        return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

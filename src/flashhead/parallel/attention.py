@@ -392,10 +392,9 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     eager = not torch.compiler.is_compiling()
     rope_k, rope_q = rope.unbind(0)
     k, v = key_value_projection(attn, x)
-    # The identity gather of k's heads (and q's reordering gather below) keeps Inductor from fusing the norm's
-    # reduction with the rotation: one kernel reduces, one pointwise kernel rotates k and writes it with v into the
-    # send buffer (2 x H200, this front end 176 us per layer against 194 with the fused reduction; scratch run).
-    k = apply_rope(attn.norm_k(k).unflatten(-1, (H, d)), rope_k).index_select(2, sp.index(range(H), x.device))
+    k = apply_rope(attn.norm_k(k).unflatten(-1, (H, d)), rope_k)
+    if not eager:  # an identity gather of the heads: see the comment on q
+        k = k.index_select(2, torch.arange(H, device=k.device))
     kv = torch.stack([_by_group_and_rank(k, n, G), _by_group_and_rank(v.unflatten(-1, (H, d)), n, G)], dim=3)
     kv = kv.reshape(G, n * s, 2, B, hg, d)
     kv_recv = kv.new_empty((G, L, 2, B, hg, d)) if eager else None
@@ -404,11 +403,22 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
         return _Pending(kv[g], kv_recv[g] if eager else None, sizes, [s] * n, group)
 
     kv_in = [send_kv(0)]
-    q = apply_rope(attn.norm_q(attn.q(x)).unflatten(-1, (H, d)), rope_q)
-    others = [j for j in range(n) if j != rank]
-    # (G, N, s, B, hg, d): the other ranks' heads, own last; one gather (a stack of the per-rank slices was a
-    # reduction kernel and then a copy per slice)
-    q = _by_group_and_rank(q, n, G).index_select(1, sp.index(others + [rank], x.device))
+    # q for the send buffers (G, N, s, B, hg, d), the other ranks' heads first and own last, normalised and rotated
+    # per rank's block of heads from one reduction: compiled, one kernel computes 1 / RMS, one pointwise kernel writes
+    # every block, and the collectives and the attention read the blocks in place. (q normalised whole and then
+    # stacked by slices was a copy per slice; reordered by a gather, a copy per collective and attention input.)
+    # k likewise, by an identity gather of its heads, after which v's copy joins k's pointwise kernel. Scratch run on
+    # H200, this kernel structure for the k / v / q front end: 176 us per layer against 194.
+    q_raw = attn.q(x)
+    inv_rms = attn.norm_q.inverse_rms(q_raw).unsqueeze(-1)  # (B, s, 1, 1)
+    q_raw, weight, per_rank = q_raw.unflatten(-1, (H, d)), attn.norm_q.weight.unflatten(-1, (H, d)), H // n
+
+    def queries_of(j: int) -> torch.Tensor:  # rank j's heads, (G, s, B, hg, d)
+        heads = slice(j * per_rank, (j + 1) * per_rank)
+        q_j = apply_rope((q_raw[:, :, heads].float() * inv_rms).to(q_raw.dtype) * weight[heads], rope_q)
+        return q_j.reshape(B, s, G, hg, d).permute(2, 1, 0, 3, 4)
+
+    q = torch.stack([queries_of(j) for j in range(n) if j != rank] + [queries_of(rank)], dim=1)
     q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
     q_send = [0 if j == rank else s for j in range(n)]
     q_recv = q.new_empty((G, L - s, B, hg, d)) if eager else None
@@ -618,14 +628,6 @@ class SequenceParallelAttention:
             raise ConfigError(f"head_groups {head_groups} must divide the {heads // world_size} heads of each rank")
         self.head_groups = head_groups
         self.sizes: tuple[int, ...] = ()
-        self._indices: dict[tuple, torch.Tensor] = {}
-
-    def index(self, values, device: torch.device) -> torch.Tensor:
-        """A constant index tensor on `device`, made once (no host-to-device copy per layer, none in a CUDA graph)."""
-        key = (tuple(values), str(device))
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if len(self.sizes) != self.world_size or self.sizes[self.rank] != q.shape[1]:
