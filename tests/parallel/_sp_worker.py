@@ -80,6 +80,14 @@ def send_buffers(code: str) -> list[str]:
     return re.findall(launch, code)
 
 
+def attention_query_buffers(code: str) -> list[str]:
+    """The buffer each attention kernel of Inductor's generated code reads its queries from (a view's base buffer)."""
+    import re
+
+    call = r"= torch\.ops\.aten\._scaled_dot_product_\w+\.default\((?:reinterpret_tensor\()?(\w+)"
+    return re.findall(call, code)
+
+
 def launch_sizes(code: str) -> list[list[int]]:
     """The input split sizes of each all-to-all of Inductor's generated code, in call order."""
     import re
@@ -254,6 +262,8 @@ def main(out: Path, cases: list[str]) -> None:
                     results[case], code = run_and_get_code(sp, *inputs)
                     results[f"{case}.order"] = compiled_order(code[0], matmuls=True)  # the first block's graph
                     results[f"{case}.launch_sizes"] = launch_sizes(code[0])
+                    results[f"{case}.send_buffers"] = send_buffers(code[0])
+                    results[f"{case}.query_buffers"] = attention_query_buffers(code[0])
                 else:
                     results[case] = sp(*inputs)
             results[f"{case}.classes"] = torch.tensor([type(b.self_attn) is MODULE_CLASSES[method] for b in dit.blocks])

@@ -77,6 +77,12 @@ def test_compiled_kv_first_hides_every_input_transfer(ranks):
         # what each launch sends (split sizes; 24 tokens per rank): k / v to every rank, q / outputs to the other
         kv, other = [24, 24], [0, 24] if rank == 0 else [24, 0]
         assert r["dit-ulysses_kv_first-compiled.launch_sizes"] == [kv, other, kv, other, other, other]
+        # k / v of both groups leave from one stacked buffer, and so do q of both groups, which the own-query
+        # attention reads in place too (no copy per slice, per collective or per attention input)
+        case = "dit-ulysses_kv_first-compiled"
+        sent, queries = r[f"{case}.send_buffers"], r[f"{case}.query_buffers"]
+        assert sent[0] == sent[2] and sent[1] == sent[3] != sent[0], sent
+        assert queries[0] == queries[3] == sent[1], (queries, sent)  # own queries of groups 0 and 1
 
 
 def test_kv_first_configuration():
