@@ -46,6 +46,27 @@ def test_kv_first_projects_k_and_v_by_one_gemm_over_shared_weights(ranks):
             assert r[f"{case}.unfused"].tolist() == [[False, False, True, True]] * 2, case
 
 
+def test_fused_key_value_follows_a_cast_and_loaded_weights():
+    from flashhead.models.dit import SelfAttention
+    from flashhead.parallel.attention import key_value_projection
+    from flashhead.parallel.dit import KVFirstSelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, 1e-6)
+    attn.__class__ = KVFirstSelfAttention
+    attn.fuse_key_value()
+    x = torch.randn(1, 5, 16)
+    k, v = key_value_projection(attn, x)
+    torch.testing.assert_close(k, attn.k(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(v, attn.v(x), rtol=0, atol=1e-6)
+    attn.load_state_dict({name: t + 1 for name, t in attn.state_dict().items()})  # in place: the fused halves follow
+    torch.testing.assert_close(key_value_projection(attn, x)[1], attn.v(x), rtol=0, atol=1e-6)
+    attn.double()  # new tensors: fusing again rebuilds the fused weight from them
+    attn.fuse_key_value()
+    assert attn.kv_weight.dtype == torch.float64 and attn.k.weight.data_ptr() == attn.kv_weight.data_ptr()
+    torch.testing.assert_close(key_value_projection(attn, x.double())[0], attn.k(x.double()), rtol=0, atol=1e-12)
+
+
 def test_kv_first_on_three_ranks_equals_single_process(tmp_path):
     """3 ranks (6 heads, 2 per rank in 2 groups): the middle rank's queries for the others are not one block."""
     ranks = torchrun(tmp_path, "dit-ulysses_kv_first", nproc=3)

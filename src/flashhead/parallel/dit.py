@@ -50,12 +50,16 @@ class KVFirstSelfAttention(SelfAttention):
 
     def fuse_key_value(self) -> None:
         """Keep k's and v's weights in one (2D, D) tensor, k's and v's parameters becoming views of its halves, so
-        both are projected by one GEMM (2 x H200: 5 us per layer less than two) with no second copy of the weights.
+        both are projected by one GEMM with no second copy of the weights (benchmarks/kv_first_front_end.py, H100:
+        110 us for k / v against 130 with two GEMMs).
         Not for quantised layers (fp8), which keep their own GEMMs. Loading weights into k / v (in place) updates
-        the fused tensor too; moving the module to another device does not (install again after moving)."""
+        the fused tensor too; after the module is moved or cast (new k / v tensors), this fuses them again."""
         k, v = self.k, self.v
+        if self.kv_weight is not None and k.weight.data_ptr() == self.kv_weight.data_ptr():
+            return  # fused already
+        self.kv_weight = self.kv_bias = None
         plain = all(t is not None and type(t.data) is torch.Tensor for t in (k.weight, v.weight, k.bias, v.bias))
-        if not plain or type(k) is not nn.Linear or type(v) is not nn.Linear or self.kv_weight is not None:
+        if not plain or type(k) is not nn.Linear or type(v) is not nn.Linear:
             return
         self.kv_weight, self.kv_bias = torch.cat([k.weight.data, v.weight.data]), torch.cat([k.bias.data, v.bias.data])
         dim = k.weight.shape[0]
