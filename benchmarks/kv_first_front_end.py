@@ -3,7 +3,8 @@
 One GPU, Pro's shapes on one of two ranks (4,608 tokens, 12 heads in 2 groups per rank): each formulation is compiled
 alone, captured in a CUDA graph (20 calls) and timed; prints JSON per variant with the microseconds per call, the
 Triton kernels and extern GEMMs of the generated code, and the largest difference from eager. The variant the
-sequence-parallel DiT runs is `front_shipped` (kv_first_self_attention: fused k / v GEMM, q per rank block).
+sequence-parallel DiT runs is `front_shipped` (kv_first_self_attention: fused k / v GEMM, q per rank block);
+`kv_two_stage_norm` and the `one_gpu_qk_*` pair are candidates (the latter the one-GPU DiT's q / k norms, 9,216 tokens).
 
     python3 benchmarks/kv_first_front_end.py --json /tmp/front_end.json
 """
@@ -78,6 +79,32 @@ def build(device: str):
 
         return f
 
+    def kv_two_stage(x, rope):  # k's 1 / RMS by per-head sums, then their sum: not foldable into k's pointwise
+        k, v = F.linear(x, wkv, bkv).chunk(2, -1)
+        heads = k.unflatten(-1, (HEADS, D))
+        inv = torch.rsqrt(heads.float().pow(2).sum(-1).sum(-1, keepdim=True) / DIM + 1e-6).unsqueeze(-1)
+        k = apply_rope((heads.float() * inv).to(k.dtype) * norm["k"].unflatten(-1, (HEADS, D)), rope[0])
+        return torch.stack([_by_group_and_rank(t, RANKS, GROUPS) for t in (k, v.unflatten(-1, (HEADS, D)))], dim=3)
+
+    # One GPU, the whole sequence (2 x 4,608 tokens): q and k for SDPA, (B, L, H, d) each.
+    def qk_whole(x, rope):
+        x = torch.cat([x, x], 1)
+        r = torch.cat([rope[0], rope[0]])
+        return tuple(apply_rope(rms(F.linear(x, w[n], b[n]), norm[n]).unflatten(-1, (HEADS, D)), r) for n in "qk")
+
+    def qk_head_blocks(x, rope):  # each normalised in two blocks of heads from one reduction (as q above)
+        x = torch.cat([x, x], 1)
+        r = torch.cat([rope[0], rope[0]])
+        out = []
+        for n in "qk":
+            raw = F.linear(x, w[n], b[n])
+            inv = torch.rsqrt(raw.float().pow(2).mean(-1, keepdim=True) + 1e-6).unsqueeze(-1)
+            raw, weight, half = raw.unflatten(-1, (HEADS, D)), norm[n].unflatten(-1, (HEADS, D)), HEADS // 2
+            blocks = [slice(0, half), slice(half, HEADS)]
+            parts = [apply_rope((raw[:, :, h].float() * inv).to(raw.dtype) * weight[h], r) for h in blocks]
+            out.append(torch.cat(parts, dim=2))
+        return tuple(out)
+
     def both(kv_fn, q_fn):
         return lambda x, rope: (kv_fn(x, rope), q_fn(x, rope))
 
@@ -89,6 +116,10 @@ def build(device: str):
         "kv_one_gemm": kv(True),
         "front_session13": both(kv(False), q_stack_of_slices(0)),
         "front_shipped": both(kv(True), q_rank_blocks(0)),
+        "kv_two_stage_norm": kv_two_stage,
+        "front_two_stage_k": both(kv_two_stage, q_rank_blocks(0)),
+        "one_gpu_qk_whole": qk_whole,
+        "one_gpu_qk_head_blocks": qk_head_blocks,
     }
     x = torch.randn(1, TOKENS, DIM, device=device, dtype=dt)
     rope1 = rope_table(D, (4, 36, 32), torch.device(device))[:TOKENS].contiguous()
