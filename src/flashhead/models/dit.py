@@ -135,11 +135,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.inverse_rms(x)).to(x.dtype) * self.weight
+        return self.scale(x, self.inverse_rms(x), self.weight)
 
+    # Split out for callers that normalise x in parts (the sequence-parallel q, per rank's block of heads).
     def inverse_rms(self, x: torch.Tensor) -> torch.Tensor:
-        """1 / RMS of x over the last dim (float32, keepdim): split out for callers that normalise x in parts."""
+        """1 / RMS of x over the last dim (float32, keepdim)."""
         return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+
+    @staticmethod
+    def scale(x: torch.Tensor, inverse_rms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x times its 1 / RMS, in x's dtype, times the weight (or the part of it for x's channels)."""
+        return (x.float() * inverse_rms).to(x.dtype) * weight
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -412,7 +412,7 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
 
     def queries_of(j: int) -> torch.Tensor:  # rank j's heads, (G, s, B, hg, d)
         heads = slice(j * per_rank, (j + 1) * per_rank)
-        q_j = apply_rope((q_raw[:, :, heads].float() * inv_rms).to(q_raw.dtype) * weight[heads], rope_q)
+        q_j = apply_rope(attn.norm_q.scale(q_raw[:, :, heads], inv_rms, weight[heads]), rope_q)
         return q_j.reshape(B, s, G, hg, d).permute(2, 1, 0, 3, 4)
 
     q = torch.stack([queries_of(j) for j in range(n) if j != rank] + [queries_of(rank)], dim=1)
