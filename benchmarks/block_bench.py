@@ -4,8 +4,12 @@
     TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/block_bench.py     # e.g. persistent reductions tried too
 
 Random weights in bf16, the `--optimized` block (cuDNN attention, RoPE table, fused GELU), the token count of
-one 512x512 chunk (Pro 9,216, Lite 1,280). Prints JSON: median ms per block call over CUDA events, and the
-kernels of one call by GPU time, so one kernel (e.g. the q / k norm + RoPE) can be compared across settings.
+one 512x512 chunk (Pro 9,216, Lite 1,280). Prints JSON: median ms per block call over CUDA events, the same inside
+a CUDA graph (as the chunk loop runs), the kernels of one call by GPU time, so one kernel (e.g. the q / k norm +
+RoPE) can be compared across settings, and the memsets one call launches with the operators that launch them
+(cuBLAS and cuDNN clear workspaces before some kernels: inside a CUDA graph each is a node of its own).
+
+    CUBLASLT_WORKSPACE_SIZE=0 python3 benchmarks/block_bench.py --attention flash   # what changes the memsets
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pro", choices=["lite", "pro"])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--attention", default="cudnn", help="SDPA backend (flashhead.pipeline.fast_path)")
     args = parser.parse_args()
     device = "cuda"
     config = official_config(args.model) | {"num_layers": 1}
@@ -41,7 +46,7 @@ def main() -> None:
     rope = dit.rope((frames, h, w), x.device, table=True)
 
     def call() -> torch.Tensor:
-        with torch.no_grad(), attention_context("cudnn"):
+        with torch.no_grad(), attention_context(args.attention):
             return block(x, audio, t_mod, rope)
 
     for _ in range(3):
@@ -55,18 +60,56 @@ def main() -> None:
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    graph_ms = graph_time_ms(call)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
     kernels: dict[str, float] = {}
+    memsets = 0
     for e in prof.events():
         if e.device_type.name == "CUDA":
             kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + e.device_time_total
+            memsets += e.name.startswith("Memset")
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
-    settings = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
-    print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "inductor_env": settings,
-                      "block_ms_median": round(statistics.median(times), 4),
+    settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
+    print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
+                      "attention": args.attention, "block_ms_median": round(statistics.median(times), 4),
+                      "block_ms_in_cuda_graph": round(graph_ms, 4), "memsets_per_call": memsets,
+                      "memsets_launched_by": memset_sources(prof),
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
+
+
+def graph_time_ms(call, calls: int = 20) -> float:
+    """ms per call of `call` captured `calls` times in one CUDA graph, median of 10 replays."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / calls)
+    return statistics.median(times)
+
+
+def memset_sources(prof) -> dict[str, int]:
+    """Memset launches (runtime calls) counted by the outermost aten operator that made them."""
+    sources: dict[str, int] = {}
+    for e in prof.events():
+        if "memset" not in e.name.lower() or e.device_type.name != "CPU":
+            continue
+        op, parent = e.name, e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                op = parent.name
+            parent = parent.cpu_parent
+        sources[op] = sources.get(op, 0) + 1
+    return sources
 
 
 if __name__ == "__main__":

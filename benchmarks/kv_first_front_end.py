@@ -4,7 +4,8 @@ One GPU, Pro's shapes on one of two ranks (4,608 tokens, 12 heads in 2 groups pe
 alone, captured in a CUDA graph (20 calls) and timed; prints JSON per variant with the microseconds per call, the
 Triton kernels and extern GEMMs of the generated code, and the largest difference from eager. The variant the
 sequence-parallel DiT runs is `front_shipped` (kv_first_self_attention: fused k / v GEMM, q per rank block);
-`kv_two_stage_norm` and the `one_gpu_qk_*` pair are candidates (the latter the one-GPU DiT's q / k norms, 9,216 tokens).
+`kv_two_stage_norm`, `kv_k_rank_blocks` and the `one_gpu_qk_*` pair are candidates (the latter the one-GPU DiT's
+q / k norms, 9,216 tokens); session 15 measured all of them slower than the shipped forms (one H100).
 
     python3 benchmarks/kv_first_front_end.py --json /tmp/front_end.json
 """
@@ -86,6 +87,19 @@ def build(device: str):
         k = apply_rope((heads.float() * inv).to(k.dtype) * norm["k"].unflatten(-1, (HEADS, D)), rope[0])
         return torch.stack([_by_group_and_rank(t, RANKS, GROUPS) for t in (k, v.unflatten(-1, (HEADS, D)))], dim=3)
 
+    def kv_k_rank_blocks(x, rope):  # k as q: one reduction, each rank's heads normalised into its block (bit-exact)
+        k, v = F.linear(x, wkv, bkv).chunk(2, -1)
+        inv = torch.rsqrt(k.float().pow(2).mean(-1, keepdim=True) + 1e-6).unsqueeze(-1)
+        raw, weight, per = k.unflatten(-1, (HEADS, D)), norm["k"].unflatten(-1, (HEADS, D)), HEADS // RANKS
+
+        def block(j):
+            h = slice(j * per, (j + 1) * per)
+            kj = apply_rope((raw[:, :, h].float() * inv).to(raw.dtype) * weight[h], rope[0])
+            return kj.reshape(1, TOKENS, GROUPS, HG, D).permute(2, 1, 0, 3, 4)
+
+        k = torch.stack([block(j) for j in range(RANKS)], dim=1)
+        return torch.stack([k, _by_group_and_rank(v.unflatten(-1, (HEADS, D)), RANKS, GROUPS)], dim=3)
+
     # One GPU, the whole sequence (2 x 4,608 tokens): q and k for SDPA, (B, L, H, d) each.
     def qk_whole(x, rope):
         x = torch.cat([x, x], 1)
@@ -118,6 +132,8 @@ def build(device: str):
         "front_shipped": both(kv(True), q_rank_blocks(0)),
         "kv_two_stage_norm": kv_two_stage,
         "front_two_stage_k": both(kv_two_stage, q_rank_blocks(0)),
+        "kv_k_rank_blocks": kv_k_rank_blocks,
+        "front_k_rank_blocks": both(kv_k_rank_blocks, q_rank_blocks(0)),
         "one_gpu_qk_whole": qk_whole,
         "one_gpu_qk_head_blocks": qk_head_blocks,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 import wave
@@ -283,7 +284,10 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
 
 
 def environment() -> dict:
+    from flashhead.pipeline.speed import CUBLASLT_WORKSPACE_ENV
+
     env = {"torch": torch.__version__, "python": platform.python_version()}
+    env[CUBLASLT_WORKSPACE_ENV] = os.environ.get(CUBLASLT_WORKSPACE_ENV)  # cublaslt_no_workspace: "0"
     if torch.cuda.is_available():
         env |= {
             "gpu": torch.cuda.get_device_name(),

@@ -3,8 +3,8 @@ shipped flashhead-tiny (trained weights), same portrait, speech and seed, two ch
 
 Two kinds of switch:
 - exact: they change where or when work runs, not the arithmetic (RoPE table, cached conditioning, cuDNN
-  attention, cuDNN autotuning, pinned memory, side-stream audio, CUDA graphs). Asserted: PSNR >= 40 dB against
-  the plain eager bf16 path (they are bit-identical on an H100).
+  attention, cuDNN autotuning, pinned memory, side-stream audio, CUDA graphs of the chunk loop and of the VAE).
+  Asserted: PSNR >= 40 dB against the plain eager bf16 path (they are bit-identical on an H100).
 - reassociating: a fused kernel or another attention kernel adds and rounds in another order (torch.compile of
   DiT / VAE / colour, the GELU in the FFN GEMM's epilogue, FlashAttention, the VAE convolutions channels-last or
   with in-kernel padding). In bf16 any such change moves these networks' frames by about as much as bf16 itself
@@ -39,6 +39,7 @@ EXACT = {
     "audio_stream": "audio_stream=on",
     "launch_ahead": "launch_ahead=on,pinned_memory=on,audio_stream=on",
     "cuda_graphs": "cuda_graphs=on,rope_table=on,cond_cache=on",
+    "vae_cuda_graphs": "vae_cuda_graphs=on",
 }
 REASSOCIATING = {
     "attention_flash": "attention=flash",
@@ -49,6 +50,7 @@ REASSOCIATING = {
     "fused_gelu_compiled": "fused_gelu=on,compile_dit=on,rope_table=on",
     "compile_dit": "compile_dit=on,rope_table=on",
     "compile_vae": "compile_vae=on",
+    "vae_cuda_graphs_compiled": "vae_cuda_graphs=on,compile_vae=on",
     "all": "optimized",
 }
 REPORT_ONLY = {"decode_new_only": "decode_new_only=on", "fp8": "fp8=on"}  # fp8 last: it cannot be undone

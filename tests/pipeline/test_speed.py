@@ -4,6 +4,7 @@ checked at full size by test_gpu_speed.py on the device)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -53,8 +54,23 @@ def test_speed_matrix_ladder_ends_at_the_optimized_preset():
     for name, changes, sibling in matrix.LADDER:
         rows[name] = speed.replace(**changes)
         speed = speed if sibling else rows[name]
-    assert rows["+compile_vae (all)"] == SpeedConfig.optimized()
+    assert rows["+cublaslt_no_workspace (all)"] == SpeedConfig.optimized()
     assert "+vae_conv_pad" in rows
+
+
+def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
+    """torch reads CUBLASLT_WORKSPACE_SIZE at the first GEMM; the switch sets it, a value already there stays."""
+    from flashhead.pipeline.speed import CUBLASLT_WORKSPACE_ENV, apply_process_settings
+
+    monkeypatch.setenv(CUBLASLT_WORKSPACE_ENV, "placeholder")  # restored (to absent) after the test
+    monkeypatch.delenv(CUBLASLT_WORKSPACE_ENV)
+    apply_process_settings(SpeedConfig.optimized().replace(cublaslt_no_workspace=False))
+    assert CUBLASLT_WORKSPACE_ENV not in os.environ
+    apply_process_settings(SpeedConfig.optimized())
+    assert os.environ[CUBLASLT_WORKSPACE_ENV] == "0"
+    monkeypatch.setenv(CUBLASLT_WORKSPACE_ENV, "4096")
+    apply_process_settings(SpeedConfig.optimized())
+    assert os.environ[CUBLASLT_WORKSPACE_ENV] == "4096"
 
 
 # -- RoPE table ------------------------------------------------------------------------------------------

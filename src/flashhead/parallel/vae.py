@@ -23,6 +23,7 @@ from flashhead.models.vae import VideoVAE, WanVideoVAE
 from flashhead.parallel.group import SequenceParallelGroup
 from flashhead.parallel.wan_decode import WanStripDecoder
 from flashhead.parallel.wan_encode import WanStripEncoder
+from flashhead.pipeline.graphs import graphed
 
 DEFAULT_HALO = 8  # latent rows, for the approximate (non-Wan) split
 
@@ -45,9 +46,9 @@ def decode_strip(vae: VideoVAE, latent: torch.Tensor, start: int, stop: int, hal
         if not hasattr(vae, "_strip_decoder"):
             vae._strip_decoder = WanStripDecoder(vae.model)
         z = vae.denormalize(vae._check_latent(latent))
-        return vae._strip_decoder.decode(z, start, stop).clamp(-1.0, 1.0)
+        return graphed(vae, "strip_decode", vae._strip_decoder.decode)(z, start, stop).clamp(-1.0, 1.0)
     lo, hi = max(0, start - halo), min(latent.shape[-2], stop + halo)
-    pixels = vae.decode(latent[..., lo:hi, :])
+    pixels = graphed(vae, "decode", vae.decode)(latent[..., lo:hi, :])
     sh = vae.stride[1]
     return pixels[..., (start - lo) * sh : (stop - lo) * sh, :]
 
@@ -102,10 +103,10 @@ def split_encode(vae: VideoVAE, video: torch.Tensor, group: SequenceParallelGrou
     bounds = strip_bounds(rows, group.world_size)
     start, stop = bounds[group.rank]
     if stop > start:
-        mine = encoder.features(video, start, stop)  # (B, C, T', stop - start, W')
+        mine = graphed(vae, "strip_encode", encoder.features)(video, start, stop)  # (B, C, T', stop - start, W')
     else:  # more ranks than latent rows: this rank only takes part in the gather
         shape = vae.latent_shape(video.shape[2], video.shape[3], video.shape[4])
         channels = encoder.model.encoder.mid_block.resnets[0].conv1.in_channels
         mine = video.new_empty((video.shape[0], channels, shape[1], 0, shape[3]))
     features = _gather_rows(mine, bounds, 1, group)
-    return vae.normalize(encoder.finish(features))
+    return vae.normalize(graphed(vae, "encode_finish", encoder.finish)(features))

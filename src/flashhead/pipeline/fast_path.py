@@ -19,8 +19,9 @@ from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.models.vae.wan_resample import set_traceable_resample
+from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
-from flashhead.pipeline.speed import SpeedConfig
+from flashhead.pipeline.speed import SpeedConfig, apply_process_settings
 
 # A compiled Wan decoder is called once per latent frame and recompiles for each cache state it meets (empty,
 # the "Rep" marker, one frame, two frames): about 4 variants per decode shape, and the strip decoder adds its
@@ -74,7 +75,7 @@ class FastDenoiser:
         self._rope: dict[tuple, torch.Tensor] = {}
         self._time: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._timesteps: dict[tuple, torch.Tensor] = {}
-        self._graphs: dict[tuple, _ChunkGraph] = {}
+        self._graphs: dict[tuple, CapturedGraph] = {}
         self._pool = None
         self.capture_seconds = 0.0
 
@@ -136,7 +137,7 @@ class FastDenoiser:
                 start = time.perf_counter()
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                self._graphs[key] = _ChunkGraph(lambda *a: self._loop(scheduler, euler, *a), inputs, self._pool)
+                self._graphs[key] = CapturedGraph(lambda *a: self._loop(scheduler, euler, *a), inputs, self._pool)
                 self.capture_seconds += time.perf_counter() - start
             return self._graphs[key].replay(inputs)
 
@@ -176,28 +177,6 @@ class FastDenoiser:
         self._rope.clear()
 
 
-class _ChunkGraph:
-    """One captured chunk: static input buffers, a CUDA graph, and its output buffer."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool) -> None:
-        self.static = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: compile, cuDNN plans, allocator
-            for _ in range(2):
-                fn(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(*self.static)
-
-    def replay(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        for static, new in zip(self.static, inputs, strict=True):
-            static.copy_(new, non_blocking=True)
-        self.graph.replay()
-        return self.output.clone()  # the next replay overwrites the static output
-
-
 # -- module-level switches ------------------------------------------------------------------------------
 
 
@@ -214,6 +193,7 @@ def _uncompile(module: torch.nn.Module) -> None:
 
 def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedConfig) -> None:
     """Set attention kernel, FP8, compile state and cuDNN autotuning on the networks (undoing earlier ones)."""
+    apply_process_settings(speed)
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None)
     if speed.fp8 and not getattr(dit, "_flashhead_fp8", False):
@@ -242,6 +222,9 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
         if net is not None:
             _compile(net, speed.compile_mode) if speed.compile_vae else _uncompile(net)
+    # vae_cuda_graphs: a store for the graphed decode / encode calls (flashhead.pipeline.graphs.graphed); graphs
+    # captured under other switches are dropped with it.
+    vae._graphed_calls = {} if speed.vae_cuda_graphs else None
     if speed.compile_vae:  # process-wide: Dynamo has no per-function limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
         torch._dynamo.config.accumulated_recompile_limit = max(

@@ -30,6 +30,7 @@ from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae import VideoVAE
 from flashhead.parallel.runner import ChunkInputs
 from flashhead.pipeline.config import GenerationConfig
+from flashhead.pipeline.graphs import graphed
 from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
@@ -555,7 +556,7 @@ class FlashHeadPipeline:
             while_denoising()
         with self.timer("vae_decode"):
             tail = latents[:, :, chunk.skip :]
-            decoded = self.vae.decode(tail) if self._sp is None else self._sp.decode(tail)
+            decoded = graphed(self.vae, "decode", self.vae.decode)(tail) if self._sp is None else self._sp.decode(tail)
         return latents, decoded
 
     def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -580,13 +581,13 @@ class FlashHeadPipeline:
     ) -> torch.Tensor:
         """VAE-encode a batch; a sampling VAE (LTX) gets float32 CPU noise from each stream's generator."""
         if not getattr(self.vae, "sample_posterior", False):
-            return self.vae.encode(video)
+            return graphed(self.vae, "encode", self.vae.encode)(video)
         if noise is None:
             shape = (1, *self.vae.latent_shape(video.shape[2], video.shape[3], video.shape[4]))
             noise = torch.cat([torch.randn(shape, generator=g) for g in (generators or [None] * video.shape[0])])
         if self.speed.pinned_memory and video.is_cuda and noise.device.type == "cpu":
             noise = noise.pin_memory().to(video.device, non_blocking=True)  # no host sync before the encode
-        return self.vae.encode(video, noise=noise.to(video))
+        return graphed(self.vae, "encode_sampled", lambda v, n: self.vae.encode(v, noise=n))(video, noise.to(video))
 
     # -- whole videos --------------------------------------------------------------------------------
 
