@@ -44,6 +44,47 @@ def test_graphed_call_runs_cpu_tensors_directly():
         call(x, 2.0, y)
 
 
+class _Replayed:
+    """Stands in for a captured graph on the CPU: replays `fn` with its settings and counts."""
+
+    def __init__(self, fn, settings):
+        self.fn, self.settings, self.replays = fn, settings, 0
+
+    def replay(self, tensors):
+        self.replays += 1
+        return self.fn(*tensors, *self.settings)
+
+
+class _CpuGraphedCall(GraphedCall):
+    """GraphedCall's bookkeeping on the CPU: every tensor counts as graphable, capture gives a `_Replayed`."""
+
+    @staticmethod
+    def _graphable(tensors):
+        return bool(tensors)
+
+    def _capture(self, tensors, settings):
+        return None if settings == ("refused",) else _Replayed(self.fn, settings)
+
+
+def test_one_graph_per_signature_and_setting_up_to_a_bound(caplog):
+    call = _CpuGraphedCall(lambda x, tag: x + len(tag), "fn", max_graphs=3)
+    x = torch.zeros(2)
+    for _ in range(3):
+        torch.testing.assert_close(call(x, "a"), x + 1)
+    assert len(call.graphs) == 1 and next(iter(call.graphs.values())).replays == 3  # captured once, replayed
+    call(torch.zeros(3), "a")  # another shape
+    call(torch.zeros(2, dtype=torch.float64), "a")  # another dtype
+    assert len(call.graphs) == 3
+    with caplog.at_level("INFO", logger="flashhead.pipeline.graphs"):
+        torch.testing.assert_close(call(x, "bb"), x + 2)  # over the bound: run directly, nothing kept
+        call(x, "ccc")
+    assert len(call.graphs) == 3 and caplog.text.count("graphs kept") == 1
+    call.reset()
+    torch.testing.assert_close(call(x, "refused"), x + 7)  # a refused capture runs directly, and stays so
+    torch.testing.assert_close(call(x, "refused"), x + 7)
+    assert list(call.graphs.values()) == [None]
+
+
 def test_optimized_preset_graphs_the_vae():
     assert SpeedConfig.optimized().vae_cuda_graphs and not SpeedConfig().vae_cuda_graphs
     assert SpeedConfig.parse("vae_cuda_graphs=off", base=SpeedConfig.optimized()).vae_cuda_graphs is False

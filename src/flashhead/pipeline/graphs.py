@@ -55,28 +55,39 @@ class GraphedCall:
     """`fn(*tensors, *settings)`, replayed from one CUDA graph per input signature and settings.
 
     `settings` are hashable non-tensor arguments (e.g. a strip's row range) that select the graph. Falls back to
-    calling `fn` directly for CPU tensors, and for good (with a warning) for a signature whose capture failed.
+    calling `fn` directly for CPU tensors, for good (with a warning) for a signature whose capture failed, and for
+    signatures beyond the first `max_graphs`: every graph keeps its static inputs and output (a Pro decode's
+    output is ~50 MB per stream in the batch), so a server that sees many batch sizes keeps the ones it warmed up.
     """
 
-    def __init__(self, fn: Callable[..., Output], name: str) -> None:
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[..., Output], name: str, max_graphs: int = 8) -> None:
+        self.fn, self.name, self.max_graphs = fn, name, max_graphs
         self.graphs: dict[Hashable, CapturedGraph | None] = {}
-        self._pool = None
+        self._pool, self._said_full = None, False
 
     def __call__(self, *args) -> Output:
         count = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
         tensors, settings = list(args[:count]), args[count:]
         if any(isinstance(a, torch.Tensor) for a in settings):
             raise TypeError(f"{self.name}: pass the tensors first, then the settings")
-        if not tensors or not all(t.is_cuda for t in tensors):
+        if not self._graphable(tensors):
             return self.fn(*args)
         key = (signature(tensors), settings)
         if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                if not self._said_full:
+                    log.info("%s: %d graphs kept; further shapes run eagerly", self.name, self.max_graphs)
+                    self._said_full = True
+                return self.fn(*args)
             self.graphs[key] = self._capture(tensors, settings)
         graph = self.graphs[key]
         if graph is None:
             return self.fn(*args)
         return graph.replay(tensors)
+
+    @staticmethod
+    def _graphable(tensors: list[torch.Tensor]) -> bool:
+        return bool(tensors) and all(t.is_cuda for t in tensors)
 
     def _capture(self, tensors: list[torch.Tensor], settings: tuple) -> CapturedGraph | None:
         if self._pool is None:
@@ -90,7 +101,7 @@ class GraphedCall:
 
     def reset(self) -> None:
         self.graphs.clear()
-        self._pool = None
+        self._pool, self._said_full = None, False
 
 
 def graphed(owner: object, name: str, fn: Callable[..., Output]) -> Callable[..., Output]:
