@@ -59,7 +59,7 @@ from flashhead.benchmark import (  # noqa: E402
 from flashhead.parallel import init_sequence_parallel  # noqa: E402
 from flashhead.parallel.attention import METHODS, ULYSSES  # noqa: E402
 from flashhead.parallel.group import SequenceParallelGroup, nccl_options  # noqa: E402
-from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
+from flashhead.pipeline.speed import SpeedConfig, apply_process_settings  # noqa: E402
 from flashhead.pipeline.stream import StreamEngine  # noqa: E402
 from flashhead.pipeline.timing import StageTimer  # noqa: E402
 
@@ -445,6 +445,8 @@ def main() -> None:
     args = parser.parse_args()
     args.speeds = [s for s in args.speeds.split(",") if s]
     args.lite_speeds = [s for s in args.lite_speeds.split(",") if s]
+    for name in args.speeds + args.lite_speeds:  # process-wide settings (cublaslt_no_workspace) before any GEMM
+        apply_process_settings(SpeedConfig.parse(SPEEDS[name]))
     if args.trace:
         args.profile_stream = True
         args.trace.mkdir(parents=True, exist_ok=True)

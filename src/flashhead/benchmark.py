@@ -113,11 +113,12 @@ def timed_ms(fn, repeat: int) -> tuple[float, object]:
 def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from flashhead.pipeline.speed import SpeedConfig
+    from flashhead.pipeline.speed import SpeedConfig, apply_process_settings
     from flashhead.pipeline.stream import StreamEngine
     from flashhead.pipeline.timing import StageTimer
 
     speed = SpeedConfig.from_dict(settings.switches)
+    apply_process_settings(speed)  # before anything runs a GEMM
     pipe, weights = build_pipeline(settings)
     pipe.optimize(speed)
     audio = _speech(settings.audio, settings.seconds)
