@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +59,29 @@ def tiny_config(dataset_dir: Path, out: Path, *overrides: str) -> Stage1Config:
         "log.tensorboard=false", "log.checkpoint_interval=1000", "optim.warmup_steps=5", "optim.schedule=constant",
     ]  # fmt: skip
     return Stage1Config.from_file(TINY_CONFIG, base + list(overrides))
+
+
+def torchrun_train(stage: str, config_file: Path, run_dir: Path, *args: str, timeout: float = 240) -> None:
+    """`python -m flashhead.train <stage>` in 2 gloo processes under torchrun; asserts it exits 0.
+
+    One retry from an empty `run_dir`: on this shared 2-core machine a 2-process gloo run has (rarely) finished
+    every step and then hung or aborted in its teardown (sessions 14, 15: "terminate called without an active
+    exception", or no exit within the timeout). A real error fails both attempts; the first one's stderr is printed.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "flashhead.train", stage, str(config_file), *args]  # fmt: skip
+    for attempt in (1, 2):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            _, stderr = proc.communicate()
+            stderr += f"\n(no exit within {timeout:.0f} s)"
+        if proc.returncode == 0:
+            return
+        print(f"torchrun attempt {attempt} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    raise AssertionError(stderr[-3000:])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +25,7 @@ from flashhead.train.stage2 import (
     trainable_copy,
 )
 from flashhead.train.trainer import DistInfo, index_clips
-from train.helpers import REPO, SIZE, tiny_config
+from train.helpers import REPO, SIZE, tiny_config, torchrun_train
 
 STAGE2_TINY = REPO / "configs" / "stage2_tiny_cpu.yaml"
 KEYS = ("critic", "dmd", "regression", "generator", "critic_grad_norm", "generator_grad_norm", "k", "exit_step")
@@ -152,14 +149,6 @@ def test_resume_continues_bit_exactly(dataset_dir, teacher_dir, tmp_path):
     assert final_a["data"] == final_b["data"]
 
 
-def _torchrun(config_file, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "flashhead.train", "stage2", str(config_file), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.mark.slow  # ~30 s each: two torchrun processes on a shared 2-core machine
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(dataset_dir, teacher_dir, tmp_path, parallel):
@@ -168,7 +157,7 @@ def test_two_processes_match_one_process(dataset_dir, teacher_dir, tmp_path, par
     single = train_stage2(stage2_config(dataset_dir, teacher_dir, tmp_path / "single", *steps))
     cfg = stage2_config(dataset_dir, teacher_dir, tmp_path / "multi", *steps, "data.micro_batch_size=1",
                         f"parallel={parallel}")  # fmt: skip
-    _torchrun(cfg.save(tmp_path / "multi.yaml"))
+    torchrun_train("stage2", cfg.save(tmp_path / "multi.yaml"), tmp_path / "multi", timeout=300)
     multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert len(multi) == 3
     for a, b in zip(single.history, multi, strict=True):

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from flashhead.train import train
 from flashhead.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from flashhead.train.cli import train_app
 from flashhead.train.trainer import lr_factor
-from train.helpers import REPO, TINY_CONFIG, tiny_config
+from train.helpers import REPO, TINY_CONFIG, tiny_config, torchrun_train
 
 KEYS = ("loss", "flow", "face", "temporal", "lr", "grad_norm", "position")
 
@@ -94,14 +91,6 @@ def test_compiled_dit_trains_like_the_eager_one(dataset_dir, tmp_path):
         torch.testing.assert_close(final_b["ema"][name], tensor, rtol=0, atol=3e-5)  # fused kernels' rounding
 
 
-def _torchrun(config_file, tmp_path, *args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "flashhead.train", "stage1", str(config_file), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -112,7 +101,7 @@ def test_two_processes_match_one_process(dataset_dir, tmp_path, parallel):
     steps = ("optim.total_steps=4", "log.checkpoint_interval=2")
     single = train(tiny_config(dataset_dir, tmp_path / "single", *steps))
     cfg = tiny_config(dataset_dir, tmp_path / "multi", *steps, "data.micro_batch_size=1", f"parallel={parallel}")
-    _torchrun(cfg.save(tmp_path / "multi.yaml"), tmp_path)
+    torchrun_train("stage1", cfg.save(tmp_path / "multi.yaml"), tmp_path / "multi")
     multi = _metrics(tmp_path / "multi")
     assert len(multi) == 4
     for a, b in zip(single.history, multi, strict=True):
@@ -128,7 +117,8 @@ def test_two_processes_match_one_process(dataset_dir, tmp_path, parallel):
     if parallel == "fsdp":  # the sharded run resumes from its full-state checkpoint bit-exactly
         cfg = tiny_config(dataset_dir, tmp_path / "resumed", *steps, "data.micro_batch_size=1", "parallel=fsdp")
         checkpoint = tmp_path / "multi" / "checkpoints" / "step-00000002.pt"
-        _torchrun(cfg.save(tmp_path / "resumed.yaml"), tmp_path, "--resume-from", str(checkpoint))
+        torchrun_train("stage1", cfg.save(tmp_path / "resumed.yaml"), tmp_path / "resumed", "--resume-from",
+                       str(checkpoint))  # fmt: skip
         resumed = _metrics(tmp_path / "resumed")
         assert [{k: h[k] for k in KEYS} for h in resumed] == [{k: h[k] for k in KEYS} for h in multi[2:]]
 
