@@ -6,7 +6,9 @@
 to the stage whose host range holds the runtime call that launched it (Kineto links the two by their
 `correlation` id; a CUDA-graph replay's kernels link to the graph launch). Per chunk that splits the GPU's busy
 time into the stages and the rest, the part a per-stage table cannot show (sp_bench: ~20 ms per chunk outside
-the timed stages on 1 and 2 GPUs), with the rest's biggest kernels by name.
+the timed stages on 1 and 2 GPUs), with the rest's biggest kernels by name. Also the host side (`host`): how
+busy the thread running the stages was, how much of it was waiting for the GPU, and each stage's host time,
+runtime calls and launches: whether the host or the GPU sets the pace.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import bisect
 import gzip
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from flashhead.pipeline.timing import STAGE_PREFIX
@@ -95,7 +97,53 @@ def stage_breakdown(trace: dict, top: int = 12) -> dict:
     }
 
 
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+WAITS = ("cudaEventSynchronize", "cudaDeviceSynchronize", "cudaStreamSynchronize")
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def host_breakdown(trace: dict) -> dict:
+    """The host thread that holds the stage ranges: how busy it was, how much of that was waiting for the GPU,
+    and per stage its host milliseconds, runtime calls and kernel launches.
+
+    Session 15 found the 2-GPU Pro stream host-bound this way: the thread was busy 95 % of the stream, ~160 ms
+    of each chunk in launching the strip decode for ~110 ms of GPU work. A thread that is busy but mostly
+    waiting (synchronising calls, or launches blocked on a full queue) means the GPU sets the pace.
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES]
+    stages = [e for e in events if e["cat"] == "user_annotation" and str(e["name"]).startswith(STAGE_PREFIX)]
+    if not stages:
+        return {}
+    thread = Counter((e["pid"], e["tid"]) for e in stages).most_common(1)[0][0]
+    mine = [e for e in events if (e["pid"], e["tid"]) == thread]
+    start, end = min(e["ts"] for e in mine), max(e["ts"] + e["dur"] for e in mine)
+    busy = _union_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine])
+    waiting = _union_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine if e["name"] in WAITS])
+    calls = [e for e in mine if e["cat"] in ("cuda_runtime", "cuda_driver")]
+    per_stage: dict[str, dict] = {}
+    for r in stages:
+        if (r["pid"], r["tid"]) != thread:
+            continue
+        name = r["name"][len(STAGE_PREFIX) :]
+        inside = [c for c in calls if r["ts"] <= c["ts"] <= r["ts"] + r["dur"]]
+        entry = per_stage.setdefault(name, {"host_ms": 0.0, "ranges": 0, "runtime_calls": 0, "launches": 0})
+        entry["host_ms"] += r["dur"] / 1000
+        entry["ranges"] += 1
+        entry["runtime_calls"] += len(inside)
+        entry["launches"] += sum(c["name"] in LAUNCHES for c in inside)
+    span = (end - start) / 1000
+    return {
+        "thread": list(thread),
+        "span_ms": round(span, 2),
+        "busy_ms": round(busy, 2),
+        "busy_fraction": round(busy / span, 3) if span else None,
+        "waiting_ms": round(waiting, 2),
+        "by_stage": {k: {**v, "host_ms": round(v["host_ms"], 2)} for k, v in per_stage.items()},
+    }
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: trace_stages.py TRACE.json[.gz]")
-    print(json.dumps(stage_breakdown(load_trace(sys.argv[1])), indent=1))
+    trace = load_trace(sys.argv[1])
+    print(json.dumps({**stage_breakdown(trace), "host": host_breakdown(trace)}, indent=1))

@@ -51,6 +51,29 @@ def test_kernels_are_charged_to_the_launching_stage():
     assert report["devices"]["0"] == {"busy_ms": 6.7, "span_ms": 9.08}
 
 
+def test_host_side_of_the_stage_thread():
+    events = [
+        x("user_annotation", "stage:dit", 0, 100),
+        x("user_annotation", "stage:vae_decode", 300, 200),
+        x("cuda_runtime", "cudaGraphLaunch", 10, 80),  # a launch blocked on a full queue
+        x("cuda_runtime", "cudaLaunchKernel", 310, 5),
+        x("cuda_runtime", "cudaLaunchKernel", 320, 5),
+        x("cuda_runtime", "cudaMemsetAsync", 330, 5),
+        x("cpu_op", "aten::copy_", 600, 100),
+        x("cuda_runtime", "cudaEventSynchronize", 800, 200),  # waiting for the GPU, outside the stages
+        x("user_annotation", "stage:dit", 0, 2000, tid=2),  # one range on another thread: not the stage thread
+    ]
+    host = trace_stages().host_breakdown({"traceEvents": events})
+    assert host["thread"] == [1, 1] and host["span_ms"] == 1.0
+    # Busy: 0..100, 300..500, 600..700, 800..1000 = 0.6 ms of the 1 ms span; 0.2 ms of it waiting.
+    assert (host["busy_ms"], host["busy_fraction"], host["waiting_ms"]) == (0.6, 0.6, 0.2)
+    assert host["by_stage"] == {
+        "dit": {"host_ms": 0.1, "ranges": 1, "runtime_calls": 1, "launches": 1},
+        "vae_decode": {"host_ms": 0.2, "ranges": 1, "runtime_calls": 3, "launches": 2},
+    }
+    assert trace_stages().host_breakdown({"traceEvents": [x("cpu_op", "aten::mm", 0, 10)]}) == {}
+
+
 def test_stage_timer_ranges_reach_the_profiler_trace(tmp_path):
     timer = StageTimer(sync=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
