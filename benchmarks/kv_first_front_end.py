@@ -56,20 +56,22 @@ def build(device: str):
 
         return f
 
+    def rank_blocks(raw, weight, rope, ranks):
+        """raw (1, TOKENS, DIM) normalised from one reduction, each rank's heads into its block, stacked in
+        `ranks` order: (GROUPS, len(ranks), TOKENS, 1, HG, D)."""
+        inv = torch.rsqrt(raw.float().pow(2).mean(-1, keepdim=True) + 1e-6).unsqueeze(-1)
+        raw, weight, per = raw.unflatten(-1, (HEADS, D)), weight.unflatten(-1, (HEADS, D)), HEADS // RANKS
+
+        def block(j):
+            h = slice(j * per, (j + 1) * per)
+            out = apply_rope((raw[:, :, h].float() * inv).to(raw.dtype) * weight[h], rope)
+            return out.reshape(1, TOKENS, GROUPS, HG, D).permute(2, 1, 0, 3, 4)
+
+        return torch.stack([block(j) for j in ranks], dim=1)
+
     def q_rank_blocks(rank):  # session 14 (shipped): one reduction, each rank's heads normalised into its block
-        def f(x, rope):
-            raw = F.linear(x, w["q"], b["q"])
-            inv = torch.rsqrt(raw.float().pow(2).mean(-1, keepdim=True) + 1e-6).unsqueeze(-1)
-            raw, weight, per = raw.unflatten(-1, (HEADS, D)), norm["q"].unflatten(-1, (HEADS, D)), HEADS // RANKS
-
-            def block(j):
-                h = slice(j * per, (j + 1) * per)
-                q = apply_rope((raw[:, :, h].float() * inv).to(raw.dtype) * weight[h], rope[1])
-                return q.reshape(1, TOKENS, GROUPS, HG, D).permute(2, 1, 0, 3, 4)
-
-            return torch.stack([block(j) for j in range(RANKS) if j != rank] + [block(rank)], dim=1)
-
-        return f
+        order = [j for j in range(RANKS) if j != rank] + [rank]
+        return lambda x, rope: rank_blocks(F.linear(x, w["q"], b["q"]), norm["q"], rope[1], order)
 
     def kv(fused: bool):
         def f(x, rope):
@@ -89,15 +91,7 @@ def build(device: str):
 
     def kv_k_rank_blocks(x, rope):  # k as q: one reduction, each rank's heads normalised into its block (bit-exact)
         k, v = F.linear(x, wkv, bkv).chunk(2, -1)
-        inv = torch.rsqrt(k.float().pow(2).mean(-1, keepdim=True) + 1e-6).unsqueeze(-1)
-        raw, weight, per = k.unflatten(-1, (HEADS, D)), norm["k"].unflatten(-1, (HEADS, D)), HEADS // RANKS
-
-        def block(j):
-            h = slice(j * per, (j + 1) * per)
-            kj = apply_rope((raw[:, :, h].float() * inv).to(raw.dtype) * weight[h], rope[0])
-            return kj.reshape(1, TOKENS, GROUPS, HG, D).permute(2, 1, 0, 3, 4)
-
-        k = torch.stack([block(j) for j in range(RANKS)], dim=1)
+        k = rank_blocks(k, norm["k"], rope[0], range(RANKS))
         return torch.stack([k, _by_group_and_rank(v.unflatten(-1, (HEADS, D)), RANKS, GROUPS)], dim=3)
 
     # One GPU, the whole sequence (2 x 4,608 tokens): q and k for SDPA, (B, L, H, d) each.
