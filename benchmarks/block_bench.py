@@ -31,18 +31,11 @@ def main() -> None:
     parser.add_argument("--model", default="pro", choices=["lite", "pro"])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--attention", default="cudnn", help="SDPA backend (flashhead.pipeline.fast_path)")
-    parser.add_argument("--fused-norm-rope", default=None, metavar="TOKENSxWARPS",
-                        help="q / k norm + RoPE by the Triton kernel, e.g. 1x4: its tiling")  # fmt: skip
     args = parser.parse_args()
     device = "cuda"
     config = official_config(args.model) | {"num_layers": 1}
     dit = FlashHeadDiT.from_config(config).to(device, torch.bfloat16).eval()
     dit.set_fused_gelu(True)
-    if args.fused_norm_rope:
-        from flashhead.models import norm_rope
-
-        norm_rope.TOKENS_PER_PROGRAM, norm_rope.NUM_WARPS = (int(n) for n in args.fused_norm_rope.split("x"))
-        dit.set_fused_norm_rope(True)
     block = dit.blocks[0]
     block.compile()
     frames, h, w = (9, 32, 32) if args.model == "pro" else (5, 16, 16)
@@ -80,8 +73,7 @@ def main() -> None:
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
     print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
-                      "attention": args.attention, "fused_norm_rope": args.fused_norm_rope,
-                      "block_ms_median": round(statistics.median(times), 4),
+                      "attention": args.attention, "block_ms_median": round(statistics.median(times), 4),
                       "block_ms_in_cuda_graph": round(graph_ms, 4), "memsets_per_call": memsets,
                       "memsets_launched_by": memset_sources(prof),
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from flashhead.models.dit import rope_table
-from flashhead.models.norm_rope import HeadLayout, kernel_available, launch, reference, rms_norm_rope
+from flashhead.models.norm_rope import kernel_available, reference, rms_norm_rope
 
 pytestmark = pytest.mark.gpu
 
@@ -40,22 +40,6 @@ def time_us(fn, repeats: int = 50) -> float:
     return start.elapsed_time(stop) / repeats * 1000
 
 
-def assert_close_rotated(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """As close as two roundings of the same pair: the kernel sums the squares in another order, so a normalised
-    value may round to the neighbouring one, and the rotation carries that to both channels of its pair. Bounded
-    by the pair's length (rotation-invariant), not the element's (which may cancel to ~0)."""
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    bf16 = got.dtype == torch.bfloat16
-    pair_length = expected.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*expected.shape[:-1], -1, 2)
-    error = (got.float() - expected.float()).abs().flatten(-2)
-    assert (error <= pair_length.flatten(-2) * (2**-7 if bf16 else 2**-20) + 1e-30).all()
-    if bf16:  # and rarely: almost every element is the same bfloat16
-        assert (got != expected).float().mean().item() <= 1e-3
-
-
-TILINGS = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
-
-
 @pytest.mark.parametrize("frames", [9, 5])  # 9 x 32 x 32 = 9,216 tokens (Pro); 5,120
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_matches_the_composition(frames, dtype):
@@ -67,22 +51,20 @@ def test_kernel_matches_the_composition(frames, dtype):
     weight = (torch.randn(heads * d, device="cuda") * 0.5 + 1).to(dtype)
     assert kernel_available(x, table)
     out = rms_norm_rope(x, weight, table, 1e-6, heads)
+    expected = reference(x, weight, table, 1e-6, heads)
     compiled = torch.compile(reference, dynamic=False)
-    assert_close_rotated(out, reference(x, weight, table, 1e-6, heads))
-    assert_close_rotated(out, compiled(x, weight, table, 1e-6, heads))
+    expected_compiled = compiled(x, weight, table, 1e-6, heads)
+    for other in (expected, expected_compiled):
+        differ = out != other
+        assert differ.float().mean().item() <= 1e-4
+        tolerance = (other.float().abs() * (2**-7 if dtype == torch.bfloat16 else 2**-22)).clamp_min(1e-6)
+        assert ((out.float() - other.float()).abs() <= tolerance).all()
     kernels = cuda_kernels(lambda: rms_norm_rope(x, weight, table, 1e-6, heads))
     assert len(kernels) == 1 and "rms_norm_rope" in kernels[0], kernels
-    timings, layout = {}, HeadLayout.contiguous(heads, d)
-    for tiling in TILINGS:  # every tiling computes the same values
-        tiled = torch.empty_like(out)
-        launch(x, weight, table, 1e-6, heads, tiled, (tiled.stride(0), tiled.stride(1)), layout, tiling=tiling)
-        assert torch.equal(tiled, out), tiling
-        timings[f"{tiling[0]}x{tiling[1]}"] = round(time_us(lambda t=tiling, o=tiled: launch(
-            x, weight, table, 1e-6, heads, o, (o.stride(0), o.stride(1)), layout, tiling=t)), 1)  # fmt: skip
-    composition_us = round(time_us(lambda: compiled(x, weight, table, 1e-6, heads)), 1)
-    differing = (out != reference(x, weight, table, 1e-6, heads)).sum().item()
-    print(json.dumps({"tokens": L, "dtype": str(dtype), "kernel_us_by_tokens_x_warps": timings,
-                      "compiled_composition_us": composition_us, "differing_vs_eager": differing}))  # fmt: skip
+    print(json.dumps({"tokens": L, "dtype": str(dtype), "kernel_us": round(time_us(
+        lambda: rms_norm_rope(x, weight, table, 1e-6, heads)), 1),
+        "compiled_composition_us": round(time_us(lambda: compiled(x, weight, table, 1e-6, heads)), 1),
+        "differing_vs_eager": (out != expected).sum().item()}))  # fmt: skip
 
 
 @pytest.mark.parametrize("ranks, groups", [(2, 2), (2, 1), (4, 1)])
@@ -102,14 +84,16 @@ def test_send_buffers_hold_the_composition_in_their_order(ranks, groups):
     weight = (torch.randn(heads * d, device="cuda") * 0.5 + 1).bfloat16()
     layout = {"heads": heads, "ranks": ranks, "groups": groups}
 
+    def close(got, expected):
+        assert got.shape == expected.shape
+        assert (got != expected).float().mean().item() <= 1e-4
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-6)
+
     kv = rms_norm_rope_kv_send(k, v, weight, table, 1e-6, **layout)
-    assert_close_rotated(kv[:, :, 0], kv_send_reference(k, v, weight, table, 1e-6, **layout)[:, :, 0])
+    close(kv, kv_send_reference(k, v, weight, table, 1e-6, **layout))
     assert torch.equal(kv[:, :, 1], kv_send_reference(k, v, weight, table, 1e-6, **layout)[:, :, 1])  # v as is
     for rank in range(ranks):
-        assert_close_rotated(rms_norm_rope_q_send(q, weight, table, 1e-6, **layout, rank=rank),
-                             q_send_reference(q, weight, table, 1e-6, **layout, rank=rank))  # fmt: skip
+        close(rms_norm_rope_q_send(q, weight, table, 1e-6, **layout, rank=rank),
+              q_send_reference(q, weight, table, 1e-6, **layout, rank=rank))  # fmt: skip
     kernels = cuda_kernels(lambda: rms_norm_rope_kv_send(k, v, weight, table, 1e-6, **layout))
     assert len(kernels) == 1 and "rms_norm_rope" in kernels[0], kernels
-    kv_us = time_us(lambda: rms_norm_rope_kv_send(k, v, weight, table, 1e-6, **layout))
-    q_us = time_us(lambda: rms_norm_rope_q_send(q, weight, table, 1e-6, **layout, rank=0))
-    print(json.dumps({"ranks": ranks, "groups": groups, "kv_send_us": round(kv_us, 1), "q_send_us": round(q_us, 1)}))

@@ -61,52 +61,39 @@ if triton is not None:
     @triton.jit
     def _rms_norm_rope_kernel(
         x_ptr, w_ptr, table_ptr, out_ptr, v_ptr,
-        rows, tokens, x_stride_b, x_stride_t, v_stride_b, v_stride_t, table_stride_t, out_stride_b, out_stride_t,
-        v_slot, per_group, groups, stride_i, stride_g, stride_j, own_last, ranks, eps,
-        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, PAIRS: tl.constexpr, TOKENS: tl.constexpr,
+        tokens, x_stride_b, x_stride_t, v_stride_b, v_stride_t, table_stride_t, out_stride_b, out_stride_t, v_slot,
+        per_group, groups, stride_i, stride_g, stride_j, own_last, ranks, eps,
+        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, PAIRS: tl.constexpr,
     ):  # fmt: skip
-        # A (TOKENS, heads, pairs) tile: the real and the imaginary channel of each pair by two strided loads
-        # (the same cache lines), so that no shuffle through shared memory pairs them up.
-        row = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
-        head = tl.arange(0, HEADS_P2)[None, :, None]
-        pair = tl.arange(0, PAIRS)[None, None, :]
+        row = tl.program_id(0)
         b, t = row // tokens, row % tokens
-        mask = (row < rows) & (head < HEADS) & (pair < PAIRS)
-        channel = head * (2 * PAIRS) + 2 * pair
-        x_at = x_ptr + b * x_stride_b + t * x_stride_t + channel
-        x_re, x_im = tl.load(x_at, mask=mask, other=0.0), tl.load(x_at + 1, mask=mask, other=0.0)
-        re, im = x_re.to(tl.float32), x_im.to(tl.float32)
-        inverse_rms = tl.rsqrt(tl.sum(tl.sum(re * re + im * im, axis=2), axis=1) / (HEADS * 2 * PAIRS) + eps)
-        inverse_rms = inverse_rms[:, None, None]
-        w_re = tl.load(w_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-        w_im = tl.load(w_ptr + channel + 1, mask=mask, other=0.0).to(tl.float32)
-        # RMSNorm.scale: (x.float() * 1/rms) in x's dtype, times the weight in x's dtype; then float64.
-        re = ((re * inverse_rms).to(x_re.dtype).to(tl.float32) * w_re).to(x_re.dtype).to(tl.float64)
-        im = ((im * inverse_rms).to(x_re.dtype).to(tl.float32) * w_im).to(x_re.dtype).to(tl.float64)
+        head = tl.arange(0, HEADS_P2)[:, None]
+        channel = tl.arange(0, 2 * PAIRS)[None, :]
+        mask = (head < HEADS) & (channel < 2 * PAIRS)
+        offsets = head * (2 * PAIRS) + channel
+        x = tl.load(x_ptr + b * x_stride_b + t * x_stride_t + offsets, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        inverse_rms = tl.rsqrt(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / (HEADS * 2 * PAIRS) + eps)
+        weight = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+        # RMSNorm.scale: (x.float() * 1/rms) in x's dtype, times the weight in x's dtype.
+        normed = (xf * inverse_rms).to(x.dtype).to(tl.float32) * weight.to(tl.float32)
+        normed = normed.to(x.dtype).to(tl.float64)
+        re, im = tl.split(tl.reshape(normed, (HEADS_P2, PAIRS, 2)))
         # rope_table row: per pair (cos, cos, -sin, sin), float64.
-        phasor = table_ptr + t * table_stride_t + 4 * pair
-        row_ok = (row < rows) & (pair < PAIRS)
-        cos = tl.load(phasor, mask=row_ok, other=0.0)
-        minus_sin = tl.load(phasor + 2, mask=row_ok, other=0.0)
-        sin = tl.load(phasor + 3, mask=row_ok, other=0.0)
+        phasor = table_ptr + t * table_stride_t + 4 * tl.arange(0, PAIRS)[None, :]
+        cos, minus_sin, sin = tl.load(phasor), tl.load(phasor + 2), tl.load(phasor + 3)
+        rotated = tl.interleave(re * cos + im * minus_sin, im * cos + re * sin)  # (HEADS_P2, 2 * PAIRS)
         i = head % per_group
         g = (head // per_group) % groups
         j = head // (per_group * groups)
         if own_last >= 0:
             j = tl.where(j == own_last, ranks - 1, tl.where(j > own_last, j - 1, j))
-        place = out_ptr + b * out_stride_b + t * out_stride_t + i * stride_i + g * stride_g + j * stride_j + 2 * pair
+        place = out_ptr + b * out_stride_b + t * out_stride_t + i * stride_i + g * stride_g + j * stride_j + channel
         # float64 -> float32 -> out's dtype: torch's own double-to-bfloat16 cast goes through float too.
-        dtype = out_ptr.dtype.element_ty
-        tl.store(place, (re * cos + im * minus_sin).to(tl.float32).to(dtype), mask=mask)
-        tl.store(place + 1, (im * cos + re * sin).to(tl.float32).to(dtype), mask=mask)
+        tl.store(place, rotated.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
         if v_ptr is not None:  # v of the token into the other slot of the same layout
-            v_at = v_ptr + b * v_stride_b + t * v_stride_t + channel
-            tl.store(place + v_slot, tl.load(v_at, mask=mask, other=0.0).to(dtype), mask=mask)
-            tl.store(place + v_slot + 1, tl.load(v_at + 1, mask=mask, other=0.0).to(dtype), mask=mask)
-
-
-# Tokens per program and warps: set from the device run's timings (tests/models/test_gpu_norm_rope.py prints them).
-TOKENS_PER_PROGRAM, NUM_WARPS = 1, 4
+            v = tl.load(v_ptr + b * v_stride_b + t * v_stride_t + offsets, mask=mask, other=0.0)
+            tl.store(place + v_slot, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def kernel_available(x: torch.Tensor, table: torch.Tensor) -> bool:
@@ -125,13 +112,11 @@ def launch(
     layout: HeadLayout,
     v: torch.Tensor | None = None,
     v_slot: int = 0,
-    tiling: tuple[int, int] | None = None,
 ) -> None:
     """Normalise and rotate the heads of x (B, L, C) into `out` (a tensor whose data starts at batch 0, token 0).
 
     `token_strides`: the element strides of a batch and a token in `out`; `layout`: the heads' offsets from a
     token's place. With `v` (B, L, C), v's heads go to the same places + `v_slot` elements, unchanged.
-    `tiling`: (tokens per program, warps), for timing other ones.
     """
     B, L, C = x.shape
     pairs = C // heads // 2
@@ -139,14 +124,13 @@ def launch(
         raise ValueError(f"rms_norm_rope: unsupported layout x {tuple(x.shape)} / table {tuple(table.shape)}")
     if v is not None and (v.shape != x.shape or v.stride(-1) != 1):
         raise ValueError(f"rms_norm_rope: v {tuple(v.shape)} does not match x {tuple(x.shape)}")
-    tokens, warps = tiling or (TOKENS_PER_PROGRAM, NUM_WARPS)
-    _rms_norm_rope_kernel[(triton.cdiv(B * L, tokens),)](
+    _rms_norm_rope_kernel[(B * L,)](
         x, weight, table, out, v,
-        B * L, L, x.stride(0), x.stride(1), v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
+        L, x.stride(0), x.stride(1), v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
         table.stride(0), token_strides[0], token_strides[1], v_slot,
         layout.per_group, layout.groups, layout.stride_i, layout.stride_g, layout.stride_j, layout.own_last,
         layout.ranks, eps,
-        HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), PAIRS=pairs, TOKENS=tokens, num_warps=warps,
+        HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), PAIRS=pairs, num_warps=4,
     )  # fmt: skip
 
 
