@@ -81,7 +81,6 @@ SPEEDS = {
     ),
 }
 SPEEDS["optimized_ahead"] = SPEEDS["optimized"] + ",launch_ahead"  # the engine queues the next round before waiting
-SPEEDS["optimized_fused"] = SPEEDS["optimized"] + ",fused_norm_rope"  # q / k norm + RoPE by one Triton kernel each
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | str | None:

@@ -89,23 +89,3 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     idat = zlib.compress(b"\x00" * 64)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
-
-
-class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the aten / custom ops that run inside the `with` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def run_parity_case(model, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(our output, the official model's output) for the DiT parity fixture's first case."""
-    t, _ = load_fixture(f"parity_dit_{variant}_tiny")
-    with torch.no_grad():
-        out = model(t["case1/x"], t["case1/timestep"], t["case1/context"], t["case1/y"])
-    return out, t["case1/output"]

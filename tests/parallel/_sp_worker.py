@@ -243,25 +243,6 @@ def main(out: Path, cases: list[str]) -> None:
             dit = tiny_random_dit(3)
             with torch.no_grad():
                 results[case] = SequenceParallelDiT(dit, group, method="kv_gather")(*dit_inputs(dit))
-        elif case == "fused-ulysses_kv_first":  # fused_norm_rope: q and k / v written into the send buffers by ops
-            from _util import OpLog
-            from flashhead.parallel.dit import SequenceParallelDiT
-
-            dit = tiny_random_dit(2 * n)
-            x, timestep, context, y = dit_inputs(dit)
-            with torch.no_grad():
-                t, t_mod = dit.embed_time(timestep, x.shape[0], x.dtype)
-                audio = dit.embed_audio(context, x.dtype)
-                table = dit.rope(dit.patchify(x, y)[1], x.device, table=True)
-                sp = SequenceParallelDiT(dit, group, method="ulysses_kv_first")
-                dit.set_fused_norm_rope(True)
-                with OpLog() as log:
-                    results[case] = sp.forward_embedded(x, y, t, t_mod, audio, table)
-                results[f"{case}.ops"] = torch.tensor(
-                    [log.names.count(f"flashhead.rms_norm_rope_{kind}_send.default") for kind in ("kv", "q")]
-                )
-                dit.set_fused_norm_rope(False)
-                results[f"{case}.plain"] = sp.forward_embedded(x, y, t, t_mod, audio, table)
         elif case.startswith(("dit-x_gather", "dit-ulysses_kv_first")):  # dit-<method>[-uneven|-compiled]: the splits
             from torch._inductor.utils import run_and_get_code  # that run whole modules; 4 heads, 2 groups, 2 ranks
 

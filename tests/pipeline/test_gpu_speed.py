@@ -48,8 +48,6 @@ REASSOCIATING = {
     "compile_color": "compile_color=on",
     "fused_gelu": "fused_gelu=on",
     "fused_gelu_compiled": "fused_gelu=on,compile_dit=on,rope_table=on",
-    "fused_norm_rope": "fused_norm_rope=on,rope_table=on",
-    "fused_norm_rope_compiled": "fused_norm_rope=on,compile_dit=on,rope_table=on",
     "compile_dit": "compile_dit=on,rope_table=on",
     "compile_vae": "compile_vae=on",
     "vae_cuda_graphs_compiled": "vae_cuda_graphs=on,compile_vae=on",

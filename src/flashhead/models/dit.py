@@ -27,7 +27,6 @@ from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
 from flashhead.models.linear_gelu import linear_gelu
 from flashhead.models.loading import build_and_load, read_json, read_safetensors, resolve_model_dir, safetensors_files
-from flashhead.models.norm_rope import rms_norm_rope
 
 # Constructor configurations of the released checkpoints (config.json of Model_Lite / Model_Pro).
 LITE_CONFIG: dict = dict(
@@ -174,17 +173,11 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.kernel: AttentionKernel | None = None  # None: torch SDPA (see FlashHeadDiT.set_attention_kernel)
-        self.fused_norm_rope = False  # see FlashHeadDiT.set_fused_norm_rope
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        q, k = self.normed_rotated(self.q(x), self.norm_q, rope), self.normed_rotated(self.k(x), self.norm_k, rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         return self.o(_attend(q, k, self.v(x), self.num_heads, self.kernel))
-
-    def normed_rotated(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor) -> torch.Tensor:
-        """q or k projections (B, L, D) -> normalised, split into heads and rotated (B, L, heads, d)."""
-        if self.fused_norm_rope and not rope.is_complex():  # one kernel (flashhead.models.norm_rope)
-            return rms_norm_rope(x, norm.weight, rope, norm.eps, self.num_heads)
-        return apply_rope(norm(x).unflatten(-1, (self.num_heads, -1)), rope)
 
 
 class CrossAttention(nn.Module):
@@ -393,11 +386,6 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         """Run each block's FFN as one GEMM with a bias + GELU epilogue and one plain GEMM (same weights)."""
         for block in self.blocks:
             block.fused_gelu = on
-
-    def set_fused_norm_rope(self, on: bool) -> None:
-        """Normalise and rotate each self-attention's q and k in one kernel each (needs the real RoPE table)."""
-        for block in self.blocks:
-            block.self_attn.fused_norm_rope = on
 
     # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
     _unused_prefixes = ("audio_emb.", "text_embedding.")

@@ -46,7 +46,6 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from flashhead.errors import ConfigError
-from flashhead.models.norm_rope import rms_norm_rope_kv_send, rms_norm_rope_q_send
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -392,15 +391,10 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
 
     eager = not torch.compiler.is_compiling()
     rope_k, rope_q = rope.unbind(0)
-    # fused_norm_rope: one kernel each writes k (with v) and q straight into their send buffers.
-    fused = getattr(attn, "fused_norm_rope", False) and not rope.is_complex()
     k, v = key_value_projection(attn, x)
-    if fused:
-        kv = rms_norm_rope_kv_send(k, v, attn.norm_k.weight, rope_k, attn.norm_k.eps, H, n, G)
-    else:
-        k = apply_rope(attn.norm_k(k).unflatten(-1, (H, d)), rope_k)
-        kv = torch.stack([_by_group_and_rank(k, n, G), _by_group_and_rank(v.unflatten(-1, (H, d)), n, G)], dim=3)
-        kv = kv.reshape(G, n * s, 2, B, hg, d)
+    k = apply_rope(attn.norm_k(k).unflatten(-1, (H, d)), rope_k)
+    kv = torch.stack([_by_group_and_rank(k, n, G), _by_group_and_rank(v.unflatten(-1, (H, d)), n, G)], dim=3)
+    kv = kv.reshape(G, n * s, 2, B, hg, d)
     kv_recv = kv.new_empty((G, L, 2, B, hg, d)) if eager else None
 
     def send_kv(g: int) -> _Pending:
@@ -412,20 +406,16 @@ def kv_first_self_attention(attn, x: torch.Tensor, rope: torch.Tensor, sp: Seque
     # every block, and the collectives and the attention read the blocks in place. (q normalised whole and then
     # stacked by slices was a copy per slice; reordered by a gather, a copy per collective and attention input.)
     # k goes into its send buffer from the kernel that reduces its norm (one input of the stack, as in Ulysses).
+    q_raw = attn.q(x)
+    inv_rms = attn.norm_q.inverse_rms(q_raw).unsqueeze(-1)  # (B, s, 1, 1)
+    q_raw, weight, per_rank = q_raw.unflatten(-1, (H, d)), attn.norm_q.weight.unflatten(-1, (H, d)), H // n
+
     def queries_of(j: int) -> torch.Tensor:  # rank j's heads, (G, s, B, hg, d)
         heads = slice(j * per_rank, (j + 1) * per_rank)
         q_j = apply_rope(attn.norm_q.scale(q_raw[:, :, heads], inv_rms, weight[heads]), rope_q)
         return q_j.reshape(B, s, G, hg, d).permute(2, 1, 0, 3, 4)
 
-    if not fused:
-        q_raw = attn.q(x)
-        inv_rms = attn.norm_q.inverse_rms(q_raw).unsqueeze(-1)  # (B, s, 1, 1)
-        q_raw, weight, per_rank = q_raw.unflatten(-1, (H, d)), attn.norm_q.weight.unflatten(-1, (H, d)), H // n
-
-    if fused:
-        q = rms_norm_rope_q_send(attn.q(x), attn.norm_q.weight, rope_q, attn.norm_q.eps, H, n, G, rank)
-    else:
-        q = torch.stack([queries_of(j) for j in range(n) if j != rank] + [queries_of(rank)], dim=1)
+    q = torch.stack([queries_of(j) for j in range(n) if j != rank] + [queries_of(rank)], dim=1)
     q_sizes = [0 if j == rank else sizes[j] for j in range(n)]  # the other ranks' queries of this rank's heads
     q_send = [0 if j == rank else s for j in range(n)]
     q_recv = q.new_empty((G, L - s, B, hg, d)) if eager else None

@@ -41,9 +41,6 @@ class SpeedConfig:
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
-        fused_norm_rope: each self-attention's q and k RMSNorm and RoPE in one Triton kernel each
-            (flashhead.models.norm_rope), the same roundings; compiled, the composition re-read each token's float64
-            RoPE row once per head. Needs rope_table (ignored without it) and CUDA + Triton.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
@@ -81,7 +78,6 @@ class SpeedConfig:
     vae_channels_last: bool = False
     vae_conv_pad: bool = False
     fused_gelu: bool = False
-    fused_norm_rope: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
     compile_color: bool = False
