@@ -251,3 +251,36 @@ def test_work_queued_while_denoising_runs_after_the_dit_and_before_the_decode(li
     assert len(seen) == 1  # called once per batch
     assert seen[0]["dit"] == 2 and seen[0]["vae_decode"] == 1  # this chunk's DiT is queued, its decode not yet
     assert torch.equal(hooked.video, plain.video) and torch.equal(hooked.motion_latents, plain.motion_latents)
+
+
+def test_frames_leave_for_the_host_before_the_motion_reencode_with_pinned_memory(lite, monkeypatch):
+    """pinned_memory: the engine queues each round's frame copy before the motion re-encode (which only the next
+    chunk needs), so the frames do not wait for it; without the switch the (blocking) copy comes after it. Same
+    frames either way."""
+    from flashhead.pipeline import flashhead_pipeline
+    from flashhead.pipeline.speed import SpeedConfig
+
+    order = []
+    start, encode = flashhead_pipeline.HostFrames.start, lite._encode
+    monkeypatch.setattr(flashhead_pipeline.HostFrames, "start",
+                        classmethod(lambda cls, *a, **k: order.append("copy") or start(*a, **k)))  # fmt: skip
+    monkeypatch.setattr(lite, "_encode", lambda *a, **k: order.append("encode") or encode(*a, **k))
+    image, audio = portrait(lite, 2), speechlike(2.0)
+    streams = {}
+    try:
+        for name, speed in (("plain", SpeedConfig()), ("pinned", SpeedConfig(pinned_memory=True))):
+            lite.optimize(speed)
+            engine = StreamEngine(lite)
+            session = engine.open_session(image, seed=4)  # encodes the portrait
+            order.clear()
+            session.push_audio(audio)
+            session.end()
+            streams[name] = (frames_of(engine.run_until_idle(), session.id), list(order))
+    finally:
+        lite.optimize(SpeedConfig())
+    (plain, plain_order), (pinned, pinned_order) = streams["plain"], streams["pinned"]
+    rounds = plain_order.count("encode")
+    assert rounds >= 2 and pinned_order.count("copy") == rounds
+    assert plain_order == ["encode", "copy"] * rounds
+    assert pinned_order == ["copy", "encode"] * rounds
+    np.testing.assert_array_equal(pinned, plain)

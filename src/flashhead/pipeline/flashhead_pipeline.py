@@ -59,7 +59,7 @@ class ChunkResult:
     latents: torch.Tensor  # (1, C, F, h, w) denoised, motion frames written back
     decoded: torch.Tensor  # (1, 3, T, H, W) VAE output, the chunk's last T frames (T = frame_num unless new_only)
     video: torch.Tensor  # (1, 3, T, H, W) after colour correction, in [-1, 1]
-    motion_latents: torch.Tensor  # (1, C, motion_latent_frames, h, w) for the next chunk
+    motion_latents: torch.Tensor | None  # (1, C, motion_latent_frames, h, w) for the next chunk (None until encoded)
     first_frame: int = 0  # index in the chunk of video's first frame (> 0 when only the new frames were decoded)
 
     def frames_from(self, index: int) -> torch.Tensor:
@@ -466,6 +466,7 @@ class FlashHeadPipeline:
         encode_noises: Sequence[torch.Tensor | None] | None = None,
         new_only: bool | None = None,
         while_denoising: Callable[[], None] | None = None,
+        before_encode: Callable[[list[ChunkResult]], None] | None = None,
     ) -> list[ChunkResult]:
         """Generate one chunk for each of several streams in one batch (one DiT call per step for all).
 
@@ -474,6 +475,9 @@ class FlashHeadPipeline:
         `new_only=False` decodes every frame even when the decode_new_only switch is on.
         `while_denoising`: host work to run once the chunk's DiT is queued on the device and before its decode
         is, i.e. while the GPU is busy for the longest (the streaming engine queues the next round's audio here).
+        `before_encode`: called with the results once their colour-corrected frames are queued and before the
+        motion re-encode is (their `motion_latents` are None until then): the streaming engine queues the frames'
+        copy to the host here, so that it does not wait for the re-encode, which only the next chunk needs.
         """
         cfg = self.config
         B = len(references)
@@ -520,6 +524,13 @@ class FlashHeadPipeline:
             with self.timer("color_correction"):
                 reference_images = torch.cat([r.image for r in references])
                 video = color_function(self.speed)(decoded, reference_images, cfg.color_correction_strength)
+        results = [
+            ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
+                        motion_latents=None, first_frame=first_frame)
+            for b in range(B)
+        ]  # fmt: skip
+        if before_encode is not None:
+            before_encode(results)
         with self.timer("vae_encode_motion"):
             tail = video[:, :, -self.motion_frames :]
             if split_encode is not None:
@@ -528,11 +539,9 @@ class FlashHeadPipeline:
                 motion_out = self._encode(tail, noise=torch.cat(list(encode_noises)))
             else:
                 motion_out = self._encode(tail, generators=list(encode_generators or [None] * B))
-        return [
-            ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
-                        motion_latents=motion_out[b : b + 1], first_frame=first_frame)
-            for b in range(B)
-        ]  # fmt: skip
+        for b, result in enumerate(results):
+            result.motion_latents = motion_out[b : b + 1]
+        return results
 
     def _denoise_and_decode(
         self, chunk: ChunkInputs, while_denoising: Callable[[], None] | None = None

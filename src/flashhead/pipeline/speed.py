@@ -57,7 +57,8 @@ class SpeedConfig:
             torch reads it once, at the process's first cuBLASLt GEMM: it takes effect where the switches are
             applied before any GEMM ran (`apply_process_settings`; pipelines apply theirs at `optimize`).
         pinned_memory: draw each chunk's noise ahead, while the GPU works, into pinned host memory, copy it
-            without blocking, and bring frames back through one pinned transfer per round.
+            without blocking, and bring frames back through one pinned transfer per round, queued before the motion
+            re-encode (which only the next chunk needs), so frames reach the host without waiting for it.
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
             round's DiT runs (streaming engine).
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current

@@ -452,10 +452,19 @@ class StreamEngine:
             # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
             audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
+        copies: list[HostFrames] = []
+
+        def start_copy(results: list) -> None:
+            copies.append(HostFrames.start([r.frames_from(pipe.motion_frames) for r in results],
+                                           pinned=speed.pinned_memory, watermark=self.watermark))  # fmt: skip
+
+        # With pinned memory the frames' copy is queued before the motion re-encode (non-blocking), so they reach
+        # the host without waiting for it: the first frame earlier by the re-encode's time. A blocking copy there
+        # would stall the host before it queued the re-encode, so without pinned memory it comes last.
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
-            while_denoising=audio_ahead, **noise_kwargs,
+            while_denoising=audio_ahead, before_encode=start_copy if speed.pinned_memory else None, **noise_kwargs,
         )  # fmt: skip
         for s, result, final in zip(ready, results, finals, strict=True):
             s.motion_latents = result.motion_latents  # on the device: the next round can be queued behind this one
@@ -465,10 +474,9 @@ class StreamEngine:
         # While the GPU works on this round, prepare the next one (the host sync comes with the frames).
         for s in ready:
             s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
-        frames = HostFrames.start(
-            [r.frames_from(pipe.motion_frames) for r in results], pinned=speed.pinned_memory, watermark=self.watermark
-        )
-        return _Round(ready, slices, finals, frames, started)
+        if not copies:
+            start_copy(results)
+        return _Round(ready, slices, finals, copies[0], started)
 
     def _deliver(self, r: _Round) -> list[VideoChunk]:
         """Wait for a launched round's frames and hand them out as chunks."""
