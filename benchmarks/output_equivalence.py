@@ -63,7 +63,7 @@ def stream(pipe, image: np.ndarray, audio: np.ndarray, switches: str, emulate: b
     from flashhead.pipeline.speed import SpeedConfig
 
     torch._dynamo.reset()
-    fast_path._compiled_match_colors = None
+    fast_path._compiled_color.clear()
     torch._inductor.config.emulate_precision_casts = emulate
     from flashhead.pipeline.stream import StreamEngine
 

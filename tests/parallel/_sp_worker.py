@@ -366,9 +366,14 @@ def main(out: Path, cases: list[str]) -> None:
             else:
                 if speed != "plain":
                     pipe.optimize(speed.replace("+", ","))
+                colored, color = [], pipe._sp.color
+                pipe._sp.color = lambda video, *args, log=colored, color=color: log.append(video.shape[2]) or color(
+                    video, *args
+                )
                 pipe.follow()
                 # the follower took part in the motion re-encodes (its strip encoder exists only then)
                 results[f"{case}.follower_encoded"] = torch.tensor(hasattr(pipe.vae, "_strip_encoder"))
+                results[f"{case}.follower_colored"] = torch.tensor(colored)  # per chunk it colour-corrected: its frames
     torch.save(results, out / f"rank{rank}.pt")
 
 

@@ -44,6 +44,9 @@ def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
     # followers return nothing but whether they split-encoded the motion frames with the leader (Wan: they do)
     assert [k for k in pipeline[1] if k.endswith("follower_encoded")] == [f"{c}.follower_encoded" for c in CASES]
     assert bool(pipeline[1][f"{case}.follower_encoded"])
+    # ... and colour-corrected its block of every chunk's frames (2 chunks, then the whole video's chunks)
+    colored = pipeline[1][f"{case}.follower_colored"].tolist()
+    assert len(colored) >= 3 and set(colored) == {expected["a_video"].shape[2]}
     for key in ("a_latents", "a_video", "a_motion", "b_latents", "b_video"):
         # Latents move by ~1e-6 (KV gather sums each softmax in two parts, X gather each RMS norm; Ulysses projects
         # half the tokens, whose float32 GEMMs some CPUs round differently: AMD EPYC, session 11), and the tiny

@@ -40,3 +40,20 @@ def test_statistics_are_transferred_and_edge_cases():
         match_colors(video, reference, 1.5)
     with pytest.raises(ValueError):
         match_colors(video, reference[..., :8, :8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_corrected_apart_equal_the_whole_chunk(dtype):
+    """What the sequence-parallel ranks do: each corrects a block of frames from the reference's statistics."""
+    from flashhead.pipeline.color import match_colors_to, reference_statistics
+
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(2, 3, 7, 16, 24, generator=g) * 2 - 1).to(dtype)
+    reference = (torch.rand(2, 3, 1, 16, 24, generator=g) * 2 - 1).to(dtype)
+    stats = reference_statistics(reference)
+    assert stats.shape == (2, 2, 3) and stats.dtype == dtype
+    whole = match_colors(video, reference, 0.75)
+    assert torch.equal(match_colors_to(video, stats, 0.75), whole)
+    blocks = [match_colors_to(video[:, :, a:b], stats, 0.75) for a, b in ((0, 4), (4, 7))]
+    assert torch.equal(torch.cat(blocks, dim=2), whole)
+    assert not torch.equal(match_colors_to(video, stats.flip(0), 0.75), whole)  # the statistics are used

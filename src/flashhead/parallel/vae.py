@@ -76,11 +76,21 @@ def split_decode(
 
 def _gather_rows(mine: torch.Tensor, bounds: list[tuple[int, int]], scale: int, group: SequenceParallelGroup):
     """Every rank's strip (rows along dim -2, `scale` rows per bound unit) -> the whole tensor on every rank."""
-    longest = max(b - a for a, b in bounds) * scale
-    padded = torch.nn.functional.pad(mine, (0, 0, 0, longest - mine.shape[-2])).contiguous()
+    return gather_along(mine, [(a * scale, b * scale) for a, b in bounds], mine.dim() - 2, group)
+
+
+def gather_along(mine: torch.Tensor, bounds: list[tuple[int, int]], dim: int, group: SequenceParallelGroup):
+    """Every rank's block [a, b) of `dim` (rank r holds bounds[r]) -> the whole tensor on every rank."""
+    longest = max(b - a for a, b in bounds)
+    padded = mine
+    if mine.shape[dim] < longest:  # uneven blocks: every rank sends the same size
+        shape = list(mine.shape)
+        shape[dim] = longest - mine.shape[dim]
+        padded = torch.cat([mine, mine.new_zeros(shape)], dim)
+    padded = padded.contiguous()
     pieces = [torch.empty_like(padded) for _ in bounds]
     dist.all_gather(pieces, padded, group=group.group)
-    return torch.cat([p[..., : (b - a) * scale, :] for p, (a, b) in zip(pieces, bounds, strict=True)], dim=-2)
+    return torch.cat([p.narrow(dim, 0, b - a) for p, (a, b) in zip(pieces, bounds, strict=True)], dim=dim)
 
 
 def splits_encode(vae: VideoVAE) -> bool:

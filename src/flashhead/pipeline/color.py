@@ -48,6 +48,14 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(0.0, 1.0)
 
 
+def reference_statistics(reference: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 1, H, W) in [-1, 1] -> (B, 2, 3): the reference's Lab mean and (population) std over the image."""
+    ref_lab = rgb_to_lab(((reference + 1) / 2).permute(0, 2, 3, 4, 1))  # (B, 1, H, W, 3)
+    mean = ref_lab.mean(dim=(2, 3), keepdim=True)
+    std = ref_lab.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return torch.stack([mean.flatten(1), std.flatten(1)], dim=1)
+
+
 def match_colors(video: torch.Tensor, reference: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """Colour-correct a chunk towards a reference image.
 
@@ -65,13 +73,25 @@ def match_colors(video: torch.Tensor, reference: torch.Tensor, strength: float =
         return video.clone()
     if reference.shape[:2] != video.shape[:2] or reference.shape[2] != 1 or reference.shape[3:] != video.shape[3:]:
         raise ValueError(f"reference shape {tuple(reference.shape)} does not fit video {tuple(video.shape)}")
+    return match_colors_to(video, reference_statistics(reference.to(video)), strength)
+
+
+def match_colors_to(video: torch.Tensor, reference_stats: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """`match_colors` with the reference given by its `reference_statistics` (B, 2, 3).
+
+    Each frame is corrected from its own statistics alone, so any subset of the frames may be corrected apart
+    (the sequence-parallel pipeline splits a chunk's frames over its ranks).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength == 0.0:
+        return video.clone()
     src = ((video + 1) / 2).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
-    ref = ((reference.to(video) + 1) / 2).permute(0, 2, 3, 4, 1)  # (B, 1, H, W, 3)
-    src_lab, ref_lab = rgb_to_lab(src), rgb_to_lab(ref)
+    src_lab = rgb_to_lab(src)
     src_mean = src_lab.mean(dim=(2, 3), keepdim=True)
     src_std = src_lab.std(dim=(2, 3), keepdim=True, unbiased=False)
-    ref_mean = ref_lab.mean(dim=(2, 3), keepdim=True)
-    ref_std = ref_lab.std(dim=(2, 3), keepdim=True, unbiased=False)
+    stats = reference_stats.to(src_lab)
+    ref_mean, ref_std = (stats[:, i, None, None, None, :] for i in (0, 1))  # each (B, 1, 1, 1, 3)
     src_std = torch.where(src_std < 1e-8, torch.ones_like(src_std), src_std)  # flat frames: shift only
     corrected = lab_to_rgb((src_lab - src_mean) * (ref_std / src_std) + ref_mean)
     out = (1 - strength) * src + strength * corrected

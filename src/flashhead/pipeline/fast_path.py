@@ -244,16 +244,17 @@ def quantize_fp8(dit: FlashHeadDiT) -> None:
     dit._flashhead_fp8 = True
 
 
-_compiled_match_colors: Callable | None = None
+_compiled_color: dict[str, Callable] = {}
 
 
-def color_function(speed: SpeedConfig) -> Callable:
-    """match_colors, compiled when `compile_color` is on (one fused kernel chain instead of ~40 kernels)."""
-    global _compiled_match_colors
-    from flashhead.pipeline.color import match_colors
+def color_function(speed: SpeedConfig, to_statistics: bool = False) -> Callable:
+    """match_colors (or, with `to_statistics`, match_colors_to: the reference given by its statistics), compiled
+    when `compile_color` is on (one fused kernel chain instead of ~40 kernels)."""
+    from flashhead.pipeline import color
 
+    name = "match_colors_to" if to_statistics else "match_colors"
     if not speed.compile_color:
-        return match_colors
-    if _compiled_match_colors is None:
-        _compiled_match_colors = torch.compile(match_colors, dynamic=False)
-    return _compiled_match_colors
+        return getattr(color, name)
+    if name not in _compiled_color:
+        _compiled_color[name] = torch.compile(getattr(color, name), dynamic=False)
+    return _compiled_color[name]

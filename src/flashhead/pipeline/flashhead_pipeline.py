@@ -29,6 +29,7 @@ from flashhead.models.audio import AudioConfig, AudioContextCache, encode_offlin
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae import VideoVAE
 from flashhead.parallel.runner import ChunkInputs
+from flashhead.pipeline.color import reference_statistics
 from flashhead.pipeline.config import GenerationConfig
 from flashhead.pipeline.graphs import graphed
 from flashhead.pipeline.sampling import denoise_chunk
@@ -52,6 +53,13 @@ class ReferenceState:
     def first_motion(self) -> torch.Tensor:
         """Motion latents of a stream's first chunk: the image's own (causal) first latent frame."""
         return self.latents[:, :, :1]
+
+    def color_statistics(self, dtype: torch.dtype) -> torch.Tensor:
+        """(1, 2, 3): the image's Lab mean and std in `dtype` (the colour correction's reference), computed once."""
+        cache = self.__dict__.setdefault("_color_statistics", {})
+        if dtype not in cache:
+            cache[dtype] = reference_statistics(self.image.to(dtype))
+        return cache[dtype]
 
 
 @dataclass
@@ -285,8 +293,14 @@ class FlashHeadPipeline:
         if self._sp is None or self._sp.group.is_leader:
             raise ConfigError("follow() runs on the follower ranks of a parallelized pipeline")
         while (chunk := self._sp.receive()) is not None:
-            self._denoise_and_decode(chunk)
-            if chunk.encode is not None:  # the leader's motion re-encode, split by rows (Wan)
+            _, video = self._denoise_and_decode(chunk)
+            if chunk.color is not None:  # this rank's block of the colour correction
+                from flashhead.pipeline.fast_path import color_function
+
+                video = self._sp.color(video, chunk.color, chunk.color_strength, color_function(self.speed, True))
+            if chunk.encode is not None and chunk.color is not None:  # the motion re-encode, split by rows (Wan)
+                self._sp.encode_own(video[:, :, -chunk.encode[2] :])
+            elif chunk.encode is not None:
                 self._sp.encode(None, chunk.encode)
 
     def release_followers(self) -> None:
@@ -514,16 +528,25 @@ class FlashHeadPipeline:
         split_encode = None  # the motion frames' shape, where the followers help to encode them
         if self._sp is not None and self._sp.split_encode:
             split_encode = (B, 3, self.motion_frames, shape[3] * self.vae.stride[1], shape[4] * self.vae.stride[2])
+        strength = cfg.color_correction_strength
+        split_color = None  # the reference's colour statistics, where the ranks colour-correct a block of frames each
+        if self._sp is not None and strength > 0:
+            split_color = torch.cat([r.color_statistics(self.vae.dtype) for r in references])
         latents, decoded = self._denoise_and_decode(
-            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode), while_denoising
-        )
+            ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode, split_color,
+                        strength),
+            while_denoising,
+        )  # fmt: skip
         video = decoded
-        if cfg.color_correction_strength > 0:
+        if strength > 0:
             from flashhead.pipeline.fast_path import color_function
 
             with self.timer("color_correction"):
-                reference_images = torch.cat([r.image for r in references])
-                video = color_function(self.speed)(decoded, reference_images, cfg.color_correction_strength)
+                if split_color is not None:
+                    video = self._sp.color(decoded, split_color, strength, color_function(self.speed, True))
+                else:
+                    reference_images = torch.cat([r.image for r in references])
+                    video = color_function(self.speed)(decoded, reference_images, strength)
         results = [
             ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
                         motion_latents=None, first_frame=first_frame)
@@ -533,7 +556,9 @@ class FlashHeadPipeline:
             before_encode(results)
         with self.timer("vae_encode_motion"):
             tail = video[:, :, -self.motion_frames :]
-            if split_encode is not None:
+            if split_encode is not None and split_color is not None:  # every rank holds the corrected frames
+                motion_out = self._sp.encode_own(tail)
+            elif split_encode is not None:
                 motion_out = self._sp.encode(tail, split_encode)
             elif encode_noises is not None and all(n is not None for n in encode_noises):
                 motion_out = self._encode(tail, noise=torch.cat(list(encode_noises)))
