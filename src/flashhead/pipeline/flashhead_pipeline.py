@@ -48,6 +48,7 @@ class ReferenceState:
 
     image: torch.Tensor  # (1, 3, 1, H, W) in [-1, 1]: the colour-correction reference
     latents: torch.Tensor  # (1, C, F, h, w): latent of the image repeated frame_num times (the DiT's y)
+    _color_statistics: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> (1, 2, 3)
 
     @property
     def first_motion(self) -> torch.Tensor:
@@ -56,10 +57,9 @@ class ReferenceState:
 
     def color_statistics(self, dtype: torch.dtype) -> torch.Tensor:
         """(1, 2, 3): the image's Lab mean and std in `dtype` (the colour correction's reference), computed once."""
-        cache = self.__dict__.setdefault("_color_statistics", {})
-        if dtype not in cache:
-            cache[dtype] = reference_statistics(self.image.to(dtype))
-        return cache[dtype]
+        if dtype not in self._color_statistics:
+            self._color_statistics[dtype] = reference_statistics(self.image.to(dtype))
+        return self._color_statistics[dtype]
 
 
 @dataclass
