@@ -55,4 +55,6 @@ fi
 if [ "${CODE:-0}" = 1 ]; then  # Inductor's generated code of the graphs with all-to-alls (the sequence-parallel blocks)
     grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | tar czf "$OUT/code.tgz" -T -
 fi
-[ "${TEST:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
+if [ "${TEST:-1}" = 1 ]; then  # (an `if`, so that TEST=0 does not end the script with status 1)
+    timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -x -q -p no:cacheprovider tests/parallel/test_gpu_sp.py -k "pro-$ATTENTION or pro-None" 2>&1 | tail -3
+fi

@@ -6,10 +6,12 @@
 #   bash benchmarks/speed_device.sh equiv 1  # the GPU equivalence test for Pro, the switches without compile (~9 min)
 #   bash benchmarks/speed_device.sh equiv 2  # ... the compiled ones, all together, FP8, decode_new_only (~6 min)
 #   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
+#   bash benchmarks/speed_device.sh ttff     # Pro --optimized with and without early_first_frames (time to the first
+#                                            # frame, steady FPS), then the equivalence test of that switch (~9 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -36,10 +38,24 @@ matrix)
     timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
         2>&1 | tail -40
     ;;
+ttff)
+    # A new stream's first frame with its chunk decoded in two pieces, against the whole decode, in one machine's run.
+    AUDIO=.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav
+    for early in on off; do
+        timeout "${BENCH_TIMEOUT:-240}" python3 -m flashhead.cli bench --model pro --optimized --switches "early_first_frames=$early" \
+            --audio "$AUDIO" --seconds 10 --json "$OUT/pro_early_$early.json" > "$OUT/pro_early_$early.log" 2>&1
+        echo "early_first_frames=$early rc=$?"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib')})" "$OUT/pro_early_$early.json"
+    done
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+        -k "${EQUIV_K:-pro- and (early_first_frames or vae_cuda_graphs)}" > "$OUT/equiv.log" 2>&1
+    echo "equiv rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

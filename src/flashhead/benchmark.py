@@ -182,7 +182,8 @@ def run_stream(
 ) -> tuple[float, float, np.ndarray]:
     """One stream fed all its audio at once: (seconds to first frame, total seconds, frames (T, H, W, 3)).
 
-    `deliveries` (a list) receives (seconds since the start, frames) for every chunk as it is handed out.
+    `deliveries` (a list) receives (seconds since the start, frames) for every chunk once it is all handed out (a
+    first chunk can come in two pieces: early_first_frames).
     """
     session = engine.open_session(image, seed=seed)
     _sync()
@@ -191,14 +192,19 @@ def run_stream(
     session.end()
     first = None
     chunks = []
+    piece = 0  # frames of the chunk being handed out so far
+    per_chunk = engine.pipeline.new_frames
     while produced := engine.step():
-        mine = [c.frames for c in produced if c.session_id == session.id]
-        chunks.extend(mine)
+        mine = [c for c in produced if c.session_id == session.id]
+        chunks.extend(c.frames for c in mine)
         if first is None:
             _sync()
             first = time.perf_counter() - start
-        if deliveries is not None:
-            deliveries.extend((time.perf_counter() - start, len(f)) for f in mine if len(f))
+        for c in mine:
+            piece += len(c.frames)
+            if deliveries is not None and piece and (piece >= per_chunk or c.final):
+                deliveries.append((time.perf_counter() - start, piece))
+            piece = 0 if piece >= per_chunk or c.final else piece
     _sync()
     engine.close_session(session.id)
     frames = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)

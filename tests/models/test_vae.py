@@ -319,3 +319,34 @@ def test_pro_encode_ignores_noise_arguments(pro):
     video = t["chunk0/motion_frames_video"]
     eps = torch.randn(1, 16, 2, 4, 4)
     assert torch.equal(vae.encode(video), vae.encode(video, noise=eps, generator=torch.Generator()))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("head", [1, 2, 3])
+def test_pro_decode_in_pieces_equals_the_whole_decode(pro, head):
+    """The causal Wan decode pauses after `head` latent frames: the pieces, concatenated, are the whole decode,
+    bit for bit (same per-frame calls and caches), and the first piece holds the pixels of those frames only."""
+    vae, t = pro
+    latent = t["chunk0/final_latent"][None]
+    latent = torch.cat([latent, latent.flip(2)], dim=2)  # more latent frames than the fixture's chunk
+    whole = vae.decode(latent)
+    pieces = list(vae.decode_in_pieces(latent, head))
+    assert len(pieces) == 2
+    st = vae.stride[0]
+    assert pieces[0].shape[2] == 1 + st * (head - 1)
+    assert torch.equal(torch.cat(pieces, dim=2), whole)
+    assert vae.model._feat_map == [None] * len(vae.model._feat_map)  # caches cleared after the last piece
+
+
+@torch.no_grad()
+def test_decode_in_pieces_is_one_piece_where_it_cannot_split(pro, lite):
+    """Out-of-range heads (and the LTX decode, whose frames see later latent frames) give the whole decode."""
+    vae, t = pro
+    latent = t["chunk0/final_latent"][None]
+    for head in (0, latent.shape[2]):
+        (piece,) = vae.decode_in_pieces(latent, head)
+        assert torch.equal(piece, vae.decode(latent))
+    ltx, lt = lite
+    latent = lt["chunk0/final_latent"][None]
+    (piece,) = ltx.decode_in_pieces(latent, 1)
+    assert torch.equal(piece, ltx.decode(latent))

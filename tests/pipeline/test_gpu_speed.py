@@ -3,7 +3,8 @@ shipped flashhead-tiny (trained weights), same portrait, speech and seed, two ch
 
 Two kinds of switch:
 - exact: they change where or when work runs, not the arithmetic (RoPE table, cached conditioning, cuDNN
-  attention, cuDNN autotuning, pinned memory, side-stream audio, CUDA graphs of the chunk loop and of the VAE).
+  attention, cuDNN autotuning, pinned memory, side-stream audio, CUDA graphs of the chunk loop and of the VAE, a first
+  chunk decoded in two pieces).
   Asserted: PSNR >= 40 dB against the plain eager bf16 path (they are bit-identical on an H100).
 - reassociating: a fused kernel or another attention kernel adds and rounds in another order (torch.compile of
   DiT / VAE / colour, the GELU in the FFN GEMM's epilogue, FlashAttention, the VAE convolutions channels-last or
@@ -40,6 +41,7 @@ EXACT = {
     "launch_ahead": "launch_ahead=on,pinned_memory=on,audio_stream=on",
     "cuda_graphs": "cuda_graphs=on,rope_table=on,cond_cache=on",
     "vae_cuda_graphs": "vae_cuda_graphs=on",
+    "early_first_frames": "early_first_frames=on,pinned_memory=on",
 }
 REASSOCIATING = {
     "attention_flash": "attention=flash",

@@ -284,3 +284,56 @@ def test_frames_leave_for_the_host_before_the_motion_reencode_with_pinned_memory
     assert plain_order == ["encode", "copy"] * rounds
     assert pinned_order == ["copy", "encode"] * rounds
     np.testing.assert_array_equal(pinned, plain)
+
+
+@pytest.mark.parametrize("decode_new_only", [False, True])
+def test_early_first_frames_hand_out_a_new_streams_first_frames_before_the_rest_of_its_chunk(decode_new_only):
+    """early_first_frames (Pro's causal Wan decode): a new session's first chunk arrives in two pieces, the frames
+    of the latent frames up to the first new one, then the rest, each with its audio; a session that joins later
+    gets the same while the session already running shares its rounds. Frames and audio are those of the engine
+    without the switch, exactly, and later chunks come whole."""
+    from flashhead.pipeline.speed import SpeedConfig
+
+    pro, _, _ = tiny_pipeline("pro")
+    a_audio, b_audio = speechlike(3.0, seed=5), speechlike(2.2, seed=6)
+    runs = {}
+    base = SpeedConfig(pinned_memory=True, decode_new_only=decode_new_only)
+    for name, speed in (("whole", base), ("early", base.replace(early_first_frames=True))):
+        pro.optimize(speed)
+        engine = StreamEngine(pro, max_batch=4)
+        a = engine.open_session(portrait(pro, 21), seed=21)
+        a.push_audio(a_audio)
+        a.end()
+        steps = [engine.step()]  # a's first chunk (its first piece, with the switch)
+        b = engine.open_session(portrait(pro, 22), seed=22)  # b joins a running session
+        b.push_audio(b_audio)
+        b.end()
+        while (produced := engine.step()) or engine.in_flight:
+            steps.append(produced)
+        runs[name] = (steps, a.id, b.id)
+    pro.optimize(SpeedConfig())
+
+    (whole_steps, wa, wb), (early_steps, ea, eb) = runs["whole"], runs["early"]
+    whole = [c for step in whole_steps for c in step]
+    early = [c for step in early_steps for c in step]
+    for w_id, e_id in ((wa, ea), (wb, eb)):
+        np.testing.assert_array_equal(frames_of(early, e_id), frames_of(whole, w_id))
+        np.testing.assert_array_equal(np.concatenate([c.audio for c in early if c.session_id == e_id]),
+                                      np.concatenate([c.audio for c in whole if c.session_id == w_id]))  # fmt: skip
+        starts = [c.start_frame for c in early if c.session_id == e_id]
+        lengths = [len(c.frames) for c in early if c.session_id == e_id]
+        assert starts == list(np.cumsum([0, *lengths[:-1]]))  # contiguous
+        for c in early:
+            assert len(c.audio) == len(c.frames) * pro.config.sample_rate // pro.config.fps
+    # The first new frame (chunk frame 5) is in latent frame 2 of a whole decode (frames 5-8: 4 of them), in latent
+    # frame 1 of a decode that starts one latent frame later (decode_new_only): 4 frames either way.
+    first = [c for c in early if c.session_id == ea]
+    assert [len(c.frames) for c in first[:2]] == [4, pro.new_frames - 4]
+    assert len(early_steps[0]) == 1 and len(early_steps[0][0].frames) == 4  # a's first frames, alone in their step
+    b_chunks = [c for c in early if c.session_id == eb]
+    assert [len(c.frames) for c in b_chunks[:2]] == [4, pro.new_frames - 4]
+    # b's first round is shared with a's second chunk: a's frames are split there too, and every later chunk whole
+    a_lengths = [len(c.frames) for c in first]
+    assert a_lengths[2:4] == [4, pro.new_frames - 4]
+    assert all(n == pro.new_frames for n in a_lengths[4:-1]) and all(len(c.frames) == pro.new_frames for c in
+                                                                     b_chunks[2:-1])  # fmt: skip

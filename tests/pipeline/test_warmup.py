@@ -41,9 +41,16 @@ def tiny():
     return FlashHeadPipeline.from_pretrained("tiny", device="cpu")
 
 
-def test_warm_up_runs_one_round_per_batch_size_then_the_engine_serves(tiny):
-    result = warm_up(tiny, [2, 1])
+def test_warm_up_runs_two_rounds_per_batch_size_then_the_engine_serves(tiny):
+    calls = []  # the batch size of every chunk generation
+    original = tiny.generate_chunks
+    tiny.generate_chunks = lambda references, *a, **k: calls.append(len(references)) or original(references, *a, **k)
+    try:
+        result = warm_up(tiny, [2, 1])
+    finally:
+        del tiny.generate_chunks
     assert sorted(result["seconds_by_batch"]) == [1, 2] and result["total_seconds"] > 0
+    assert calls == [1, 1, 2, 2]  # a first chunk and a later one at each batch size
     assert warm_batch_sizes(3) == [1, 2, 3]
     engine = StreamEngine(tiny, max_sessions=1, max_batch=1)  # a session after the warm-up is untouched by it
     session = engine.open_session(np.full((128, 128, 3), 90, np.uint8), seed=0)

@@ -481,6 +481,7 @@ class FlashHeadPipeline:
         new_only: bool | None = None,
         while_denoising: Callable[[], None] | None = None,
         before_encode: Callable[[list[ChunkResult]], None] | None = None,
+        first_frames: Callable[[list[ChunkResult]], None] | None = None,
     ) -> list[ChunkResult]:
         """Generate one chunk for each of several streams in one batch (one DiT call per step for all).
 
@@ -492,6 +493,10 @@ class FlashHeadPipeline:
         `before_encode`: called with the results once their colour-corrected frames are queued and before the
         motion re-encode is (their `motion_latents` are None until then): the streaming engine queues the frames'
         copy to the host here, so that it does not wait for the re-encode, which only the next chunk needs.
+        `first_frames`: where the VAE decodes causally in time (Wan2.1, one GPU), the decode pauses once the first
+        new frame is decoded, colour-corrects those frames and calls this with results whose `video` holds them
+        (`latents` final, `motion_latents` None), then decodes the rest: the streaming engine hands a new stream's
+        first frames out while the rest of its chunk decodes. The results returned hold every frame, as without it.
         """
         cfg = self.config
         B = len(references)
@@ -532,21 +537,39 @@ class FlashHeadPipeline:
         split_color = None  # the reference's colour statistics, where the ranks colour-correct a block of frames each
         if self._sp is not None and strength > 0:
             split_color = torch.cat([r.color_statistics(self.vae.dtype) for r in references])
+        head_video = []  # the colour-corrected first piece, when the decode came in two
+
+        def color(decoded: torch.Tensor) -> torch.Tensor:
+            from flashhead.pipeline.fast_path import color_function
+
+            if strength == 0:
+                return decoded
+            if split_color is not None:
+                return self._sp.color(decoded, split_color, strength, color_function(self.speed, True))
+            return color_function(self.speed)(decoded, torch.cat([r.image for r in references]), strength)
+
+        def head_decoded(latents: torch.Tensor, head: torch.Tensor) -> None:
+            head_video.append(color(head))  # per frame, so the same as correcting the whole chunk
+            first_frames([ChunkResult(latents=latents[b : b + 1], decoded=head[b : b + 1],
+                                      video=head_video[0][b : b + 1], motion_latents=None, first_frame=first_frame)
+                          for b in range(B)])  # fmt: skip
+
+        # The first new frame is chunk frame `motion_frames`: decoded frame `ahead` of the tail that starts at
+        # `first_frame`; latent frames 0..k of the tail decode to its first 1 + st * k frames.
+        ahead = self.motion_frames - first_frame
+        head = 1 + -(-ahead // self.temporal_stride) if first_frames is not None else None
         latents, decoded = self._denoise_and_decode(
             ChunkInputs(initial, motion, ref_latents, context, step_noise, lengths, skip, split_encode, split_color,
                         strength),
-            while_denoising,
+            while_denoising, (head, head_decoded) if head is not None else None,
         )  # fmt: skip
         video = decoded
         if strength > 0:
-            from flashhead.pipeline.fast_path import color_function
-
             with self.timer("color_correction"):
-                if split_color is not None:
-                    video = self._sp.color(decoded, split_color, strength, color_function(self.speed, True))
+                if head_video:
+                    video = torch.cat([head_video[0], color(decoded[:, :, head_video[0].shape[2] :])], dim=2)
                 else:
-                    reference_images = torch.cat([r.image for r in references])
-                    video = color_function(self.speed)(decoded, reference_images, strength)
+                    video = color(decoded)
         results = [
             ChunkResult(latents=latents[b : b + 1], decoded=decoded[b : b + 1], video=video[b : b + 1],
                         motion_latents=None, first_frame=first_frame)
@@ -569,9 +592,17 @@ class FlashHeadPipeline:
         return results
 
     def _denoise_and_decode(
-        self, chunk: ChunkInputs, while_denoising: Callable[[], None] | None = None
+        self,
+        chunk: ChunkInputs,
+        while_denoising: Callable[[], None] | None = None,
+        head: tuple[int, Callable[[torch.Tensor, torch.Tensor], None]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoised latents and their decode; the part of a chunk that all sequence-parallel ranks run."""
+        """Denoised latents and their decode; the part of a chunk that all sequence-parallel ranks run.
+
+        `head` = (k, callback): on one GPU, with a VAE that decodes causally, decode the first k latent frames,
+        call `callback(latents, their pixels)`, then decode the rest (the callback's work, colour correction and
+        a queued copy, is counted in vae_decode).
+        """
         cfg = self.config
         if self._sp is not None and self._sp.group.is_leader:
             self._sp.announce(chunk)
@@ -590,7 +621,17 @@ class FlashHeadPipeline:
             while_denoising()
         with self.timer("vae_decode"):
             tail = latents[:, :, chunk.skip :]
-            decoded = graphed(self.vae, "decode", self.vae.decode)(tail) if self._sp is None else self._sp.decode(tail)
+            if self._sp is not None:
+                decoded = self._sp.decode(tail)
+            elif head is not None:
+                pieces = []
+                for piece in self.vae.decode_in_pieces(tail, head[0]):
+                    if not pieces and piece.shape[2] < 1 + self.temporal_stride * (tail.shape[2] - 1):
+                        head[1](latents, piece)  # the first of two pieces
+                    pieces.append(piece)
+                decoded = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+            else:
+                decoded = graphed(self.vae, "decode", self.vae.decode)(tail)
         return latents, decoded
 
     def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -59,6 +59,10 @@ class SpeedConfig:
         pinned_memory: draw each chunk's noise ahead, while the GPU works, into pinned host memory, copy it
             without blocking, and bring frames back through one pinned transfer per round, queued before the motion
             re-encode (which only the next chunk needs), so frames reach the host without waiting for it.
+        early_first_frames: a new stream's first chunk is decoded in two pieces where the VAE decodes causally in
+            time (Wan2.1, Pro, one GPU): the latent frames up to the first new frame, whose frames the streaming
+            engine colour-corrects and hands out at once, then the rest. The same frames, the first of them
+            earlier by most of a decode (needs pinned_memory: the frames' copy must not block the host).
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
             round's DiT runs (streaming engine).
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
@@ -87,6 +91,7 @@ class SpeedConfig:
     vae_cuda_graphs: bool = False
     cublaslt_no_workspace: bool = False
     pinned_memory: bool = False
+    early_first_frames: bool = False
     audio_stream: bool = False
     launch_ahead: bool = False
     decode_new_only: bool = False
@@ -113,7 +118,7 @@ class SpeedConfig:
             rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, vae_channels_last=True,
             vae_conv_pad=True, fused_gelu=True, compile_dit=True, compile_vae=True, compile_color=True,
             cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True,
-            audio_stream=True,
+            early_first_frames=True, audio_stream=True,
         )  # fmt: skip
 
     @property

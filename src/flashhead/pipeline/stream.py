@@ -72,8 +72,10 @@ class _Round:
     sessions: list[StreamSession]
     slices: list[tuple[np.ndarray, int]]  # (samples, real samples) each chunk shows
     finals: list[bool]
-    frames: HostFrames
+    frames: HostFrames  # every chunk's new frames, or those after `early`'s
     launched: float  # time.perf_counter() when it was queued
+    early: HostFrames | None = None  # first frames handed out ahead of the rest (early_first_frames), until delivered
+    handed: list[int] = field(default_factory=list)  # frames of each chunk already handed out
 
 
 @dataclass
@@ -110,6 +112,7 @@ class StreamSession:
         self._pending: deque[_Pending] = deque()
         self._pending_samples = 0
         self.frames_emitted = 0
+        self.frames_following = 0  # the rest of a chunk whose early frames were handed out, still on its way
         self._consumed = 0  # samples (speech and inserted silence) already generated
         self.speech_samples = 0  # real (not inserted) samples received
         self.ended = False
@@ -192,7 +195,7 @@ class StreamSession:
             return
         fps = self.cache.config.fps
         start = self.first_frame_at if self.first_frame_at is not None else self.opened_at
-        shown_until = start + self.frames_emitted / fps  # when the last generated frame has played
+        shown_until = start + (self.frames_emitted + self.frames_following) / fps  # the last generated one played
         if now + lead_seconds >= shown_until and self._pending_samples < self.slice_samples:
             with self._lock:
                 missing = self.slice_samples - self._pending_samples
@@ -387,6 +390,10 @@ class StreamEngine:
                 current = self._launch(self._ready(sessions, now))
                 if current is None:
                     return out
+            if current.early is not None:  # a first chunk's first frames; the next call delivers the rest
+                out.extend(self._deliver(current, early=True))
+                self._in_flight = current
+                return out
             # A session's first chunk is handed out before the next round is queued: queuing it first would add
             # the host's launch time of a whole round to the time to the first frame.
             if self.launches_ahead and all(s.first_frame_at is not None for s in current.sessions):
@@ -453,10 +460,20 @@ class StreamEngine:
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
             audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
         copies: list[HostFrames] = []
+        early: list[HostFrames] = []
 
         def start_copy(results: list) -> None:
-            copies.append(HostFrames.start([r.frames_from(pipe.motion_frames) for r in results],
-                                           pinned=speed.pinned_memory, watermark=self.watermark))  # fmt: skip
+            skip = early[0].lengths if early else [0] * len(results)  # frames that went ahead
+            videos = [r.frames_from(pipe.motion_frames + n) for r, n in zip(results, skip, strict=True)]
+            copies.append(HostFrames.start(videos, pinned=speed.pinned_memory, watermark=self.watermark))
+
+        def start_early_copy(results: list) -> None:
+            early.append(HostFrames.start([r.frames_from(pipe.motion_frames) for r in results],
+                                          pinned=True, watermark=self.watermark))  # fmt: skip
+
+        # early_first_frames: a new session's first frames leave as soon as they are decoded (the decode pauses
+        # for them, where the VAE can: flashhead_pipeline.generate_chunks), not after the whole chunk's decode.
+        first = speed.early_first_frames and speed.pinned_memory and any(s.first_frame_at is None for s in ready)
 
         # With pinned memory the frames' copy is queued before the motion re-encode (non-blocking), so they reach
         # the host without waiting for it: the first frame earlier by the re-encode's time. A blocking copy there
@@ -464,7 +481,8 @@ class StreamEngine:
         results = pipe.generate_chunks(
             [s.reference for s in ready], [s.motion_latents for s in ready], contexts,
             generators=[s.generator for s in ready], encode_generators=[s.encode_generator for s in ready],
-            while_denoising=audio_ahead, before_encode=start_copy if speed.pinned_memory else None, **noise_kwargs,
+            while_denoising=audio_ahead, before_encode=start_copy if speed.pinned_memory else None,
+            first_frames=start_early_copy if first else None, **noise_kwargs,
         )  # fmt: skip
         for s, result, final in zip(ready, results, finals, strict=True):
             s.motion_latents = result.motion_latents  # on the device: the next round can be queued behind this one
@@ -476,31 +494,41 @@ class StreamEngine:
             s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
         if not copies:
             start_copy(results)
-        return _Round(ready, slices, finals, copies[0], started)
+        return _Round(ready, slices, finals, copies[0], started, early[0] if early else None, [0] * len(ready))
 
-    def _deliver(self, r: _Round) -> list[VideoChunk]:
-        """Wait for a launched round's frames and hand them out as chunks."""
-        frames_all = r.frames.wait()
+    def _deliver(self, r: _Round, early: bool = False) -> list[VideoChunk]:
+        """Wait for a launched round's frames and hand them out as chunks: its early frames only, with `early`."""
+        frames_all = (r.early if early else r.frames).wait()
+        if early:
+            r.early = None
         emitted_at = time.monotonic()
         spf = self.pipeline.config.sample_rate // self.pipeline.config.fps
         out = []
-        for s, (samples, _), frames, final in zip(r.sessions, r.slices, frames_all, r.finals, strict=True):
-            s.in_flight -= 1
+        for i, (s, (samples, _), frames, final) in enumerate(zip(r.sessions, r.slices, frames_all, r.finals,
+                                                                   strict=True)):  # fmt: skip
+            last = final and not early
+            if not early:
+                s.in_flight -= 1
             if final:  # drop the frames that only show the end-of-stream padding
                 keep = s.total_frames() - s.frames_emitted
                 frames = frames[: max(keep, 0)]
-                s.finished = True
-            if s.first_frame_at is None:
+                s.finished = s.finished or last
+            if s.first_frame_at is None and (len(frames) or not early):
                 s.first_frame_at = emitted_at
-            if self.sessions.get(s.id) is not s:
-                continue  # closed while its chunk was being generated
+            if self.sessions.get(s.id) is not s or (early and not len(frames)):
+                continue  # closed while its chunk was being generated, or nothing to show yet
+            done = r.handed[i]
             out.append(VideoChunk(s.id, frames, s.frames_emitted, self.pipeline.config.fps,
-                                  samples[: len(frames) * spf], final))  # fmt: skip
+                                  samples[done * spf : (done + len(frames)) * spf], last))  # fmt: skip
+            r.handed[i] += len(frames)
             s.frames_emitted += len(frames)
+            s.frames_following = self.pipeline.new_frames - r.handed[i] if early else 0
+        self.stats.frames += sum(len(c.frames) for c in out)
+        if early:
+            return out
         done = time.perf_counter()
         self.stats.rounds += 1
         self.stats.chunks += len(r.sessions)
-        self.stats.frames += sum(len(c.frames) for c in out)
         # A round launched ahead started on the device when the one before it was delivered.
         self.stats.round_seconds.append((len(r.sessions), done - max(r.launched, self._last_delivered)))
         self._last_delivered = done

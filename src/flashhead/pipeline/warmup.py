@@ -77,8 +77,9 @@ def save_compile_cache(path: str | Path) -> int:
 
 
 def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict[str, Any]:
-    """Run one streaming round at each batch size through the real engine (on a grey image and quiet noise),
-    so that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size."""
+    """Run two streaming rounds at each batch size through the real engine (on a grey image and quiet noise), a
+    first chunk and a later one (their motion latents, and with early_first_frames their decodes, differ), so
+    that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size."""
     from flashhead.pipeline.stream import StreamEngine
 
     cfg = pipe.config
@@ -94,12 +95,13 @@ def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict
         for session in sessions:
             session.push_audio(noise)
         start = time.perf_counter()
-        produced = engine.step()
+        while any(s.frames_emitted < 2 * pipe.new_frames for s in sessions):
+            if not engine.step() and not engine.in_flight:
+                short = [s.frames_emitted for s in sessions]
+                raise RuntimeError(f"warm-up rounds at batch {n} stopped with {short} frames per session")
         if torch.cuda.is_available() and pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds[n] = round(time.perf_counter() - start, 3)
-        if len(produced) != n:
-            raise RuntimeError(f"warm-up round at batch {n} produced {len(produced)} chunks")
         for session in sessions:
             engine.close_session(session.id)
     return {"seconds_by_batch": seconds, "total_seconds": round(sum(seconds.values()), 3)}

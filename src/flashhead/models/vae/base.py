@@ -10,6 +10,7 @@ W = sw * W'.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,16 @@ class VideoVAE(nn.Module, ABC):
     @abstractmethod
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent (B, C, T', H', W') -> video (B, 3, T, H, W)."""
+
+    def decode_in_pieces(self, latent: torch.Tensor, head: int) -> Iterator[torch.Tensor]:
+        """`decode(latent)` in two pieces, the pixels of latent frames [0, head) and then of the rest, each piece
+        yielded as soon as its work is queued; concatenated along time they equal `decode(latent)` exactly.
+
+        A VAE whose decode is causal in time can hand out its first frames before the later ones are decoded (a
+        new stream's first frame earlier). This default, for decoders whose every frame sees later latent
+        frames (LTX), yields the whole decode as one piece; callers must accept one piece or two.
+        """
+        yield self.decode(latent)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of the latent of a `num_frames` x `height` x `width` clip."""

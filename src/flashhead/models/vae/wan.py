@@ -13,7 +13,7 @@ Official behaviour reproduced here (flash_head/wan/modules/vae.py, class `WanVAE
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +245,31 @@ class WanVideoVAE(VideoVAE):
         """Decode a normalised latent to pixels (B, 3, T, H, W), clamped to [-1, 1]."""
         latent = self._check_latent(latent)
         return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
+
+    def decode_in_pieces(self, latent: torch.Tensor, head: int) -> Iterator[torch.Tensor]:
+        """Causal in time: the decoder runs one latent frame at a time with feature caches of the frames before,
+        as diffusers' `AutoencoderKLWan._decode` does, so the loop can pause after `head` frames and yield them.
+        """
+        latent = self._check_latent(latent)
+        model = self.model
+        ratio = model.spatial_compression_ratio
+        tiled = model.use_tiling and (
+            latent.shape[-1] > model.tile_sample_min_width // ratio
+            or latent.shape[-2] > model.tile_sample_min_height // ratio
+        )
+        sliced = model.use_slicing and latent.shape[0] > 1
+        if not 0 < head < latent.shape[2] or tiled or sliced or model.config.patch_size is not None:
+            yield self.decode(latent)  # the layouts diffusers decodes otherwise: one piece
+            return
+        z = model.post_quant_conv(self.denormalize(latent))  # pointwise in time: once for every frame
+        model.clear_cache()
+        try:
+            for frames in (range(head), range(head, latent.shape[2])):
+                piece = []
+                for i in frames:
+                    model._conv_idx = [0]
+                    piece.append(model.decoder(z[:, :, i : i + 1], feat_cache=model._feat_map,
+                                               feat_idx=model._conv_idx, first_chunk=i == 0))  # fmt: skip
+                yield torch.cat(piece, dim=2).clamp(-1.0, 1.0)
+        finally:
+            model.clear_cache()
