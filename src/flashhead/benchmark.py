@@ -197,8 +197,7 @@ def run_stream(
     while produced := engine.step():
         mine = [c for c in produced if c.session_id == session.id]
         chunks.extend(c.frames for c in mine)
-        if first is None:
-            _sync()
+        if first is None:  # the frames are on the host (their copy's event was waited for); later work may run on
             first = time.perf_counter() - start
         for c in mine:
             piece += len(c.frames)
@@ -263,7 +262,8 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
         sessions = [engine.open_session(image, seed=i) for i in range(n)]
         for s in sessions:
             s.push_audio(audio[: 3 * chunk_samples])
-        engine.step()  # warm-up round at this batch size
+        while any(s.frames_emitted < pipe.new_frames for s in sessions):
+            engine.step()  # warm-up: the first chunks at this batch size (early_first_frames: in two steps)
         times = []
         for _ in range(2):
             _sync()
