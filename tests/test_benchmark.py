@@ -35,3 +35,34 @@ def test_run_stream_reports_every_chunk_as_it_is_handed_out():
     # What the benchmarks call: the same stream's frames, its time and its steady rate.
     again, seconds, steady = timed_stream(engine, image, samples)
     assert np.array_equal(again, frames) and seconds > 0 and 0 < steady < float("inf")
+
+
+def test_a_first_chunk_in_two_pieces_counts_once_and_batched_rounds_are_timed_after_both_kinds_of_chunk():
+    """early_first_frames (Pro): the first frame is timed at the first piece, the steady pace by whole chunks; the
+    streams measurement warms up on a first and a later round at its batch size and then times two later rounds."""
+    from flashhead.benchmark import measure_streams
+    from flashhead.pipeline.speed import SpeedConfig
+
+    pipe, _, _ = tiny_pipeline("pro")
+    image = np.random.default_rng(1).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+    samples = (0.1 * np.sin(np.arange(int(3.0 * 16000)) / 16000 * 2 * np.pi * 180)).astype(np.float32)
+    pipe.optimize(SpeedConfig(pinned_memory=True, early_first_frames=True))
+    try:
+        deliveries = []
+        first, _, frames = run_stream(StreamEngine(pipe), image, samples, deliveries=deliveries)
+        assert sum(n for _, n in deliveries) == len(frames)
+        assert [n for _, n in deliveries[:-1]] == [pipe.new_frames] * (len(deliveries) - 1)  # pieces merged
+        assert first < deliveries[0][0]  # the first frames came before the rest of their chunk
+
+        calls = []  # (batch size, whether the decode was asked to pause for first frames)
+        original = pipe.generate_chunks
+        pipe.generate_chunks = lambda refs, *a, **k: calls.append((len(refs), k.get("first_frames") is not None)) \
+            or original(refs, *a, **k)  # fmt: skip
+        try:
+            result = measure_streams(pipe, image, samples, pipe.new_frames * 640, 2)
+        finally:
+            del pipe.generate_chunks
+    finally:
+        pipe.optimize(SpeedConfig())
+    assert calls == [(2, True), (2, False), (2, False), (2, False)]
+    assert result["by_streams"][2]["round_ms"] > 0

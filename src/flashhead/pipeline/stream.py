@@ -517,9 +517,9 @@ class StreamEngine:
                 s.first_frame_at = emitted_at
             if self.sessions.get(s.id) is not s or (early and not len(frames)):
                 continue  # closed while its chunk was being generated, or nothing to show yet
-            done = r.handed[i]
+            handed = r.handed[i]  # the chunk's frames (and their audio) that an early piece took already
             out.append(VideoChunk(s.id, frames, s.frames_emitted, self.pipeline.config.fps,
-                                  samples[done * spf : (done + len(frames)) * spf], last))  # fmt: skip
+                                  samples[handed * spf : (handed + len(frames)) * spf], last))  # fmt: skip
             r.handed[i] += len(frames)
             s.frames_emitted += len(frames)
             s.frames_following = self.pipeline.new_frames - r.handed[i] if early else 0
