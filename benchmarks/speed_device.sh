@@ -8,10 +8,14 @@
 #   bash benchmarks/speed_device.sh matrix   # the speed matrix, Lite + Pro, with the cold starts (~8 min)
 #   bash benchmarks/speed_device.sh ttff     # Pro --optimized with and without early_first_frames (time to the first
 #                                            # frame, steady FPS), then the equivalence test of that switch (~9 min)
+#   bash benchmarks/speed_device.sh blocks   # one compiled DiT block (Lite, Pro) by Inductor mode, with and without
+#                                            # the fused GELU; the compiled colour correction by variant (~5 min)
+#   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
+#                                            # `bench --optimized` without and with the switches (~2 x 3 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -52,10 +56,31 @@ ttff)
     echo "equiv rc=$?"
     grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
     ;;
+blocks)
+    for model in lite pro; do
+        for args in "" "--mode max-autotune-no-cudagraphs" "--mode max-autotune-no-cudagraphs --no-fused-gelu"; do
+            timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model $model $args 2>"$OUT/block.err" | tail -1
+            echo "block $model $args rc=$?"
+        done
+    done
+    timeout 120 python3 benchmarks/color_bench.py
+    ;;
+ab)
+    # The same model's `bench --optimized` as it is and with the switches in $3, one machine, one call.
+    MODEL=${2:?model}
+    AUDIO=.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav
+    for variant in base switched; do
+        SW=""; [ "$variant" = switched ] && SW="--switches ${3:?switches}"
+        timeout "${BENCH_TIMEOUT:-280}" python3 -m flashhead.cli bench --model "$MODEL" --optimized $SW --audio "$AUDIO" \
+            --seconds 10 ${BENCH_ARGS:-} --json "$OUT/${MODEL}_$variant.json" > "$OUT/${MODEL}_$variant.log" 2>&1
+        echo "$variant rc=$?"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'streams')})" "$OUT/${MODEL}_$variant.json"
+    done
+    ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab or cold, got '$WHAT'" >&2; exit 2 ;;
 esac
