@@ -66,3 +66,22 @@ def test_a_first_chunk_in_two_pieces_counts_once_and_batched_rounds_are_timed_af
         pipe.optimize(SpeedConfig())
     assert calls == [(2, True), (2, False), (2, False), (2, False)]
     assert result["by_streams"][2]["round_ms"] > 0
+
+
+def test_trace_of_a_stream_holds_every_stage_for_trace_stages(tmp_path):
+    """`flashhead bench --trace`: a profiled stream whose Chrome trace names the stages (what
+    benchmarks/trace_stages.py reads), written whole under the given name."""
+    import gzip
+    import json
+
+    from flashhead.benchmark import write_trace
+
+    pipe, _, _ = tiny_pipeline("lite")
+    image = np.random.default_rng(2).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+    samples = (0.1 * np.sin(np.arange(2 * pipe.new_frames * 640) / 16000 * 2 * np.pi * 180)).astype(np.float32)
+    path = tmp_path / "lite.json.gz"
+    write_trace(StreamEngine(pipe), image, samples, path)
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    stages = {e["name"] for e in events if e.get("name", "").startswith("stage:")}
+    assert {"stage:dit", "stage:vae_decode", "stage:vae_encode_motion", "stage:audio_features"} <= stages
+    assert [p.name for p in tmp_path.iterdir()] == ["lite.json.gz"]  # no temporary left beside it

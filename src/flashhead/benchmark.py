@@ -38,6 +38,7 @@ class BenchSettings:
     device: str = "cuda"
     audio: str | None = None
     switches: dict[str, bool | str] = field(default_factory=dict)  # SpeedConfig fields; missing ones are off
+    trace: str | None = None  # also profile a 4-chunk stream: gzip'd Chrome trace written here
 
 
 def _speech(path: str | None, seconds: float) -> np.ndarray:
@@ -166,6 +167,9 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "switches": {"dtype": settings.dtype, **speed.to_dict(), "color_on_gpu": True},
     }
     bar.update(3)
+    if settings.trace:
+        write_trace(engine, image, audio[: 4 * chunk_samples], Path(settings.trace))
+        report["trace"] = settings.trace
     if settings.streams:
         report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams)
         bar.update()
@@ -208,6 +212,34 @@ def run_stream(
     engine.close_session(session.id)
     frames = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
     return first or 0.0, time.perf_counter() - start, frames
+
+
+def write_trace(engine, image: np.ndarray, samples: np.ndarray, path: Path) -> None:
+    """A stream of `samples` under torch.profiler, its Chrome trace gzip'd to `path` (written whole or not at all).
+
+    Each stage is a named range (`StageTimer`), so benchmarks/trace_stages.py can charge the GPU work to the stage
+    that launched it and show what ran between stages.
+    """
+    import gzip
+    import shutil
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from flashhead.atomic import atomic_path
+    from flashhead.pipeline.timing import StageTimer
+
+    pipe = engine.pipeline
+    pipe.timer = StageTimer(sync=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        run_stream(engine, image, samples)
+    pipe.timer = StageTimer(sync=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with atomic_path(path) as part, open(raw, "rb") as src, gzip.open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def steady_fps(deliveries: list[tuple[float, int]], frames_per_chunk: int) -> float | None:

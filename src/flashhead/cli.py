@@ -242,6 +242,9 @@ def bench(
     optimized: Annotated[
         bool, typer.Option("--optimized", help="Start from every output-preserving switch on (--switches adjusts).")
     ] = False,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Also profile a 4-chunk stream; gzip'd Chrome trace here.")
+    ] = None,
 ) -> None:
     """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""
     from flashhead.benchmark import BenchSettings, main
@@ -253,6 +256,7 @@ def bench(
     settings = BenchSettings(
         model=model, weights=str(weights) if weights else None, seconds=seconds, streams=streams,
         dtype=dtype, device=device, audio=str(audio) if audio else None, switches=speed.to_dict(),
+        trace=str(trace) if trace else None,
     )  # fmt: skip
     main(settings, json_path)
 

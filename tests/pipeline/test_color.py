@@ -57,3 +57,19 @@ def test_frames_corrected_apart_equal_the_whole_chunk(dtype):
     blocks = [match_colors_to(video[:, :, a:b], stats, 0.75) for a, b in ((0, 4), (4, 7))]
     assert torch.equal(torch.cat(blocks, dim=2), whole)
     assert not torch.equal(match_colors_to(video, stats.flip(0), 0.75), whole)  # the statistics are used
+
+
+def test_compiled_correction_equals_eager_in_float32():
+    """Under torch.compile the 3x3 colour matrices are written out as multiply-adds (fused into the elementwise
+    kernels); the result is the same computation, up to float32 rounding."""
+    from flashhead.pipeline.color import match_colors_to, reference_statistics
+
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(1, 3, 3, 24, 16, generator=g) * 2 - 1
+    stats = reference_statistics(torch.rand(1, 3, 1, 24, 16, generator=g) * 2 - 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(match_colors_to, dynamic=False)
+    eager = match_colors_to(video, stats, 0.8)
+    out = compiled(video, stats, 0.8)
+    assert (out - eager).abs().max() <= 1e-5
+    assert not torch.equal(compiled(video.flip(-1), stats, 0.8), out)  # it does compute from its input

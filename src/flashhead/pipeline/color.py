@@ -24,10 +24,24 @@ _WHITE_D65 = (0.95047, 1.0, 1.08883)
 _EPSILON, _KAPPA = 0.008856, 903.3
 
 
+def _mix(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    """x (..., 3) times the 3x3 `matrix` transposed: each pixel's channels mixed.
+
+    Eager, one matmul (the official computation, float32 accumulation). Under torch.compile, written out as
+    three multiply-adds per output channel, which Inductor fuses into the surrounding elementwise kernels: as a
+    matmul it stays two GEMM calls of K = 3 that read and write every pixel (1.1 of the 2.0 ms that the
+    compiled correction of a 512x512 chunk took on an H100).
+    """
+    if not torch.compiler.is_compiling():
+        return x @ x.new_tensor(matrix).T
+    c0, c1, c2 = x.unbind(-1)
+    return torch.stack([row[0] * c0 + row[1] * c1 + row[2] * c2 for row in matrix], dim=-1)
+
+
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], channels last (..., 3) -> CIE Lab (..., 3)."""
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ rgb.new_tensor(_XYZ_FROM_RGB).T
+    xyz = _mix(linear, _XYZ_FROM_RGB)
     xyz = (xyz / rgb.new_tensor(_WHITE_D65)).clamp(1e-8, 1.0)
     f = torch.where(xyz > _EPSILON, xyz ** (1 / 3), (_KAPPA * xyz + 16) / 116)
     fx, fy, fz = f.unbind(-1)
@@ -43,7 +57,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     y = torch.where(L > _KAPPA * _EPSILON, fy**3, L / _KAPPA)
     z = torch.where(fz**3 > _EPSILON, fz**3, (116 * fz - 16) / _KAPPA)
     xyz = torch.stack([x, y, z], dim=-1) * lab.new_tensor(_WHITE_D65)
-    linear = xyz @ lab.new_tensor(_RGB_FROM_XYZ).T
+    linear = _mix(xyz, _RGB_FROM_XYZ)
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(0) ** (1 / 2.4) - 0.055, 12.92 * linear)
     return rgb.clamp(0.0, 1.0)
 
