@@ -116,6 +116,20 @@ def test_batch_with_one_timestep_per_sample_equals_single_calls(variant):
     assert rel_l2(batched[0], batched[1]) > 1e-2  # samples really differ
 
 
+def test_every_block_runs_on_a_contiguous_residual_stream():
+    """The tokens leave patchify contiguous, so no block sees (or passes on) the conv output's channel-major
+    layout: compiled blocks would otherwise reduce their norms over a strided dim (slower on the GPU)."""
+    model, t = tiny_model("lite")
+    layouts = []
+    hooks = [b.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous())) for b in model.blocks]
+    try:
+        run_case(model, t, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert layouts == [True] * len(model.blocks)
+
+
 # bf16 against fp32 at the same (bf16-rounded) timestep, measured on CPU with the tiny fixtures over all
 # cases (docs/models.md): rel-L2 0.0067-0.0075. The bound leaves head-room for other CPUs and kernels.
 BF16_TOLERANCE = 2e-2

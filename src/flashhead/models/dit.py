@@ -325,7 +325,10 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
     def patchify(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Noisy and reference latents -> tokens (B, L, D) in (f, h, w) order, and the token grid."""
         x = self.patch_embedding(torch.cat([x, y], dim=1))  # (B, D, F, H', W')
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+        # Contiguous (B, L, D): a transposed view would carry its channel-major layout through every block's
+        # residual stream (elementwise outputs keep their input's strides), so each norm reduced over a strided
+        # dim and each GEMM read a transposed operand (Lite on an H100: 314 against 273 us per block).
+        return x.flatten(2).transpose(1, 2).contiguous(), tuple(x.shape[2:])
 
     def embed_time(
         self, timestep: torch.Tensor, batch: int, dtype: torch.dtype
