@@ -1,11 +1,12 @@
-"""wav2vec2 over the 8 s audio cache on one GPU: float32 against TF32 GEMMs, time and feature error.
+"""wav2vec2 over the 8 s audio cache on one GPU: float32 against TF32 GEMMs and against a CUDA-graph replay.
 
     python3 benchmarks/audio_precision.py [speech.wav]    # prints JSON
 
 The encoder as the pipeline builds it for `flashhead bench` (the wav2vec2-base architecture, random weights) on
 8 s of the shared speech. Per variant: median GPU ms of one pass alone (CUDA events, 10 passes), and against
 float32: the relative L2 error of the features and the fraction whose bfloat16 rounding (what the DiT receives)
-differs. TF32 is cuBLAS's `allow_tf32` for wav2vec2's GEMMs only (its convolutions keep cuDNN's own setting).
+differs. TF32 is cuBLAS's `allow_tf32` for wav2vec2's GEMMs only (its convolutions keep cuDNN's own setting);
+`audio_cuda_graphs` replays the float32 pass from a CUDA graph (`FlashHeadPipeline.encode_audio`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def main() -> None:
     report["tf32_max_abs"] = float((tf32 - reference).abs().max())
     report["tf32_bf16_differs"] = float((tf32.bfloat16() != reference.bfloat16()).float().mean())
     report["features_shape"] = list(reference.shape)
+    pipe.optimize("audio_cuda_graphs=on")  # the same float32 pass replayed from a CUDA graph
+    ms, graphed = timed(pipe.encode_audio, samples[None])
+    report["fp32_graphed_ms"] = round(ms, 3)
+    report["graphed_equal"] = bool(torch.equal(graphed[0], reference))
     print(json.dumps(report))
 
 
