@@ -12,10 +12,12 @@
 #                                            # the fused GELU; the compiled colour correction by variant (~5 min)
 #   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
 #                                            # `bench --optimized` without and with the switches (~2 x 3 min)
+#   bash benchmarks/speed_device.sh audio    # wav2vec2 alone (float32, TF32, CUDA graph), the audio_cuda_graphs
+#                                            # equivalence tests, Lite with and without the switch (~6 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -77,10 +79,19 @@ ab)
         python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'streams')})" "$OUT/${MODEL}_$variant.json"
     done
     ;;
+audio)
+    AUDIO=.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav
+    timeout 90 python3 benchmarks/audio_precision.py "$AUDIO" 2>/dev/null | tail -1
+    timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+        -k "${EQUIV_K:-audio_cuda_graphs}" > "$OUT/equiv.log" 2>&1
+    echo "equiv rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*|capture failed.*' "$OUT/equiv.log" | tail -12
+    bash "$0" ab "${2:-lite}" audio_cuda_graphs=on
+    ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio or cold, got '$WHAT'" >&2; exit 2 ;;
 esac
