@@ -12,26 +12,18 @@ differs. TF32 is cuBLAS's `allow_tf32` for wav2vec2's GEMMs only (its convolutio
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
+from block_bench import event_ms  # benchmarks/, the script's folder
 
 from flashhead.benchmark import BenchSettings, _speech, build_pipeline
 
 
 def timed(encoder, samples: torch.Tensor, repeats: int = 10) -> tuple[float, torch.Tensor]:
-    out = encoder(samples)
+    encoder(samples)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = encoder(samples)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times), out
+    return event_ms(lambda: encoder(samples), repeats)
 
 
 def main() -> None:

@@ -59,14 +59,7 @@ def main() -> None:
     for _ in range(3):
         call()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(args.repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+    block_ms, _ = event_ms(call, args.repeats)
     graph_ms = graph_time_ms(call)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
@@ -82,10 +75,24 @@ def main() -> None:
     print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
                       "mode": args.mode, "compile_s": round(compile_s, 1),
-                      "block_ms_median": round(statistics.median(times), 4),
+                      "block_ms_median": round(block_ms, 4),
                       "block_ms_in_cuda_graph": round(graph_ms, 4), "memsets_per_call": memsets,
                       "memsets_launched_by": memset_sources(prof),
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
+
+
+def event_ms(call, repeats: int):
+    """Median GPU ms of `repeats` calls of `call`, each between two CUDA events, and the last call's result (also
+    for benchmarks/color_bench.py and audio_precision.py)."""
+    times, out = [], None
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = call()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times), out
 
 
 def graph_time_ms(call, calls: int = 20) -> float:

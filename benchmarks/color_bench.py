@@ -11,9 +11,9 @@ leave the chunk (the new ones; the re-rendered motion frames are neither shown n
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
+from block_bench import event_ms  # benchmarks/, the script's folder
 from torch.profiler import ProfilerActivity, profile
 
 from flashhead.pipeline.color import match_colors, match_colors_to, reference_statistics
@@ -23,15 +23,7 @@ def time_ms(call, repeats: int = 30) -> float:
     for _ in range(3):
         call()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return event_ms(call, repeats)[0]
 
 
 def kernels_us(call) -> list:
