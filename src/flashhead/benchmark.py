@@ -230,11 +230,13 @@ def write_trace(engine, image: np.ndarray, samples: np.ndarray, path: Path) -> N
     from flashhead.pipeline.timing import StageTimer
 
     pipe = engine.pipeline
-    pipe.timer = StageTimer(sync=False)
+    timer, pipe.timer = pipe.timer, StageTimer(sync=False)  # the stage ranges, without synchronising
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        run_stream(engine, image, samples)
-    pipe.timer = StageTimer(sync=False)
+    try:
+        with profile(activities=activities) as prof:
+            run_stream(engine, image, samples)
+    finally:
+        pipe.timer = timer
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
