@@ -42,7 +42,6 @@ EXACT = {
     "cuda_graphs": "cuda_graphs=on,rope_table=on,cond_cache=on",
     "vae_cuda_graphs": "vae_cuda_graphs=on",
     "early_first_frames": "early_first_frames=on,pinned_memory=on",
-    "audio_cuda_graphs": "audio_cuda_graphs=on,audio_stream=on,pinned_memory=on",
 }
 REASSOCIATING = {
     "attention_flash": "attention=flash",

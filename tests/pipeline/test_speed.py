@@ -207,28 +207,6 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
     assert lite.speed.is_plain and lite._fast is None
 
 
-def test_audio_cuda_graphs_routes_the_engine_audio_through_one_graphed_call(lite):
-    """The switch gives the pipeline one GraphedCall of its audio encoder, which the streaming engine calls (on the
-    CPU it runs the encoder directly: the frames are the plain ones); switching it off drops the graphs."""
-    audio = speech_16k(1.5)
-    image = np.random.default_rng(4).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
-    plain = run_stream(lite, SpeedConfig(), audio, image)
-    calls = []
-    lite.optimize(SpeedConfig(audio_cuda_graphs=True))
-    try:
-        graphs = lite._audio_graphs
-        assert graphs is not None and graphs.fn is lite.audio_encoder
-        original = graphs.fn
-        graphs.fn = lambda *a: calls.append(a[0].shape) or original(*a)
-        waveforms = torch.zeros(2, 16000)
-        assert torch.equal(lite.encode_audio(waveforms), lite.audio_encoder(waveforms))
-        assert calls == [waveforms.shape]  # through the graphed call (which falls back to eager on the CPU)
-    finally:
-        lite.optimize(SpeedConfig())
-    assert lite._audio_graphs is None
-    assert np.array_equal(run_stream(lite, SpeedConfig(audio_cuda_graphs=True), audio, image), plain)
-
-
 def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
     convs = [m for m in lite.vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs

@@ -31,7 +31,7 @@ from flashhead.models.vae import VideoVAE
 from flashhead.parallel.runner import ChunkInputs
 from flashhead.pipeline.color import reference_statistics
 from flashhead.pipeline.config import GenerationConfig
-from flashhead.pipeline.graphs import GraphedCall, graphed
+from flashhead.pipeline.graphs import graphed
 from flashhead.pipeline.sampling import denoise_chunk
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig
@@ -202,7 +202,6 @@ class FlashHeadPipeline:
         self.timer = NullTimer()  # set a StageTimer to measure where the time goes
         self.speed = SpeedConfig()
         self._fast = None  # FastDenoiser when a DiT switch is on
-        self._audio_graphs = None  # GraphedCall of the audio encoder (audio_cuda_graphs)
         self._sp = None  # SequenceParallelRunner after parallelize()
         self._sp_idle = None  # the group, where parallelize() chose not to split
 
@@ -222,15 +221,7 @@ class FlashHeadPipeline:
             self._sp.model.install()
         self.speed = speed
         self._fast = FastDenoiser(self._velocity_model, speed) if speed.fast_denoiser else None
-        self._audio_graphs = GraphedCall(self.audio_encoder, "audio_encoder") if speed.audio_cuda_graphs else None
         return self
-
-    def encode_audio(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """(B, n) samples -> (B, S, layers, hidden) features of the audio encoder; replayed from a CUDA graph per
-        batch size with `audio_cuda_graphs` (the streaming engine's fixed-length audio cache)."""
-        if self._audio_graphs is not None:  # (it calls the encoder directly for CPU tensors)
-            return self._audio_graphs(waveforms.to(self.device, non_blocking=True))
-        return self.audio_encoder(waveforms)
 
     # -- sequence parallel ----------------------------------------------------------------------------
 

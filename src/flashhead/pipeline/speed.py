@@ -65,9 +65,6 @@ class SpeedConfig:
             earlier by most of a decode (needs pinned_memory: the frames' copy must not block the host).
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
             round's DiT runs (streaming engine).
-        audio_cuda_graphs: the streaming engine's wav2vec2 pass over the 8 s audio cache replayed from a CUDA graph,
-            one per batch size. Launched op by op it is bound by the host (one H100: 9.5 ms per pass with float32
-            or TF32 GEMMs alike), and a new stream's first chunk waits for it. Same kernels, same features.
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
             round's frames, so the GPU goes from one chunk to the next without waiting for the host (and, with
             sequence parallelism, for the followers). Exact, but measured no faster on one GPU (Lite 327 against
@@ -96,7 +93,6 @@ class SpeedConfig:
     pinned_memory: bool = False
     early_first_frames: bool = False
     audio_stream: bool = False
-    audio_cuda_graphs: bool = False
     launch_ahead: bool = False
     decode_new_only: bool = False
     fp8: bool = False

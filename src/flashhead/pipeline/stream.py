@@ -539,7 +539,7 @@ class StreamEngine:
         buffers = torch.stack([s.cache.buffer for s in sessions])
         if self.pipeline.device.type == "cuda":
             buffers = buffers.pin_memory()  # copied without blocking the host (it may be a side stream's turn)
-        features = self.pipeline.encode_audio(buffers)  # (B, S, L, H)
+        features = self.pipeline.audio_encoder(buffers)  # (B, S, L, H)
         return [s.cache.context(f) for s, f in zip(sessions, features, strict=True)]
 
     def _encode_audio_ahead(self, sessions: list[StreamSession]) -> None:
