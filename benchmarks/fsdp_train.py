@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 benchmarks/fsdp_train.py --stage 1 --steps 200 --json $OUT/stage1.json
     torchrun --nproc-per-node 2 benchmarks/fsdp_train.py --stage 2 --steps 10 --json $OUT/stage2.json
+    python3 benchmarks/plot_fsdp.py $OUT/stage1.json $OUT/stage2.json --out fsdp.png   # loss and step-time curves
     torchrun --nproc-per-node 2 benchmarks/fsdp_train.py --tiny --size 128 --stage 1 --steps 30 --json s1.json  # CPU
 
 Any number of processes (one per GPU; NCCL on CUDA, gloo on CPU), or none (plain `python`, one process).
@@ -241,9 +242,9 @@ def run_stage2(args: argparse.Namespace, info: Any, report: Report) -> None:
             rows.append(row)
             if info.is_main:
                 logger.info("stage 2 iteration %d: %s", step, {k: v for k, v in row.items() if k != "memory"})
+            if len(rows) > 1:  # after every iteration, so a run stopped by a time limit keeps its summary
+                report.data["summary"] = stage2_summary(rows, report.data)
             report.save()
-    if rows:
-        report.data["summary"] = stage2_summary(rows, report.data)
     report.data["wall_s"] = time.perf_counter() - t0
 
 
@@ -261,6 +262,9 @@ def stage2_summary(rows: list[dict[str, Any]], data: dict[str, Any]) -> dict[str
     gen = [r for r in rows[1:] if r["generator_step"]]
     out["generator_step_time_s"] = summarize(gen, skip=0)["step_time_s"] if gen else None
     out["critic_step_time_s"] = summarize([r for r in rows[1:] if not r["generator_step"]], skip=0)["step_time_s"]
+    # The fake score's denoising loss (every iteration) and the student's regression loss (generator steps): each
+    # draws its K, exit step and noise level at random, so the trend is a mean over windows of iterations.
+    out["loss_trend"] = {key: loss_trend([r[key] for r in rows if key in r], 20) for key in ("critic", "regression")}
     resident = [r["resident_allocated_gib"] for r in rows if r["resident_allocated_gib"]]
     if resident:  # after a generator step every Adam state exists: the resident training state (+ VAE)
         measured = [max(values) for values in zip(*resident, strict=True)]

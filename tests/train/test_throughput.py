@@ -146,3 +146,10 @@ def test_fsdp_benchmark_stage2_one_process(tmp_path):
         assert (r["dit_forwards"], r["dit_backwards"]) == passes
         assert np.isfinite(r["critic"]) and r["step_time_s"] > 0 and r["tokens_per_s"] > 0
     assert result["plan"]["total state"] * 2**30 == pytest.approx(result["parameters_per_network"] * 38)
+    trend = result["summary"]["loss_trend"]
+    assert trend["critic"]["first_mean"] == pytest.approx(rows[0]["critic"]) and trend["critic"]["finite"]
+    assert trend["regression"]["last_mean"] == pytest.approx(rows[0]["regression"])  # generator steps only
+    from plot_fsdp import main as plot
+
+    plot([str(out), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp*"))
