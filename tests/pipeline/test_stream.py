@@ -208,6 +208,35 @@ def test_launch_ahead_delivers_the_same_chunks_while_the_next_round_is_already_q
         assert sum(len(c.frames) for c in ahead if c.session_id == s.id) == round(len(audio) / 640)
 
 
+def test_audio_ahead_is_queued_before_the_dit_where_rounds_launch_ahead(lite, monkeypatch):
+    """audio_stream queues the next round's wav2vec2 once this round's DiT is queued; where rounds are queued ahead
+    (launch_ahead, and always when sequence parallel) it comes before the chunk instead, because there the DiT's graph
+    launch can hold the host until that DiT has run. (The side stream is CUDA-only: recorded here, not run.)"""
+    from flashhead.pipeline.speed import SpeedConfig
+
+    order = []
+    generate = lite.generate_chunks
+
+    def recording(*args, while_denoising=None, **kwargs):
+        order.append("chunk")
+        return generate(*args, while_denoising=while_denoising, **kwargs)
+
+    monkeypatch.setattr(lite, "generate_chunks", recording)
+    monkeypatch.setattr(StreamEngine, "_audio_on_side_stream", lambda self: True)
+    monkeypatch.setattr(StreamEngine, "_encode_audio_ahead", lambda self, sessions: sessions and order.append("audio"))
+    audios = [speechlike(2.0, seed=4)]
+    seen = {}
+    for ahead in (False, True):
+        order.clear()
+        _, seen[ahead], _ = _run_sessions(lite, SpeedConfig(audio_stream=True, launch_ahead=ahead), audios, 1)
+        rounds = len(seen[ahead])
+        # Every round but the final one queues the next round's audio: during the chunk, or before it.
+        expected = [["chunk", "audio"], ["audio", "chunk"]][ahead] * (rounds - 1) + ["chunk"]
+        assert order == expected, (ahead, order)
+    for a, p in zip(seen[True], seen[False], strict=True):
+        assert np.array_equal(a.frames, p.frames)
+
+
 def test_a_session_closed_while_its_round_is_in_flight_gets_no_chunk(lite):
     from flashhead.pipeline.speed import SpeedConfig
 

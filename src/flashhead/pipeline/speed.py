@@ -64,7 +64,8 @@ class SpeedConfig:
             engine colour-corrects and hands out at once, then the rest. The same frames, the first of them
             earlier by most of a decode (needs pinned_memory: the frames' copy must not block the host).
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
-            round's DiT runs (streaming engine).
+            round's DiT runs (streaming engine). Where rounds are launched ahead (launch_ahead, sequence parallel)
+            they are queued before the chunk, beside the previous round's decode.
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
             round's frames, so the GPU goes from one chunk to the next without waiting for the host (and, with
             sequence parallelism, for the followers). Exact, but measured no faster on one GPU (Lite 327 against

@@ -452,13 +452,20 @@ class StreamEngine:
                             "renoises": None if pipe.config.use_euler else [d.renoise for d in drawn]}  # fmt: skip
         finals = [s.ended and s.buffered_samples == 0 for s in ready]
         audio_ahead = None
-        if speed.audio_stream and pipe.device.type == "cuda":
+        if self._audio_on_side_stream():
             # Queued once this round's DiT is (not before the chunk, not after it): launching wav2vec2 takes the host
             # ~11 ms, during which a GPU with only the last round's tail queued went idle; after the whole chunk,
             # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
             # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
             audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
+            if self.launches_ahead:
+                # ... except where rounds are queued ahead (sequence parallel): there the GPU still has the last
+                # round's decode and re-encode to run, and the DiT's graph launch can hold the host until that DiT
+                # has run (2 x H200 trace, run 42: 286 ms in cudaGraphLaunch), so wav2vec2 queued after it kept the
+                # decode waiting ~20 ms. Queued first, it runs beside the last round's tail (same kernels, exact).
+                audio_ahead()
+                audio_ahead = None
         copies: list[HostFrames] = []
         early: list[HostFrames] = []
 
@@ -541,6 +548,10 @@ class StreamEngine:
             buffers = buffers.pin_memory()  # copied without blocking the host (it may be a side stream's turn)
         features = self.pipeline.audio_encoder(buffers)  # (B, S, L, H)
         return [s.cache.context(f) for s, f in zip(sessions, features, strict=True)]
+
+    def _audio_on_side_stream(self) -> bool:
+        """audio_stream: the next round's audio features are computed ahead, on a side CUDA stream (CUDA only)."""
+        return self.pipeline.speed.audio_stream and self.pipeline.device.type == "cuda"
 
     def _encode_audio_ahead(self, sessions: list[StreamSession]) -> None:
         """Take and encode the next full slice of each session on a side CUDA stream (audio_stream switch)."""
