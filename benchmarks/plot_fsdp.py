@@ -54,9 +54,9 @@ def plot_stage1(data: dict, loss_ax, time_ax) -> None:
 
 def plot_stage2(data: dict, loss_ax, time_ax) -> None:
     rows = data.get("iterations") or []
-    for key, colour in (("critic", "C0"), ("regression", "C1")):
+    for key, label, colour in (("critic", "fake score", "C0"), ("regression", "student regression", "C1")):
         picked = [r for r in rows if key in r]
-        curve(loss_ax, [r["step"] + 1 for r in picked], [r[key] for r in picked], key, colour)
+        curve(loss_ax, [r["step"] + 1 for r in picked], [r[key] for r in picked], label, colour)
     loss_ax.set_ylabel("loss")
     for generator, colour, label in ((True, "C3", "generator + fake score"), (False, "C2", "fake score only")):
         picked = [r for r in rows if r["generator_step"] == generator]
