@@ -8,7 +8,8 @@ to the stage whose host range holds the runtime call that launched it (Kineto li
 time into the stages and the rest, the part a per-stage table cannot show (sp_bench: ~20 ms per chunk outside
 the timed stages on 1 and 2 GPUs), with the rest's biggest kernels by name. Also the host side (`host`): how
 busy the thread running the stages was, how much of it was waiting for the GPU, and each stage's host time,
-runtime calls and launches: whether the host or the GPU sets the pace.
+runtime calls and launches: whether the host or the GPU sets the pace. And the pacing (`pacing`): the GPU time
+from one DiT to the next, the chunk loop's stream waiting between stages, and the long host runtime calls.
 """
 
 from __future__ import annotations
@@ -142,8 +143,72 @@ def host_breakdown(trace: dict) -> dict:
     }
 
 
+def pacing(trace: dict, gap_ms: float = 1.0, call_ms: float = 20.0, top: int = 8) -> dict:
+    """What set each chunk's period: the GPU time from one DiT's start to the next (its ranges on the stream that
+    ran the most DiT time: the chunk loop's), that stream's idle gaps of at least `gap_ms` with the stage of the
+    work on each side, and the host runtime calls of at least `call_ms`.
+
+    Session 19 found a 2-GPU chunk 19 ms slower than its neighbour this way: the host sat 286 ms inside the DiT's
+    cudaGraphLaunch, then launched the next round's audio before the decode, and the loop waited for the decode.
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    dit = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "gpu_user_annotation" and e.get("name") == STAGE_PREFIX + "dit":
+            dit[(e.get("pid"), e.get("tid"))].append((e["ts"], e["dur"]))
+    main = max(dit, key=lambda k: sum(d for _, d in dit[k])) if dit else None  # (pid, stream) of the chunk loop
+    starts = sorted(dit[main]) if dit else []
+    periods = [round((b[0] - a[0]) / 1000, 2) for a, b in zip(starts, starts[1:], strict=False)]
+
+    gpu_ranges = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"][len(STAGE_PREFIX) :])
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith(STAGE_PREFIX) and e["dur"] > 0
+    )
+
+    def stage_at(ts: float) -> str:
+        holding = [name for a, b, name in gpu_ranges if a <= ts <= b]
+        return holding[-1] if holding else OUTSIDE
+
+    # A gap inside one of the loop stream's own stage ranges is that stage's work on its other streams (captured
+    # side streams of the sequence-parallel DiT), not the loop waiting.
+    loop_ranges = [
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and (e.get("pid"), e.get("tid")) == main
+        and str(e.get("name", "")).startswith(STAGE_PREFIX)
+    ]  # fmt: skip
+
+    def inside_a_stage(start: float, end: float) -> bool:
+        return any(a <= start and end <= b for a, b in loop_ranges)
+
+    # Gaps on the chunk loop's stream: the GPU may be busy elsewhere (a side stream's audio) while the loop waits.
+    work: dict[object, list[tuple[float, float]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in GPU_CATEGORIES and (e.get("pid"), e.get("tid")) == main:
+            work[e.get("args", {}).get("device", e.get("pid"))].append((e["ts"], e["ts"] + e["dur"]))
+    gaps = {}
+    for device, intervals in work.items():
+        found, reach = [], None
+        for start, end in sorted(intervals):
+            if reach is not None and start - reach >= gap_ms * 1000 and not inside_a_stage(reach, start):
+                found.append((round((start - reach) / 1000, 2), stage_at(reach - 1), stage_at(start + 1)))
+            reach = end if reach is None else max(reach, end)
+        found.sort(reverse=True)
+        gaps[str(device)] = {"count": len(found), "total_ms": round(sum(g[0] for g in found), 2),
+                             "largest": [list(g) for g in found[:top]]}  # fmt: skip
+
+    calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["dur"] >= call_ms * 1000]
+    calls.sort(key=lambda e: -e["dur"])
+    return {
+        "dit_to_dit_ms": periods,
+        "loop_stream_gaps": gaps,
+        "long_host_calls": [[e["name"], round(e["dur"] / 1000, 2)] for e in calls[:top]],
+    }
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: trace_stages.py TRACE.json[.gz]")
     trace = load_trace(sys.argv[1])
-    print(json.dumps({**stage_breakdown(trace), "host": host_breakdown(trace)}, indent=1))
+    print(json.dumps({**stage_breakdown(trace), "host": host_breakdown(trace), "pacing": pacing(trace)}, indent=1))

@@ -90,3 +90,32 @@ def test_stage_timer_ranges_reach_the_profiler_trace(tmp_path):
     # No GPU here: nothing to charge, but the report is well formed (and JSON).
     report = trace_stages().stage_breakdown(trace)
     assert report["gpu_ms_by_stage"] == {} and report["devices"] == {} and json.dumps(report)
+
+
+def test_pacing_of_the_chunk_loop():
+    """DiT-to-DiT periods on the loop's stream, that stream's waits between stages (not the gaps inside a stage's
+    range, which are its work on other streams, nor a side stream's work), and the long host calls."""
+    g = "gpu_user_annotation"
+    events = [
+        x(g, "stage:dit", 0, 2000, pid=0, tid=7),
+        x(g, "stage:vae_decode", 4000, 500, pid=0, tid=7),  # after a 2 ms wait on the loop stream
+        x(g, "stage:dit", 5000, 1000, pid=0, tid=7),
+        x(g, "stage:dit", 5000, 10, pid=0, tid=9),  # a sub-range on another stream: not the loop
+        x(g, "stage:dit", 7500, 1000, pid=0, tid=7),
+        x("kernel", "gemm", 0, 300, pid=0, tid=7, device=0),
+        x("kernel", "gemm", 1800, 200, pid=0, tid=7, device=0),  # 1.5 ms inside the DiT: its other streams' time
+        x("kernel", "side", 2200, 1500, pid=0, tid=9, device=0),  # the audio's stream: the loop still waits
+        x("kernel", "conv", 4000, 500, pid=0, tid=7, device=0),
+        x("kernel", "gemm", 5000, 1000, pid=0, tid=7, device=0),
+        x("kernel", "gemm", 7500, 1000, pid=0, tid=7, device=0),
+        x("cuda_runtime", "cudaGraphLaunch", 100, 25000),
+        x("cuda_runtime", "cudaLaunchKernel", 200, 5),
+    ]
+    report = trace_stages().pacing({"traceEvents": events}, gap_ms=1.0, call_ms=20.0)
+    assert report["dit_to_dit_ms"] == [5.0, 2.5]
+    gaps = report["loop_stream_gaps"]["0"]
+    # 2000..4000 between the DiT and the decode (2 ms), 6000..7500 between the DiT and the next one (1.5 ms).
+    assert gaps["count"] == 2 and gaps["largest"] == [[2.0, "dit", "vae_decode"], [1.5, "dit", "dit"]]
+    assert report["long_host_calls"] == [["cudaGraphLaunch", 25.0]]
+    assert trace_stages().pacing({"traceEvents": []}) == {"dit_to_dit_ms": [], "loop_stream_gaps": {},
+                                                          "long_host_calls": []}  # fmt: skip
