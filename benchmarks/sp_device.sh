@@ -51,6 +51,10 @@ for speed in [k for k in d if k.startswith("optimized")]:
             print(f"{speed} {gpus}: {entry['chunk_ms']} ms per chunk against {one} on 1 GPU = {one / entry['chunk_ms']:.3f}x;"
                   f" 1.7x needs <= {one / 1.7:.1f} ms")
 PY
+for trace in "$OUT"/traces/*.json.gz; do  # what paced each chunk: DiT-to-DiT periods, the loop's waits, long host calls
+    [ -f "$trace" ] && python3 benchmarks/trace_stages.py "$trace" 2>/dev/null \
+        | python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(sys.stdin)['pacing']))" "$(basename "$trace")"
+done
 fi
 if [ "${CODE:-0}" = 1 ]; then  # Inductor's generated code of the graphs with all-to-alls (the sequence-parallel blocks)
     grep -l "all_to_all_single" /tmp/torchinductor_*/*/*.py 2>/dev/null | head -20 | tar czf "$OUT/code.tgz" -T -
