@@ -23,10 +23,8 @@ from flashhead.benchmark import BenchSettings, _speech, build_pipeline
 from flashhead.pipeline.graphs import GraphedCall
 
 
-def timed(encoder, samples: torch.Tensor, repeats: int = 10) -> tuple[float, torch.Tensor]:
-    encoder(samples)
-    torch.cuda.synchronize()
-    return event_ms(lambda: encoder(samples), repeats)
+def timed(encoder, samples: torch.Tensor) -> tuple[float, torch.Tensor]:
+    return event_ms(lambda: encoder(samples), 10, warmup=1)
 
 
 def main() -> None:

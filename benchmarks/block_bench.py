@@ -56,10 +56,7 @@ def main() -> None:
     call()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - began
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    block_ms, _ = event_ms(call, args.repeats)
+    block_ms, _ = event_ms(call, args.repeats, warmup=3)
     graph_ms = graph_time_ms(call)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
@@ -81,9 +78,12 @@ def main() -> None:
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
 
 
-def event_ms(call, repeats: int):
-    """Median GPU ms of `repeats` calls of `call`, each between two CUDA events, and the last call's result (also
-    for benchmarks/color_bench.py and audio_precision.py)."""
+def event_ms(call, repeats: int, warmup: int = 0):
+    """Median GPU ms of `repeats` calls of `call`, each between two CUDA events (after `warmup` untimed calls),
+    and the last call's result (also for benchmarks/color_bench.py and audio_precision.py)."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
     times, out = [], None
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -19,13 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 from flashhead.pipeline.color import match_colors, match_colors_to, reference_statistics
 
 
-def time_ms(call, repeats: int = 30) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    return event_ms(call, repeats)[0]
-
-
 def kernels_us(call) -> list:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
@@ -53,7 +46,7 @@ def main() -> None:
     }
     result = {"gpu": torch.cuda.get_device_name()}
     for name, call in variants.items():
-        result[name + "_ms"] = round(time_ms(call), 4)
+        result[name + "_ms"] = round(event_ms(call, 30, warmup=3)[0], 4)
     result["kernels_match_colors_33_us"] = kernels_us(variants["match_colors_33"])
     result["kernels_match_colors_to_24_us"] = kernels_us(variants["match_colors_to_24"])
     print(json.dumps(result))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from flashhead.atomic import atomic_path  # noqa: E402
 
 
 def running_mean(values: list[float], window: int = 20) -> np.ndarray:
@@ -82,9 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(args.out)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    with atomic_path(out) as part:
+        fig.savefig(part, format=out.suffix[1:] or "png", dpi=110)
     print(out)
 
 

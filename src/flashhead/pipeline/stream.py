@@ -458,14 +458,14 @@ class StreamEngine:
             # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
             # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
-            audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
             if self.launches_ahead:
                 # ... except where rounds are queued ahead (sequence parallel): there the GPU still has the last
                 # round's decode and re-encode to run, and the DiT's graph launch can hold the host until that DiT
                 # has run (2 x H200 trace, run 42: 286 ms in cudaGraphLaunch), so wav2vec2 queued after it kept the
                 # decode waiting ~20 ms. Queued first, it runs beside the last round's tail (same kernels, exact).
-                audio_ahead()
-                audio_ahead = None
+                self._encode_audio_ahead(nexts)
+            else:
+                audio_ahead = functools.partial(self._encode_audio_ahead, nexts)
         copies: list[HostFrames] = []
         early: list[HostFrames] = []
 
