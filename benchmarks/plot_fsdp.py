@@ -67,12 +67,23 @@ def plot_stage2(data: dict, loss_ax, time_ax) -> None:
     time_ax.legend(fontsize=7)
 
 
+def read_run(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+        if data["stage"] not in (1, 2):
+            raise ValueError(f"stage {data['stage']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # one line, not a traceback
+        why = f"{type(e).__name__}: {e}"
+        raise SystemExit(f"plot_fsdp.py: {path} is not a readable fsdp_train.py result ({why})") from None
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="fsdp_train.py JSON files")
     ap.add_argument("--out", required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    runs = [read_run(p) for p in args.runs]
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.4 * len(runs)), squeeze=False)
     for data, (loss_ax, time_ax) in zip(runs, axes, strict=True):
         (plot_stage1 if data["stage"] == 1 else plot_stage2)(data, loss_ax, time_ax)

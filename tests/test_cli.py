@@ -43,6 +43,14 @@ def test_bad_model_gives_one_line_error_and_nonzero_exit():
     assert "Traceback" not in out.stderr
 
 
+def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
+    for option in ("--trace", "--json"):
+        out = flashhead("bench", "--model", "lite", "--device", "cpu", option, str(tmp_path / "no" / "out.gz"))
+        assert out.returncode != 0
+        assert out.stderr.strip() == f"error: {option}: the folder {tmp_path / 'no'} does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_commands_work_without_the_serve_extra(tmp_path):
     # A plain `pip install flashhead` has no FastAPI/uvicorn/aiortc: only `serve` may complain, in one line.
     (tmp_path / "sitecustomize.py").write_text(

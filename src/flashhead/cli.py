@@ -252,6 +252,9 @@ def bench(
 
     if model not in ("lite", "pro"):
         raise ConfigError("--model must be lite or pro")
+    for option, path in (("--json", json_path), ("--trace", trace)):  # before minutes of measuring, not after
+        if path is not None and not path.absolute().parent.is_dir():
+            raise ConfigError(f"{option}: the folder {path.parent} does not exist")
     speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
     settings = BenchSettings(
         model=model, weights=str(weights) if weights else None, seconds=seconds, streams=streams,

@@ -153,3 +153,7 @@ def test_fsdp_benchmark_stage2_one_process(tmp_path):
 
     plot([str(out), "--out", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp*"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="bad.json is not a readable fsdp_train.py result"):
+        plot([str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad.png")])
+    assert not (tmp_path / "bad.png").exists()
