@@ -207,6 +207,32 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
     assert lite.speed.is_plain and lite._fast is None
 
 
+def test_first_chunk_noise_is_drawn_when_the_session_opens(lite, monkeypatch):
+    """pinned_memory: a session's first noise is drawn at open_session, so its first launch (between the first audio
+    features and the first DiT, i.e. inside the time to first frame) draws none; the frames stay the plain path's."""
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(4).integers(0, 256, (lite.config.height, lite.config.width, 3), dtype=np.uint8)
+    plain = run_stream(lite, SpeedConfig(), audio, image)
+    lite.optimize(SpeedConfig(pinned_memory=True))
+    try:
+        engine = StreamEngine(lite)
+        session = engine.open_session(image, seed=3)
+        assert session.noise_ahead is not None
+        events = []
+        draw, chunks_of = lite.draw_noise, lite.generate_chunks
+        monkeypatch.setattr(lite, "draw_noise", lambda *a, **kw: events.append("draw") or draw(*a, **kw))
+        monkeypatch.setattr(lite, "generate_chunks", lambda *a, **kw: events.append("chunk") or chunks_of(*a, **kw))
+        session.push_audio(audio)
+        session.end()
+        chunks = engine.run_until_idle()
+    finally:
+        lite.optimize(SpeedConfig())
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), plain)
+    # Each launch finds its noise drawn: the first at open_session, each later one during the launch before it.
+    assert events[0] == "chunk" and events.count("chunk") == len(chunks) > 1
+    assert "draw, draw" not in ", ".join(events)
+
+
 def test_vae_channels_last_switch_sets_and_restores_the_layout(lite):
     convs = [m for m in lite.vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs

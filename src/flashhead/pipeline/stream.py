@@ -301,6 +301,11 @@ class StreamEngine:
                 self.pipeline.audio_encoder, self.pipeline.new_frames, self.pipeline.audio_config()
             )
             session = StreamSession(session_id, reference, cache, seed, realtime, self.max_buffered_seconds)
+            if self.pipeline.speed.pinned_memory:
+                # The first chunk's noise, drawn now from the session's generator (the numbers it would draw at its
+                # first launch): on the host that is ~18 ms for Pro, which otherwise sat between the first audio
+                # features and the first DiT while the GPU idled (1-GPU trace, run 44), i.e. in the first frame.
+                session.noise_ahead = self.pipeline.draw_noise(session.generator)
         except BaseException:
             with self._lock:
                 self.sessions.pop(session_id, None)
