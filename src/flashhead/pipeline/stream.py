@@ -302,9 +302,10 @@ class StreamEngine:
             )
             session = StreamSession(session_id, reference, cache, seed, realtime, self.max_buffered_seconds)
             if self.pipeline.speed.pinned_memory:
-                # The first chunk's noise, drawn now from the session's generator (the numbers it would draw at its
-                # first launch): on the host that is ~18 ms for Pro, which otherwise sat between the first audio
-                # features and the first DiT while the GPU idled (1-GPU trace, run 44), i.e. in the first frame.
+                # The first chunk's noise, drawn now from the session's generator (the numbers its first launch
+                # would draw), so that no host work sits between the first audio features and the first DiT. Under
+                # torchrun (one CPU thread per process) drawing Pro's took 18 ms there while the GPU idled (run 44's
+                # trace); `flashhead bench` on one H100 (all threads) showed no change in the first frame (run 46).
                 session.noise_ahead = self.pipeline.draw_noise(session.generator)
         except BaseException:
             with self._lock:
