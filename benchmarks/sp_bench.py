@@ -52,6 +52,7 @@ from flashhead.benchmark import (  # noqa: E402
     _sync,
     build_pipeline,
     environment,
+    median_parts,
     run_stream,
     timed_ms,
     timed_stream,
@@ -109,7 +110,8 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
     start = time.perf_counter()
     run_stream(engine, image, audio[: 2 * chunk_samples])
     warmup = time.perf_counter() - start
-    first = [run_stream(engine, image, audio[:chunk_samples])[0] for _ in range(2)]
+    parts: list[dict] = []
+    first = [run_stream(engine, image, audio[:chunk_samples], first_frame_parts=parts)[0] for _ in range(2)]
     frames, total, steady = timed_stream(engine, image, audio, seed=0)
     pipe.timer = StageTimer()
     run_stream(engine, image, audio, seed=0)
@@ -126,6 +128,7 @@ def measure(pipe, image, audio, chunk_samples: int) -> dict:
         "stream_fps": round(len(frames) / total, 2),
         "stream_chunk_ms": round(stream_chunk_ms, 1),
         "time_to_first_frame_ms": round(1000 * float(np.median(first)), 1),
+        "first_frame_parts_ms": median_parts(parts),
         "stage_ms_per_chunk": stages,
         "outside_stages_ms_per_chunk": round(chunk_ms - sum(stages.values()), 1),
         "warmup_seconds": round(warmup, 1),

@@ -23,9 +23,13 @@ def test_run_stream_reports_every_chunk_as_it_is_handed_out():
     pipe, _, _ = tiny_pipeline("lite")
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     samples = (0.1 * np.sin(np.arange(int(2.3 * 16000)) / 16000 * 2 * np.pi * 180)).astype(np.float32)
-    deliveries = []
+    deliveries, parts = [], []
     engine = StreamEngine(pipe)
-    first, total, frames = run_stream(engine, image, samples, deliveries=deliveries)
+    first, total, frames = run_stream(engine, image, samples, deliveries=deliveries, first_frame_parts=parts)
+    # Where the first frame's time went: its round queued (on the CPU everything runs as it is queued, so that is
+    # nearly all of it), then the host's wait for the frames.
+    (split,) = parts
+    assert 0 < split["round_queued_ms"] <= 1000 * first + 1 and 0 <= split["host_wait_ms"] <= 1000 * first
     assert sum(n for _, n in deliveries) == len(frames) == -(-len(samples) // 640)  # a frame per started 40 ms
     times = [t for t, _ in deliveries]
     assert times == sorted(times) and times[0] >= first and times[-1] <= total

@@ -93,6 +93,13 @@ def build_pipeline(settings: BenchSettings):
     return pipe, "random"
 
 
+def median_parts(parts: list[dict]) -> dict[str, float | None]:
+    """Per key, the median over the first-frame streams (None where no stream has the figure)."""
+    keys = dict.fromkeys(k for p in parts for k in p)
+    values = {k: [p[k] for p in parts if p.get(k) is not None] for k in keys}
+    return {k: round(float(np.median(v)), 1) if v else None for k, v in values.items()}
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -128,8 +135,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     steps = 4 + 3 + (1 if settings.streams else 0)
     bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
 
-    def stream_once(engine: StreamEngine, samples: np.ndarray) -> tuple[float, float, int]:
-        first, total, frames = run_stream(engine, image, samples)
+    def stream_once(engine: StreamEngine, samples: np.ndarray, parts: list | None = None) -> tuple[float, float, int]:
+        first, total, frames = run_stream(engine, image, samples, first_frame_parts=parts)
         return first, total, len(frames)
 
     engine = StreamEngine(pipe, max_sessions=256, max_batch=64)
@@ -139,7 +146,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     stream_once(engine, audio[: 2 * chunk_samples])  # warm-up: kernels, allocator, caches, compile, graphs
     warmup_seconds = time.perf_counter() - warm_start
     bar.update()
-    first_frame = [stream_once(engine, audio[:chunk_samples])[0] for _ in range(3)]
+    parts: list[dict] = []
+    first_frame = [stream_once(engine, audio[:chunk_samples], parts)[0] for _ in range(3)]
     bar.update()
     frames, total, steady = timed_stream(engine, image, audio)
     bar.update()
@@ -159,6 +167,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "steady_fps": round(steady, 2),
         "stream_fps": round(len(frames) / total, 2),
         "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
+        "first_frame_parts_ms": median_parts(parts),
         "stage_ms_per_chunk": stages,
         "dit_ms_per_step": round(dit_ms, 2),
         **dit_utilisation(pipe, dit_ms),
@@ -181,13 +190,28 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     return report
 
 
+def first_frame_split(session) -> dict[str, float | None]:
+    """Milliseconds from a session's first audio to its first round being all queued on the host, and how long the
+    host then waited for the first frames: a wait near zero means the host set the time to the first frame."""
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(1000 * seconds, 1)
+
+    start = session.first_audio_at
+    queued = session.first_round_queued_at
+    return {"round_queued_ms": ms(queued - start) if queued and start else None,
+            "host_wait_ms": ms(session.first_frame_wait_s)}  # fmt: skip
+
+
 def run_stream(
-    engine, image: np.ndarray, samples: np.ndarray, seed: int = 0, deliveries: list | None = None
+    engine, image: np.ndarray, samples: np.ndarray, seed: int = 0, deliveries: list | None = None,
+    first_frame_parts: list | None = None,
 ) -> tuple[float, float, np.ndarray]:
     """One stream fed all its audio at once: (seconds to first frame, total seconds, frames (T, H, W, 3)).
 
     `deliveries` (a list) receives (seconds since the start, frames) for every chunk once it is all handed out (a
-    first chunk can come in two pieces: early_first_frames).
+    first chunk can come in two pieces: early_first_frames). `first_frame_parts` (a list) receives the stream's
+    `first_frame_parts` dict.
     """
     session = engine.open_session(image, seed=seed)
     _sync()
@@ -210,6 +234,8 @@ def run_stream(
             piece = 0 if piece >= per_chunk or c.final else piece
     _sync()
     engine.close_session(session.id)
+    if first_frame_parts is not None:
+        first_frame_parts.append(first_frame_split(session))
     frames = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
     return first or 0.0, time.perf_counter() - start, frames
 

@@ -120,6 +120,10 @@ class StreamSession:
         self.opened_at = time.monotonic()
         self.first_audio_at: float | None = None
         self.first_frame_at: float | None = None
+        # Where a first frame's time went (benchmarks): when its first round was all queued, how long the host then
+        # waited for the frames (near zero: the host, not the GPU, set the time to the first frame).
+        self.first_round_queued_at: float | None = None
+        self.first_frame_wait_s: float | None = None
         self.ready_since: tuple[float, int] | None = None  # (time, order) it first had a chunk ready
         # Work done ahead while the GPU ran the previous round (pinned_memory / audio_stream switches).
         self.noise_ahead: ChunkNoise | None = None
@@ -507,10 +511,14 @@ class StreamEngine:
             s.noise_ahead = pipe.stage_noise(pipe.draw_noise(s.generator)) if speed.pinned_memory else None
         if not copies:
             start_copy(results)
+        queued_at = time.monotonic()
+        for s in ready:
+            s.first_round_queued_at = s.first_round_queued_at or queued_at
         return _Round(ready, slices, finals, copies[0], started, early[0] if early else None, [0] * len(ready))
 
     def _deliver(self, r: _Round, early: bool = False) -> list[VideoChunk]:
         """Wait for a launched round's frames and hand them out as chunks: its early frames only, with `early`."""
+        waiting_since = time.monotonic()
         frames_all = (r.early if early else r.frames).wait()
         if early:
             r.early = None
@@ -527,7 +535,7 @@ class StreamEngine:
                 frames = frames[: max(keep, 0)]
                 s.finished = s.finished or last
             if s.first_frame_at is None and (len(frames) or not early):
-                s.first_frame_at = emitted_at
+                s.first_frame_at, s.first_frame_wait_s = emitted_at, emitted_at - waiting_since
             if self.sessions.get(s.id) is not s or (early and not len(frames)):
                 continue  # closed while its chunk was being generated, or nothing to show yet
             handed = r.handed[i]  # the chunk's frames (and their audio) that an early piece took already
