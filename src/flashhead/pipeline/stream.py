@@ -309,7 +309,7 @@ class StreamEngine:
                 # The first chunk's noise, drawn now from the session's generator (the numbers its first launch
                 # would draw), so that no host work sits between the first audio features and the first DiT. Under
                 # torchrun (one CPU thread per process) drawing Pro's took 18 ms there while the GPU idled (run 44's
-                # trace); `flashhead bench` on one H100 (all threads) showed no change in the first frame (run 46).
+                # trace); `flashhead bench` on one H100 showed no change in the first frame (run 46).
                 session.noise_ahead = self.pipeline.draw_noise(session.generator)
         except BaseException:
             with self._lock:
