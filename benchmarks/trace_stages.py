@@ -152,19 +152,21 @@ def pacing(trace: dict, gap_ms: float = 1.0, call_ms: float = 20.0, top: int = 8
     cudaGraphLaunch, then launched the next round's audio before the decode, and the loop waited for the decode.
     """
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    # The stage ranges on the GPU, once: ((pid, stream), start, end, stage).
+    stages = [
+        ((e.get("pid"), e.get("tid")), e["ts"], e["ts"] + e["dur"], e["name"][len(STAGE_PREFIX) :])
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith(STAGE_PREFIX)
+    ]
     dit = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "gpu_user_annotation" and e.get("name") == STAGE_PREFIX + "dit":
-            dit[(e.get("pid"), e.get("tid"))].append((e["ts"], e["dur"]))
+    for key, start, end, name in stages:
+        if name == "dit":
+            dit[key].append((start, end - start))
     main = max(dit, key=lambda k: sum(d for _, d in dit[k])) if dit else None  # (pid, stream) of the chunk loop
     starts = sorted(dit[main]) if dit else []
     periods = [round((b[0] - a[0]) / 1000, 2) for a, b in zip(starts, starts[1:], strict=False)]
 
-    gpu_ranges = sorted(
-        (e["ts"], e["ts"] + e["dur"], e["name"][len(STAGE_PREFIX) :])
-        for e in events
-        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith(STAGE_PREFIX) and e["dur"] > 0
-    )
+    gpu_ranges = sorted((start, end, name) for _, start, end, name in stages if end > start)
 
     def stage_at(ts: float) -> str:
         holding = [name for a, b, name in gpu_ranges if a <= ts <= b]
@@ -172,12 +174,7 @@ def pacing(trace: dict, gap_ms: float = 1.0, call_ms: float = 20.0, top: int = 8
 
     # A gap inside one of the loop stream's own stage ranges is that stage's work on its other streams (captured
     # side streams of the sequence-parallel DiT), not the loop waiting.
-    loop_ranges = [
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("cat") == "gpu_user_annotation" and (e.get("pid"), e.get("tid")) == main
-        and str(e.get("name", "")).startswith(STAGE_PREFIX)
-    ]  # fmt: skip
+    loop_ranges = [(start, end) for key, start, end, _ in stages if key == main]
 
     def inside_a_stage(start: float, end: float) -> bool:
         return any(a <= start and end <= b for a, b in loop_ranges)
