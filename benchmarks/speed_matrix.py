@@ -38,6 +38,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+attention=fa3", {"attention": "fa3"}, True),
     ("+attention=cudnn", {"attention": "cudnn"}, False),
     ("+cudnn_benchmark", {"cudnn_benchmark": True}, False),
+    ("+cudnn_search_all", {"cudnn_search_all": True}, False),
     ("+vae_channels_last", {"vae_channels_last": True}, False),
     ("+vae_conv_pad", {"vae_conv_pad": True}, False),
     ("+pinned_memory", {"pinned_memory": True}, False),

@@ -73,6 +73,22 @@ def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
     assert os.environ[CUBLASLT_WORKSPACE_ENV] == "4096"
 
 
+def test_cudnn_search_all_times_every_algorithm_and_is_undone(lite):
+    """cuDNN's search over all its convolution algorithms (benchmark_limit 0) is set with the switch and torch's
+    default limit comes back without it."""
+    from flashhead.pipeline.fast_path import TORCH_CUDNN_BENCHMARK_LIMIT
+
+    try:
+        lite.optimize(SpeedConfig(cudnn_benchmark=True, cudnn_search_all=True))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 0
+        lite.optimize(SpeedConfig(cudnn_benchmark=True))
+        assert torch.backends.cudnn.benchmark_limit == TORCH_CUDNN_BENCHMARK_LIMIT == 10
+    finally:
+        lite.optimize(SpeedConfig())
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 10
+    assert SpeedConfig.optimized().cudnn_search_all
+
+
 # -- RoPE table ------------------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from flashhead.pipeline.speed import SpeedConfig, apply_process_settings
 # row counts. Dynamo's default limit of 8 variants per frame sent the rest of the decode back to eager (the
 # device log's "hit config.recompile_limit (8)", together with the graph break that wan_resample removes).
 VAE_RECOMPILE_LIMIT = 128
+TORCH_CUDNN_BENCHMARK_LIMIT = 10  # torch's default number of cuDNN algorithms timed per shape
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
     """Set attention kernel, FP8, compile state and cuDNN autotuning on the networks (undoing earlier ones)."""
     apply_process_settings(speed)
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    torch.backends.cudnn.benchmark_limit = 0 if speed.cudnn_search_all else TORCH_CUDNN_BENCHMARK_LIMIT
     dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None)
     if speed.fp8 and not getattr(dit, "_flashhead_fp8", False):
         quantize_fp8(dit)

@@ -33,6 +33,11 @@ class SpeedConfig:
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
             "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`).
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
+        cudnn_search_all: with cudnn_benchmark, cuDNN times every convolution algorithm it offers for a shape, not
+            only the 10 its heuristics rank first (torch.backends.cudnn.benchmark_limit = 0). For the Wan2.1
+            decode's 96-channel 512x512 convolutions the first 10 miss the fastest kernel (H100: 1.27 against
+            1.70 ms per call; a Pro chunk's convolutions 180 against 206 ms). Process-wide, and cuDNN keeps its
+            first choice per shape for the life of the process: set it before the first decode.
         vae_channels_last: VAE weights in channels-last 3-D layout, so cuDNN runs the 3-D convolutions
             channels-last (NDHWC), the layout Hopper tensor-core kernels prefer (H100, Wan2.1 decode 562 -> 466 ms).
         vae_conv_pad: the Wan2.1 (Pro) VAE's causal convolutions pad only in time; the spatial zero padding is
@@ -81,6 +86,7 @@ class SpeedConfig:
     cond_cache: bool = False
     attention: Literal["sdpa", "cudnn", "flash", "efficient", "math", "fa3"] = "sdpa"
     cudnn_benchmark: bool = False
+    cudnn_search_all: bool = False
     vae_channels_last: bool = False
     vae_conv_pad: bool = False
     fused_gelu: bool = False
@@ -116,7 +122,8 @@ class SpeedConfig:
     def optimized(cls) -> SpeedConfig:
         """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead)."""
         return cls(
-            rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, vae_channels_last=True,
+            rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, cudnn_search_all=True,
+            vae_channels_last=True,
             vae_conv_pad=True, fused_gelu=True, compile_dit=True, compile_vae=True, compile_color=True,
             cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True,
             early_first_frames=True, audio_stream=True,

@@ -1,0 +1,196 @@
+"""The Wan2.1 decode's convolutions one by one: every distinct convolution of a Pro chunk's decode, timed alone
+under cuDNN's algorithm search with the kernel cuDNN chose, and reformulations of the same convolution whose
+output channels fit the kernels' tile widths better (split into two convolutions, or zero-padded).
+
+    PYTHONPATH=src python benchmarks/conv_algos.py --limit 10 --json conv10.json    # one GPU, full size, bf16
+    PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --json conv0.json      # cuDNN tries every algorithm
+
+`--limit` is torch.backends.cudnn.benchmark_limit (torch's default: 10 algorithms tried per shape; 0: all). cuDNN
+keeps its first choice per shape for the life of the process, so each limit needs a process of its own. Why: the
+session-11 profile found 192 of the decode's 207 ms in cuDNN implicit-GEMM convolutions at ~385 TFLOP/s, the
+largest kernel tiling 96 output channels with two 64-wide tiles (a quarter of them padding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CONV = torch.ops.aten.convolution.default
+
+
+class ConvRecorder(TorchDispatchMode):
+    """Counts each distinct aten.convolution call (shapes, strides, parameters) made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[tuple, dict] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is CONV:
+            x, w, b, stride, padding, dilation, transposed, output_padding, groups = args
+            key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), b is not None, tuple(stride),
+                   tuple(padding), tuple(dilation), bool(transposed), tuple(output_padding), int(groups))  # fmt: skip
+            entry = self.calls.setdefault(key, {"count": 0})
+            entry["count"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def strided_randn(shape, stride, device, dtype) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, device=device, dtype=dtype).normal_()
+
+
+def median_ms(fn, repeat: int) -> float:
+    for _ in range(3):  # the first call runs cuDNN's search
+        fn()
+    times = []
+    for _ in range(repeat):
+        if not torch.cuda.is_available():  # a CPU smoke run of the script
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main_kernel(fn) -> str:
+    """The name of the GPU kernel that takes longest in one call of `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return ""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return max(kernels, key=lambda e: e.device_time_total).key[:110] if kernels else ""
+
+
+def conv_flops(key: tuple) -> int:
+    xs, _, ws, _, _, stride, padding, dilation, _, _, groups = key
+    spatial = [
+        (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+        for size, k, s, pad, dil in zip(xs[2:], ws[2:], stride, padding, dilation, strict=True)
+    ]
+    outputs = xs[0] * ws[0]
+    for size in spatial:
+        outputs *= size
+    per_output = ws[1]
+    for k in ws[2:]:
+        per_output *= k
+    return 2 * outputs * per_output
+
+
+def variants(key: tuple, device, dtype, repeat: int) -> dict:
+    """The convolution as recorded, and (where its output channels are not a multiple of 128) split into a
+    64-multiple and a rest, with and without the channel concatenation, and with the weight zero-padded to 128s."""
+    xs, xstride, ws, wstride, has_bias, stride, padding, dilation, transposed, output_padding, groups = key
+    x = strided_randn(xs, xstride, device, dtype)
+    w = strided_randn(ws, wstride, device, dtype)
+    b = torch.randn(ws[0], device=device, dtype=dtype) if has_bias else None
+
+    def conv(weight, bias):
+        return CONV(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+    out: dict = {"ms": median_ms(lambda: conv(w, b), repeat), "kernel": main_kernel(lambda: conv(w, b))}
+    cout = ws[0]
+    if groups != 1 or cout % 128 == 0 or cout < 64:
+        return out
+    first = cout // 128 * 128 or 64
+    parts = [(w[:first], None if b is None else b[:first]), (w[first:], None if b is None else b[first:])]
+    parts = [(pw.contiguous(memory_format=_format(w)), pb) for pw, pb in parts]
+    out["split"] = [first, cout - first]
+    out["split_ms"] = median_ms(lambda: [conv(pw, pb) for pw, pb in parts], repeat)
+    out["split_kernels"] = [main_kernel(lambda pw=pw, pb=pb: conv(pw, pb)) for pw, pb in parts]
+    out["split_cat_ms"] = median_ms(lambda: torch.cat([conv(pw, pb) for pw, pb in parts], dim=1), repeat)
+    padded = -(-cout // 128) * 128
+    wp = torch.zeros((padded, *ws[1:]), device=device, dtype=dtype)
+    wp[:cout] = w
+    wp = wp.contiguous(memory_format=_format(w))
+    bp = None if b is None else torch.cat([b, b.new_zeros(padded - cout)])
+    out["padded_to"] = padded
+    out["padded_ms"] = median_ms(lambda: conv(wp, bp), repeat)
+    out["padded_kernel"] = main_kernel(lambda: conv(wp, bp))
+    return out
+
+
+def _format(w: torch.Tensor) -> torch.memory_format:
+    if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=10, help="torch.backends.cudnn.benchmark_limit (0: all)")
+    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--device", default="cuda", help="cuda (what it is for) or cpu (a smoke run, small latent)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKLWan
+
+    from flashhead.benchmark import timed_ms
+    from flashhead.models.vae import WanVideoVAE
+    from flashhead.pipeline.fast_path import apply_vae_switches
+    from flashhead.pipeline.speed import SpeedConfig
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = args.limit
+    dev, dtype = torch.device(args.device), torch.bfloat16
+    model = AutoencoderKLWan().to(dev, dtype).eval()  # the Wan2.1 configuration, random weights
+    vae = WanVideoVAE(model).to(dev)
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))  # the shipped layout
+    z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
+    z = z.to(dev, dtype)
+    recorder = ConvRecorder()
+    with torch.no_grad():
+        eager_ms, _ = timed_ms(lambda: model.decode(z).sample, 3)  # the eager decode, this process's algorithms
+        with recorder:
+            model.decode(z)
+    rows = []
+    with torch.no_grad():
+        for key, entry in sorted(recorder.calls.items(), key=lambda kv: -conv_flops(kv[0]) * kv[1]["count"]):
+            row = {"input": key[0], "weight": key[2], "count": entry["count"], "gflop": round(conv_flops(key) / 1e9, 2)}
+            row.update(variants(key, dev, dtype, args.repeat))
+            row["tflops"] = round(conv_flops(key) / row["ms"] / 1e9, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    total = sum(r["count"] * r["ms"] for r in rows)
+    best = sum(r["count"] * min(r["ms"], r.get("split_cat_ms", r["ms"]), r.get("padded_ms", r["ms"])) for r in rows)
+    flop = sum(r["count"] * r["gflop"] for r in rows) / 1e3
+    report = {
+        "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "benchmark_limit": args.limit,
+        "latent": args.latent,
+        "eager_decode_ms": eager_ms,
+        "conv_ms_sum": round(total, 2),
+        "conv_tflop": round(flop, 2),
+        "conv_tflops": round(flop / total * 1e3, 1),
+        "conv_ms_sum_best_variant": round(best, 2),
+        "convolutions": rows,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "convolutions"}))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
