@@ -105,7 +105,21 @@ def variants(key: tuple, device, dtype, repeat: int) -> dict:
         return CONV(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
 
     out: dict = {"ms": median_ms(lambda: conv(w, b), repeat), "kernel": main_kernel(lambda: conv(w, b))}
+    layout = _format(x)
+    dense = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    if _format(dense) != layout:  # the same input in the channels-last layout the fast kernels read
+        out["channels_last_input_ms"] = median_ms(
+            lambda: CONV(dense, w, b, stride, padding, dilation, transposed, output_padding, groups), repeat
+        )
     cout = ws[0]
+    if groups == 1 and cout < 64:  # narrow outputs (the decoder's last convolution, to 3 RGB channels)
+        for width in (w for w in (8, 16, 32, 64) if w > cout):
+            wp = torch.zeros((width, *ws[1:]), device=device, dtype=dtype)
+            wp[:cout] = w
+            wp = wp.contiguous(memory_format=_format(w))
+            bp = None if b is None else torch.cat([b, b.new_zeros(width - cout)])
+            out[f"padded_{width}_ms"] = median_ms(lambda wp=wp, bp=bp: conv(wp, bp), repeat)
+            out[f"padded_{width}_kernel"] = main_kernel(lambda wp=wp, bp=bp: conv(wp, bp))
     if groups != 1 or cout % 128 == 0 or cout < 64:
         return out
     first = cout // 128 * 128 or 64
@@ -127,6 +141,7 @@ def variants(key: tuple, device, dtype, repeat: int) -> dict:
 
 
 def _format(w: torch.Tensor) -> torch.memory_format:
+    """The memory format a weight or input is dense in (contiguous when neither channels-last one fits)."""
     if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
@@ -166,7 +181,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for key, entry in sorted(recorder.calls.items(), key=lambda kv: -conv_flops(kv[0]) * kv[1]["count"]):
-            row = {"input": key[0], "weight": key[2], "count": entry["count"], "gflop": round(conv_flops(key) / 1e9, 2)}
+            layout = str(_format(torch.empty_strided(key[0], key[1], device="meta")))
+            row = {"input": key[0], "input_stride": key[1], "layout": layout, "weight": key[2],
+                   "count": entry["count"], "gflop": round(conv_flops(key) / 1e9, 2)}  # fmt: skip
             row.update(variants(key, dev, dtype, args.repeat))
             row["tflops"] = round(conv_flops(key) / row["ms"] / 1e9, 1)
             rows.append(row)

@@ -1,0 +1,47 @@
+"""benchmarks/conv_algos.py (the Wan decode's convolutions one by one) and its plot, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from _util import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def conv_algos():
+    return load_benchmark("conv_algos")
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding",
+    [((1, 8, 5, 12, 10), (6, 8, 3, 3, 3), (1, 1, 1), (0, 1, 1)), ((2, 4, 9, 7), (3, 4, 3, 3), (2, 2), (1, 1))],
+)
+def test_recorded_convolutions_and_their_flops(conv_algos, x_shape, w_shape, stride, padding):
+    """Each distinct convolution is recorded once with its call count, and its FLOPs are torch's FlopCounter's."""
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    conv = torch.nn.functional.conv3d if len(x_shape) == 5 else torch.nn.functional.conv2d
+    recorder = conv_algos.ConvRecorder()
+    with recorder:
+        for _ in range(3):
+            conv(x, w, None, stride, padding)
+        conv(x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last), w, None,
+             stride, padding)  # fmt: skip
+    assert sorted(e["count"] for e in recorder.calls.values()) == [1, 3]  # the other layout is another entry
+    key = next(k for k, e in recorder.calls.items() if e["count"] == 3)
+    assert key[0] == x_shape and key[2] == w_shape and key[5] == stride
+    with FlopCounterMode(display=False) as counter:
+        conv(x, w, None, stride, padding)
+    assert conv_algos.conv_flops(key) == counter.get_total_flops()
+
+
+def test_plot_sums_rows_and_writes_a_png(tmp_path):
+    plot = load_benchmark("plot_conv_algos")
+    row = {"input": [1, 96, 6, 64, 64], "weight": [96, 96, 3, 3, 3], "count": 4, "ms": 2.0}
+    first = {"gpu": "test", "benchmark_limit": 10, "convolutions": [row, {**row, "ms": 1.0}]}  # strides differ
+    second = {"gpu": "test", "benchmark_limit": 0, "convolutions": [{**row, "ms": 1.5}]}
+    assert plot.shares(first) == {((1, 96, 6, 64, 64), (96, 96, 3, 3, 3), 4): 12.0}
+    out = tmp_path / "convs.png"
+    plot.plot([first, second], ["limit 10", "limit 0"], out, top=5)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
