@@ -13,10 +13,12 @@
 #   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
 #                                            # `bench --optimized` without and with the switches (~2 x 3 min)
 #   bash benchmarks/speed_device.sh audio    # wav2vec2 alone: float32, TF32, float32 from a CUDA graph (~1 min)
+#   bash benchmarks/speed_device.sh convs    # the Wan decode's convolutions one by one, cuDNN's first 10 algorithms
+#                                            # against all of them (two processes, ~1.5 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -29,6 +31,14 @@ decode)
     python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['compiled']; [print(k, json.dumps(c[k])) for k in c if k.startswith('profile')]" "$OUT/wan_decode.json"
     # Each distinct graph-break reason once, with its place in the code.
     grep -A4 "Graph break" "$OUT/decode.log" | grep -E "Reason|File" | sed 's/.*\] //' | sort | uniq -c | sort -rn | head -20
+    ;;
+convs)
+    for limit in 10 0; do
+        timeout 200 python3 benchmarks/conv_algos.py --limit $limit --json "$OUT/conv$limit.json" > "$OUT/conv$limit.log" 2>&1
+        echo "benchmark_limit $limit rc=$?"
+        tail -1 "$OUT/conv$limit.log"
+    done
+    python3 benchmarks/plot_conv_algos.py "$OUT/conv10.json" "$OUT/conv0.json" --out "$OUT/wan-decode-convs.png"
     ;;
 equiv)
     # "pro-" and not "pro": -k matches substrings, and "approximate" holds "pro".
@@ -88,5 +98,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs or cold, got '$WHAT'" >&2; exit 2 ;;
 esac
