@@ -83,15 +83,24 @@ def main() -> None:
         action="store_true",
         help="with --compiled: the GPU kernels of one compiled decode, whole and strip, by kernel and by kind",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode of the compiled decodes (max-autotune-no-cudagraphs: Inductor times its Triton "
+        "convolution templates against cuDNN for each convolution)",
+    )
+    parser.add_argument("--cudnn-limit", type=int, default=10, help="torch.backends.cudnn.benchmark_limit (0: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = args.cudnn_limit
     dev = torch.device("cuda")
     model = AutoencoderKLWan().to(dev, torch.bfloat16).eval()  # the Wan2.1 configuration, random weights
     vae = WanVideoVAE(model).to(dev)  # what the speed switches act on (its latent statistics on the GPU too)
     z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
     z = z.to(dev, torch.bfloat16)
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent, "variants": {}}
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent,
+              "compile_mode": args.compile_mode, "cudnn_benchmark_limit": args.cudnn_limit, "variants": {}}  # fmt: skip
     ref = None
     for name in args.variants.split(","):
         forward, conv_pad, channels_last = VARIANTS[name]
@@ -108,7 +117,7 @@ def main() -> None:
         report["variants"][name] = entry
         print(name, entry, flush=True)
     if args.compiled:
-        report["compiled"] = compiled_variants(vae, z, args.repeat, ref, args.profile)
+        report["compiled"] = compiled_variants(vae, z, args.repeat, ref, args.profile, args.compile_mode)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
@@ -155,8 +164,9 @@ def kernel_profile(fn, top: int = 25) -> dict:
 
 
 def compiled_variants(
-    vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None, profile: bool = False
-) -> dict:
+    vae: WanVideoVAE, z: torch.Tensor, repeat: int, ref: torch.Tensor | None, profile: bool = False,
+    mode: str = "default",
+) -> dict:  # fmt: skip
     """compile_vae decodes: whole and one strip (rows of the first half), under Dynamo's default recompile
     limit (8) and the one compile_vae sets (VAE_RECOMPILE_LIMIT); `profile`: the kernels of the latter."""
     from flashhead.parallel.vae import decode_strip
@@ -165,7 +175,9 @@ def compiled_variants(
     rows = z.shape[-2]
     for limit in (8, VAE_RECOMPILE_LIMIT):
         torch._dynamo.reset()
-        apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True))
+        apply_vae_switches(
+            vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, compile_vae=True, compile_mode=mode)
+        )
         torch._dynamo.config.recompile_limit = limit  # after the switches, which raise it
         with torch.no_grad():
             ms, whole = timed_ms(lambda: vae.model.decode(z).sample, repeat)
