@@ -43,6 +43,10 @@ def test_switches_parse_and_reject_bad_values():
         SpeedConfig(attention="xformers")
     with pytest.raises(ConfigError, match="cuda_graphs"):
         SpeedConfig(cuda_graphs=True, compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="cudnn_benchmark on"):
+        SpeedConfig.parse("cudnn_search_all=on")
+    with pytest.raises(ConfigError, match="cudnn_benchmark on"):
+        SpeedConfig.optimized().replace(cudnn_benchmark=False)
 
 
 def test_speed_matrix_ladder_ends_at_the_optimized_preset():

@@ -109,6 +109,8 @@ class SpeedConfig:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.cudnn_search_all and not self.cudnn_benchmark:
+            raise ConfigError("cudnn_search_all needs cudnn_benchmark on (or turn cudnn_search_all off with it)")
         if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError("cuda_graphs captures the chunk itself; use compile_mode default with it")
 
@@ -123,10 +125,9 @@ class SpeedConfig:
         """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead)."""
         return cls(
             rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, cudnn_search_all=True,
-            vae_channels_last=True,
-            vae_conv_pad=True, fused_gelu=True, compile_dit=True, compile_vae=True, compile_color=True,
-            cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True,
-            early_first_frames=True, audio_stream=True,
+            vae_channels_last=True, vae_conv_pad=True, fused_gelu=True, compile_dit=True, compile_vae=True,
+            compile_color=True, cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True,
+            pinned_memory=True, early_first_frames=True, audio_stream=True,
         )  # fmt: skip
 
     @property
