@@ -51,6 +51,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+compile_vae", {"compile_vae": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
     ("+early_first_frames", {"early_first_frames": True}, False),
+    ("+video_encoder=auto", {"video_encoder": "auto"}, False),
     ("+cublaslt_no_workspace (all)", {"cublaslt_no_workspace": True}, False),
     ("all +decode_new_only", {"decode_new_only": True}, True),
     ("all +fp8", {"fp8": True}, True),  # last: quantisation cannot be undone

@@ -89,3 +89,34 @@ def test_trace_of_a_stream_holds_every_stage_for_trace_stages(tmp_path):
     stages = {e["name"] for e in events if e.get("name", "").startswith("stage:")}
     assert {"stage:dit", "stage:vae_decode", "stage:vae_encode_motion", "stage:audio_features"} <= stages
     assert [p.name for p in tmp_path.iterdir()] == ["lite.json.gz"]  # no temporary left beside it
+
+
+def test_video_encode_is_timed_with_the_encoder_that_ran():
+    from flashhead.benchmark import video_encode_ms
+    from flashhead.media.video_io import nvenc_unavailable_reason
+
+    frames = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    audio = np.zeros(16000 * 10 // 25, np.float32)
+    used, ms = video_encode_ms(frames, audio, 25, 16000, "libx264")
+    assert used == "libx264" and ms > 0
+    used, _ = video_encode_ms(frames, audio, 25, 16000, "auto")
+    reason = nvenc_unavailable_reason()
+    assert used == (f"libx264 (auto: {reason})" if reason else "h264_nvenc")
+
+
+@pytest.mark.slow
+def test_bench_reports_every_stage_of_the_issue_on_the_cpu():
+    """`flashhead bench`'s report on the shipped tiny model (CPU, float32): every stage the speed issue lists,
+    video encode included, with the switches and the encoder that ran."""
+    from flashhead.benchmark import BenchSettings, run_benchmark
+
+    report = run_benchmark(
+        BenchSettings(model="tiny", device="cpu", dtype="float32", seconds=1.2, switches={"video_encoder": "auto"}),
+        progress=False,
+    )
+    stages = report["stage_ms_per_chunk"]
+    expected = {"audio_features", "dit", "vae_decode", "vae_encode_motion", "color_correction", "video_encode"}
+    assert expected <= set(stages) and all(stages[k] > 0 for k in expected)
+    assert report["video_encoder"].startswith(("libx264", "h264_nvenc"))
+    assert report["switches"]["video_encoder"] == "auto" and report["steady_fps"] > 0
+    assert report["time_to_first_frame_ms"] > 0 and report["dit_ms_per_step"] > 0

@@ -155,6 +155,9 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     stream_once(engine, audio)
     stages = {k: v["mean_ms"] for k, v in pipe.timer.summary().items()}
     pipe.timer = StageTimer(sync=False)
+    encoder, encode_ms = video_encode_ms(frames, audio, pipe.config.fps, pipe.config.sample_rate,
+                                         pipe.speed.video_encoder)  # fmt: skip
+    stages["video_encode"] = round(encode_ms * pipe.new_frames / max(len(frames), 1), 3)  # per chunk, like the rest
     bar.update()
 
     dit_ms = stages.get("dit", 0.0) / pipe.config.num_inference_steps
@@ -169,6 +172,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "time_to_first_frame_ms": round(1000 * float(np.median(first_frame)), 1),
         "first_frame_parts_ms": median_parts(parts),
         "stage_ms_per_chunk": stages,
+        "video_encoder": encoder,
         "dit_ms_per_step": round(dit_ms, 2),
         **dit_utilisation(pipe, dit_ms),
         "warmup_seconds": round(warmup_seconds, 1),
@@ -188,6 +192,27 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     )
     report["environment"] = environment()
     return report
+
+
+def video_encode_ms(
+    frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int, encoder: str
+) -> tuple[str, float]:
+    """Milliseconds to write `frames` with their speech as an MP4 (a temporary file), as the server's jobs and
+    `FlashHeadOutput.save` do, and the encoder that ran ("libx264 (...)" with the reason where "auto" found no NVENC).
+    """
+    import tempfile
+
+    from flashhead.media.video_io import VideoWriter, nvenc_unavailable_reason
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with VideoWriter(Path(tmp) / "bench.mp4", fps=fps, encoder=encoder, audio=audio, sample_rate=sample_rate) as w:
+            w.write_frames(frames)
+        ms = 1000 * (time.perf_counter() - start)
+        used = w.encoder
+    if encoder == "auto" and used == "libx264":
+        used = f"libx264 (auto: {nvenc_unavailable_reason()})"
+    return used, ms
 
 
 def first_frame_split(session) -> dict[str, float | None]:

@@ -154,6 +154,12 @@ def generate(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: best).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16.")] = "auto",
     crf: Annotated[int, typer.Option("--crf", help="H.264 quality (lower is better).")] = 18,
+    video_encoder: Annotated[
+        str,
+        typer.Option(
+            "--video-encoder", help="libx264 (CPU), h264_nvenc (the GPU's video encoder), auto (NVENC where it opens)."
+        ),
+    ] = "libx264",
     sp: Annotated[
         int | None,
         typer.Option("--sp", help="Sequence parallel over N GPUs (starts torchrun; under torchrun: its size)."),
@@ -178,6 +184,9 @@ def generate(
         raise ConfigError(f"{output.parent}: output folder does not exist")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+    from flashhead.media.video_io import resolve_encoder
+
+    resolve_encoder(video_encoder)  # a missing or unknown encoder fails now, not after the generation
     settings = GenerationConfig.from_file(config) if config else None
     changes = dict(num_inference_steps=steps, guidance_scale=guidance, sampler=sampler, audio_mode=audio_mode)
     if any(v is not None for v in changes.values()):
@@ -214,7 +223,7 @@ def generate(
         pipe.release_followers()
     result.metadata["source_image"] = image.name
     result.metadata["source_audio"] = audio.name
-    result.save(output, crf=crf)
+    result.save(output, crf=crf, encoder=video_encoder)
     console.print(
         f"wrote {output} ({len(result.frames)} frames, {result.duration:.2f} s, {pipe.name}, seed {seed})",
         highlight=False,

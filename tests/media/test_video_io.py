@@ -165,3 +165,28 @@ def test_read_video_errors_are_one_line_media_errors():
         read_video(SPEECH)
     with pytest.raises(MediaError, match="video file not found"):
         read_video(MEDIA / "video" / "missing.mp4")
+
+
+def test_auto_encoder_writes_h264_and_a_missing_nvenc_is_a_clear_error(tmp_path):
+    """`auto` takes the GPU's NVENC where it opens and x264 elsewhere; asking for NVENC where it is missing fails in
+    one line before any file exists. Unknown encoders are refused."""
+    from flashhead.media.video_io import nvenc_unavailable_reason, resolve_encoder
+
+    frames = moving_block(10)
+    with VideoWriter(tmp_path / "auto.mp4", encoder="auto") as writer:
+        writer.write_frames(frames)
+    reason = nvenc_unavailable_reason()
+    assert writer.encoder == ("libx264" if reason else "h264_nvenc") == resolve_encoder("auto")
+    info = probe(tmp_path / "auto.mp4")
+    assert (info["video_codec"], info["frames"], info["b_frames"]) == ("h264", 10, False)
+    assert read_provenance(tmp_path / "auto.mp4")["ai_generated"] is True
+    decoded, _, _ = read_video(tmp_path / "auto.mp4")
+    assert all(psnr_uint8(d, f) > 35 for d, f in zip(decoded, frames, strict=True))
+    with pytest.raises(ConfigError, match="video encoder must be one of"):
+        VideoWriter(tmp_path / "x.mp4", encoder="libx265")
+    if reason is None:
+        return  # this machine has NVENC: nothing more to refuse
+    assert "\n" not in reason
+    with pytest.raises(MediaError, match="h264_nvenc.*use libx264 or auto"):
+        VideoWriter(tmp_path / "nvenc.mp4", encoder="h264_nvenc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.mp4"]

@@ -169,3 +169,36 @@ def test_teacher_sampling_flags(tiny_folder, tmp_path):
                            "--model", str(tiny_folder), "--steps", "20", "--guidance", "3.0")  # fmt: skip
     assert code == 0, output
     assert probe(out)["frames"] == 50
+
+
+def test_video_encoder_choice_from_the_cli_and_the_speed_settings(tiny_folder, tmp_path):
+    """--video-encoder auto writes H.264 (NVENC where it opens, x264 here); an unknown encoder, or NVENC where it
+    is missing, fails in one line before anything is generated. A pipeline's outputs save with its speed setting."""
+    from flashhead.media.video_io import nvenc_unavailable_reason
+    from flashhead.pipeline.speed import SpeedConfig
+
+    speech = MEDIA / SPEECH_8S
+    out = tmp_path / "auto.mp4"
+    code, output = run_cli("generate", "-i", str(PORTRAIT), "-a", str(speech), "-o", str(out),
+                           "--model", str(tiny_folder), "--video-encoder", "auto")  # fmt: skip
+    assert code == 0, output
+    assert probe(out)["video_codec"] == "h264" and detect_watermark(out).detected
+    refused = [("vp9", 2, "video encoder must be one of")]
+    if nvenc_unavailable_reason():
+        refused.append(("h264_nvenc", 7, "h264_nvenc"))
+    for encoder, expected, message in refused:
+        code, output = run_cli("generate", "-i", str(PORTRAIT), "-a", str(speech), "-o", str(tmp_path / "x.mp4"),
+                               "--model", str(tiny_folder), "--video-encoder", encoder)  # fmt: skip
+        lines = [line for line in output.splitlines() if line.startswith("error:")]
+        assert code == expected and len(lines) == 1 and message in lines[0], output
+        assert "model:" not in output  # refused before the model was loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["auto.mp4"]
+
+    pipe, _, _ = tiny_pipeline("lite")
+    waveform, _ = load_audio(speech)
+    pipe.optimize(SpeedConfig(video_encoder="auto"))
+    result = pipe(PORTRAIT, waveform[:8000], sample_rate=16000, seed=0, progress=False)
+    assert result.video_encoder == "auto"
+    for name, encoder in (("speed.mp4", None), ("x264.mp4", "libx264")):
+        saved = result.save(tmp_path / name, encoder=encoder)
+        assert probe(saved)["frames"] == len(result.frames)

@@ -47,6 +47,17 @@ def test_switches_parse_and_reject_bad_values():
         SpeedConfig.parse("cudnn_search_all=on")
     with pytest.raises(ConfigError, match="cudnn_benchmark on"):
         SpeedConfig.optimized().replace(cudnn_benchmark=False)
+    with pytest.raises(ConfigError, match="video_encoder must be"):
+        SpeedConfig.parse("video_encoder=vp9")
+    assert SpeedConfig.parse("video_encoder=h264_nvenc").video_encoder == "h264_nvenc"
+
+
+def test_video_encoder_choices_are_the_writers():
+    from flashhead.media.video_io import VIDEO_ENCODERS as WRITER_ENCODERS
+    from flashhead.pipeline.speed import VIDEO_ENCODERS
+
+    assert VIDEO_ENCODERS == WRITER_ENCODERS
+    assert SpeedConfig().video_encoder == "libx264" and SpeedConfig.optimized().video_encoder == "auto"
 
 
 def test_speed_matrix_ladder_ends_at_the_optimized_preset():

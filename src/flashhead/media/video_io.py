@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import secrets
@@ -27,6 +28,12 @@ from flashhead.errors import ConfigError, MediaError
 from flashhead.media.audio_io import decode_audio, open_media
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# H.264 encoders: x264 on the CPU, NVENC on NVIDIA GPUs that have the encoder block (not H100 / H200 / A100), or
+# "auto": NVENC where it opens, else x264.
+VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")
+# x264 presets -> the nearest NVENC ones (p1 fastest ... p7 best).
+NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p3",
+                 "medium": "p4", "slow": "p5", "slower": "p6", "veryslow": "p7"}  # fmt: skip
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
 AI_GENERATED_NOTICE = (
     "AI-generated video: a synthetic talking head made with flashhead {version}; it shows no real event."
@@ -52,6 +59,32 @@ def provenance_tags(metadata: dict[str, Any] | None = None) -> dict[str, str]:
     }
 
 
+@functools.cache
+def nvenc_unavailable_reason() -> str | None:
+    """None when this process can open FFmpeg's NVENC H.264 encoder; else why not, in one line (checked once)."""
+    if "h264_nvenc" not in av.codecs_available:
+        return "this FFmpeg build has no h264_nvenc"
+    try:
+        context = av.CodecContext.create("h264_nvenc", "w")
+        context.width, context.height, context.pix_fmt = 256, 256, "yuv420p"
+        context.time_base = Fraction(1, 25)
+        context.open()  # loads the driver's encoder library and opens a session on the GPU
+    except (av.FFmpegError, OSError, ValueError) as e:
+        return f"h264_nvenc does not open here ({' '.join(str(e).split())})"
+    return None
+
+
+def resolve_encoder(encoder: str) -> str:
+    """The H.264 encoder a writer asked for `encoder` uses: "auto" is h264_nvenc where it opens, else libx264."""
+    if encoder not in VIDEO_ENCODERS:
+        raise ConfigError(f"video encoder must be one of {', '.join(VIDEO_ENCODERS)}, not {encoder!r}")
+    if encoder == "auto":
+        return "libx264" if nvenc_unavailable_reason() else "h264_nvenc"
+    if encoder == "h264_nvenc" and (reason := nvenc_unavailable_reason()):
+        raise MediaError(f"video encoder h264_nvenc: {reason}; use libx264 or auto")
+    return encoder
+
+
 class VideoWriter:
     """Write an H.264 + AAC MP4, frame chunk by frame chunk, atomically.
 
@@ -69,7 +102,9 @@ class VideoWriter:
         path: the MP4 to write (any existing file is replaced on success).
         fps: frame rate.
         crf: x264 constant rate factor, 0 (lossless) to 51; 18 is visually lossless for most content.
-        preset: x264 speed/size trade-off ("ultrafast" ... "veryslow").
+        preset: x264 speed/size trade-off ("ultrafast" ... "veryslow"; NVENC gets the nearest of its p1-p7).
+        encoder: "libx264" (CPU), "h264_nvenc" (the GPU's video encoder; a MediaError where it is missing) or
+            "auto" (NVENC where it opens, else x264). NVENC takes `crf` as its constant-quality level (`cq`).
         metadata: items added to the provenance record (see `provenance_tags`).
         audio, sample_rate: the speech, if known up front (same as calling `set_audio`).
         audio_bitrate: AAC bit rate in bit/s.
@@ -85,6 +120,7 @@ class VideoWriter:
         fps: int | Fraction = 25,
         crf: int = 18,
         preset: str = "medium",
+        encoder: str = "libx264",
         metadata: dict[str, Any] | None = None,
         audio: np.ndarray | None = None,
         sample_rate: int | None = None,
@@ -102,6 +138,7 @@ class VideoWriter:
         self.fps = Fraction(fps)
         self.crf = crf
         self.preset = preset
+        self.encoder = resolve_encoder(encoder)  # before any file exists: a missing encoder leaves nothing behind
         self.tags = provenance_tags(metadata)
         self.audio_bitrate = audio_bitrate
         self.frames_written = 0
@@ -234,8 +271,11 @@ class VideoWriter:
             self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
             self._container.metadata.update(self.tags)
             # bf=0: no B-frames, so every packet decodes to a frame at once (low-latency playback and streaming).
-            options = {"crf": str(self.crf), "preset": self.preset, "bf": "0"}
-            self._video = self._container.add_stream("libx264", rate=self.fps, options=options)
+            if self.encoder == "h264_nvenc":
+                options = {"rc": "vbr", "cq": str(self.crf), "preset": NVENC_PRESETS[self.preset], "bf": "0"}
+            else:
+                options = {"crf": str(self.crf), "preset": self.preset, "bf": "0"}
+            self._video = self._container.add_stream(self.encoder, rate=self.fps, options=options)
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
             if self._audio is not None:

@@ -94,16 +94,19 @@ class FlashHeadOutput:
     audio: np.ndarray  # (n,) float32 mono speech the frames follow
     sample_rate: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    video_encoder: str = "libx264"  # the pipeline's speed setting: libx264, h264_nvenc or auto
 
     @property
     def duration(self) -> float:
         return len(self.frames) / self.fps
 
-    def save(self, path: str | Path, crf: int = 18) -> Path:
-        """Write an H.264 MP4 with the speech muxed in, atomically (temporary file, then rename)."""
+    def save(self, path: str | Path, crf: int = 18, encoder: str | None = None) -> Path:
+        """Write an H.264 MP4 with the speech muxed in, atomically (temporary file, then rename); `encoder`
+        overrides `video_encoder`."""
         from flashhead.media.video_io import VideoWriter
 
-        with VideoWriter(path, fps=self.fps, crf=crf, metadata=self.metadata) as writer:
+        encoder = encoder or self.video_encoder
+        with VideoWriter(path, fps=self.fps, crf=crf, encoder=encoder, metadata=self.metadata) as writer:
             writer.set_audio(self.audio, self.sample_rate)
             writer.write_frames(self.frames)
         return Path(path)
@@ -752,7 +755,9 @@ class FlashHeadPipeline:
 
             frames = embed_watermark(frames)
         metadata = {"model": self.name, "seed": seed, "steps": self.config.num_inference_steps}
-        return FlashHeadOutput(frames, self.config.fps, waveform, self.config.sample_rate, metadata)
+        return FlashHeadOutput(
+            frames, self.config.fps, waveform, self.config.sample_rate, metadata, self.speed.video_encoder
+        )
 
     def prepare_image(self, image: str | Path | np.ndarray, crop: bool = True) -> np.ndarray:
         size = (self.config.height, self.config.width)

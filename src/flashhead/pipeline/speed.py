@@ -18,6 +18,7 @@ from typing import Literal
 from flashhead.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")  # flashhead.media.video_io.VideoWriter's `encoder`
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
@@ -80,6 +81,10 @@ class SpeedConfig:
         decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
             Approximate (the decoders see less temporal context); off in the `optimized` preset.
         fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16.
+        video_encoder: the H.264 encoder of the MP4s written from this pipeline (its outputs' `save`, the server's
+            jobs): "libx264" on the CPU, "h264_nvenc" on the GPU's video encoder, or "auto", NVENC where it opens
+            (GPUs with the encoder block: not H100, H200 or A100) and x264 elsewhere. The frames are the same; only
+            their compression differs.
     """
 
     rope_table: bool = False
@@ -103,8 +108,11 @@ class SpeedConfig:
     launch_ahead: bool = False
     decode_new_only: bool = False
     fp8: bool = False
+    video_encoder: Literal["libx264", "h264_nvenc", "auto"] = "libx264"
 
     def __post_init__(self) -> None:
+        if self.video_encoder not in VIDEO_ENCODERS:
+            raise ConfigError(f"video_encoder must be one of {', '.join(VIDEO_ENCODERS)}, got {self.video_encoder!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -127,7 +135,7 @@ class SpeedConfig:
             rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, cudnn_search_all=True,
             vae_channels_last=True, vae_conv_pad=True, fused_gelu=True, compile_dit=True, compile_vae=True,
             compile_color=True, cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True,
-            pinned_memory=True, early_first_frames=True, audio_stream=True,
+            pinned_memory=True, early_first_frames=True, audio_stream=True, video_encoder="auto",
         )  # fmt: skip
 
     @property

@@ -148,9 +148,13 @@ class JobWriter:
         # The server's engines mark frames on the device; an engine handed to create_app without it is marked here.
         marked = getattr(self.worker.engine, "watermark", True)
         # Audio given up front is muxed as frames arrive (flat memory); the writer cuts it at the last frame.
+        # The server's speed settings (auto with --optimized); a Ray front end's pipeline has none: x264.
+        speed = getattr(self.worker.engine.pipeline, "speed", None)
+        encoder = speed.video_encoder if speed is not None else "libx264"
         with VideoWriter(
-            self.job.video_path, fps=self.fps, metadata=metadata, audio=self.waveform, sample_rate=self.sample_rate
-        ) as writer:
+            self.job.video_path, fps=self.fps, encoder=encoder, metadata=metadata, audio=self.waveform,
+            sample_rate=self.sample_rate,
+        ) as writer:  # fmt: skip
             while True:
                 item = self._inbox.get()
                 if isinstance(item, BaseException):
