@@ -190,3 +190,20 @@ def test_auto_encoder_writes_h264_and_a_missing_nvenc_is_a_clear_error(tmp_path)
     with pytest.raises(MediaError, match="h264_nvenc.*use libx264 or auto"):
         VideoWriter(tmp_path / "nvenc.mp4", encoder="h264_nvenc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.mp4"]
+
+
+def test_auto_falls_back_to_x264_when_nvenc_does_not_open(tmp_path, monkeypatch, caplog):
+    """A GPU can list NVENC and still refuse a session (consumer cards cap concurrent sessions): `auto` then
+    writes with x264 instead of failing. Forced here by making `auto` pick NVENC on a machine where it cannot open."""
+    from flashhead.media import video_io
+
+    if video_io.nvenc_unavailable_reason() is None:
+        pytest.skip("NVENC opens on this machine: the fallback cannot be provoked")
+    monkeypatch.setattr(video_io, "nvenc_unavailable_reason", lambda: None)
+    frames = moving_block(6)
+    with VideoWriter(tmp_path / "out.mp4", encoder="auto") as writer:
+        assert writer.encoder == "h264_nvenc"  # what auto chose
+        writer.write_frames(frames)
+    assert writer.encoder == "libx264" and "NVENC did not open" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # the abandoned NVENC file is gone
+    assert probe(tmp_path / "out.mp4")["frames"] == 6

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import functools
 import json
+import logging
 import os
 import secrets
 from fractions import Fraction
@@ -26,6 +27,8 @@ import soxr
 from flashhead import __version__
 from flashhead.errors import ConfigError, MediaError
 from flashhead.media.audio_io import decode_audio, open_media
+
+logger = logging.getLogger(__name__)
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # H.264 encoders: x264 on the CPU, NVENC on NVIDIA GPUs that have the encoder block (not H100 / H200 / A100), or
@@ -139,6 +142,7 @@ class VideoWriter:
         self.crf = crf
         self.preset = preset
         self.encoder = resolve_encoder(encoder)  # before any file exists: a missing encoder leaves nothing behind
+        self._auto = encoder == "auto"
         self.tags = provenance_tags(metadata)
         self.audio_bitrate = audio_bitrate
         self.frames_written = 0
@@ -278,6 +282,15 @@ class VideoWriter:
             self._video = self._container.add_stream(self.encoder, rate=self.fps, options=options)
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
+            if self.encoder == "h264_nvenc" and self._auto:
+                try:  # now, not at the first frame: a GPU out of encoder sessions falls back to x264
+                    self._video.codec_context.open()
+                except av.FFmpegError as e:
+                    logger.warning("%s: NVENC did not open (%s); encoding with libx264", self.path, e)
+                    self._container.close()
+                    self._tmp.unlink()
+                    self._container, self.encoder = None, "libx264"
+                    return self._open(height, width)
             if self._audio is not None:
                 self._add_audio_stream()
         except BaseException:
