@@ -27,13 +27,13 @@ import soxr
 from flashhead import __version__
 from flashhead.errors import ConfigError, MediaError
 from flashhead.media.audio_io import decode_audio, open_media
+from flashhead.pipeline.speed import VIDEO_ENCODERS
 
 logger = logging.getLogger(__name__)
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
-# H.264 encoders: x264 on the CPU, NVENC on NVIDIA GPUs that have the encoder block (not H100 / H200 / A100), or
-# "auto": NVENC where it opens, else x264.
-VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")
+# H.264 encoders (VIDEO_ENCODERS, the `video_encoder` speed switch's choices): x264 on the CPU, NVENC on NVIDIA GPUs
+# that have the encoder block (not H100 / H200 / A100), or "auto": NVENC where it opens, else x264.
 # x264 presets -> the nearest NVENC ones (p1 fastest ... p7 best).
 NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p3",
                  "medium": "p4", "slow": "p5", "slower": "p6", "veryslow": "p7"}  # fmt: skip

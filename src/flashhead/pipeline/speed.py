@@ -18,7 +18,7 @@ from typing import Literal
 from flashhead.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
-VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")  # flashhead.media.video_io.VideoWriter's `encoder`
+VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")  # also what flashhead.media.video_io.VideoWriter takes
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
