@@ -210,8 +210,9 @@ def video_encode_ms(
             w.write_frames(frames)
         ms = 1000 * (time.perf_counter() - start)
         used = w.encoder
+    # No NVENC here, or one that would not open a session (the writer's fallback: no reason is cached then).
     if encoder == "auto" and used == "libx264":
-        used = f"libx264 (auto: {nvenc_unavailable_reason()})"
+        used = f"libx264 (auto: {nvenc_unavailable_reason() or 'NVENC did not open a session'})"
     return used, ms
 
 
