@@ -65,17 +65,13 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def main_kernel(fn) -> str:
-    """The name of the GPU kernel that takes longest in one call of `fn`."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """The name of the GPU kernel that takes longest in one call of `fn` ("" on a machine without CUDA)."""
     if not torch.cuda.is_available():
         return ""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return max(kernels, key=lambda e: e.device_time_total).key[:110] if kernels else ""
+    from wan_decode_bench import kernel_profile  # benchmarks/, the script's folder
+
+    top = kernel_profile(fn, top=1)["top"]
+    return top[0]["kernel"][:110] if top else ""
 
 
 def conv_flops(key: tuple) -> int:
