@@ -15,10 +15,12 @@
 #   bash benchmarks/speed_device.sh audio    # wav2vec2 alone: float32, TF32, float32 from a CUDA graph (~1 min)
 #   bash benchmarks/speed_device.sh convs    # the Wan decode's convolutions one by one, cuDNN's first 10 algorithms
 #                                            # against all of them (two processes, ~1.5 min)
+#   bash benchmarks/speed_device.sh upsample # the Wan decoder's upsampling layers, stock against sub-pixel, alone and
+#                                            # in three compiled decodes, with their kernels (~4 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -39,6 +41,11 @@ convs)
         tail -1 "$OUT/conv$limit.log"
     done
     python3 benchmarks/plot_conv_algos.py "$OUT/conv10.json" "$OUT/conv0.json" --out "$OUT/wan-decode-convs.png"
+    ;;
+upsample)
+    timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1
+    echo "rc=$?"
+    grep -E "^\{|^per chunk|^off|^transpose|^phases" "$OUT/upsample.log" | cut -c1-400
     ;;
 equiv)
     # "pro-" and not "pro": -k matches substrings, and "approximate" holds "pro".
@@ -98,5 +105,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

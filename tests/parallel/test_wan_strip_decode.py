@@ -50,6 +50,20 @@ def test_strips_with_kernel_padded_convs_equal_the_stock_decode():
     torch.testing.assert_close(whole, full, rtol=0, atol=1e-5)
 
 
+def test_strips_with_subpixel_upsampling_equal_the_stock_decode():
+    """vae_subpixel_upsample: the folded upsampling convolutions read the same rows, so the margins still hold."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(1, 16, 3, 13, 6, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    apply_vae_switches(vae, SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True))
+    try:
+        got = strips(vae, latent, 3)
+    finally:
+        apply_vae_switches(vae, SpeedConfig())
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
 def test_margins_are_the_receptive_field_not_more():
     """One row less of margin per layer breaks the equality: the margins are needed, and they are tight."""
     vae = tiny_vae("pro")

@@ -299,6 +299,31 @@ def test_vae_conv_pad_keeps_the_pro_frames():
         assert psnr_uint8(run_stream(pro, speed, audio, image), plain) >= 40
 
 
+def test_vae_subpixel_upsample_keeps_the_pro_frames():
+    """Sub-pixel upsampling in the Pro decoder, alone and with the other layout switches; Lite has no such layer."""
+    from flashhead.models.vae.wan_resample import TraceableWanResample
+
+    pro = tiny_pipeline("pro")[0]
+    pro.optimize(SpeedConfig(vae_subpixel_upsample=True))
+    ups = [m for m in pro.vae.model.modules() if isinstance(m, TraceableWanResample)]
+    assert ups and all(m.subpixel == "transpose" for m in ups)
+    pro.optimize(SpeedConfig())
+    assert all(getattr(m, "subpixel", None) is None and "subpixel_weight" not in m._buffers for m in ups)
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(3).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    for speed in (
+        SpeedConfig(vae_subpixel_upsample=True),
+        SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True, vae_channels_last=True),
+    ):
+        frames = run_stream(pro, speed, audio, image)
+        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    lite = tiny_pipeline("lite")[0]
+    lite.optimize(SpeedConfig(vae_subpixel_upsample=True))
+    assert not any(getattr(m, "subpixel", None) for m in lite.vae.model.modules())
+    lite.optimize(SpeedConfig())
+
+
 def test_decode_new_only_keeps_the_frame_count(lite):
     """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
     audio = speech_16k(1.0)

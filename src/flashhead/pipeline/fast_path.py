@@ -18,7 +18,7 @@ import torch
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.vae.wan_conv import set_kernel_padding
-from flashhead.models.vae.wan_resample import set_traceable_resample
+from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
 from flashhead.pipeline.speed import SpeedConfig, apply_process_settings
@@ -218,7 +218,9 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         # Per convolution instance: another pipeline's VAE in this process keeps its own. Wan VAE only.
         set_kernel_padding(model, speed.vae_conv_pad)
-        # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'.
+        set_subpixel_upsample(model, speed.vae_subpixel_upsample, channels_last=speed.vae_channels_last)
+        # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'
+        # (sub-pixel upsampling keeps its own).
         set_traceable_resample(model, speed.compile_vae)
     # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):

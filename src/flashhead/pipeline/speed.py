@@ -44,6 +44,10 @@ class SpeedConfig:
         vae_conv_pad: the Wan2.1 (Pro) VAE's causal convolutions pad only in time; the spatial zero padding is
             done inside the convolution kernel instead of by a padded copy of every activation (H200, Pro chunk
             decode 465 -> 425 ms, 375 ms with vae_channels_last). No effect on the LTX (Lite) VAE.
+        vae_subpixel_upsample: each Wan2.1 (Pro) decoder upsampling (nearest 2x, then a 3x3 convolution at the
+            doubled size) as one stride-2 transposed convolution with the taps that read the same input pixel summed
+            (flashhead.models.vae.wan_resample): 4/9 of its multiply-adds, no 4x upsampled copy. Only the summed
+            weights round differently. No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -94,6 +98,7 @@ class SpeedConfig:
     cudnn_search_all: bool = False
     vae_channels_last: bool = False
     vae_conv_pad: bool = False
+    vae_subpixel_upsample: bool = False
     fused_gelu: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
