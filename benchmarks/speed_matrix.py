@@ -41,7 +41,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+cudnn_search_all", {"cudnn_search_all": True}, False),
     ("+vae_channels_last", {"vae_channels_last": True}, False),
     ("+vae_conv_pad", {"vae_conv_pad": True}, False),
-    ("+vae_subpixel_upsample", {"vae_subpixel_upsample": True}, True),
+    ("+vae_subpixel_upsample", {"vae_subpixel_upsample": True}, False),
     ("+pinned_memory", {"pinned_memory": True}, False),
     ("+audio_stream", {"audio_stream": True}, False),
     ("+launch_ahead", {"launch_ahead": True}, True),

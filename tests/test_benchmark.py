@@ -120,3 +120,16 @@ def test_bench_reports_every_stage_of_the_issue_on_the_cpu():
     assert report["video_encoder"].startswith(("libx264", "h264_nvenc"))
     assert report["switches"]["video_encoder"] == "auto" and report["steady_fps"] > 0
     assert report["time_to_first_frame_ms"] > 0 and report["dit_ms_per_step"] > 0
+
+
+def test_video_encode_without_pyav_reports_why_and_no_time(monkeypatch):
+    """A GPU image with torch alone (no PyAV): the benchmark's other figures stand, the encode stage says why."""
+    import sys
+
+    from flashhead.benchmark import video_encode_ms
+
+    monkeypatch.delitem(sys.modules, "flashhead.media.video_io", raising=False)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    used, ms = video_encode_ms(frames, np.zeros(1280, dtype=np.float32), 25, 16000, "auto")
+    assert ms is None and used.startswith("none:") and "av" in used

@@ -157,7 +157,8 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     pipe.timer = StageTimer(sync=False)
     encoder, encode_ms = video_encode_ms(frames, audio, pipe.config.fps, pipe.config.sample_rate,
                                          pipe.speed.video_encoder)  # fmt: skip
-    stages["video_encode"] = round(encode_ms * pipe.new_frames / max(len(frames), 1), 3)  # per chunk, like the rest
+    # per chunk, like the rest; None where no encoder could run (the reason is in `video_encoder`)
+    stages["video_encode"] = None if encode_ms is None else round(encode_ms * pipe.new_frames / max(len(frames), 1), 3)
     bar.update()
 
     dit_ms = stages.get("dit", 0.0) / pipe.config.num_inference_steps
@@ -196,13 +197,18 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
 
 def video_encode_ms(
     frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int, encoder: str
-) -> tuple[str, float]:
+) -> tuple[str, float | None]:
     """Milliseconds to write `frames` with their speech as an MP4 (a temporary file), as the server's jobs and
     `FlashHeadOutput.save` do, and the encoder that ran ("libx264 (...)" with the reason where "auto" found no NVENC).
+    Without PyAV (a GPU image with torch alone) nothing is encoded: (the reason, None), and the rest of the benchmark
+    stands.
     """
     import tempfile
 
-    from flashhead.media.video_io import VideoWriter, nvenc_unavailable_reason
+    try:
+        from flashhead.media.video_io import VideoWriter, nvenc_unavailable_reason
+    except ImportError as err:  # PyAV is a dependency of the package, but the benchmark may run from a source tree
+        return f"none: {err}", None
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
