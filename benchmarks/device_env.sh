@@ -2,4 +2,10 @@
 # torchao; the device image has none of them) into /tmp/site, and the environment the benchmarks and GPU tests
 # expect (the carried copy of ../shared, which does not travel to the device by itself).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
+# PyAV (the bench's video encode stage), where carried: its wheel unpacked and xz-packed (24 MB instead of 35), because
+# the wheel with ../shared and the rest is over the 64 MiB a call carries. Here, once:
+#   mkdir -p .device/av && pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d /tmp av==19.0.2
+#   (mkdir /tmp/avx && cd /tmp/avx && unzip -q /tmp/av-19.0.2-*.whl && tar cf - . | xz -9e) > .device/av/av.tar.xz
+# and carry .device/av with a slim .device/audio (the bench's speech) instead of .device/shared.
+[ -f .device/av/av.tar.xz ] && tar xJf .device/av/av.tar.xz -C /tmp/site
 export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared

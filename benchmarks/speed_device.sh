@@ -62,7 +62,7 @@ matrix)
     ;;
 ttff)
     # A new stream's first frame with its chunk decoded in two pieces, against the whole decode, in one machine's run.
-    AUDIO=.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav
+    AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
     for early in on off; do
         timeout "${BENCH_TIMEOUT:-240}" python3 -m flashhead.cli bench --model pro --optimized --switches "early_first_frames=$early" \
             --audio "$AUDIO" --seconds 10 --json "$OUT/pro_early_$early.json" > "$OUT/pro_early_$early.log" 2>&1
@@ -86,7 +86,7 @@ blocks)
 ab)
     # The same model's `bench --optimized` as it is and with the switches in $3, one machine, one call.
     MODEL=${2:?model}
-    AUDIO=.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav
+    AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
     for variant in base switched; do
         SW=""; [ "$variant" = switched ] && SW="--switches ${3:?switches}"
         timeout "${BENCH_TIMEOUT:-280}" python3 -m flashhead.cli bench --model "$MODEL" --optimized $SW --audio "$AUDIO" \
