@@ -9,3 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # and carry .device/av with a slim .device/audio (the bench's speech) instead of .device/shared.
 [ -f .device/av/av.tar.xz ] && tar xJf .device/av/av.tar.xz -C /tmp/site
 export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.device/shared
+# FlashAttention-3 for attention=fa3, where carried: sources to build (benchmarks/build_fa3.py, speed_device.sh fa3)
+# and, once built and brought back, the built folder (.device/fa3/built: flash_attn_interface.py & co.).
+[ -f .device/fa3/fa3src.tar.xz ] && [ ! -d /tmp/fa3src ] && tar xJf .device/fa3/fa3src.tar.xz -C /tmp
+[ -d .device/fa3/built ] && export PYTHONPATH=$PYTHONPATH:$PWD/.device/fa3/built

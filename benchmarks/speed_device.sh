@@ -17,10 +17,13 @@
 #                                            # against all of them (two processes, ~1.5 min)
 #   bash benchmarks/speed_device.sh upsample # the Wan decoder's upsampling layers, stock against sub-pixel, alone and
 #                                            # in three compiled decodes, with their kernels (~4 min)
+#   bash benchmarks/speed_device.sh fa3      # build FlashAttention-3 (forward, head dim 128, bf16, sm_90a) from the
+#                                            # carried sources, check it, time it against cuDNN; the built folder
+#                                            # comes back in $OUT/fa3 (carry it as .device/fa3/built later; ~5 min?)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|fa3|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -46,6 +49,14 @@ upsample)
     timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1
     echo "rc=$?"
     grep -E "^\{|^per chunk|^off|^transpose|^phases" "$OUT/upsample.log" | cut -c1-400
+    ;;
+fa3)
+    nvcc --version | tail -2
+    timeout "${FA3_TIMEOUT:-540}" python3 benchmarks/build_fa3.py --src /tmp/fa3src --dest "$OUT/fa3" --json "$OUT/fa3.json" \
+        > "$OUT/fa3.log" 2>&1
+    echo "rc=$?"
+    grep -E "error|Error|^built|^(pro|lite)_" "$OUT/fa3.log" | head -40
+    ls -la "$OUT/fa3" "$OUT/fa3/flash_attn_3" 2>/dev/null
     ;;
 equiv)
     # "pro-" and not "pro": -k matches substrings, and "approximate" holds "pro".
@@ -105,5 +116,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, fa3 or cold, got '$WHAT'" >&2; exit 2 ;;
 esac
