@@ -46,6 +46,7 @@ EXACT = {
 }
 REASSOCIATING = {
     "attention_flash": "attention=flash",
+    "attention_fa3": "attention=fa3",  # where FlashAttention-3 is importable (benchmarks/build_fa3.py on the device)
     "vae_channels_last": "vae_channels_last=on",
     "vae_conv_pad": "vae_conv_pad=on",
     "vae_subpixel_upsample": "vae_subpixel_upsample=on",
@@ -59,7 +60,7 @@ REASSOCIATING = {
     "all": "optimized",
 }
 REPORT_ONLY = {"decode_new_only": "decode_new_only=on", "fp8": "fp8=on"}  # fp8 last: it cannot be undone
-FP32_UNSUPPORTED = {"attention_flash"}  # flash / cuDNN attention kernels have no float32 version
+FP32_UNSUPPORTED = {"attention_flash", "attention_fa3"}  # flash / cuDNN attention kernels have no float32 version
 MARGIN_DB = 1.5
 
 
@@ -130,6 +131,8 @@ def test_exact_switch_keeps_the_frames(model, case):
 
 @pytest.mark.parametrize("case", list(REASSOCIATING))
 def test_reassociating_switch_computes_the_same(model, case):
+    if case == "attention_fa3":
+        pytest.importorskip("flash_attn_interface")
     name, bf16, fp32, reference, reference32, floor = model
     in_bf16 = psnr_uint8(stream_frames(bf16, REASSOCIATING[case]), reference)
     in_fp32 = math.nan
