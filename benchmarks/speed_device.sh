@@ -20,10 +20,12 @@
 #   bash benchmarks/speed_device.sh fa3      # build FlashAttention-3 (forward, head dim 128, bf16, sm_90a) from the
 #                                            # carried sources, check it, time it against cuDNN; the built folder
 #                                            # comes back in $OUT/fa3 (carry it as .device/fa3/built later; ~5 min?)
+#   bash benchmarks/speed_device.sh norms    # one compiled Pro DiT block with Inductor's reductions and with the
+#                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|fa3|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|fa3|norms|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -94,6 +96,13 @@ blocks)
     done
     timeout 120 python3 benchmarks/color_bench.py
     ;;
+norms)
+    for rows in 0 2048; do
+        timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model "${2:-pro}" --persistent-rows $rows \
+            2>"$OUT/norms.err" | tail -1 | tee "$OUT/norms_$rows.json" | cut -c1-1500
+        echo "persistent-rows $rows rc=$?"
+    done
+    ;;
 ab)
     # The same model's `bench --optimized` as it is and with the switches in $3, one machine, one call.
     MODEL=${2:?model}
@@ -116,5 +125,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         2>&1 | tail -4
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, fa3 or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
 esac
