@@ -19,6 +19,7 @@ against SDPA (math) and timed against cuDNN's attention at the Pro and Lite DiT 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -87,6 +88,7 @@ def check_and_time(dest: Path, repeat: int = 50) -> dict:
     """FA3 against SDPA's math kernel (float32 reference) and timed against cuDNN at the DiT's attention shapes."""
     import torch
     import torch.nn.functional as F
+    from conv_algos import median_ms  # benchmarks/, the script's folder
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sys.path.insert(0, str(dest))
@@ -100,18 +102,6 @@ def check_and_time(dest: Path, repeat: int = 50) -> dict:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
-
-    def ms(fn, *args) -> float:
-        for _ in range(3):
-            fn(*args)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeat):
-            fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeat
 
     shapes = {  # (batch, query tokens, key tokens): heads 12, head dim 128
         "pro_self": (1, 9216, 9216),
@@ -131,7 +121,7 @@ def check_and_time(dest: Path, repeat: int = 50) -> dict:
         entry = {"fa3_max_abs_err": float((fa3(q, k, v).float() - ref).abs().max()),
                  "cudnn_max_abs_err": float((cudnn(q, k, v).float() - ref).abs().max())}  # fmt: skip
         for kernel, fn in (("fa3", fa3), ("cudnn", cudnn)):
-            t = ms(fn, q, k, v)
+            t = median_ms(functools.partial(fn, q, k, v), repeat)
             entry[f"{kernel}_us"] = round(1000 * t, 1)
             entry[f"{kernel}_tflops"] = round(flop / t / 1e9, 1)
         report[name] = entry

@@ -77,12 +77,14 @@ def test_switch_is_per_model_and_restores_diffusers_class():
     assert all(type(m) is WanResample for m in resamples)
 
 
-def test_compiled_decoder_call_has_no_graph_break(wan):
-    """Each cache state the decoder meets (first chunk, after the "Rep" marker, with tensor caches): one graph."""
+@pytest.mark.parametrize("switch", [set_traceable_resample, set_subpixel_upsample], ids=["traceable", "subpixel"])
+def test_compiled_decoder_call_has_no_graph_break(wan, switch):
+    """Each cache state the decoder meets (first chunk, after the "Rep" marker, with tensor caches): one graph, with
+    the traceable resample (compile_vae) and with sub-pixel upsampling."""
     model = wan.model
     latent = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(3))
     cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
-    set_traceable_resample(model, True)
+    switch(model, True)
     try:
         with torch.no_grad():
             for i in range(3):
@@ -91,7 +93,7 @@ def test_compiled_decoder_call_has_no_graph_break(wan):
                 assert report.graph_break_count == 0, (i, [str(b.reason) for b in report.break_reasons])
                 assert report.graph_count == 1
     finally:
-        set_traceable_resample(model, False)
+        switch(model, False)
         torch._dynamo.reset()
 
 
@@ -174,19 +176,3 @@ def test_subpixel_weights_follow_the_module_to_another_dtype():
     vae.model.to(torch.float64)
     ups = [m for m in vae.model.modules() if getattr(m, "subpixel", None)]
     assert ups and all(m.subpixel_weight.dtype == torch.float64 for m in ups)
-
-
-def test_compiled_subpixel_decoder_call_has_no_graph_break(wan):
-    model = wan.model
-    latent = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(3))
-    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
-    set_subpixel_upsample(model, True)
-    try:
-        with torch.no_grad():
-            for i in range(3):
-                x = model.post_quant_conv(latent[:, :, i : i + 1])
-                report = torch._dynamo.explain(model.decoder)(x, feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
-                assert report.graph_break_count == 0, (i, [str(b.reason) for b in report.break_reasons])
-    finally:
-        set_subpixel_upsample(model, False)
-        torch._dynamo.reset()

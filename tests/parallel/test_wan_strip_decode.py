@@ -36,32 +36,30 @@ def test_strips_equal_full_decode_across_latent_frames(rows, ranks, frames):
     torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
 
 
-def test_strips_with_kernel_padded_convs_equal_the_stock_decode():
-    """vae_conv_pad (+ channels-last): the strips still compute the rows of the plain whole decode."""
+@pytest.mark.parametrize(
+    "speed",
+    [
+        SpeedConfig(vae_conv_pad=True, vae_channels_last=True),
+        SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True),
+    ],
+    ids=["conv_pad+channels_last", "subpixel+conv_pad"],
+)
+def test_strips_with_switched_layers_equal_the_stock_decode(speed):
+    """vae_conv_pad (+ channels-last) and vae_subpixel_upsample (the folded upsampling convolutions read the same
+    rows): the strips, and the whole decode, still compute the rows of the plain whole decode."""
     vae = tiny_vae("pro")
     latent = torch.randn(1, 16, 3, 13, 6, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = vae.decode(latent)
-    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))
-    got = strips(vae, latent, 3)
-    with torch.no_grad():
-        whole = vae.decode(latent)
-    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
-    torch.testing.assert_close(whole, full, rtol=0, atol=1e-5)
-
-
-def test_strips_with_subpixel_upsampling_equal_the_stock_decode():
-    """vae_subpixel_upsample: the folded upsampling convolutions read the same rows, so the margins still hold."""
-    vae = tiny_vae("pro")
-    latent = torch.randn(1, 16, 3, 13, 6, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        full = vae.decode(latent)
-    apply_vae_switches(vae, SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True))
+    apply_vae_switches(vae, speed)
     try:
         got = strips(vae, latent, 3)
+        with torch.no_grad():
+            whole = vae.decode(latent)
     finally:
         apply_vae_switches(vae, SpeedConfig())
     torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, full, rtol=0, atol=1e-5)
 
 
 def test_margins_are_the_receptive_field_not_more():
