@@ -93,21 +93,14 @@ def persistent_rows(max_values: int):
     Returns the context manager that restores the previous heuristics on exit."""
     import torch._inductor.config as inductor_config
     from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    class WideRows(InductorChoices):
+    from flashhead.pipeline.inductor_heuristics import wide_row_persistent
+
+    class WideRows(InductorChoices):  # the persistent_norms switch's predicate, at any limit
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
-                return True
-            numel = features.reduction_numel
-            return (
-                not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
-                and bool(getattr(numel, "is_number", False))
-                and int(numel) <= max_values
-            )
+            return wide_row_persistent(features, cooperative_reduction, max_values)
 
     inductor_config.fx_graph_cache = False  # a cached graph compiled under the default heuristic would be reused
     return V.set_choices_handler(WideRows())

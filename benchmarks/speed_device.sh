@@ -104,15 +104,18 @@ norms)
     done
     ;;
 ab)
-    # The same model's `bench --optimized` as it is and with the switches in $3, one machine, one call.
+    # The same model's `bench --optimized` as it is and with each switch set given after the model (one run each),
+    # one machine, one call: e.g. `ab pro persistent_norms=off attention=fa3`.
     MODEL=${2:?model}
+    : "${3:?switches}"
     AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
-    for variant in base switched; do
-        SW=""; [ "$variant" = switched ] && SW="--switches ${3:?switches}"
-        timeout "${BENCH_TIMEOUT:-280}" python3 -m flashhead.cli bench --model "$MODEL" --optimized $SW --audio "$AUDIO" \
-            --seconds 10 ${BENCH_ARGS:-} --json "$OUT/${MODEL}_$variant.json" > "$OUT/${MODEL}_$variant.log" 2>&1
-        echo "$variant rc=$?"
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'streams')})" "$OUT/${MODEL}_$variant.json"
+    n=0
+    for SW in "" "${@:3}"; do
+        name=${MODEL}_base; [ -n "$SW" ] && { n=$((n + 1)); name=${MODEL}_switched$n; }
+        timeout "${BENCH_TIMEOUT:-280}" python3 -m flashhead.cli bench --model "$MODEL" --optimized ${SW:+--switches "$SW"} \
+            --audio "$AUDIO" --seconds 10 ${BENCH_ARGS:-} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        echo "$name ${SW:-(optimized)} rc=$?"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'streams')})" "$OUT/$name.json"
     done
     ;;
 audio)

@@ -48,6 +48,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+compile_color", {"compile_color": True}, False),
     ("+fused_gelu", {"fused_gelu": True}, False),
     ("+compile_dit", {"compile_dit": True}, False),
+    ("+persistent_norms", {"persistent_norms": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae", {"compile_vae": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),

@@ -130,6 +130,34 @@ def test_every_block_runs_on_a_contiguous_residual_stream():
     assert layouts == [True] * len(model.blocks)
 
 
+def test_attention_kernel_for_self_attention_only():
+    """attention=fa3 hands FA3 the self-attentions and leaves the cross-attentions (32 audio keys, where cuDNN is
+    faster) to torch SDPA; the kernel gets (B, L, heads, d) and gives the same attention as SDPA."""
+    model, t = tiny_model("lite")
+    calls = []
+
+    def kernel(q, k, v):  # SDPA in FA3's (B, L, heads, d) layout
+        calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    reference = run_case(model, t, 1)
+    model.set_attention_kernel(kernel, cross=False)
+    try:
+        out = run_case(model, t, 1)
+    finally:
+        model.set_attention_kernel(None)
+    assert len(calls) == len(model.blocks)  # one per block: the self-attention only
+    assert all(shape[-2] == model.blocks[0].self_attn.num_heads for shape in calls)
+    assert rel_l2(out, reference) <= 1e-5
+    model.set_attention_kernel(kernel)  # both, by default
+    try:
+        run_case(model, t, 1)
+    finally:
+        model.set_attention_kernel(None)
+    assert len(calls) == 3 * len(model.blocks)
+
+
 # bf16 against fp32 at the same (bf16-rounded) timestep, measured on CPU with the tiny fixtures over all
 # cases (docs/models.md): rel-L2 0.0067-0.0075. The bound leaves head-room for other CPUs and kernels.
 BF16_TOLERANCE = 2e-2

@@ -55,6 +55,7 @@ REASSOCIATING = {
     "fused_gelu": "fused_gelu=on",
     "fused_gelu_compiled": "fused_gelu=on,compile_dit=on,rope_table=on",
     "compile_dit": "compile_dit=on,rope_table=on",
+    "persistent_norms_compiled": "persistent_norms=on,compile_dit=on,rope_table=on",
     "compile_vae": "compile_vae=on",
     "vae_cuda_graphs_compiled": "vae_cuda_graphs=on,compile_vae=on",
     "all": "optimized",

@@ -379,11 +379,14 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         x = self.head(x, t)  # (B, L, pt*ph*pw*out_dim)
         return self.unpatchify(x, grid)
 
-    def set_attention_kernel(self, kernel: AttentionKernel | None) -> None:
-        """Use `kernel` ((B, L, heads, d) q, k, v -> out) for every attention; None restores torch SDPA."""
+    def set_attention_kernel(self, kernel: AttentionKernel | None, cross: bool = True) -> None:
+        """Use `kernel` ((B, L, heads, d) q, k, v -> out) for the self-attentions, and the cross-attentions unless
+        `cross` is False (those then use torch SDPA); None restores torch SDPA."""
         for module in self.modules():
-            if isinstance(module, (SelfAttention, CrossAttention)):
+            if isinstance(module, SelfAttention) or (isinstance(module, CrossAttention) and cross):
                 module.kernel = kernel
+            elif isinstance(module, CrossAttention):
+                module.kernel = None
 
     def set_fused_gelu(self, on: bool) -> None:
         """Run each block's FFN as one GEMM with a bias + GELU epilogue and one plain GEMM (same weights)."""

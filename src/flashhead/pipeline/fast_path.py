@@ -21,26 +21,28 @@ from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
-from flashhead.pipeline.speed import SpeedConfig, apply_process_settings
+from flashhead.pipeline.speed import (  # noqa: F401 (VAE_RECOMPILE_LIMIT: re-exported)
+    VAE_RECOMPILE_LIMIT,
+    SpeedConfig,
+    apply_process_settings,
+    apply_thread_settings,
+)
 
-# A compiled Wan decoder is called once per latent frame and recompiles for each cache state it meets (empty,
-# the "Rep" marker, one frame, two frames): about 4 variants per decode shape, and the strip decoder adds its
-# row counts. Dynamo's default limit of 8 variants per frame sent the rest of the decode back to eager (the
-# device log's "hit config.recompile_limit (8)", together with the graph break that wan_resample removes).
-VAE_RECOMPILE_LIMIT = 128
 TORCH_CUDNN_BENCHMARK_LIMIT = 10  # torch's default number of cuDNN algorithms timed per shape
 
 logger = logging.getLogger(__name__)
 
 
 def attention_context(backend: str) -> contextlib.AbstractContextManager:
-    """A context that forces one torch SDPA backend ("sdpa" and "fa3": no constraint on torch's choice)."""
-    if backend in ("sdpa", "fa3"):
+    """A context that forces one torch SDPA backend ("sdpa": no constraint on torch's choice; "fa3": cuDNN for the
+    cross-attention, which FA3 does not run)."""
+    if backend == "sdpa":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     choice = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "fa3": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
@@ -197,7 +199,7 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
     apply_process_settings(speed)
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     torch.backends.cudnn.benchmark_limit = 0 if speed.cudnn_search_all else TORCH_CUDNN_BENCHMARK_LIMIT
-    dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None)
+    dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None, cross=False)
     if speed.fp8 and not getattr(dit, "_flashhead_fp8", False):
         quantize_fp8(dit)
     elif not speed.fp8 and getattr(dit, "_flashhead_fp8", False):
@@ -229,11 +231,7 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
     # vae_cuda_graphs: a store for the graphed decode / encode calls (flashhead.pipeline.graphs.graphed); graphs
     # captured under other switches are dropped with it.
     vae._graphed_calls = {} if speed.vae_cuda_graphs else None
-    if speed.compile_vae:  # process-wide: Dynamo has no per-function limit
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 4 * VAE_RECOMPILE_LIMIT
-        )
+    apply_thread_settings(speed)  # compile_vae's recompile limits (also where only the VAE is switched)
 
 
 def quantize_fp8(dit: FlashHeadDiT) -> None:

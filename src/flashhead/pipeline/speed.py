@@ -11,6 +11,7 @@ approximate by construction (see docs/performance.md) and therefore not part of 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -32,7 +33,9 @@ class SpeedConfig:
         cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
             the audio tokens projected once per chunk instead of once per step.
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
-            "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`).
+            "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`) for the
+            self-attention and cuDNN for the cross-attention (H100: FA3 850 against cuDNN 870 us at Pro's 9,216
+            tokens, but 108 against 64 us at the cross-attention's 32 audio keys; benchmarks/build_fa3.py).
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
         cudnn_search_all: with cudnn_benchmark, cuDNN times every convolution algorithm it offers for a shape, not
             only the 10 its heuristics rank first (torch.backends.cudnn.benchmark_limit = 0). For the Wan2.1
@@ -52,6 +55,9 @@ class SpeedConfig:
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
+        persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
+            so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
+            inductor_heuristics; H100, compiled Pro block 2.387 -> 2.341 ms). Process-wide, for compiles from then on.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
@@ -101,6 +107,7 @@ class SpeedConfig:
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
     fused_gelu: bool = False
+    persistent_norms: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
     compile_color: bool = False
@@ -139,9 +146,9 @@ class SpeedConfig:
         """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead)."""
         return cls(
             rope_table=True, cond_cache=True, attention="cudnn", cudnn_benchmark=True, cudnn_search_all=True,
-            vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True, compile_dit=True,
-            compile_vae=True, compile_color=True, cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True,
-            pinned_memory=True, early_first_frames=True, audio_stream=True, video_encoder="auto",
+            vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True, persistent_norms=True,
+            compile_dit=True, compile_vae=True, compile_color=True, cuda_graphs=True, vae_cuda_graphs=True,
+            cublaslt_no_workspace=True, pinned_memory=True, early_first_frames=True, audio_stream=True, video_encoder="auto",
         )  # fmt: skip
 
     @property
@@ -210,10 +217,36 @@ def _as_bool(name: str, value: object) -> bool:
 CUBLASLT_WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"  # KiB; torch reads it at the first cuBLASLt GEMM of a process
 
 
+# A compiled Wan decoder is called once per latent frame and recompiles for each cache state it meets (empty,
+# the "Rep" marker, one frame, two frames): about 4 variants per decode shape, and the strip decoder adds its
+# row counts. Dynamo's default limit of 8 variants per frame sent the rest of the decode back to eager (the
+# device log's "hit config.recompile_limit (8)", together with the graph break that wan_resample removes).
+VAE_RECOMPILE_LIMIT = 128
+
+
 def apply_process_settings(speed: SpeedConfig) -> None:
-    """The process-wide part of `speed` (cublaslt_no_workspace), set in the environment unless a value is there.
+    """The process-wide part of `speed` (cublaslt_no_workspace: set in the environment unless a value is there),
+    then `apply_thread_settings` for the calling thread.
 
     Call before the process's first GEMM; later calls change nothing that torch has already read.
     """
     if speed.cublaslt_no_workspace:
         os.environ.setdefault(CUBLASLT_WORKSPACE_ENV, "0")
+    apply_thread_settings(speed)
+
+
+def apply_thread_settings(speed: SpeedConfig) -> None:
+    """The compiler settings of `speed` (Dynamo's recompile limits for compile_vae, Inductor's heuristic for
+    persistent_norms). torch >= 2.12 keeps these per thread, so every thread that runs compiled models, and may
+    compile a new shape, calls this (pipelines at `optimize`, the server's engine thread when it starts)."""
+    if speed.compile_vae:
+        import torch
+
+        # Process-wide in older torch, and Dynamo has no per-function limit: only ever raised.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, VAE_RECOMPILE_LIMIT)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * VAE_RECOMPILE_LIMIT)
+    if speed.persistent_norms or "flashhead.pipeline.inductor_heuristics" in sys.modules:  # the plain path: no Inductor
+        from flashhead.pipeline.inductor_heuristics import set_persistent_norms
+
+        set_persistent_norms(speed.persistent_norms)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flashhead.errors import SessionError
+from flashhead.pipeline.speed import apply_thread_settings
 from flashhead.pipeline.stream import StreamEngine, StreamSession, VideoChunk
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class EngineWorker:
         return list(self.engine.sessions.values())
 
     def _run(self) -> None:
+        # The compiler settings live per thread in torch >= 2.12: this thread may compile a new shape (a batch size).
+        speed = getattr(self.engine.pipeline, "speed", None)
+        if speed is not None:
+            apply_thread_settings(speed)
         while True:
             with self._cond:
                 sessions = self._sessions()
