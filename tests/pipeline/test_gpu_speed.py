@@ -78,7 +78,7 @@ def stream_frames(pipe, switches: str, image: np.ndarray | None = None) -> np.nd
     from flashhead.pipeline.stream import StreamEngine
 
     speed = SpeedConfig.optimized() if switches == "optimized" else SpeedConfig.parse(switches)
-    if pipe.dtype == torch.float32 and speed.attention in ("cudnn", "flash"):
+    if pipe.dtype == torch.float32 and speed.attention in ("cudnn", "flash", "fa3"):
         speed = speed.replace(attention="sdpa")  # float32 has only the math / memory-efficient kernels
     pipe.optimize(speed)
     try:

@@ -26,6 +26,15 @@ from flashhead.pipeline.stream import StreamEngine
 # -- switches --------------------------------------------------------------------------------------------
 
 
+def test_optimized_attention_is_fa3_only_where_it_runs(monkeypatch):
+    from flashhead.pipeline import speed as speed_module
+
+    assert speed_module.fa3_available() is False  # no GPU here (and no FlashAttention-3)
+    assert SpeedConfig.optimized().attention == "cudnn"
+    monkeypatch.setattr(speed_module, "fa3_available", lambda: True)
+    assert SpeedConfig.optimized().attention == "fa3"
+
+
 def test_switches_parse_and_reject_bad_values():
     speed = SpeedConfig.parse("compile_dit=on, attention=cudnn,rope_table")
     assert speed.compile_dit and speed.rope_table and speed.attention == "cudnn" and not speed.cuda_graphs
