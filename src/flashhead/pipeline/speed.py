@@ -148,7 +148,8 @@ class SpeedConfig:
         """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead).
         Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN."""
         return cls(
-            rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn", cudnn_benchmark=True, cudnn_search_all=True,
+            rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
+            cudnn_benchmark=True, cudnn_search_all=True,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True,
             persistent_norms=True, compile_dit=True, compile_vae=True, compile_color=True, cuda_graphs=True,
             vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True, early_first_frames=True,
