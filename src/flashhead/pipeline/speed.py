@@ -33,9 +33,10 @@ class SpeedConfig:
         cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
             the audio tokens projected once per chunk instead of once per step.
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
-            "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`) for the
-            self-attention and cuDNN for the cross-attention (H100: FA3 850 against cuDNN 870 us at Pro's 9,216
-            tokens, but 108 against 64 us at the cross-attention's 32 audio keys; benchmarks/build_fa3.py). In the
+            "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`) for
+            self-attentions over at least 4,096 tokens (Pro's) and cuDNN for the rest (H100: FA3 850 against cuDNN
+            870 us at Pro's 9,216 tokens, but 101 against 62 us at Lite's 1,280 and 108 against 64 us for the
+            cross-attention's 32 audio keys; benchmarks/build_fa3.py). In the
             compiled Pro stream FA3 saves more than that: DiT 283.8 -> 273.5 ms per chunk, 56.4 -> 57.4 FPS (H100).
             The `optimized` preset takes "fa3" where `fa3_available()`, else "cudnn".
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
