@@ -36,9 +36,9 @@ class SpeedConfig:
             "efficient" / "math" force one, "fa3" calls FlashAttention-3 (`flash_attn_interface`) for
             self-attentions over at least 4,096 tokens (Pro's) and cuDNN for the rest (H100: FA3 850 against cuDNN
             870 us at Pro's 9,216 tokens, but 101 against 62 us at Lite's 1,280 and 108 against 64 us for the
-            cross-attention's 32 audio keys; benchmarks/build_fa3.py). In the
-            compiled Pro stream FA3 saves more than that: DiT 283.8 -> 273.5 ms per chunk, 56.4 -> 57.4 FPS (H100).
-            The `optimized` preset takes "fa3" where `fa3_available()`, else "cudnn".
+            cross-attention's 32 audio keys; benchmarks/build_fa3.py). In the compiled Pro stream FA3 saves more
+            than that: DiT 283.8 -> 273.5 ms per chunk, 56.4 -> 57.4 FPS (H100). The `optimized` preset takes
+            "fa3" where `fa3_available()`, else "cudnn".
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
         cudnn_search_all: with cudnn_benchmark, cuDNN times every convolution algorithm it offers for a shape, not
             only the 10 its heuristics rank first (torch.backends.cudnn.benchmark_limit = 0). For the Wan2.1
@@ -60,7 +60,8 @@ class SpeedConfig:
             Rounds the activation once instead of twice. Ignored with fp8.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
-            inductor_heuristics; H100, compiled Pro block 2.387 -> 2.341 ms). Process-wide, for compiles from then on.
+            inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk). Process-wide (applied per thread, see
+            `apply_thread_settings`); a change drops the process's compiled graphs, which then compile anew.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
