@@ -95,17 +95,23 @@ def test_video_encoder_choices_are_the_writers():
     assert SpeedConfig().video_encoder == "libx264" and SpeedConfig.optimized().video_encoder == "auto"
 
 
-def test_speed_matrix_ladder_ends_at_the_optimized_preset():
-    """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs."""
+@pytest.mark.parametrize("fa3", [False, True])
+def test_speed_matrix_ladder_ends_at_the_optimized_preset(fa3, monkeypatch):
+    """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs, also
+    where the preset takes FlashAttention-3."""
     from _util import load_benchmark
+    from flashhead.pipeline import speed as speed_module
 
+    monkeypatch.setattr(speed_module, "fa3_available", lambda: fa3)
     matrix = load_benchmark("speed_matrix")
     speed, rows = SpeedConfig(), {}
-    for name, changes, sibling in matrix.LADDER:
+    for name, changes, sibling in matrix.ladder():
+        assert name not in rows
         rows[name] = speed.replace(**changes)
         speed = speed if sibling else rows[name]
     assert rows["+cublaslt_no_workspace (all)"] == SpeedConfig.optimized()
-    assert "+vae_conv_pad" in rows
+    assert rows["+cublaslt_no_workspace (all)"].attention == ("fa3" if fa3 else "cudnn")
+    assert "+vae_conv_pad" in rows and "+persistent_norms" in rows
 
 
 def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
