@@ -5,6 +5,8 @@ output channels fit the kernels' tile widths better (split into two convolutions
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 10 --json conv10.json    # one GPU, full size, bf16
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --json conv0.json      # cuDNN tries every algorithm
 
+    PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --inductor 6    # + Inductor's Triton templates
+
 `--limit` is torch.backends.cudnn.benchmark_limit (torch's default: 10 algorithms tried per shape; 0: all). cuDNN
 keeps its first choice per shape for the life of the process, so each limit needs a process of its own. Why: the
 session-11 profile found 192 of the decode's 207 ms in cuDNN implicit-GEMM convolutions at ~385 TFLOP/s, the
@@ -136,6 +138,33 @@ def variants(key: tuple, device, dtype, repeat: int) -> dict:
     return out
 
 
+def inductor_variant(key: tuple, device, dtype, repeat: int) -> dict:
+    """The convolution compiled with max-autotune: Inductor times its Triton convolution templates against ATen's
+    (cuDNN) call for the shape and keeps the faster; returns its time and the kernel that ran."""
+    import torch._inductor.config as inductor_config
+
+    xs, xstride, ws, wstride, has_bias, stride, padding, dilation, transposed, output_padding, groups = key
+    x = strided_randn(xs, xstride, device, dtype)
+    w = strided_randn(ws, wstride, device, dtype)
+    b = torch.randn(ws[0], device=device, dtype=dtype) if has_bias else None
+
+    def conv(x, w, b):
+        return CONV(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+
+    torch._dynamo.reset()
+    with inductor_config.patch(max_autotune_conv_backends="TRITON,ATEN"):
+        start = time.perf_counter()
+        compiled = torch.compile(conv, mode="max-autotune-no-cudagraphs", dynamic=False)
+        got = compiled(x, w, b)  # compiles and autotunes
+        seconds = time.perf_counter() - start
+    return {
+        "inductor_max_abs_diff": float((got.float() - conv(x, w, b).float()).abs().max()),  # against cuDNN's result
+        "inductor_ms": median_ms(lambda: compiled(x, w, b), repeat),
+        "inductor_kernel": main_kernel(lambda: compiled(x, w, b)),
+        "inductor_autotune_s": round(seconds, 1),
+    }
+
+
 def _format(w: torch.Tensor) -> torch.memory_format:
     """The memory format a weight or input is dense in (contiguous when neither channels-last one fits)."""
     if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
@@ -151,6 +180,9 @@ def main() -> None:
     parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--device", default="cuda", help="cuda (what it is for) or cpu (a smoke run, small latent)")
+    parser.add_argument("--inductor", type=int, default=0, metavar="N",
+                        help="also time Inductor's max-autotune choice (its Triton convolution templates against "
+                        "ATen's cuDNN call) for the N convolutions with the most time per chunk and the narrow ones")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -174,9 +206,10 @@ def main() -> None:
         eager_ms, _ = timed_ms(lambda: model.decode(z).sample, 3)  # the eager decode, this process's algorithms
         with recorder:
             model.decode(z)
-    rows = []
+    rows, keys = [], []
     with torch.no_grad():
         for key, entry in sorted(recorder.calls.items(), key=lambda kv: -conv_flops(kv[0]) * kv[1]["count"]):
+            keys.append(key)
             layout = str(_format(torch.empty_strided(key[0], key[1], device="meta")))
             row = {"input": key[0], "input_stride": key[1], "layout": layout, "weight": key[2],
                    "count": entry["count"], "gflop": round(conv_flops(key) / 1e9, 2)}  # fmt: skip
@@ -184,8 +217,16 @@ def main() -> None:
             row["tflops"] = round(conv_flops(key) / row["ms"] / 1e9, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.inductor and dev.type == "cuda":
+        by_time = sorted(range(len(rows)), key=lambda i: -rows[i]["count"] * rows[i]["ms"])
+        picked = set(by_time[: args.inductor]) | {i for i, r in enumerate(rows) if r["weight"][0] < 64}
+        for i in sorted(picked):
+            rows[i].update(inductor_variant(keys[i], dev, dtype, args.repeat))
+            shown = {k: rows[i][k] for k in ("weight", "input", "ms", "inductor_ms", "inductor_kernel")}
+            print(json.dumps(shown), flush=True)
     total = sum(r["count"] * r["ms"] for r in rows)
-    best = sum(r["count"] * min(r["ms"], r.get("split_cat_ms", r["ms"]), r.get("padded_ms", r["ms"])) for r in rows)
+    variant_keys = ("split_cat_ms", "padded_ms", "inductor_ms")
+    best = sum(r["count"] * min([r["ms"], *(r[k] for k in variant_keys if k in r)]) for r in rows)
     flop = sum(r["count"] * r["gflop"] for r in rows) / 1e3
     report = {
         "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,

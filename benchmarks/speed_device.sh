@@ -40,12 +40,18 @@ decode)
     grep -A4 "Graph break" "$OUT/decode.log" | grep -E "Reason|File" | sed 's/.*\] //' | sort | uniq -c | sort -rn | head -20
     ;;
 convs)
-    for limit in 10 0; do
-        timeout 200 python3 benchmarks/conv_algos.py --limit $limit --json "$OUT/conv$limit.json" > "$OUT/conv$limit.log" 2>&1
+    # CONV_INDUCTOR=N: the last run also times Inductor's max-autotune choice (Triton templates against cuDNN) for
+    # the N convolutions with the most time per chunk and the narrow conv_out (CONV_LIMITS=0 for that run alone).
+    for limit in ${CONV_LIMITS:-10 0}; do
+        extra=""; [ "$limit" = 0 ] && [ -n "${CONV_INDUCTOR:-}" ] && extra="--inductor $CONV_INDUCTOR"
+        timeout "${CONV_TIMEOUT:-200}" python3 benchmarks/conv_algos.py --limit $limit $extra --json "$OUT/conv$limit.json" \
+            > "$OUT/conv$limit.log" 2>&1
         echo "benchmark_limit $limit rc=$?"
+        grep '"inductor_ms"' "$OUT/conv$limit.log" | cut -c1-400
         tail -1 "$OUT/conv$limit.log"
     done
-    python3 benchmarks/plot_conv_algos.py "$OUT/conv10.json" "$OUT/conv0.json" --out "$OUT/wan-decode-convs.png"
+    [ -f "$OUT/conv10.json" ] && python3 benchmarks/plot_conv_algos.py "$OUT/conv10.json" "$OUT/conv0.json" \
+        --out "$OUT/wan-decode-convs.png"
     ;;
 upsample)
     timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1

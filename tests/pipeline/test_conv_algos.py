@@ -36,6 +36,19 @@ def test_recorded_convolutions_and_their_flops(conv_algos, x_shape, w_shape, str
     assert conv_algos.conv_flops(key) == counter.get_total_flops()
 
 
+def test_inductor_variant_compiles_the_recorded_convolution(conv_algos):
+    """--inductor: the recorded convolution compiled with max-autotune (on the CPU: Inductor's own choice), timed and
+    compared with the eager call."""
+    x, w = torch.randn(1, 8, 4, 6, 6), torch.randn(3, 8, 3, 3, 3)
+    recorder = conv_algos.ConvRecorder()
+    with recorder:
+        torch.nn.functional.conv3d(x, w, torch.randn(3), 1, (0, 1, 1))
+    (key,) = recorder.calls
+    out = conv_algos.inductor_variant(key, torch.device("cpu"), torch.float32, repeat=2)
+    assert out["inductor_ms"] > 0 and out["inductor_autotune_s"] > 0
+    assert out["inductor_max_abs_diff"] < 1e-4
+
+
 def test_plot_sums_rows_and_writes_a_png(tmp_path):
     plot = load_benchmark("plot_conv_algos")
     row = {"input": [1, 96, 6, 64, 64], "weight": [96, 96, 3, 3, 3], "count": 4, "ms": 2.0}
