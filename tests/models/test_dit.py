@@ -12,7 +12,7 @@ from _util import FIXTURES, load_fixture, prefixed, rel_l2
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models import FlashHeadDiT
 from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
-from flashhead.models.dit import audio_config_from_official, official_config
+from flashhead.models.dit import audio_config_from_official, official_config, sdpa_kernel
 
 VARIANTS = ["lite", "pro"]
 
@@ -138,8 +138,7 @@ def test_attention_kernel_for_self_attention_only():
 
     def kernel(q, k, v):  # SDPA in FA3's (B, L, heads, d) layout
         calls.append(q.shape)
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        return sdpa_kernel(q, k, v)
 
     reference = run_case(model, t, 1)
     model.set_attention_kernel(kernel, cross=False)

@@ -148,15 +148,19 @@ class RMSNorm(nn.Module):
         return (x.float() * inverse_rms).to(x.dtype) * weight
 
 
+# An attention kernel on (B, L, heads, d) tensors returning (B, L, heads, d), e.g. FlashAttention-3.
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch SDPA as an AttentionKernel: (B, L, heads, d) in and out."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head SDPA on (B, L, heads * d) projections (q, k may already be split as (B, L, heads, d))."""
     q, k, v = (t.unflatten(-1, (heads, -1)) if t.dim() == 3 else t for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
-# An attention kernel on (B, L, heads, d) tensors returning (B, L, heads, d), e.g. FlashAttention-3.
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    return sdpa_kernel(q, k, v).flatten(2)
 
 
 def _attend(q, k, v, heads: int, kernel: AttentionKernel | None) -> torch.Tensor:
@@ -383,10 +387,10 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         """Use `kernel` ((B, L, heads, d) q, k, v -> out) for the self-attentions, and the cross-attentions unless
         `cross` is False (those then use torch SDPA); None restores torch SDPA."""
         for module in self.modules():
-            if isinstance(module, SelfAttention) or (isinstance(module, CrossAttention) and cross):
+            if isinstance(module, SelfAttention):
                 module.kernel = kernel
             elif isinstance(module, CrossAttention):
-                module.kernel = None
+                module.kernel = kernel if cross else None
 
     def set_fused_gelu(self, on: bool) -> None:
         """Run each block's FFN as one GEMM with a bias + GELU epilogue and one plain GEMM (same weights)."""

@@ -46,6 +46,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from flashhead.errors import ConfigError
+from flashhead.models.dit import sdpa_kernel
 
 # (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,10 +57,6 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = (None, "ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather", "kv_gather", "ring")
 ULYSSES = ("ulysses", "ulysses_own_first", "ulysses_kv_first", "x_gather")  # the methods that split the heads
 MODULE_METHODS = ("ulysses_kv_first", "x_gather")  # they run whole self-attention modules, not a q / k / v kernel
-
-
-def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _all_to_all(x: torch.Tensor, out_sizes: Sequence[int], in_sizes: Sequence[int], group) -> torch.Tensor:

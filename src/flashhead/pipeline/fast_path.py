@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from flashhead.errors import ConfigError
-from flashhead.models.dit import FlashHeadDiT
+from flashhead.models.dit import FlashHeadDiT, sdpa_kernel
 from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
@@ -39,7 +38,8 @@ def attention_context(backend: str) -> contextlib.AbstractContextManager:
     cross-attention, which FA3 does not run)."""
     if backend == "sdpa":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as sdpa_backends
 
     choice = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -48,7 +48,7 @@ def attention_context(backend: str) -> contextlib.AbstractContextManager:
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }[backend]
-    return sdpa_kernel([choice])
+    return sdpa_backends([choice])
 
 
 # FA3 against cuDNN on an H100 (benchmarks/build_fa3.py, heads 12, head dim 128): 850 against 870 us at Pro's 9,216
@@ -66,8 +66,7 @@ def fa3_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[1] < FA3_MIN_TOKENS:  # static under torch.compile: one branch per traced shape
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return out.transpose(1, 2)
+            return sdpa_kernel(q, k, v)
         out = flash_attn_interface.flash_attn_func(q, k, v)
         return out[0] if isinstance(out, tuple) else out
 
