@@ -91,13 +91,19 @@ def conv_flops(key: tuple) -> int:
     return 2 * outputs * per_output
 
 
+def operands(key: tuple, device, dtype) -> tuple:
+    """Random input, weight and bias (or None) with the recorded convolution's shapes and strides."""
+    xs, xstride, ws, wstride, has_bias = key[:5]
+    x = strided_randn(xs, xstride, device, dtype)
+    w = strided_randn(ws, wstride, device, dtype)
+    return x, w, torch.randn(ws[0], device=device, dtype=dtype) if has_bias else None
+
+
 def variants(key: tuple, device, dtype, repeat: int) -> dict:
     """The convolution as recorded, and (where its output channels are not a multiple of 128) split into a
     64-multiple and a rest, with and without the channel concatenation, and with the weight zero-padded to 128s."""
-    xs, xstride, ws, wstride, has_bias, stride, padding, dilation, transposed, output_padding, groups = key
-    x = strided_randn(xs, xstride, device, dtype)
-    w = strided_randn(ws, wstride, device, dtype)
-    b = torch.randn(ws[0], device=device, dtype=dtype) if has_bias else None
+    ws, (stride, padding, dilation, transposed, output_padding, groups) = key[2], key[5:]
+    x, w, b = operands(key, device, dtype)
 
     def conv(weight, bias):
         return CONV(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
@@ -143,10 +149,8 @@ def inductor_variant(key: tuple, device, dtype, repeat: int) -> dict:
     (cuDNN) call for the shape and keeps the faster; returns its time and the kernel that ran."""
     import torch._inductor.config as inductor_config
 
-    xs, xstride, ws, wstride, has_bias, stride, padding, dilation, transposed, output_padding, groups = key
-    x = strided_randn(xs, xstride, device, dtype)
-    w = strided_randn(ws, wstride, device, dtype)
-    b = torch.randn(ws[0], device=device, dtype=dtype) if has_bias else None
+    stride, padding, dilation, transposed, output_padding, groups = key[5:]
+    x, w, b = operands(key, device, dtype)
 
     def conv(x, w, b):
         return CONV(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
@@ -180,9 +184,14 @@ def main() -> None:
     parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--device", default="cuda", help="cuda (what it is for) or cpu (a smoke run, small latent)")
-    parser.add_argument("--inductor", type=int, default=0, metavar="N",
-                        help="also time Inductor's max-autotune choice (its Triton convolution templates against "
-                        "ATen's cuDNN call) for the N convolutions with the most time per chunk and the narrow ones")
+    parser.add_argument(
+        "--inductor",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time Inductor's max-autotune choice (its Triton convolution templates against "
+        "ATen's cuDNN call) for the N convolutions with the most time per chunk and the narrow ones",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

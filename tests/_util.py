@@ -89,3 +89,15 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     idat = zlib.compress(b"\x00" * 64)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
+
+
+class ReductionFeatures:
+    """The two things a persistent-reduction heuristic reads of Inductor's SIMDKernelFeatures (no graph here)."""
+
+    def __init__(self, numel: int, hint):
+        import sympy
+
+        self.reduction_numel, self.hint = sympy.Integer(numel), hint
+
+    def get_reduction_hint(self):
+        return self.hint

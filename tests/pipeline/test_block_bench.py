@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import sympy
 import torch._inductor.config as inductor_config
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
-from _util import load_benchmark
-
-
-class Features:
-    """The two things the heuristic reads of Inductor's SIMDKernelFeatures."""
-
-    def __init__(self, numel: int, hint: ReductionHint):
-        self.reduction_numel, self.hint = sympy.Integer(numel), hint
-
-    def get_reduction_hint(self) -> ReductionHint:
-        return self.hint
+from _util import ReductionFeatures, load_benchmark
 
 
 def test_inner_reductions_up_to_the_limit_become_persistent(monkeypatch):
@@ -28,9 +17,9 @@ def test_inner_reductions_up_to_the_limit_become_persistent(monkeypatch):
     monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a: False))
     with bench.persistent_rows(2048):
         choices = V.choices
-        assert choices.should_use_persistent_reduction(Features(1536, ReductionHint.INNER), False)
-        assert not choices.should_use_persistent_reduction(Features(4096, ReductionHint.INNER), False)
-        assert not choices.should_use_persistent_reduction(Features(1536, ReductionHint.OUTER), False)
-        assert not choices.should_use_persistent_reduction(Features(1536, ReductionHint.INNER), True)
+        assert choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.INNER), False)
+        assert not choices.should_use_persistent_reduction(ReductionFeatures(4096, ReductionHint.INNER), False)
+        assert not choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.OUTER), False)
+        assert not choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.INNER), True)
         assert inductor_config.fx_graph_cache is False  # the cache key does not see the handler
     assert type(V.choices) is not type(choices)  # Inductor's heuristics are back

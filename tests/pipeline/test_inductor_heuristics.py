@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import sympy
 import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.testing import CompileCounter
@@ -18,19 +17,10 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
+from _util import ReductionFeatures
 from flashhead.errors import ConfigError
 from flashhead.pipeline import inductor_heuristics as heuristics
 from flashhead.pipeline.speed import SpeedConfig, apply_process_settings, apply_thread_settings
-
-
-class Features:
-    """The two things the heuristic reads of Inductor's SIMDKernelFeatures."""
-
-    def __init__(self, numel: int, hint: ReductionHint):
-        self.reduction_numel, self.hint = sympy.Integer(numel), hint
-
-    def get_reduction_hint(self) -> ReductionHint:
-        return self.hint
 
 
 @pytest.fixture
@@ -43,11 +33,12 @@ def test_rows_up_to_the_limit_become_persistent(monkeypatch):
     # Inductor's own answer for these rows (no graph here to ask): looped, as for the DiT's 1,536-channel norms.
     monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a: False))
     decide = heuristics.WideRowChoices.should_use_persistent_reduction
-    assert decide(Features(1536, ReductionHint.INNER), False)
-    assert decide(Features(2048, ReductionHint.INNER), False)
-    assert not decide(Features(4096, ReductionHint.INNER), False)
-    assert not decide(Features(1536, ReductionHint.OUTER), False)
-    assert not decide(Features(1536, ReductionHint.INNER), True)  # cooperative reductions keep Inductor's answer
+    assert decide(ReductionFeatures(1536, ReductionHint.INNER), False)
+    assert decide(ReductionFeatures(2048, ReductionHint.INNER), False)
+    assert not decide(ReductionFeatures(4096, ReductionHint.INNER), False)
+    assert not decide(ReductionFeatures(1536, ReductionHint.OUTER), False)
+    # cooperative reductions keep Inductor's answer
+    assert not decide(ReductionFeatures(1536, ReductionHint.INNER), True)
 
 
 def test_switch_is_per_thread_and_comes_off(switch_off):

@@ -21,6 +21,8 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.runtime.hints import ReductionHint
 
+from flashhead.errors import ConfigError
+
 PERSISTENT_ROW_LIMIT = 2048  # covers the DiT's 1,536 channels; Inductor's own limit is 1,024
 
 
@@ -70,8 +72,6 @@ def set_persistent_norms(on: bool) -> None:
     their next call, mostly from the FX graph cache. Leaves alone a choices class or post-grad pass that someone else
     installed: ConfigError rather than replace it.
     """
-    from flashhead.errors import ConfigError
-
     global _process_on
     ours = inductor_config.inductor_choices_class is WideRowChoices
     if on and not ours:
