@@ -51,6 +51,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+persistent_norms", {"persistent_norms": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae", {"compile_vae": True}, False),
+    ("+vae_static_shapes", {"vae_static_shapes": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
     ("+early_first_frames", {"early_first_frames": True}, False),
     ("+video_encoder=auto", {"video_encoder": "auto"}, False),
@@ -230,15 +231,29 @@ def cold_start(model: str, switches: dict) -> None:
     else:
         pipe, _ = build_pipeline(BenchSettings(model=model))
     marks["model_built"] = time.time()
+    profile_path = os.environ.get("FLASHHEAD_COLD_PROFILE")  # where this process writes its cProfile stats
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     pipe.optimize(SpeedConfig.from_dict(switches))
+    marks["optimized"] = time.time()
     engine = StreamEngine(pipe)
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     session = engine.open_session(image, seed=0)
     session.push_audio(_speech(None, pipe.new_frames / pipe.config.fps))
+    marks["session_opened"] = time.time()
     while not engine.step():
         pass
     marks["first_frame"] = time.time()
     print("COLD " + json.dumps(marks), flush=True)
+    if profile_path:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
+        import torch._dynamo.utils
+
+        print(torch._dynamo.utils.compile_times(repr="str"), file=sys.stderr)
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -279,16 +294,24 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def spawn_cold_start(model: str, switches: dict, env: dict, left: float, label: str) -> dict:
-    """One cold start in a fresh process (`cold_start` above), given `left` seconds: its row, or why there is none."""
+def spawn_cold_start(model: str, switches: dict, env: dict, left: float, label: str,
+                     profile: Path | None = None) -> dict:  # fmt: skip
+    """One cold start in a fresh process (`cold_start` above), given `left` seconds: its row, or why there is none.
+    With `profile`, the process also writes its cProfile stats there and its import times (`-X importtime`) and
+    Dynamo's compile times next to it (.stderr.txt): the profiler slows Python, so such a row is not a timing."""
     if left < 30:
         return {"model": model, "row": label, "skipped": f"{left:.0f} s of the run left"}
     spawn = time.time()
     cmd = [sys.executable, __file__, "--cold", model, "--cold-switches", json.dumps(switches)]
+    if profile is not None:
+        cmd[1:1] = ["-X", "importtime"]
+        env = {**env, "FLASHHEAD_COLD_PROFILE": str(profile)}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
     except subprocess.TimeoutExpired:
         return {"model": model, "row": label, "error": f"no first frame within {left:.0f} s"}
+    if profile is not None:
+        profile.with_suffix(".stderr.txt").write_text(proc.stderr)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("COLD ")), None)
     if line is None:
         return {"model": model, "row": label, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -311,6 +334,9 @@ def main() -> None:
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--cold-only", action="store_true",
                         help="only the cold starts of --optimized: empty compile caches, then the caches it left")
+    parser.add_argument("--cold-variants", nargs="*", default=[], metavar="SWITCHES",
+                        help="with --cold-only, more warm-cache cold starts with these switches changed, e.g. "
+                             "'cudnn_search_all=off'; 'profile' for one under cProfile (stats in --out)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cold", help=argparse.SUPPRESS)
     parser.add_argument("--cold-switches", default="{}", help=argparse.SUPPRESS)
@@ -366,6 +392,14 @@ def main() -> None:
         for model in args.models.split(","):
             for label in ("cold_start (empty compile cache)", "cold_start"):
                 rows.append(spawn_cold_start(model, switches, env, args.deadline - (time.time() - started), label))
+            for variant in args.cold_variants:
+                left = args.deadline - (time.time() - started)
+                if variant == "profile":
+                    profile = args.out / f"cold_{model}.pstats"
+                    rows.append(spawn_cold_start(model, switches, env, left, "cold_start (profiled)", profile))
+                else:
+                    changed = SpeedConfig.parse(variant, base=SpeedConfig.from_dict(switches)).to_dict()
+                    rows.append(spawn_cold_start(model, changed, env, left, f"cold_start {variant}"))
     elif not args.no_cold_start:
         for model in args.models.split(","):
             # The fastest configuration the ladder reached for this model (its compile artefacts are cached).

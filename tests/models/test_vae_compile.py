@@ -3,11 +3,13 @@ compute what the eager networks compute; switching it off restores the eager mod
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from _tiny import tiny_vae
-from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.fast_path import _static_shapes_for_one_stream, apply_vae_switches
 from flashhead.pipeline.speed import SpeedConfig
 
 
@@ -37,3 +39,64 @@ def test_compiled_vae_encodes_and_decodes_like_eager(variant):
     assert eager_encode.std() > 0.01 and eager_decode.std() > 0.01
     torch.testing.assert_close(encoded, eager_encode, rtol=0, atol=1e-4)
     torch.testing.assert_close(decoded, eager_decode, rtol=0, atol=1e-4)
+
+
+class _SymbolLog(logging.Handler):
+    """Counts the symbolic sizes Dynamo creates while it traces (symbolic_shapes' "create_symbol" records)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.symbols = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.symbols += record.getMessage().startswith("create_symbol")
+
+
+@pytest.mark.slow
+def test_one_stream_compiles_the_wan_vae_with_static_shapes():
+    """vae_static_shapes: the Wan decoder, called per latent frame with caches of 0-2 frames, meets several shapes;
+    by default Dynamo recompiles them with symbolic sizes, with the switch it traces them static. ~2 min on 2 CPU
+    cores."""
+    vae = tiny_vae("pro")
+    latent = torch.randn((1, *vae.latent_shape(9, 64, 64)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = vae.decode(latent)
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    symbols = {}
+    for static in (False, True):
+        log, level = _SymbolLog(), logger.level
+        logger.addHandler(log)
+        logger.setLevel(logging.INFO)
+        torch._dynamo.reset()
+        apply_vae_switches(vae, SpeedConfig(compile_vae=True, vae_static_shapes=static))
+        try:
+            with torch.no_grad():
+                decoded = vae.decode(latent)
+            symbols[static] = log.symbols
+        finally:
+            logger.removeHandler(log)
+            logger.setLevel(level)
+            apply_vae_switches(vae, SpeedConfig())
+            torch._dynamo.reset()
+        torch.testing.assert_close(decoded, eager, rtol=0, atol=1e-4)
+    assert symbols[False] > 0, "the default compile no longer meets symbolic sizes: the switch has nothing to do"
+    assert symbols[True] == 0
+
+
+def test_static_shapes_only_for_batch_one():
+    """The wrapper turns Dynamo's automatic dynamic shapes off for batch-1 calls only, and passes arguments and
+    results through."""
+    seen = []
+
+    class Net(torch.nn.Module):
+        pass
+
+    net = Net()
+    net._compiled_call_impl = lambda x, *rest, **kw: (
+        seen.append(torch._dynamo.config.automatic_dynamic_shapes) or (x.shape[0], rest, kw)
+    )
+    _static_shapes_for_one_stream(net)
+    assert net._compiled_call_impl(torch.zeros(1, 3), 5, cache=None) == (1, (5,), {"cache": None})
+    assert net._compiled_call_impl(torch.zeros(2, 3)) == (2, (), {})
+    assert seen == [False, True]
+    assert torch._dynamo.config.automatic_dynamic_shapes

@@ -57,6 +57,7 @@ REASSOCIATING = {
     "compile_dit": "compile_dit=on,rope_table=on",
     "persistent_norms_compiled": "persistent_norms=on,compile_dit=on,rope_table=on",
     "compile_vae": "compile_vae=on",
+    "vae_static_shapes_compiled": "vae_static_shapes=on,compile_vae=on",
     "vae_cuda_graphs_compiled": "vae_cuda_graphs=on,compile_vae=on",
     "all": "optimized",
 }

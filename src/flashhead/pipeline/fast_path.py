@@ -198,6 +198,21 @@ def _compile(module: torch.nn.Module, mode: str) -> None:
     module.compile(mode=None if mode == "default" else mode)
 
 
+def _static_shapes_for_one_stream(module: torch.nn.Module) -> None:
+    """Calls of a compiled `module` whose first argument has batch 1 compile with static shapes (Dynamo's automatic
+    dynamic shapes off while they run); other batch sizes keep the default, a dynamic batch dimension."""
+    compiled = module._compiled_call_impl
+
+    def call(*args, **kwargs):
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.shape[0] == 1:
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                return compiled(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = call
+
+
 def _uncompile(module: torch.nn.Module) -> None:
     if getattr(module, "_compiled_call_impl", None) is not None:
         module._compiled_call_impl = None
@@ -235,8 +250,14 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         set_traceable_resample(model, speed.compile_vae)
     # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
-        if net is not None:
-            _compile(net, speed.compile_mode) if speed.compile_vae else _uncompile(net)
+        if net is None:
+            continue
+        if not speed.compile_vae:
+            _uncompile(net)
+            continue
+        _compile(net, speed.compile_mode)
+        if speed.vae_static_shapes:
+            _static_shapes_for_one_stream(net)
     # vae_cuda_graphs: a store for the graphed decode / encode calls (flashhead.pipeline.graphs.graphed); graphs
     # captured under other switches are dropped with it.
     vae._graphed_calls = {} if speed.vae_cuda_graphs else None

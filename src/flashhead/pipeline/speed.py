@@ -64,6 +64,11 @@ class SpeedConfig:
             `apply_thread_settings`); a change drops the process's compiled graphs, which then compile anew.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
+        vae_static_shapes: with compile_vae, a single stream's VAE calls (batch 1) compile with static shapes. The
+            Wan2.1 VAE runs one latent frame at a time with caches of 0-2 frames, so Dynamo meets several shapes per
+            decode and by default recompiles them with symbolic sizes, which trace slowly (a cold start's Pro
+            process spent ~10 s of its ~40 s of tracing in symbolic-shape arithmetic). Batched streams keep the
+            default (one dynamic batch dimension instead of a compile per batch size). Same frames.
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
         compile_mode: torch.compile mode for the switches above.
         cuda_graphs: capture the whole 4-step denoising loop of a chunk in one CUDA graph per batch size
@@ -114,6 +119,7 @@ class SpeedConfig:
     persistent_norms: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
+    vae_static_shapes: bool = False
     compile_color: bool = False
     compile_mode: str = "default"
     cuda_graphs: bool = False
@@ -153,7 +159,8 @@ class SpeedConfig:
             rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
             cudnn_benchmark=True, cudnn_search_all=True,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True,
-            persistent_norms=True, compile_dit=True, compile_vae=True, compile_color=True, cuda_graphs=True,
+            persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True, compile_color=True,
+            cuda_graphs=True,
             vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True, early_first_frames=True,
             audio_stream=True, video_encoder="auto",
         )  # fmt: skip
