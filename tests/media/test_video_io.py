@@ -207,3 +207,21 @@ def test_auto_falls_back_to_x264_when_nvenc_does_not_open(tmp_path, monkeypatch,
     assert writer.encoder == "libx264" and "NVENC did not open" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # the abandoned NVENC file is gone
     assert probe(tmp_path / "out.mp4")["frames"] == 6
+
+
+@pytest.mark.parametrize(
+    ("gpu", "named"),
+    [("NVIDIA H100 80GB HBM3", True), ("NVIDIA A100-SXM4-80GB", True), ("NVIDIA H200", True),
+     ("NVIDIA L40S", False), ("NVIDIA GeForce RTX 4090", False), (None, False)],
+)  # fmt: skip
+def test_a_gpu_without_nvenc_is_named_as_the_reason(monkeypatch, gpu, named):
+    """FFmpeg says only "Generic error in an external library" where the GPU has no NVENC block (H100: run 61),
+    so the reason names the GPU; other GPUs get FFmpeg's own answer (whatever this machine gives)."""
+    from flashhead.media import video_io
+
+    monkeypatch.setattr(video_io, "_cuda_gpu_name", lambda: gpu)
+    reason = video_io.nvenc_unavailable_reason.__wrapped__()
+    if named:
+        assert reason == f"the {gpu} has no NVENC video encoder"
+    else:
+        assert reason is None or "has no NVENC video encoder" not in reason

@@ -15,7 +15,9 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
+import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -62,9 +64,25 @@ def provenance_tags(metadata: dict[str, Any] | None = None) -> dict[str, str]:
     }
 
 
+# Data-centre GPUs built without the NVENC block (NVIDIA's video encode/decode support matrix): FFmpeg then fails
+# with a generic "error in an external library", so the reason is said by name instead.
+GPUS_WITHOUT_NVENC = ("A100", "A30", "A800", "H100", "H800", "H200", "H20")
+
+
+def _cuda_gpu_name() -> str | None:
+    """The first CUDA GPU's name where this process already uses torch with CUDA (never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(0)
+
+
 @functools.cache
 def nvenc_unavailable_reason() -> str | None:
     """None when this process can open FFmpeg's NVENC H.264 encoder; else why not, in one line (checked once)."""
+    gpu = _cuda_gpu_name()
+    if gpu and any(re.search(rf"\b{model}\b", gpu) for model in GPUS_WITHOUT_NVENC):
+        return f"the {gpu} has no NVENC video encoder"
     if "h264_nvenc" not in av.codecs_available:
         return "this FFmpeg build has no h264_nvenc"
     try:
