@@ -23,7 +23,8 @@
 #   bash benchmarks/speed_device.sh norms    # one compiled Pro DiT block with Inductor's reductions and with the
 #                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
-#                                            # caches, then one with the caches it left (lite or pro, <= 9 min)
+#                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
+#                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
 WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|fa3|norms|cold}
 OUT=${OUT:-/tmp/speed-out}
@@ -131,8 +132,9 @@ audio)
     ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
+    # COLD_VARIANTS="profile cudnn_search_all=off": more warm-cache starts after the two (speed_matrix --cold-variants).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
-        2>&1 | tail -4
+        ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
 *) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

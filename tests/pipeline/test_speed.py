@@ -413,3 +413,24 @@ def test_full_size_flops_and_peaks():
     assert 3.4e12 < lite < 3.8e12 and 3.8e13 < pro < 4.1e13  # docs/performance.md quotes these
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("some other card") is None
+
+
+def test_cold_start_rows_split_the_start_and_a_profiled_one_leaves_its_stats(tmp_path):
+    """benchmarks/speed_matrix.py's cold start in a fresh process (tiny models, CPU): its marks come in order, the
+    session's opening among them, and a profiled start writes cProfile stats with the import and compile times."""
+    import pstats
+    from pathlib import Path
+
+    from _util import load_benchmark
+
+    matrix = load_benchmark("speed_matrix")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FLASHHEAD_MATRIX_SMOKE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "tests")])}  # fmt: skip
+    profile = tmp_path / "cold_lite.pstats"
+    row = matrix.spawn_cold_start("lite", {"rope_table": True}, env, 300, "cold_start (profiled)", profile)
+    marks = ["python_started_s", "imports_done_s", "model_built_s", "optimized_s", "session_opened_s", "first_frame_s"]
+    assert [row[m] for m in marks] == sorted(row[m] for m in marks), row
+    stats = pstats.Stats(str(profile))
+    assert any(name == "step" for _, _, name in stats.stats)  # the engine's first step ran under the profiler
+    assert "import time:" in profile.with_suffix(".stderr.txt").read_text()
