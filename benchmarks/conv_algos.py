@@ -6,6 +6,11 @@ output channels fit the kernels' tile widths better (split into two convolutions
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --json conv0.json      # cuDNN tries every algorithm
 
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --inductor 6    # + Inductor's Triton templates
+    PYTHONPATH=src python benchmarks/conv_algos.py --limit 24 --search-only  # what the search costs and finds
+
+`--search-only` times only the first eager decode (cuDNN's search of every shape, paid once per process: a cold
+start pays it) against the next ones, and each convolution as cuDNN chose it, without the reformulations: run it
+for several limits to find the smallest one whose choices are as fast as the whole search's.
 
 `--limit` is torch.backends.cudnn.benchmark_limit (torch's default: 10 algorithms tried per shape; 0: all). cuDNN
 keeps its first choice per shape for the life of the process, so each limit needs a process of its own. Why: the
@@ -192,6 +197,8 @@ def main() -> None:
         help="also time Inductor's max-autotune choice (its Triton convolution templates against "
         "ATen's cuDNN call) for the N convolutions with the most time per chunk and the narrow ones",
     )
+    parser.add_argument("--search-only", action="store_true",
+                        help="the search's cost and the chosen kernels' times only (no reformulations)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -212,6 +219,11 @@ def main() -> None:
     z = z.to(dev, dtype)
     recorder = ConvRecorder()
     with torch.no_grad():
+        start = time.perf_counter()
+        model.decode(z)  # the first decode: cuDNN searches every convolution shape it meets
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        first_decode_s = time.perf_counter() - start
         eager_ms, _ = timed_ms(lambda: model.decode(z).sample, 3)  # the eager decode, this process's algorithms
         with recorder:
             model.decode(z)
@@ -222,7 +234,11 @@ def main() -> None:
             layout = str(_format(torch.empty_strided(key[0], key[1], device="meta")))
             row = {"input": key[0], "input_stride": key[1], "layout": layout, "weight": key[2],
                    "count": entry["count"], "gflop": round(conv_flops(key) / 1e9, 2)}  # fmt: skip
-            row.update(variants(key, dev, dtype, args.repeat))
+            if args.search_only:
+                x, w, b = operands(key, dev, dtype)
+                row["ms"] = median_ms(lambda x=x, w=w, b=b, k=key: CONV(x, w, b, *k[5:]), args.repeat)
+            else:
+                row.update(variants(key, dev, dtype, args.repeat))
             row["tflops"] = round(conv_flops(key) / row["ms"] / 1e9, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -244,6 +260,9 @@ def main() -> None:
         "benchmark_limit": args.limit,
         "latent": args.latent,
         "eager_decode_ms": eager_ms,
+        "first_decode_s": round(first_decode_s, 2),
+        "search_s": round(first_decode_s - eager_ms / 1000, 2),  # the first decode's extra time: the search
+        "shapes": len(rows),
         "conv_ms_sum": round(total, 2),
         "conv_tflop": round(flop, 2),
         "conv_tflops": round(flop / total * 1e3, 1),

@@ -45,6 +45,7 @@ convs)
     # the N convolutions with the most time per chunk and the narrow conv_out (CONV_LIMITS=0 for that run alone).
     for limit in ${CONV_LIMITS:-10 0}; do
         extra=""; [ "$limit" = 0 ] && [ -n "${CONV_INDUCTOR:-}" ] && extra="--inductor $CONV_INDUCTOR"
+        [ -n "${CONV_SEARCH_ONLY:-}" ] && extra="--search-only"  # CONV_LIMITS="10 16 24 32 0": the search's cost
         timeout "${CONV_TIMEOUT:-200}" python3 benchmarks/conv_algos.py --limit $limit $extra --json "$OUT/conv$limit.json" \
             > "$OUT/conv$limit.log" 2>&1
         echo "benchmark_limit $limit rc=$?"

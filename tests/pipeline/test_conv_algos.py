@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,3 +60,27 @@ def test_plot_sums_rows_and_writes_a_png(tmp_path):
     out = tmp_path / "convs.png"
     plot.plot([first, second], ["limit 10", "limit 0"], out, top=5)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_only_reports_the_search_and_each_chosen_convolution(tmp_path):
+    """--search-only (CONV_SEARCH_ONLY with several CONV_LIMITS on the device): the first decode's extra time, the
+    number of shapes, and each recorded convolution timed as chosen, without the reformulations. A CPU smoke run of
+    the whole script on the full-size Wan2.1 decoder with a tiny latent (~15 s)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "conv.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "conv_algos.py"), "--device", "cpu", "--latent",
+                    "16,2,8,8", "--search-only", "--repeat", "2", "--json", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root / "src")})  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["first_decode_s"] > 0 and report["search_s"] == pytest.approx(
+        report["first_decode_s"] - report["eager_decode_ms"] / 1000, abs=0.01)
+    assert report["shapes"] == len(report["convolutions"]) > 10
+    rows = report["convolutions"]
+    assert all(r["ms"] > 0 for r in rows)
+    assert not any("split_ms" in r or "padded_ms" in r for r in rows)  # no reformulations
+    assert report["conv_ms_sum"] == pytest.approx(sum(r["count"] * r["ms"] for r in rows), rel=1e-3)
