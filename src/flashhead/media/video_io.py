@@ -70,11 +70,12 @@ GPUS_WITHOUT_NVENC = ("A100", "A30", "A800", "H100", "H800", "H200", "H20")
 
 
 def _cuda_gpu_name() -> str | None:
-    """The first CUDA GPU's name where this process already uses torch with CUDA (never imports torch itself)."""
+    """The current CUDA GPU's name where this process already uses CUDA through torch (it neither imports torch nor
+    initialises CUDA: a CPU-only job on a GPU machine, or a forked worker, stays as it is)."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if torch is None or not torch.cuda.is_initialized():
         return None
-    return torch.cuda.get_device_name(0)
+    return torch.cuda.get_device_name()
 
 
 @functools.cache

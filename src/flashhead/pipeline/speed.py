@@ -66,9 +66,10 @@ class SpeedConfig:
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         vae_static_shapes: with compile_vae, a single stream's VAE calls (batch 1) compile with static shapes. The
             Wan2.1 VAE runs one latent frame at a time with caches of 0-2 frames, so Dynamo meets several shapes per
-            decode and by default recompiles them with symbolic sizes, which trace slowly (a cold start's Pro
-            process spent ~10 s of its ~40 s of tracing in symbolic-shape arithmetic). Batched streams keep the
-            default (one dynamic batch dimension instead of a compile per batch size). Same frames.
+            decode and by default recompiles them with symbolic sizes, which trace slowly (a profiled Pro cold start
+            spent 15 of its 69 s of Dynamo tracing in symbolic-size arithmetic). Batched streams keep the default
+            (one dynamic batch dimension instead of a compile per batch size). The same computation, in kernels
+            specialised to their sizes.
         compile_color: torch.compile the colour correction (fused elementwise Lab conversion).
         compile_mode: torch.compile mode for the switches above.
         cuda_graphs: capture the whole 4-step denoising loop of a chunk in one CUDA graph per batch size
@@ -160,9 +161,8 @@ class SpeedConfig:
             cudnn_benchmark=True, cudnn_search_all=True,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True,
             persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True, compile_color=True,
-            cuda_graphs=True,
-            vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True, early_first_frames=True,
-            audio_stream=True, video_encoder="auto",
+            cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True,
+            early_first_frames=True, audio_stream=True, video_encoder="auto",
         )  # fmt: skip
 
     @property
