@@ -67,3 +67,26 @@ def test_commands_work_without_the_serve_extra(tmp_path):
     serve = run("serve")
     assert serve.returncode == 2 and "pip install 'flashhead[serve]'" in serve.stderr
     assert "Traceback" not in serve.stderr and len(serve.stderr.strip().splitlines()) == 1
+
+
+def test_help_imports_no_torch_and_the_lazy_packages_export_their_names():
+    """`flashhead --help` (and any command before it runs) loads neither torch nor the models: 5.6 s -> 0.5 s on this
+    machine. The eval and train packages import their parts on first use; every name they export resolves."""
+    code = ("import sys, flashhead.cli; from flashhead.cli import app; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    import flashhead.eval
+    import flashhead.train
+
+    for package in (flashhead.eval, flashhead.train):
+        assert set(package._EXPORTS) <= set(package.__all__)
+        for name in package._EXPORTS:
+            value = getattr(package, name)
+            assert value is getattr(sys.modules[f"{package.__name__}.{package._EXPORTS[name]}"], name)
+    from flashhead.eval import drift
+    from flashhead.eval.drift import drift as the_function
+
+    assert drift is the_function  # not the submodule of the same name
+    for package in (flashhead.eval, flashhead.train):
+        with pytest.raises(AttributeError, match="has no attribute"):
+            package.not_a_name  # noqa: B018
