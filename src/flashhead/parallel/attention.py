@@ -46,10 +46,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from flashhead.errors import ConfigError
+from flashhead.models.dit import AttentionKernel as Kernel
 from flashhead.models.dit import sdpa_kernel
 
-# (B, L, heads, d) q, k, v -> (B, L, heads, d), as flashhead.models.dit.AttentionKernel
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # None: Ulysses where the heads divide (as "ulysses_kv_first" when pipelined in head groups), else ring.
 # "ulysses_kv_first": Ulysses with k / v sent before q is projected (see kv_first_self_attention; 3-5 ms faster per
 # Pro chunk than "ulysses" on 2 x H200). "ulysses_own_first": Ulysses that attends each rank's own block of the
