@@ -133,7 +133,7 @@ audio)
     ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
-    # COLD_VARIANTS="profile cudnn_search_all=off": more warm-cache starts after the two (speed_matrix --cold-variants).
+    # COLD_VARIANTS="profile cudnn_search_limit=0": more warm-cache starts after the two (speed_matrix --cold-variants).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;

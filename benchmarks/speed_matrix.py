@@ -38,7 +38,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+attention=fa3", {"attention": "fa3"}, True),
     ("+attention=cudnn", {"attention": "cudnn"}, False),  # the preset's attention: see ladder()
     ("+cudnn_benchmark", {"cudnn_benchmark": True}, False),
-    ("+cudnn_search_all", {"cudnn_search_all": True}, False),
+    ("+cudnn_search_limit=32", {"cudnn_search_limit": 32}, False),
     ("+vae_channels_last", {"vae_channels_last": True}, False),
     ("+vae_conv_pad", {"vae_conv_pad": True}, False),
     ("+vae_subpixel_upsample", {"vae_subpixel_upsample": True}, False),
@@ -336,7 +336,7 @@ def main() -> None:
                         help="only the cold starts of --optimized: empty compile caches, then the caches it left")
     parser.add_argument("--cold-variants", nargs="*", default=[], metavar="SWITCHES",
                         help="with --cold-only, more warm-cache cold starts with these switches changed, e.g. "
-                             "'cudnn_search_all=off'; 'profile' for one under cProfile (stats in --out)")
+                             "'cudnn_search_limit=0'; 'profile' for one under cProfile (stats in --out)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cold", help=argparse.SUPPRESS)
     parser.add_argument("--cold-switches", default="{}", help=argparse.SUPPRESS)

@@ -40,10 +40,12 @@ from flashhead.models.vae.wan_resample import (  # noqa: E402
     upsample_conv_transposed,
 )
 from flashhead.pipeline.fast_path import apply_vae_switches  # noqa: E402
-from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
+from flashhead.pipeline.speed import WIDE_CUDNN_SEARCH_LIMIT, SpeedConfig  # noqa: E402
 
 WAYS = ("stock", "transpose", "phases")
-SHIPPED = SpeedConfig(cudnn_benchmark=True, cudnn_search_all=True, vae_conv_pad=True, vae_channels_last=True)
+SHIPPED = SpeedConfig(
+    cudnn_benchmark=True, cudnn_search_limit=WIDE_CUDNN_SEARCH_LIMIT, vae_conv_pad=True, vae_channels_last=True
+)
 
 
 def upsampling_calls(model: AutoencoderKLWan, z: torch.Tensor) -> list[dict]:
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = 0  # cudnn_search_all, as shipped
+    torch.backends.cudnn.benchmark_limit = SHIPPED.cudnn_search_limit
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = AutoencoderKLWan().to(dev, dtype).eval()  # the Wan2.1 configuration, random weights

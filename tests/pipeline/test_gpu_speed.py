@@ -36,7 +36,7 @@ EXACT = {
     "cond_cache": "cond_cache=on",
     "attention_cudnn": "attention=cudnn",
     "cudnn_benchmark": "cudnn_benchmark=on",
-    "cudnn_search_all": "cudnn_benchmark=on,cudnn_search_all=on",
+    "cudnn_search_limit": "cudnn_benchmark=on,cudnn_search_limit=0",
     "pinned_memory": "pinned_memory=on",
     "audio_stream": "audio_stream=on",
     "launch_ahead": "launch_ahead=on,pinned_memory=on,audio_stream=on",

@@ -77,7 +77,15 @@ def test_switches_parse_and_reject_bad_values():
     with pytest.raises(ConfigError, match="cuda_graphs"):
         SpeedConfig(cuda_graphs=True, compile_mode="reduce-overhead")
     with pytest.raises(ConfigError, match="cudnn_benchmark on"):
+        SpeedConfig.parse("cudnn_search_limit=0")
+    with pytest.raises(ConfigError, match="whole number"):
+        SpeedConfig.parse("cudnn_benchmark=on,cudnn_search_limit=all")
+    with pytest.raises(ConfigError, match="0 .every algorithm. or more"):
+        SpeedConfig.parse("cudnn_benchmark=on,cudnn_search_limit=-1")
+    with pytest.raises(ConfigError, match="cudnn_search_all is now cudnn_search_limit"):
         SpeedConfig.parse("cudnn_search_all=on")
+    assert SpeedConfig.parse("cudnn_benchmark=on,cudnn_search_limit=24").cudnn_search_limit == 24
+    assert SpeedConfig.from_dict({"cudnn_benchmark": True, "cudnn_search_limit": 0}).cudnn_search_limit == 0
     with pytest.raises(ConfigError, match="cudnn_benchmark on"):
         SpeedConfig.optimized().replace(cudnn_benchmark=False)
     with pytest.raises(ConfigError, match="video_encoder must be"):
@@ -127,20 +135,21 @@ def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
     assert os.environ[CUBLASLT_WORKSPACE_ENV] == "4096"
 
 
-def test_cudnn_search_all_times_every_algorithm_and_is_undone(lite):
-    """cuDNN's search over all its convolution algorithms (benchmark_limit 0) is set with the switch and torch's
-    default limit comes back without it."""
+def test_cudnn_search_limit_is_set_and_undone(lite):
+    """cuDNN's search limit (benchmark_limit: algorithms timed per shape; 0 all) is set with the switch and
+    torch's default comes back without it; the optimized preset searches the first 32."""
     from flashhead.pipeline.fast_path import TORCH_CUDNN_BENCHMARK_LIMIT
 
     try:
-        lite.optimize(SpeedConfig(cudnn_benchmark=True, cudnn_search_all=True))
-        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 0
+        for limit in (0, 32):
+            lite.optimize(SpeedConfig(cudnn_benchmark=True, cudnn_search_limit=limit))
+            assert torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == limit
         lite.optimize(SpeedConfig(cudnn_benchmark=True))
         assert torch.backends.cudnn.benchmark_limit == TORCH_CUDNN_BENCHMARK_LIMIT == 10
     finally:
         lite.optimize(SpeedConfig())
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 10
-    assert SpeedConfig.optimized().cudnn_search_all
+    assert SpeedConfig.optimized().cudnn_search_limit == 32
 
 
 # -- RoPE table ------------------------------------------------------------------------------------------

@@ -21,14 +21,13 @@ from flashhead.models.vae.wan_conv import set_kernel_padding
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
-from flashhead.pipeline.speed import (  # noqa: F401 (VAE_RECOMPILE_LIMIT: re-exported)
+from flashhead.pipeline.speed import (  # noqa: F401 (the two limits: re-exported)
+    TORCH_CUDNN_BENCHMARK_LIMIT,
     VAE_RECOMPILE_LIMIT,
     SpeedConfig,
     apply_process_settings,
     apply_thread_settings,
 )
-
-TORCH_CUDNN_BENCHMARK_LIMIT = 10  # torch's default number of cuDNN algorithms timed per shape
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
     """Set attention kernel, FP8, compile state and cuDNN autotuning on the networks (undoing earlier ones)."""
     apply_process_settings(speed)
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
-    torch.backends.cudnn.benchmark_limit = 0 if speed.cudnn_search_all else TORCH_CUDNN_BENCHMARK_LIMIT
+    torch.backends.cudnn.benchmark_limit = speed.cudnn_search_limit
     dit.set_attention_kernel(fa3_kernel() if speed.attention == "fa3" else None, cross=False)
     if speed.fp8 and not getattr(dit, "_flashhead_fp8", False):
         quantize_fp8(dit)

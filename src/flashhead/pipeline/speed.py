@@ -21,6 +21,9 @@ from flashhead.errors import ConfigError
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
 VIDEO_ENCODERS = ("libx264", "h264_nvenc", "auto")  # also what flashhead.media.video_io.VideoWriter takes
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+TORCH_CUDNN_BENCHMARK_LIMIT = 10  # torch's default number of cuDNN algorithms timed per shape
+WIDE_CUDNN_SEARCH_LIMIT = 32  # the optimized preset's: as fast as all of them, a third of the search (H200)
+RENAMED = {"cudnn_search_all": "cudnn_search_limit (0: every algorithm, as cudnn_search_all=on was)"}
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,14 @@ class SpeedConfig:
             than that: DiT 283.8 -> 273.5 ms per chunk, 56.4 -> 57.4 FPS (H100). The `optimized` preset takes
             "fa3" where `fa3_available()`, else "cudnn".
         cudnn_benchmark: let cuDNN time its convolution algorithms (VAE 3-D convolutions).
-        cudnn_search_all: with cudnn_benchmark, cuDNN times every convolution algorithm it offers for a shape, not
-            only the 10 its heuristics rank first (torch.backends.cudnn.benchmark_limit = 0). For the Wan2.1
-            decode's 96-channel 512x512 convolutions the first 10 miss the fastest kernel (H100: 1.27 against
-            1.70 ms per call; a Pro chunk's convolutions 180 against 206 ms). Process-wide, and cuDNN keeps its
-            first choice per shape for the life of the process: set it before the first decode.
+        cudnn_search_limit: with cudnn_benchmark, how many convolution algorithms cuDNN times per shape, in its
+            heuristics' order (torch.backends.cudnn.benchmark_limit; torch's default 10, 0 times every one). For
+            the Wan2.1 decode's 96-channel 512x512 convolutions the first 10 miss the fastest kernel (H100: 1.27
+            against 1.70 ms per call; a Pro chunk's convolutions 180 against 206 ms). The first 32 find kernels as
+            fast as the whole search's (H200: 181.7 against 180.0 ms per chunk, within the timing noise) in a third
+            of its time (4.2 against 12.7 s for the decode's 30 shapes), which every new process pays before its
+            first frame: the `optimized` preset takes 32. Process-wide, and cuDNN keeps its first choice per shape
+            for the life of the process: set it before the first decode.
         vae_channels_last: VAE weights in channels-last 3-D layout, so cuDNN runs the 3-D convolutions
             channels-last (NDHWC), the layout Hopper tensor-core kernels prefer (H100, Wan2.1 decode 562 -> 466 ms).
         vae_conv_pad: the Wan2.1 (Pro) VAE's causal convolutions pad only in time; the spatial zero padding is
@@ -112,7 +118,7 @@ class SpeedConfig:
     cond_cache: bool = False
     attention: Literal["sdpa", "cudnn", "flash", "efficient", "math", "fa3"] = "sdpa"
     cudnn_benchmark: bool = False
-    cudnn_search_all: bool = False
+    cudnn_search_limit: int = TORCH_CUDNN_BENCHMARK_LIMIT
     vae_channels_last: bool = False
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
@@ -141,8 +147,13 @@ class SpeedConfig:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.cudnn_search_all and not self.cudnn_benchmark:
-            raise ConfigError("cudnn_search_all needs cudnn_benchmark on (or turn cudnn_search_all off with it)")
+        if self.cudnn_search_limit < 0:
+            raise ConfigError(f"cudnn_search_limit must be 0 (every algorithm) or more, got {self.cudnn_search_limit}")
+        if self.cudnn_search_limit != TORCH_CUDNN_BENCHMARK_LIMIT and not self.cudnn_benchmark:
+            raise ConfigError(
+                f"cudnn_search_limit={self.cudnn_search_limit} needs cudnn_benchmark on "
+                f"(or set cudnn_search_limit={TORCH_CUDNN_BENCHMARK_LIMIT}, torch's default, with it off)"
+            )
         if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError("cuda_graphs captures the chunk itself; use compile_mode default with it")
 
@@ -158,7 +169,7 @@ class SpeedConfig:
         Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN."""
         return cls(
             rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
-            cudnn_benchmark=True, cudnn_search_all=True,
+            cudnn_benchmark=True, cudnn_search_limit=WIDE_CUDNN_SEARCH_LIMIT,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, fused_gelu=True,
             persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True, compile_color=True,
             cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True, pinned_memory=True,
@@ -189,12 +200,17 @@ class SpeedConfig:
     def from_dict(cls, data: dict) -> SpeedConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
+        renamed = [f"{name} is now {RENAMED[name]}" for name in unknown if name in RENAMED]
+        if renamed:
+            raise ConfigError("; ".join(renamed))
         if unknown:
             raise ConfigError(f"unknown speed switch(es): {', '.join(unknown)}; known: {', '.join(known)}")
         values = {}
         for name, value in data.items():
             if known[name].type in ("bool", bool):
                 values[name] = _as_bool(name, value)
+            elif known[name].type in ("int", int):
+                values[name] = _as_int(name, value)
             else:
                 values[name] = str(value)
         return cls(**values)
@@ -237,6 +253,15 @@ def _as_bool(name: str, value: object) -> bool:
     if text in ("off", "false", "0", "no"):
         return False
     raise ConfigError(f"speed switch {name} must be on or off, got {value!r}")
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"speed switch {name} must be a whole number, got {value!r}") from None
 
 
 CUBLASLT_WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"  # KiB; torch reads it at the first cuBLASLt GEMM of a process
