@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _tiny import tiny_vae
-from flashhead.pipeline.fast_path import _static_shapes_for_one_stream, apply_vae_switches
+from flashhead.pipeline import fast_path
+from flashhead.pipeline.fast_path import _static_shapes_for_one_stream, apply_vae_switches, canonical_strides
 from flashhead.pipeline.speed import SpeedConfig
 
 
@@ -100,3 +101,63 @@ def test_static_shapes_only_for_batch_one():
     assert net._compiled_call_impl(torch.zeros(2, 3)) == (2, (), {})
     assert seen == [False, True]
     assert torch._dynamo.config.automatic_dynamic_shapes
+    cache = [None, "Rep", torch.zeros(1, 2, 4, 3)[:, :, :2]]  # the Wan VAE's feature caches: entries get new strides
+    net._compiled_call_impl(torch.zeros(1, 2, 3, 4, 4)[:, :, :1], feat_cache=cache)
+    assert cache[:2] == [None, "Rep"] and cache[2].stride() == torch.empty(1, 2, 2, 3).stride()
+
+
+def test_canonical_strides_give_one_layout_per_shape_without_copying_dense_tensors():
+    """A slice keeps the strides of the tensor it was cut from, which Dynamo's guards compare: canonical_strides
+    gives every tensor of a shape the same strides, as a view where the memory is already dense."""
+    long_clip, short_clip = torch.randn(1, 3, 33, 8, 8), torch.randn(1, 3, 5, 8, 8)
+    first_frames = [canonical_strides(c[:, :, :1]) for c in (long_clip, short_clip)]
+    assert first_frames[0].stride() == first_frames[1].stride() == torch.empty(1, 3, 1, 8, 8).stride()
+    groups = [canonical_strides(c[:, :, 1:5]) for c in (long_clip, short_clip)]  # dense in no layout: copied
+    assert groups[0].stride() == groups[1].stride() and torch.equal(groups[0], long_clip[:, :, 1:5])
+    assert torch.equal(first_frames[0], long_clip[:, :, :1])
+
+    activation = torch.randn(1, 4, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    cached = activation[:, :, -2:]  # a feature cache entry: the last two frames, batch stride of four frames
+    fresh = torch.empty(1, 4, 2, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    assert cached.stride() != fresh.stride()
+    assert canonical_strides(cached).stride() == fresh.stride()
+    assert canonical_strides(cached).data_ptr() == cached.data_ptr() and torch.equal(canonical_strides(cached), cached)
+
+    image = torch.randn(1, 3, 1, 8, 8).expand(-1, -1, 4, -1, -1)  # the reference clip: one frame repeated
+    as_vae = canonical_strides(image, torch.channels_last_3d)
+    assert as_vae.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(as_vae, image)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_stream_traces_each_vae_cache_state_once(channels_last, monkeypatch):
+    """With vae_static_shapes, the Wan VAE's graphs are one per cache state: the reference's 33-frame encode makes
+    the encoder's three and a chunk's 5-frame motion re-encode reuses them (it traced two more, its input and
+    caches having other strides); the decode makes the decoder's three, and its two-piece form reuses them. Dynamo's
+    eager backend: what is counted is tracing, not Inductor."""
+    from torch._dynamo.utils import counters
+
+    vae = tiny_vae("pro")
+    monkeypatch.setattr(fast_path, "_compile", lambda module, mode: module.compile(backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    switches = SpeedConfig(compile_vae=True, vae_static_shapes=True, vae_channels_last=channels_last,
+                           vae_conv_pad=True, vae_subpixel_upsample=True)  # fmt: skip
+    apply_vae_switches(vae, switches)
+    graphs = []
+    try:
+        portrait = torch.rand(1, 3, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with torch.no_grad():
+            latent = vae.encode(portrait.expand(-1, -1, 33, -1, -1))
+            graphs.append(counters["stats"]["unique_graphs"])
+            video = vae.decode(latent)
+            graphs.append(counters["stats"]["unique_graphs"])
+            pieces = list(vae.decode_in_pieces(latent, 2))
+            motion = vae.encode(video[:, :, -5:])
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        apply_vae_switches(vae, SpeedConfig())
+        torch._dynamo.reset()
+    assert graphs == [3, 6, 6]
+    with torch.no_grad():
+        assert torch.equal(torch.cat(pieces, dim=2), video)
+        torch.testing.assert_close(motion, vae.encode(video[:, :, -5:]), rtol=0, atol=1e-5)

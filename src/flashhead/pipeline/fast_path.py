@@ -197,19 +197,53 @@ def _compile(module: torch.nn.Module, mode: str) -> None:
     module.compile(mode=None if mode == "default" else mode)
 
 
-def _static_shapes_for_one_stream(module: torch.nn.Module) -> None:
+def _static_shapes_for_one_stream(module: torch.nn.Module, channels_last: bool = False) -> None:
     """Calls of a compiled `module` whose first argument has batch 1 compile with static shapes (Dynamo's automatic
-    dynamic shapes off while they run); other batch sizes keep the default, a dynamic batch dimension."""
+    dynamic shapes off while they run); other batch sizes keep the default, a dynamic batch dimension.
+
+    Dynamo's guards compare strides too, so the tensors such a call gets are first given one layout per shape: the
+    input the VAE's (`channels_last`: channels-last 3-D, as its weights), whether it is the reference's clip or a
+    chunk's decoded motion frames, and each tensor of the Wan VAE's `feat_cache` list the strides a new tensor of
+    its shape has (a cached slice keeps those of the 3- or 4-frame activation it was cut from). Otherwise each
+    variant is traced again (tiny Pro: 10 VAE graphs to the first frame, 6 with this). Only a tensor that is dense
+    in neither layout is copied; the others get a view of the same memory.
+    """
     compiled = module._compiled_call_impl
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def call(*args, **kwargs):
         first = args[0] if args else None
         if isinstance(first, torch.Tensor) and first.shape[0] == 1:
+            args = (canonical_strides(first, layout if first.dim() == 5 else None), *args[1:])
+            cache = kwargs.get("feat_cache")
+            if isinstance(cache, list):  # the caller keeps the list: its entries are replaced in place
+                cache[:] = [canonical_strides(c) if isinstance(c, torch.Tensor) else c for c in cache]
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
                 return compiled(*args, **kwargs)
         return compiled(*args, **kwargs)
 
     module._compiled_call_impl = call
+
+
+def canonical_strides(t: torch.Tensor, layout: torch.memory_format | None = None) -> torch.Tensor:
+    """`t` with the strides of a new tensor of its shape in `layout` (default: channels-last 3-D where `t` is dense
+    that way and not row-major, else row-major): the same values, a copy only where `t` is not dense in it."""
+    if layout is None:
+        layout = torch.contiguous_format
+        if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+            layout = torch.channels_last_3d
+    t = t.contiguous(memory_format=layout)
+    strides = _dense_strides(tuple(t.shape), layout is torch.channels_last_3d)
+    return t if t.stride() == strides else t.as_strided(t.shape, strides, t.storage_offset())
+
+
+def _dense_strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    order = [0, 2, 3, 4, 1] if channels_last else list(range(len(shape)))  # dimensions, outermost first
+    strides, step = [0] * len(shape), 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
 
 
 def _uncompile(module: torch.nn.Module) -> None:
@@ -256,7 +290,7 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
             continue
         _compile(net, speed.compile_mode)
         if speed.vae_static_shapes:
-            _static_shapes_for_one_stream(net)
+            _static_shapes_for_one_stream(net, channels_last=speed.vae_channels_last)
     # vae_cuda_graphs: a store for the graphed decode / encode calls (flashhead.pipeline.graphs.graphed); graphs
     # captured under other switches are dropped with it.
     vae._graphed_calls = {} if speed.vae_cuda_graphs else None
