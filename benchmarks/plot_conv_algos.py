@@ -37,6 +37,12 @@ def label(key: tuple) -> str:
     return f"{w[1]}->{w[0]} ch, {kind}, {'x'.join(map(str, x[2:]))} in, {calls} calls"
 
 
+def legend_label(name: str, table: dict[tuple, float], report: dict) -> str:
+    """The run's name, its milliseconds per chunk in all and, for a --search-only run, what its search cost."""
+    search = report.get("search_s")
+    return f"{name}: {sum(table.values()):.0f} ms in all" + (f", search {search:.1f} s" if search is not None else "")
+
+
 def plot(reports: list[dict], names: list[str], out: Path, top: int) -> None:
     tables = [shares(r) for r in reports]
     keys = sorted(tables[0], key=lambda k: -tables[0][k])[:top]
@@ -44,8 +50,8 @@ def plot(reports: list[dict], names: list[str], out: Path, top: int) -> None:
     height = 0.8 / len(tables)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(keys) + 1.5))
     for i, (table, name) in enumerate(zip(tables, names, strict=True)):
-        total = sum(table.values())
-        ax.barh(y + i * height, [table.get(k, 0.0) for k in keys], height, label=f"{name}: {total:.0f} ms in all")
+        legend = legend_label(name, table, reports[i])
+        ax.barh(y + i * height, [table.get(k, 0.0) for k in keys], height, label=legend)
     ax.set_yticks(y + height * (len(tables) - 1) / 2, [label(k) for k in keys], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms per Pro chunk (calls x median time alone)")

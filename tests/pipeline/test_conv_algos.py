@@ -59,6 +59,9 @@ def test_plot_sums_rows_and_writes_a_png(tmp_path):
     assert plot.shares(first) == {((1, 96, 6, 64, 64), (96, 96, 3, 3, 3), 4): 12.0}
     out = tmp_path / "convs.png"
     plot.plot([first, second], ["limit 10", "limit 0"], out, top=5)
+    assert plot.legend_label("limit 10", plot.shares(first), first) == "limit 10: 12 ms in all"
+    searched = {**second, "search_s": 12.65}
+    assert plot.legend_label("limit 0", plot.shares(second), searched) == "limit 0: 6 ms in all, search 12.7 s"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
