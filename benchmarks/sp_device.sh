@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 11 on a 2-GPU device call (kind nvidia-h100-x2; carry .device/whl and .device/shared): the transport, the
+# Issue 11 on a 2-GPU device call (kind nvidia-h200-x2 since session 25; carry .device/whl and .device/shared): the transport, the
 # sequence-parallel Pro stream (--optimized against 1 GPU in the same run, Chrome traces of a 4-chunk stream),
 # then the GPU equivalence test for Pro with that split. About 7 minutes. Results in $OUT. A2A=0 skips the transport,
 # TEST=0 the GPU test, A2A_ONLY=1 everything after the transport; A2A_SETTINGS: NCCL settings to time, '|' between.
