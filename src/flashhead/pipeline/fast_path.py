@@ -233,17 +233,8 @@ def canonical_strides(t: torch.Tensor, layout: torch.memory_format | None = None
         if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
             layout = torch.channels_last_3d
     t = t.contiguous(memory_format=layout)
-    strides = _dense_strides(tuple(t.shape), layout is torch.channels_last_3d)
+    strides = torch.empty(t.shape, device="meta", memory_format=layout).stride()  # a new tensor's
     return t if t.stride() == strides else t.as_strided(t.shape, strides, t.storage_offset())
-
-
-def _dense_strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
-    order = [0, 2, 3, 4, 1] if channels_last else list(range(len(shape)))  # dimensions, outermost first
-    strides, step = [0] * len(shape), 1
-    for dim in reversed(order):
-        strides[dim] = step
-        step *= max(shape[dim], 1)
-    return tuple(strides)
 
 
 def _uncompile(module: torch.nn.Module) -> None:
