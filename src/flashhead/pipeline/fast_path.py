@@ -205,8 +205,8 @@ def _static_shapes_for_one_stream(module: torch.nn.Module, channels_last: bool =
     input the VAE's (`channels_last`: channels-last 3-D, as its weights), whether it is the reference's clip or a
     chunk's decoded motion frames, and each tensor of the Wan VAE's `feat_cache` list the strides a new tensor of
     its shape has (a cached slice keeps those of the 3- or 4-frame activation it was cut from). Otherwise each
-    variant is traced again (tiny Pro: 10 VAE graphs to the first frame, 6 with this). Only a tensor that is dense
-    in neither layout is copied; the others get a view of the same memory.
+    variant is traced again (tiny Pro: 10 VAE graphs to the first frame, 6 with this). Only a tensor that is not dense
+    in the layout it gets is copied; the others get a view of the same memory.
     """
     compiled = module._compiled_call_impl
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
