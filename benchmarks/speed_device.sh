@@ -17,6 +17,9 @@
 #                                            # against all of them (two processes, ~1.5 min)
 #   bash benchmarks/speed_device.sh upsample # the Wan decoder's upsampling layers, stock against sub-pixel, alone and
 #                                            # in three compiled decodes, with their kernels (~4 min)
+#   bash benchmarks/speed_device.sh convout  # the decoder's 96 -> 3 output convolution, cuDNN against the GEMM + tap
+#                                            # sum, alone and in two compiled decodes; then, with EQUIV_K, those GPU
+#                                            # equivalence cases (~4 min + the tests)
 #   bash benchmarks/speed_device.sh fa3      # build FlashAttention-3 (forward, head dim 128, bf16, sm_90a) from the
 #                                            # carried sources, check it, time it against cuDNN; the built folder
 #                                            # comes back in $OUT/fa3 (carry it as .device/fa3/built later; ~5 min?)
@@ -26,7 +29,7 @@
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|fa3|norms|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|convout|fa3|norms|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -59,6 +62,17 @@ upsample)
     timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1
     echo "rc=$?"
     grep -E "^\{|^per chunk|^off|^transpose|^phases" "$OUT/upsample.log" | cut -c1-400
+    ;;
+convout)
+    timeout "${CONVOUT_TIMEOUT:-300}" python3 benchmarks/conv_out_bench.py --profile --json "$OUT/conv_out.json" > "$OUT/conv_out.log" 2>&1
+    echo "rc=$?"
+    grep -E "^\{|^per chunk|^vae_conv_out_gemm" "$OUT/conv_out.log" | cut -c1-600
+    if [ -n "${EQUIV_K:-}" ]; then
+        timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+            -k "$EQUIV_K" > "$OUT/equiv.log" 2>&1
+        echo "equiv rc=$?"
+        grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    fi
     ;;
 fa3)
     nvcc --version | tail -2
@@ -137,5 +151,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, convout, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
 """The vae_conv_pad switch: Wan causal convolutions with spatial padding inside the kernel compute what diffusers'
 stock forward computes (float32 on CPU), for one convolution in every cache case, for whole decodes and encodes,
-and for a chunked causal stream; it changes only the model it is applied to and switches back."""
+and for a chunked causal stream; it changes only the model it is applied to and switches back. The same for
+vae_conv_out_gemm (the decoder's output convolution as one GEMM and a sum of shifted tap planes), whose compiled
+form is one GEMM and one fused kernel."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from flashhead.models.vae import WanVideoVAE, wan_config_to_diffusers
-from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, set_kernel_padding
+from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, TapSumCausalConv3d, set_kernel_padding, set_tap_sum
 from flashhead.pipeline.fast_path import apply_vae_switches
 from flashhead.pipeline.speed import SpeedConfig
 
@@ -59,6 +61,50 @@ def test_one_convolution_equals_stock_in_every_cache_case(kind, cached, channels
             assert max_diff(conv(x, torch.zeros_like(cache)), fast) > 1e-3
 
 
+STRIDE_1 = [kind for kind in CONVS if "stride" not in kind]
+
+
+@pytest.mark.parametrize("kind", STRIDE_1)
+@pytest.mark.parametrize("cached", [None, 1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tap_sum_convolution_equals_stock_in_every_cache_case(kind, cached, channels_last):
+    torch.manual_seed(0)
+    conv = WanCausalConv3d(6, 3, **CONVS[kind]).eval()
+    if channels_last:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 4, 7, 9, generator=g)
+    cache = None if cached is None else torch.randn(2, 6, cached, 7, 9, generator=g)
+    with torch.no_grad():
+        stock = conv(x, cache)
+        conv.__class__ = TapSumCausalConv3d
+        fast = conv(x, cache)
+    assert max_diff(fast, stock) <= TOL and stock.std() > 0.1
+
+
+def test_compiled_tap_sum_is_one_gemm_and_one_fused_sum():
+    """What the switch is for: Inductor turns the layer into one batched GEMM and one kernel for the 27 shifted
+    planes (padding, slices and sum fused), beside the causal time context's concatenation."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    conv = WanCausalConv3d(16, 3, 3, padding=1).eval()
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 16, 4, 12, 10).contiguous(memory_format=torch.channels_last_3d)
+    cache = torch.randn(1, 16, 2, 12, 10).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        stock = conv(x, cache)
+        conv.__class__ = TapSumCausalConv3d
+        torch._dynamo.reset()
+        out, (code,) = run_and_get_code(torch.compile(conv), x, cache)
+    assert max_diff(out, stock) <= 1e-4
+    calls = [line.strip() for line in code.splitlines() if line.strip().startswith(("extern_kernels.", "cpp_fused"))]
+    calls = [c for c in calls if "(" in c and "async_compile" not in c]
+    assert len([c for c in calls if c.startswith("extern_kernels.bmm")]) == 1, calls
+    assert "convolution" not in code
+    assert len(calls) == 3, calls  # the time context's concatenation, the GEMM, the fused sum
+
+
 # -- whole decode and encode -------------------------------------------------------------------------------------
 
 
@@ -88,6 +134,26 @@ def test_decode_and_encode_equal_stock(wan, frames, channels_last):
     assert fast[0].shape == (1, 3, frames, 16, 24) and fast[1].shape == latent.shape
     assert max_diff(fast[0], stock[0]) <= TOL and max_diff(fast[1], stock[1]) <= TOL
     assert stock[0].std() > 0.01 and stock[1].std() > 0.01  # not a constant output that any change would keep
+
+
+@pytest.mark.parametrize("conv_pad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decode_with_conv_out_gemm_equals_stock(wan, conv_pad, channels_last):
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(1, 16, 3, 2, 3, generator=g)
+    video = torch.rand(1, 3, 9, 16, 24, generator=g) * 2 - 1
+    stock = decode_encode(wan, video, latent)
+    try:
+        apply_vae_switches(
+            wan, SpeedConfig(vae_conv_out_gemm=True, vae_conv_pad=conv_pad, vae_channels_last=channels_last)
+        )
+        assert type(wan.model.decoder.conv_out) is TapSumCausalConv3d
+        assert type(wan.model.encoder.conv_out) is (KernelPaddedCausalConv3d if conv_pad else WanCausalConv3d)
+        fast = decode_encode(wan, video, latent)
+    finally:
+        apply_vae_switches(wan, SpeedConfig())
+    assert max_diff(fast[0], stock[0]) <= TOL and torch.equal(fast[1], stock[1])  # the encoder is not touched
+    assert type(wan.model.decoder.conv_out) is WanCausalConv3d
 
 
 def causal_stream(net: torch.nn.Module, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -139,10 +205,23 @@ def test_switch_is_per_model_and_restores_the_stock_forward():
     assert all(type(m) is WanCausalConv3d and m.forward.__func__ is WanCausalConv3d.forward for m in convs)
 
 
+def test_conv_out_gemm_switches_back_to_the_padding_switch_class():
+    vae = tiny_wan(0)
+    conv_out = vae.model.decoder.conv_out
+    apply_vae_switches(vae, SpeedConfig(vae_conv_out_gemm=True, vae_conv_pad=True))
+    assert type(conv_out) is TapSumCausalConv3d
+    assert sum(type(m) is KernelPaddedCausalConv3d for m in vae.model.modules()) > 0
+    apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True))
+    assert type(conv_out) is KernelPaddedCausalConv3d
+    other = tiny_wan(0)
+    assert set_tap_sum(other.model, True) == 1 and type(vae.model.decoder.conv_out) is KernelPaddedCausalConv3d
+
+
 def test_lite_vae_has_no_wan_convolutions():
     from _tiny import tiny_vae
 
     lite = tiny_vae("lite")
     before = {k: v.clone() for k, v in lite.state_dict().items()}
     assert set_kernel_padding(lite.model, True) == 0
+    assert set_tap_sum(lite.model, True) == 0
     assert all(torch.equal(v, before[k]) for k, v in lite.state_dict().items())

@@ -372,6 +372,33 @@ def test_vae_subpixel_upsample_keeps_the_pro_frames():
     lite.optimize(SpeedConfig())
 
 
+def test_vae_conv_out_gemm_keeps_the_pro_frames():
+    """The decoder's output convolution as a GEMM + tap sum, eager and compiled with the shipped VAE switches."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from flashhead.models.vae.wan_conv import TapSumCausalConv3d
+
+    pro = tiny_pipeline("pro")[0]
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(4).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    for speed in (
+        SpeedConfig(vae_conv_out_gemm=True),
+        SpeedConfig(vae_conv_out_gemm=True, vae_conv_pad=True, vae_channels_last=True, compile_vae=True,
+                    vae_static_shapes=True),
+    ):  # fmt: skip
+        pro.optimize(speed)
+        assert type(pro.vae.model.decoder.conv_out) is TapSumCausalConv3d
+        frames = run_stream(pro, speed, audio, image)
+        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    pro.optimize(SpeedConfig())
+    assert type(pro.vae.model.decoder.conv_out) is WanCausalConv3d
+    lite = tiny_pipeline("lite")[0]
+    lite.optimize(SpeedConfig(vae_conv_out_gemm=True))
+    assert not any(isinstance(m, TapSumCausalConv3d) for m in lite.vae.model.modules())
+    lite.optimize(SpeedConfig())
+
+
 def test_decode_new_only_keeps_the_frame_count(lite):
     """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
     audio = speech_16k(1.0)

@@ -17,7 +17,7 @@ import torch
 
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT, sdpa_kernel
-from flashhead.models.vae.wan_conv import set_kernel_padding
+from flashhead.models.vae.wan_conv import set_kernel_padding, set_tap_sum
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
@@ -267,6 +267,7 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         # Per convolution instance: another pipeline's VAE in this process keeps its own. Wan VAE only.
+        set_tap_sum(model, speed.vae_conv_out_gemm)  # first: kernel padding leaves a tap-sum layer alone
         set_kernel_padding(model, speed.vae_conv_pad)
         set_subpixel_upsample(model, speed.vae_subpixel_upsample, channels_last=speed.vae_channels_last)
         # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'

@@ -61,6 +61,10 @@ class SpeedConfig:
             (flashhead.models.vae.wan_resample): 4/9 of its multiply-adds, no 4x upsampled copy (H100, compiled Pro
             chunk decode 187.6 -> 179.7 ms; in the whole stream 186.8 -> 177.2 ms, 55.2 -> 56.2 FPS). Only the
             summed weights round differently. No effect on the LTX (Lite) VAE.
+        vae_conv_out_gemm: the Wan2.1 (Pro) decoder's last convolution (96 -> 3 channels at 512x512, which cuDNN
+            ran at ~17 TFLOP/s: no kernel of its fits 3 output channels) as one GEMM of each input pixel with its
+            81 taps and a sum of the shifted tap planes (flashhead.models.vae.wan_conv.TapSumCausalConv3d; fused
+            into one kernel with compile_vae). The same products, summed in another order. No effect on Lite.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -123,6 +127,7 @@ class SpeedConfig:
     vae_channels_last: bool = False
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
+    vae_conv_out_gemm: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False

@@ -10,6 +10,12 @@ The switch changes the class of individual module instances (`set_kernel_padding
 two models in one process do not affect each other, and switching off restores the stock forward. The
 swapped instances are still `WanCausalConv3d`s with the same weights, so the strip decoder / encoder
 (flashhead.parallel) and state dicts see no difference.
+
+The decoder's last convolution (96 -> 3 channels, 3x3x3, at the full 512x512) is a poor fit for cuDNN's kernels,
+whose output tiles are 64 or more channels wide: it ran at ~17 TFLOP/s (0.96 ms a call, 8-9 calls per Pro chunk,
+on an H100; zero-padding the 3 outputs did not help). `TapSumCausalConv3d` (the `vae_conv_out_gemm` switch)
+computes it as one GEMM of every input pixel with the 3 x 27 taps, (81, 96) x (96, pixels), and a sum of the 27
+shifted tap planes, which torch.compile fuses into one memory-bound kernel. Same products, summed in another order.
 """
 
 from __future__ import annotations
@@ -45,6 +51,49 @@ class KernelPaddedCausalConv3d(WanCausalConv3d):
         spatial = (0, self._padding[2], self._padding[0])
         x = causal_time_context(self, x, cache_x)
         return F.conv3d(x, self.weight, self.bias, self.stride, spatial, self.dilation, self.groups)
+
+
+class TapSumCausalConv3d(WanCausalConv3d):
+    """A stride-1 `WanCausalConv3d` as one GEMM over the input channels and a sum of shifted per-tap outputs.
+
+    Worth it only where the output is narrow (a few channels) and the input wide; `set_tap_sum` picks the layer.
+    """
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        x = causal_time_context(self, x, cache_x)
+        n, c, t_in, h, w = x.shape
+        kt, kh, kw = self.kernel_size
+        pw, ph = self._padding[0], self._padding[2]
+        t, h_out, w_out = t_in - kt + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+        # (out * kt * kh * kw, c): a view for channels-last weights (vae_channels_last), else a small copy.
+        taps = self.weight.permute(0, 2, 3, 4, 1).reshape(-1, c)
+        # Each input pixel times every tap, tap-major (n, out * taps, t_in * h * w): the sum below then reads each
+        # plane along rows (torch.matmul would fold n into the pixels and give pixel-major planes).
+        planes = torch.bmm(taps.expand(n, -1, -1), x.flatten(2))
+        planes = F.pad(planes.view(n, -1, t_in, h, w), (pw, pw, ph, ph))  # fused into the sum's loads when compiled
+        planes = planes.view(n, self.out_channels, kt, kh, kw, t_in, h + 2 * ph, w + 2 * pw)
+        out = 0.0 if self.bias is None else self.bias.float().view(1, -1, 1, 1, 1)
+        for a in range(kt):
+            for b in range(kh):
+                for d in range(kw):  # output (i, j, k) gets tap (a, b, d) of input (i + a, j + b, k + d)
+                    out = out + planes[:, :, a, b, d, a : a + t, b : b + h_out, d : d + w_out].float()
+        return out.to(x.dtype)
+
+
+def set_tap_sum(model: nn.Module, on: bool) -> int:
+    """The Wan decoder's output convolution as `TapSumCausalConv3d` (`on`) or back; returns how many (0 or 1).
+
+    Only that layer: its 3 output channels are what the GEMM form is for. Apply before `set_kernel_padding`, which
+    leaves this class alone; switched off, the layer is diffusers' class again (kernel padding then applies to it).
+    """
+    conv = getattr(getattr(model, "decoder", None), "conv_out", None)
+    if not isinstance(conv, WanCausalConv3d) or (conv.stride, conv.dilation, conv.groups) != ((1, 1, 1),) * 2 + (1,):
+        return 0  # not a Wan VAE (the LTX VAE has no Wan convolutions)
+    if on:
+        conv.__class__ = TapSumCausalConv3d
+    elif type(conv) is TapSumCausalConv3d:
+        conv.__class__ = WanCausalConv3d
+    return 1
 
 
 def set_kernel_padding(model: nn.Module, on: bool) -> int:
