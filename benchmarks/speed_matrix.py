@@ -51,6 +51,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+persistent_norms", {"persistent_norms": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae", {"compile_vae": True}, False),
+    ("+vae_conv_out_gemm", {"vae_conv_out_gemm": True}, False),  # after compile_vae: eager it is slower than cuDNN
     ("+vae_static_shapes", {"vae_static_shapes": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
     ("+early_first_frames", {"early_first_frames": True}, False),

@@ -41,12 +41,14 @@ def test_strips_equal_full_decode_across_latent_frames(rows, ranks, frames):
     [
         SpeedConfig(vae_conv_pad=True, vae_channels_last=True),
         SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True),
+        SpeedConfig(vae_conv_out_gemm=True, vae_conv_pad=True, vae_channels_last=True),
     ],
-    ids=["conv_pad+channels_last", "subpixel+conv_pad"],
+    ids=["conv_pad+channels_last", "subpixel+conv_pad", "conv_out_gemm+conv_pad+channels_last"],
 )
 def test_strips_with_switched_layers_equal_the_stock_decode(speed):
-    """vae_conv_pad (+ channels-last) and vae_subpixel_upsample (the folded upsampling convolutions read the same
-    rows): the strips, and the whole decode, still compute the rows of the plain whole decode."""
+    """vae_conv_pad (+ channels-last), vae_subpixel_upsample (the folded upsampling convolutions read the same
+    rows) and vae_conv_out_gemm (the output convolution's tap planes are zero-padded like its input): the strips,
+    and the whole decode, still compute the rows of the plain whole decode."""
     vae = tiny_vae("pro")
     latent = torch.randn(1, 16, 3, 13, 6, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
