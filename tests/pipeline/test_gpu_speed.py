@@ -53,6 +53,8 @@ REASSOCIATING = {
     "vae_subpixel_upsample_compiled": "vae_subpixel_upsample=on,vae_channels_last=on,vae_conv_pad=on,compile_vae=on",
     "vae_conv_out_gemm": "vae_conv_out_gemm=on",
     "vae_conv_out_gemm_compiled": "vae_conv_out_gemm=on,vae_channels_last=on,vae_conv_pad=on,compile_vae=on",
+    "vae_multi_frame_decode": "vae_multi_frame_decode=on",
+    "vae_multi_frame_decode_compiled": "vae_multi_frame_decode=on,vae_channels_last=on,vae_conv_pad=on,compile_vae=on",
     "compile_color": "compile_color=on",
     "fused_gelu": "fused_gelu=on",
     "fused_gelu_compiled": "fused_gelu=on,compile_dit=on,rope_table=on",

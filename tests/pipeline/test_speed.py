@@ -400,6 +400,23 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
     lite.optimize(SpeedConfig())
 
 
+def test_vae_multi_frame_decode_keeps_the_pro_frames():
+    """Later latent frames in one decoder call, with the compiled VAE and a new stream's first frames decoded apart."""
+    pro = tiny_pipeline("pro")[0]
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(5).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    speed = SpeedConfig(
+        vae_multi_frame_decode=True, vae_conv_pad=True, vae_channels_last=True, compile_vae=True,
+        vae_static_shapes=True, early_first_frames=True, pinned_memory=True,
+    )  # fmt: skip
+    pro.optimize(speed)
+    assert pro.vae.frames_per_call == 0
+    frames = run_stream(pro, speed, audio, image)
+    assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    assert pro.vae.frames_per_call == 1  # run_stream switched back to the plain path
+
+
 def test_decode_new_only_keeps_the_frame_count(lite):
     """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
     audio = speech_16k(1.0)

@@ -67,6 +67,12 @@ class SpeedConfig:
             into one kernel with compile_vae). The same products, summed in another order. Pays only compiled (H200,
             one call: cuDNN 0.86 ms, compiled 0.49, eager 1.39; compiled Pro chunk decode 172.2 -> 169.1 ms, stream
             59.12 -> 59.48 FPS on one machine). No effect on the LTX (Lite) VAE.
+        vae_multi_frame_decode: the Wan2.1 (Pro) decoder runs a chunk's latent frames after the first in one call
+            (diffusers and the official code: one call per latent frame, 4 video frames each). The decoder is causal
+            in time and carries its feature caches between calls either way, so the frames are the same (other
+            kernel shapes, so other roundings on a GPU); each of its causal convolutions copies its 2-frame cache in
+            and out once per call, i.e. once instead of 8 times per Pro chunk, and its convolutions run over 32
+            frames instead of 4. Costs memory (activations of 32 frames at 512x512). No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -130,6 +136,7 @@ class SpeedConfig:
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
     vae_conv_out_gemm: bool = False
+    vae_multi_frame_decode: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
