@@ -2,7 +2,8 @@
 stock forward computes (float32 on CPU), for one convolution in every cache case, for whole decodes and encodes,
 and for a chunked causal stream; it changes only the model it is applied to and switches back. The same for
 vae_conv_out_gemm (the decoder's output convolution as one GEMM and a sum of shifted tap planes), whose compiled
-form is one GEMM and one fused kernel."""
+form is one GEMM and one fused kernel; and vae_multi_frame_decode (later latent frames in one decoder call) decodes the
+frames of the per-frame loop."""
 
 from __future__ import annotations
 

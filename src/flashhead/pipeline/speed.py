@@ -70,9 +70,10 @@ class SpeedConfig:
         vae_multi_frame_decode: the Wan2.1 (Pro) decoder runs a chunk's latent frames after the first in one call
             (diffusers and the official code: one call per latent frame, 4 video frames each). The decoder is causal
             in time and carries its feature caches between calls either way, so the frames are the same (other
-            kernel shapes, so other roundings on a GPU); each of its causal convolutions copies its 2-frame cache in
-            and out once per call, i.e. once instead of 8 times per Pro chunk, and its convolutions run over 32
-            frames instead of 4. Costs memory (activations of 32 frames at 512x512). No effect on the LTX (Lite) VAE.
+            kernel shapes, so other roundings on a GPU). Why: each causal convolution copies its 2-frame cache in and
+            out once per call, so once instead of 8 times per Pro chunk, and convolves 32 frames at a time instead of
+            4. Costs memory (activations of 32 frames at 512x512) and a fourth compiled decoder shape. Not yet
+            measured on a GPU, so not in the `optimized` preset. No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -180,7 +181,8 @@ class SpeedConfig:
 
     @classmethod
     def optimized(cls) -> SpeedConfig:
-        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead).
+        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead,
+        vae_multi_frame_decode).
         Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN."""
         return cls(
             rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",

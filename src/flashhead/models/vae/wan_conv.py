@@ -87,8 +87,10 @@ def set_tap_sum(model: nn.Module, on: bool) -> int:
     leaves this class alone; switched off, the layer is diffusers' class again (kernel padding then applies to it).
     """
     conv = getattr(getattr(model, "decoder", None), "conv_out", None)
-    if not isinstance(conv, WanCausalConv3d) or (conv.stride, conv.dilation, conv.groups) != ((1, 1, 1),) * 2 + (1,):
+    if not isinstance(conv, WanCausalConv3d):
         return 0  # not a Wan VAE (the LTX VAE has no Wan convolutions)
+    if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1:
+        return 0  # the tap sum is written for a plain stride-1 convolution (the Wan2.1 decoder's is one)
     if on:
         conv.__class__ = TapSumCausalConv3d
     elif type(conv) is TapSumCausalConv3d:
