@@ -25,9 +25,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conv_algos import median_ms  # noqa: E402
-from wan_decode_bench import kernel_profile, psnr_db  # noqa: E402
+from wan_decode_bench import kernel_profile, time_decode_variants  # noqa: E402
 
-from flashhead.benchmark import timed_ms  # noqa: E402
 from flashhead.models.vae import WanVideoVAE  # noqa: E402
 from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, TapSumCausalConv3d  # noqa: E402
 from flashhead.pipeline.fast_path import apply_vae_switches  # noqa: E402
@@ -69,23 +68,11 @@ def time_layer(conv: WanCausalConv3d, frames: int, cached: int, size: int, repea
 
 
 def time_decodes(vae: WanVideoVAE, z: torch.Tensor, repeat: int, profile: bool) -> dict:
-    out, ref = {}, None
-    for on in (False, True):
-        torch._dynamo.reset()
+    def switch(on: bool) -> None:
         apply_vae_switches(vae, SHIPPED.replace(compile_vae=True, vae_conv_out_gemm=on))
-        with torch.no_grad():
-            ms, image = timed_ms(lambda: vae.model.decode(z).sample, repeat)
-            entry = {"ms": ms}
-            if ref is None:
-                ref = image.float()
-            else:
-                entry["psnr_vs_off_db"] = psnr_db(image, ref)
-            if profile:
-                entry["profile"] = kernel_profile(lambda: vae.model.decode(z).sample, top=12)
-        out["on" if on else "off"] = entry
-        print("vae_conv_out_gemm", "on" if on else "off", json.dumps(entry), flush=True)
-    apply_vae_switches(vae, SpeedConfig())
-    return out
+
+    variants = {"off": lambda: switch(False), "on": lambda: switch(True)}
+    return time_decode_variants(vae, z, variants, repeat, profile)
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ upsample)
 convout)
     timeout "${CONVOUT_TIMEOUT:-300}" python3 benchmarks/conv_out_bench.py --profile --json "$OUT/conv_out.json" > "$OUT/conv_out.log" 2>&1
     echo "rc=$?"
-    grep -E "^\{|^per chunk|^vae_conv_out_gemm" "$OUT/conv_out.log" | cut -c1-600
+    grep -E "^\{|^per chunk|^(off|on) " "$OUT/conv_out.log" | cut -c1-600
     if [ -n "${EQUIV_K:-}" ]; then
         timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
             -k "$EQUIV_K" > "$OUT/equiv.log" 2>&1

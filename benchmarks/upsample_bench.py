@@ -27,9 +27,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conv_algos import median_ms  # noqa: E402
-from wan_decode_bench import kernel_profile, psnr_db  # noqa: E402
+from wan_decode_bench import psnr_db, time_decode_variants  # noqa: E402
 
-from flashhead.benchmark import timed_ms  # noqa: E402
 from flashhead.models.vae import WanVideoVAE  # noqa: E402
 from flashhead.models.vae.wan_resample import (  # noqa: E402
     SUBPIXEL_METHODS,
@@ -102,25 +101,13 @@ def time_layers(calls: list[dict], repeat: int, compile: bool = True) -> list[di
 
 
 def time_decodes(vae: WanVideoVAE, z: torch.Tensor, repeat: int, profile: bool, compile: bool = True) -> dict:
-    out, ref = {}, None
-    for method in ("off", *SUBPIXEL_METHODS):
-        torch._dynamo.reset()
+    def switch(method: str) -> None:
         apply_vae_switches(vae, SHIPPED.replace(compile_vae=compile))
         if method != "off":
             set_subpixel_upsample(vae.model, True, channels_last=True, method=method)
-        with torch.no_grad():
-            ms, image = timed_ms(lambda: vae.model.decode(z).sample, repeat)
-            entry = {"ms": ms}
-            if ref is None:
-                ref = image.float()
-            else:
-                entry["psnr_vs_off_db"] = psnr_db(image, ref)
-            if profile:
-                entry["profile"] = kernel_profile(lambda: vae.model.decode(z).sample, top=12)
-        out[method] = entry
-        print(method, json.dumps(entry), flush=True)
-    apply_vae_switches(vae, SpeedConfig())
-    return out
+
+    methods = ("off", *SUBPIXEL_METHODS)
+    return time_decode_variants(vae, z, {m: lambda m=m: switch(m) for m in methods}, repeat, profile)
 
 
 def main() -> None:

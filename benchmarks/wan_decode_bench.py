@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -161,6 +162,30 @@ def kernel_profile(fn, top: int = 25) -> dict:
         "top": [{"kernel": e.key[:120], "calls": e.count, "ms": round(e.device_time_total / 1000, 2)}
                 for e in kernels[:top]],
     }  # fmt: skip
+
+
+def time_decode_variants(
+    vae: WanVideoVAE, z: torch.Tensor, variants: dict[str, Callable[[], object]], repeat: int, profile: bool = False
+) -> dict:
+    """The decode of `z` under each variant (a function that switches `vae`), each after a Dynamo reset: ms, PSNR
+    against the first variant's frames, and with `profile` its GPU kernels. The VAE is switched back to plain after."""
+    out, ref = {}, None
+    for name, switch in variants.items():
+        torch._dynamo.reset()
+        switch()
+        with torch.no_grad():
+            ms, image = timed_ms(lambda: vae.model.decode(z).sample, repeat)
+            entry = {"ms": ms}
+            if ref is None:
+                ref = image.float()
+            else:
+                entry["psnr_vs_off_db"] = psnr_db(image, ref)
+            if profile:
+                entry["profile"] = kernel_profile(lambda: vae.model.decode(z).sample, top=12)
+        out[name] = entry
+        print(name, json.dumps(entry), flush=True)
+    apply_vae_switches(vae, SpeedConfig())
+    return out
 
 
 def compiled_variants(

@@ -41,17 +41,23 @@ CONVS = {  # the kinds of causal convolution in the Wan2.1 VAE
 }
 
 
-@pytest.mark.parametrize("kind", list(CONVS))
-@pytest.mark.parametrize("cached", [None, 1, 2, 3])  # frames of cache: none, shorter than, as long as, longer
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_one_convolution_equals_stock_in_every_cache_case(kind, cached, channels_last):
+def one_convolution(kind: str, cached: int | None, channels_last: bool, out_channels: int = 5) -> tuple:
+    """A stock Wan causal convolution of `kind` (6 input channels), an input of 4 frames and `cached` cache frames."""
     torch.manual_seed(0)
-    conv = WanCausalConv3d(6, 5, **CONVS[kind]).eval()
+    conv = WanCausalConv3d(6, out_channels, **CONVS[kind]).eval()
     if channels_last:
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 4, 7, 9, generator=g)
     cache = None if cached is None else torch.randn(2, 6, cached, 7, 9, generator=g)
+    return conv, x, cache
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+@pytest.mark.parametrize("cached", [None, 1, 2, 3])  # frames of cache: none, shorter than, as long as, longer
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_convolution_equals_stock_in_every_cache_case(kind, cached, channels_last):
+    conv, x, cache = one_convolution(kind, cached, channels_last)
     with torch.no_grad():
         stock = conv(x, cache)
         assert set_kernel_padding(conv, True) == 1 and type(conv) is KernelPaddedCausalConv3d
@@ -69,13 +75,7 @@ STRIDE_1 = [kind for kind in CONVS if "stride" not in kind]
 @pytest.mark.parametrize("cached", [None, 1, 2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_tap_sum_convolution_equals_stock_in_every_cache_case(kind, cached, channels_last):
-    torch.manual_seed(0)
-    conv = WanCausalConv3d(6, 3, **CONVS[kind]).eval()
-    if channels_last:
-        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 6, 4, 7, 9, generator=g)
-    cache = None if cached is None else torch.randn(2, 6, cached, 7, 9, generator=g)
+    conv, x, cache = one_convolution(kind, cached, channels_last, out_channels=3)
     with torch.no_grad():
         stock = conv(x, cache)
         conv.__class__ = TapSumCausalConv3d
