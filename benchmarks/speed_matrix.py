@@ -44,6 +44,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+vae_subpixel_upsample", {"vae_subpixel_upsample": True}, False),
     ("+pinned_memory", {"pinned_memory": True}, False),
     ("+audio_stream", {"audio_stream": True}, False),
+    ("+audio_tf32", {"audio_tf32": True}, False),
     ("+launch_ahead", {"launch_ahead": True}, True),
     ("+compile_color", {"compile_color": True}, False),
     ("+fused_gelu", {"fused_gelu": True}, False),
@@ -55,7 +56,6 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+vae_static_shapes", {"vae_static_shapes": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
     ("+early_first_frames", {"early_first_frames": True}, False),
-    ("+vae_multi_frame_decode", {"vae_multi_frame_decode": True}, True),  # not yet in the preset: to measure
     ("+video_encoder=auto", {"video_encoder": "auto"}, False),
     ("+cublaslt_no_workspace (all)", {"cublaslt_no_workspace": True}, False),
     ("all +decode_new_only", {"decode_new_only": True}, True),

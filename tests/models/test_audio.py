@@ -165,6 +165,28 @@ def test_batched_encoding_matches_single(features_fixture, tiny_encoder):
     assert rel_l2(out[1], tiny_encoder(waveform.flip(0))) <= 1e-6
 
 
+def test_tf32_matmuls_only_while_the_pass_runs(features_fixture, tiny_encoder, monkeypatch):
+    """The audio_tf32 switch: cuBLAS's TF32 flag is on while wav2vec2's layers run and as before afterwards, also
+    when the pass fails. (CPU GEMMs ignore the flag, so here the features stay the same; the GPU test checks them.)"""
+    matmul = torch.backends.cuda.matmul
+    waveform = features_fixture[0]["case1/waveform"]
+    seen: list[bool] = []
+    hook = tiny_encoder.model.encoder.layers[0].register_forward_pre_hook(lambda *_: seen.append(matmul.allow_tf32))
+    try:
+        plain = tiny_encoder(waveform)
+        tiny_encoder.tf32_matmuls = True
+        tf32 = tiny_encoder(waveform)
+        assert seen == [False, True] and not matmul.allow_tf32
+        assert torch.equal(tf32, plain)
+        monkeypatch.setattr(tiny_encoder, "encode_features", lambda _: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            tiny_encoder(waveform)
+        assert not matmul.allow_tf32
+    finally:
+        hook.remove()
+        tiny_encoder.tf32_matmuls = False
+
+
 def test_streaming_interpolation_is_exact_decimation(tiny_encoder):
     # 128,000 samples -> 399 CNN frames -> 200 frames with align_corners: frame j sits on CNN frame 2j.
     samples = normalize_waveform(torch.randn(AudioConfig().cache_samples, generator=torch.Generator().manual_seed(0)))

@@ -2,8 +2,7 @@
 stock forward computes (float32 on CPU), for one convolution in every cache case, for whole decodes and encodes,
 and for a chunked causal stream; it changes only the model it is applied to and switches back. The same for
 vae_conv_out_gemm (the decoder's output convolution as one GEMM and a sum of shifted tap planes), whose compiled
-form is one GEMM and one fused kernel; and vae_multi_frame_decode (later latent frames in one decoder call) decodes the
-frames of the per-frame loop."""
+form is one GEMM and one fused kernel."""
 
 from __future__ import annotations
 
@@ -226,55 +225,3 @@ def test_lite_vae_has_no_wan_convolutions():
     assert set_kernel_padding(lite.model, True) == 0
     assert set_tap_sum(lite.model, True) == 0
     assert all(torch.equal(v, before[k]) for k, v in lite.state_dict().items())
-
-
-# -- vae_multi_frame_decode: later latent frames in one decoder call ---------------------------------------------
-
-
-@pytest.mark.parametrize("frames", [1, 2, 5, 9])
-@pytest.mark.parametrize(
-    "speed",
-    [SpeedConfig(), SpeedConfig(vae_conv_pad=True, vae_channels_last=True, vae_subpixel_upsample=True,
-                                vae_conv_out_gemm=True)],
-    ids=["stock layers", "switched layers"],
-)  # fmt: skip
-def test_multi_frame_decode_equals_the_frame_by_frame_loop(wan, frames, speed):
-    latent = torch.randn(1, 16, frames, 2, 3, generator=torch.Generator().manual_seed(frames))
-    try:
-        apply_vae_switches(wan, speed)
-        assert wan.frames_per_call == 1
-        with torch.no_grad():
-            per_frame = wan.decode(latent)
-            outputs = {}
-            for per_call in (0, 3):
-                wan.frames_per_call = per_call
-                outputs[per_call] = wan.decode(latent)
-                outputs[f"{per_call} in pieces"] = torch.cat(list(wan.decode_in_pieces(latent, min(2, frames - 1))), 2)
-        apply_vae_switches(wan, speed.replace(vae_multi_frame_decode=True))
-        assert wan.frames_per_call == 0
-    finally:
-        apply_vae_switches(wan, SpeedConfig())
-    assert wan.frames_per_call == 1 and per_frame.shape == (1, 3, 1 + 4 * (frames - 1), 16, 24)
-    assert per_frame.std() > 0.01
-    for name, out in outputs.items():
-        assert max_diff(out, per_frame) <= TOL, name
-
-
-def test_multi_frame_decode_makes_fewer_decoder_calls(wan):
-    calls = []
-    hook = wan.model.decoder.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[2]))
-    latent = torch.randn(1, 16, 9, 2, 3, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            wan.decode(latent)
-            assert calls == [1] * 9  # diffusers' loop
-            calls.clear()
-            wan.frames_per_call = 0
-            wan.decode(latent)
-            assert calls == [1, 8]
-            calls.clear()
-            list(wan.decode_in_pieces(latent, 3))
-            assert calls == [1, 2, 6]  # a new stream's first frames (early_first_frames), then the rest
-    finally:
-        hook.remove()
-        wan.frames_per_call = 1

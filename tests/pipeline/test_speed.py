@@ -287,6 +287,17 @@ def test_engine_with_cpu_switches_gives_the_plain_frames(lite):
     assert lite.speed.is_plain and lite._fast is None
 
 
+def test_audio_tf32_switch_reaches_the_wav2vec2_encoder(lite):
+    """`optimize` hands audio_tf32 to the pipeline's wav2vec2 encoder and takes it back with the plain path."""
+    speed = SpeedConfig(audio_tf32=True)
+    assert speed.to_dict()["audio_tf32"] and SpeedConfig.parse("audio_tf32=on") == speed
+    assert SpeedConfig.optimized().audio_tf32
+    lite.optimize(speed)
+    assert lite.audio_encoder.tf32_matmuls
+    lite.optimize(SpeedConfig())
+    assert not lite.audio_encoder.tf32_matmuls
+
+
 def test_first_chunk_noise_is_drawn_when_the_session_opens(lite, monkeypatch):
     """pinned_memory: a session's first noise is drawn at open_session, so its first launch (between the first audio
     features and the first DiT, i.e. inside the time to first frame) draws none; the frames stay the plain path's."""
@@ -398,23 +409,6 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
     lite.optimize(SpeedConfig(vae_conv_out_gemm=True))
     assert not any(isinstance(m, TapSumCausalConv3d) for m in lite.vae.model.modules())
     lite.optimize(SpeedConfig())
-
-
-def test_vae_multi_frame_decode_keeps_the_pro_frames():
-    """Later latent frames in one decoder call, with the compiled VAE and a new stream's first frames decoded apart."""
-    pro = tiny_pipeline("pro")[0]
-    audio = speech_16k(1.0)
-    image = np.random.default_rng(5).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
-    plain = run_stream(pro, SpeedConfig(), audio, image)
-    speed = SpeedConfig(
-        vae_multi_frame_decode=True, vae_conv_pad=True, vae_channels_last=True, compile_vae=True,
-        vae_static_shapes=True, early_first_frames=True, pinned_memory=True,
-    )  # fmt: skip
-    pro.optimize(speed)
-    assert pro.vae.frames_per_call == 0
-    frames = run_stream(pro, speed, audio, image)
-    assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
-    assert pro.vae.frames_per_call == 1  # run_stream switched back to the plain path
 
 
 def test_decode_new_only_keeps_the_frame_count(lite):

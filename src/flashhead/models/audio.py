@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -344,6 +345,8 @@ class Wav2VecEncoder(nn.Module):
         self.model = model.float().eval().requires_grad_(False)
         self.normalize = normalize
         self.config = config or AudioConfig()
+        # The `audio_tf32` speed switch: GEMMs on TF32 tensor cores instead of float32 FMA (see `forward`).
+        self.tf32_matmuls = False
 
     @classmethod
     def from_pretrained(
@@ -462,9 +465,30 @@ class Wav2VecEncoder(nn.Module):
             )
         if self.normalize:
             samples = normalize_waveform(samples)
-        features = self.cnn_features(samples.to(self.dtype), num_frames)
-        out = self.encode_features(features).float()
+        with tf32_matmuls(self.tf32_matmuls):
+            features = self.cnn_features(samples.to(self.dtype), num_frames)
+            out = self.encode_features(features).float()
         return out if batched else out[0]
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """cuBLAS float32 GEMMs launched inside run on TF32 tensor cores (10-bit mantissa products, float32 sums).
+
+    torch's flag is process-wide and read when each GEMM is launched, so setting it around eager code launched
+    from this thread scopes it to that code (the pipelines launch their audio, DiT and decode from one thread).
+    cuDNN's convolutions are not touched: torch lets them use TF32 by default, in the plain path too.
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32  # the flag the training loops set too (mixing it with fp32_precision raises)
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
 
 
 # ---------------------------------------------------------------------------------------------------

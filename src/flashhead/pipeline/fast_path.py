@@ -273,8 +273,6 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'
         # (sub-pixel upsampling keeps its own).
         set_traceable_resample(model, speed.compile_vae)
-    if hasattr(vae, "frames_per_call"):  # the Wan2.1 VAE's decoder loop (Pro)
-        vae.frames_per_call = 0 if speed.vae_multi_frame_decode else 1
     # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
         if net is None:

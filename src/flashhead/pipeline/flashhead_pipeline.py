@@ -220,6 +220,8 @@ class FlashHeadPipeline:
             speed = SpeedConfig.parse(speed)
         speed = speed or SpeedConfig()
         apply_module_switches(self.dit, self.vae, speed)
+        if hasattr(self.audio_encoder, "tf32_matmuls"):  # wav2vec2 (the official models), not a mel encoder
+            self.audio_encoder.tf32_matmuls = speed.audio_tf32
         if self._sp is not None:  # the switches reset the attention kernels
             self._sp.model.install()
         self.speed = speed

@@ -67,13 +67,6 @@ class SpeedConfig:
             into one kernel with compile_vae). The same products, summed in another order. Pays only compiled (H200,
             one call: cuDNN 0.86 ms, compiled 0.49, eager 1.39; compiled Pro chunk decode 172.2 -> 169.1 ms, stream
             59.12 -> 59.48 FPS on one machine). No effect on the LTX (Lite) VAE.
-        vae_multi_frame_decode: the Wan2.1 (Pro) decoder runs a chunk's latent frames after the first in one call
-            (diffusers and the official code: one call per latent frame, 4 video frames each). The decoder is causal
-            in time and carries its feature caches between calls either way, so the frames are the same (other
-            kernel shapes, so other roundings on a GPU). Why: each causal convolution copies its 2-frame cache in and
-            out once per call, so once instead of 8 times per Pro chunk, and convolves 32 frames at a time instead of
-            4. Costs memory (activations of 32 frames at 512x512) and a fourth compiled decoder shape. Not yet
-            measured on a GPU, so not in the `optimized` preset. No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -110,13 +103,21 @@ class SpeedConfig:
             time (Wan2.1, Pro, one GPU): the latent frames up to the first new frame, whose frames the streaming
             engine colour-corrects and hands out at once, then the rest. The same frames, the first of them
             earlier by most of a decode (needs pinned_memory: the frames' copy must not block the host).
+        audio_tf32: wav2vec2's GEMMs (its linear layers and attention products; 12 layers over the 8 s audio cache per
+            chunk) on TF32 tensor cores instead of float32 FMA units: products of 10-bit mantissas, summed in
+            float32 (flashhead.models.audio.tf32_matmuls; its convolutions use TF32 already, torch's default). The
+            pass runs beside the DiT on the audio stream, and its float32 FFMA GEMMs (~8 ms per Pro chunk) take SMs
+            from it: H200, Pro 60.0 -> 60.3-60.4 FPS, Lite 432.2 -> 434.5 FPS. Changes the features' rounding
+            (relative L2 4.9e-4 from float32), so it is checked as a reassociating switch (Pro frames 55.4 dB from
+            plain in float32). Process-wide while the pass is launched: another thread's float32 GEMMs launched
+            meanwhile run in TF32 too. No effect on a mel encoder (flashhead-tiny).
         audio_stream: compute the next round's audio features on a side CUDA stream while the current
             round's DiT runs (streaming engine). Where rounds are launched ahead (launch_ahead, sequence parallel)
             they are queued before the chunk, beside the previous round's decode.
         launch_ahead: the streaming engine queues the next round on the GPU before it waits for the current
             round's frames, so the GPU goes from one chunk to the next without waiting for the host (and, with
-            sequence parallelism, for the followers). Exact, but measured no faster on one GPU (Lite 327 against
-            334 FPS without it on an H100, Pro 543.3 against 541.6 ms per chunk on an H200), so not in the
+            sequence parallelism, for the followers). Exact, but measured slower for Lite on one GPU (327 against
+            334 FPS without it on an H100, 355 against 432 on an H200) and +0.5 % for Pro, so not in the
             `optimized` preset; a sequence-parallel pipeline's engine launches ahead regardless (Pro on 2 H200s:
             326.0 against 334.2 ms per chunk).
         decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
@@ -137,7 +138,6 @@ class SpeedConfig:
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
     vae_conv_out_gemm: bool = False
-    vae_multi_frame_decode: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
@@ -150,6 +150,7 @@ class SpeedConfig:
     cublaslt_no_workspace: bool = False
     pinned_memory: bool = False
     early_first_frames: bool = False
+    audio_tf32: bool = False
     audio_stream: bool = False
     launch_ahead: bool = False
     decode_new_only: bool = False
@@ -181,8 +182,7 @@ class SpeedConfig:
 
     @classmethod
     def optimized(cls) -> SpeedConfig:
-        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead,
-        vae_multi_frame_decode).
+        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead).
         Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN."""
         return cls(
             rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
@@ -190,7 +190,7 @@ class SpeedConfig:
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, vae_conv_out_gemm=True,
             fused_gelu=True, persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True,
             compile_color=True, cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True,
-            pinned_memory=True, early_first_frames=True, audio_stream=True, video_encoder="auto",
+            pinned_memory=True, early_first_frames=True, audio_stream=True, audio_tf32=True, video_encoder="auto",
         )  # fmt: skip
 
     @property

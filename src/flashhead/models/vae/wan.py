@@ -149,10 +149,6 @@ class WanVideoVAE(VideoVAE):
         # in bf16 the constants are rounded to bf16 exactly as the official wrapper does.
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std), persistent=False)
-        # Latent frames per decoder call after the first: 1 is diffusers' loop (and the official one); 0 decodes
-        # the rest of a span in one call (the `vae_multi_frame_decode` switch). The decoder is causal in time with
-        # caches carried between calls, so the frames are the same; fewer calls copy the caches fewer times.
-        self.frames_per_call = 1
 
     @classmethod
     def from_pretrained(
@@ -248,23 +244,13 @@ class WanVideoVAE(VideoVAE):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Decode a normalised latent to pixels (B, 3, T, H, W), clamped to [-1, 1]."""
         latent = self._check_latent(latent)
-        if self.frames_per_call == 1 or not self._decodes_frame_by_frame(latent):
-            return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
-        return torch.cat(list(self._decode_spans(latent, [latent.shape[2]])), dim=2)
+        return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
 
     def decode_in_pieces(self, latent: torch.Tensor, head: int) -> Iterator[torch.Tensor]:
-        """Causal in time: the decoder runs over the latent frames in order with feature caches of the frames before,
+        """Causal in time: the decoder runs one latent frame at a time with feature caches of the frames before,
         as diffusers' `AutoencoderKLWan._decode` does, so the loop can pause after `head` frames and yield them.
         """
         latent = self._check_latent(latent)
-        if not 0 < head < latent.shape[2] or not self._decodes_frame_by_frame(latent):
-            yield self.decode(latent)  # the layouts diffusers decodes otherwise: one piece
-            return
-        yield from self._decode_spans(latent, [head, latent.shape[2]])
-
-    def _decodes_frame_by_frame(self, latent: torch.Tensor) -> bool:
-        """Whether diffusers decodes `latent` with its causal loop over latent frames (not tiled, sliced or patched),
-        the loop `_decode_spans` runs itself."""
         model = self.model
         ratio = model.spatial_compression_ratio
         tiled = model.use_tiling and (
@@ -272,31 +258,18 @@ class WanVideoVAE(VideoVAE):
             or latent.shape[-2] > model.tile_sample_min_height // ratio
         )
         sliced = model.use_slicing and latent.shape[0] > 1
-        return not tiled and not sliced and model.config.patch_size is None
-
-    def _decode_spans(self, latent: torch.Tensor, ends: list[int]) -> Iterator[torch.Tensor]:
-        """The decoder's causal loop, one clamped piece per span of latent frames ending at each of `ends`. Frame 0
-        is decoded alone (its first-chunk path), later frames `frames_per_call` at a time (0: the rest of the span).
-        """
-        model = self.model
+        if not 0 < head < latent.shape[2] or tiled or sliced or model.config.patch_size is not None:
+            yield self.decode(latent)  # the layouts diffusers decodes otherwise: one piece
+            return
         z = model.post_quant_conv(self.denormalize(latent))  # pointwise in time: once for every frame
         model.clear_cache()
         try:
-            start = 0
-            for end in ends:
+            for frames in (range(head), range(head, latent.shape[2])):
                 piece = []
-                for i, j in self._decoder_calls(start, end):
+                for i in frames:
                     model._conv_idx = [0]
-                    piece.append(model.decoder(z[:, :, i:j], feat_cache=model._feat_map, feat_idx=model._conv_idx,
-                                               first_chunk=i == 0))  # fmt: skip
+                    piece.append(model.decoder(z[:, :, i : i + 1], feat_cache=model._feat_map,
+                                               feat_idx=model._conv_idx, first_chunk=i == 0))  # fmt: skip
                 yield torch.cat(piece, dim=2).clamp(-1.0, 1.0)
-                start = end
         finally:
             model.clear_cache()
-
-    def _decoder_calls(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        i = start
-        while i < end:
-            j = i + 1 if i == 0 or self.frames_per_call == 1 else min(end, i + (self.frames_per_call or end))
-            yield i, j
-            i = j
