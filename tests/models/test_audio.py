@@ -29,6 +29,7 @@ from flashhead.models.audio import (
     offline_padded_length,
     prepare_waveform,
     resample,
+    tf32_matmuls,
     to_mono,
     variant_new_frames,
     variant_slice_samples,
@@ -185,6 +186,21 @@ def test_tf32_matmuls_only_while_the_pass_runs(features_fixture, tiny_encoder, m
     finally:
         hook.remove()
         tiny_encoder.tf32_matmuls = False
+
+
+def test_overlapping_tf32_uses_restore_the_flag_once_all_are_done():
+    """Two passes overlapping (e.g. in two threads): the first to finish must not switch TF32 off under the other,
+    and the last restores the flag as it was before either."""
+    matmul = torch.backends.cuda.matmul
+    first, second = tf32_matmuls(), tf32_matmuls()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert matmul.allow_tf32
+    second.__exit__(None, None, None)
+    assert not matmul.allow_tf32
+    with tf32_matmuls(False):
+        assert not matmul.allow_tf32
 
 
 def test_streaming_interpolation_is_exact_decimation(tiny_encoder):

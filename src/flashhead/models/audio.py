@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -471,24 +472,38 @@ class Wav2VecEncoder(nn.Module):
         return out if batched else out[0]
 
 
+_tf32_lock = threading.Lock()
+_tf32_users = 0  # passes inside `tf32_matmuls` now, over all threads
+_tf32_before = False  # the flag as it was when the first of them entered
+
+
 @contextmanager
 def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
     """cuBLAS float32 GEMMs launched inside run on TF32 tensor cores (10-bit mantissa products, float32 sums).
 
-    torch's flag is process-wide and read when each GEMM is launched, so setting it around eager code launched
-    from this thread scopes it to that code (the pipelines launch their audio, DiT and decode from one thread).
+    torch's flag is process-wide and read when each GEMM is launched, so setting it around eager code scopes it to
+    the GEMMs launched meanwhile (another thread's float32 GEMMs in that time too). Overlapping uses, in several
+    threads, leave the flag as the first one found it once the last one is done.
     cuDNN's convolutions are not touched: torch lets them use TF32 by default, in the plain path too.
     """
+    global _tf32_users, _tf32_before
     if not enabled:
         yield
         return
+    # `allow_tf32`, the flag the training loops set too: torch raises where it is mixed with `fp32_precision`.
     matmul = torch.backends.cuda.matmul
-    before = matmul.allow_tf32  # the flag the training loops set too (mixing it with fp32_precision raises)
-    matmul.allow_tf32 = True
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_before = matmul.allow_tf32
+            matmul.allow_tf32 = True
+        _tf32_users += 1
     try:
         yield
     finally:
-        matmul.allow_tf32 = before
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                matmul.allow_tf32 = _tf32_before
 
 
 # ---------------------------------------------------------------------------------------------------
