@@ -11,12 +11,15 @@ RoPE) can be compared across settings, and the memsets one call launches with th
 
     CUBLASLT_WORKSPACE_SIZE=0 python3 benchmarks/block_bench.py --attention flash   # what changes the memsets
     python3 benchmarks/block_bench.py --persistent-rows 2048   # the norms over 1,536 channels as one-pass reductions
+    python3 benchmarks/block_bench.py --persistent-rows 2048 --persistent-hints inner,default   # other hints too
 
 `--persistent-rows N`: Inductor makes a reduction persistent (the row held in registers, read once) only up to
 1,024 values; the DiT's norms run over 1,536 and are looped (read twice). This replaces Inductor's heuristic
 choices object (the documented hook, `V.set_choices_handler`) with one that also takes inner reductions up to N
 values persistent, without multi-kernel's timing at the first call, and compiles without the FX graph cache (whose
-key does not see the handler).
+key does not see the handler). The JSON's `reductions` lists each reduction Inductor decided (values, reduction hint,
+persistent or not): one of the block's norm kernels stayed looped under the switch's INNER-only predicate (session 23),
+and `--persistent-hints` takes other hints too.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def main() -> None:
     parser.add_argument("--no-fused-gelu", action="store_true", help="the FFN's GELU as Inductor compiles it")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--persistent-rows", type=int, default=0, help="persistent reductions up to this many values")
+    parser.add_argument("--persistent-hints", default="inner",
+                        help="with --persistent-rows: the reduction hints taken (comma-separated: inner,default,...)")
     args = parser.parse_args()
     if args.persistent_rows:
-        persistent_rows(args.persistent_rows)
+        persistent_rows(args.persistent_rows, args.persistent_hints)
     device = "cuda"
     config = official_config(args.model) | {"num_layers": 1}
     dit = FlashHeadDiT.from_config(config).to(device, torch.bfloat16).eval()
@@ -81,26 +86,38 @@ def main() -> None:
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
     print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
-                      "mode": args.mode, "persistent_rows": args.persistent_rows, "compile_s": round(compile_s, 1),
+                      "mode": args.mode, "persistent_rows": args.persistent_rows,
+                      "persistent_hints": args.persistent_hints if args.persistent_rows else None,
+                      "reductions": REDUCTIONS, "compile_s": round(compile_s, 1),
                       "block_ms_median": round(block_ms, 4),
                       "block_ms_in_cuda_graph": round(graph_ms, 4), "memsets_per_call": memsets,
                       "memsets_launched_by": memset_sources(prof),
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
 
 
-def persistent_rows(max_values: int):
-    """From here on, Inductor makes inner reductions over up to `max_values` values persistent (its limit: 1,024).
+REDUCTIONS: list[dict] = []  # each reduction Inductor asked about: its size, hint and the answer (in the JSON)
+
+
+def persistent_rows(max_values: int, hints: str = "inner"):
+    """From here on, Inductor makes reductions with one of `hints` (comma-separated ReductionHint names; rows:
+    inner) over up to `max_values` values persistent (its limit: 1,024), and REDUCTIONS logs each decision.
     Returns the context manager that restores the previous heuristics on exit."""
     import torch._inductor.config as inductor_config
     from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
     from flashhead.pipeline.inductor_heuristics import wide_row_persistent
 
-    class WideRows(InductorChoices):  # the persistent_norms switch's predicate, at any limit
+    taken = tuple(ReductionHint[name.strip().upper()] for name in hints.split(","))
+
+    class WideRows(InductorChoices):  # the persistent_norms switch's predicate, at any limit and hints
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-            return wide_row_persistent(features, cooperative_reduction, max_values)
+            answer = wide_row_persistent(features, cooperative_reduction, max_values, taken)
+            REDUCTIONS.append({"values": str(features.reduction_numel), "hint": features.get_reduction_hint().name,
+                               "cooperative": cooperative_reduction, "persistent": answer})  # fmt: skip
+            return answer
 
     inductor_config.fx_graph_cache = False  # a cached graph compiled under the default heuristic would be reused
     return V.set_choices_handler(WideRows())

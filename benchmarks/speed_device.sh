@@ -24,7 +24,8 @@
 #                                            # carried sources, check it, time it against cuDNN; the built folder
 #                                            # comes back in $OUT/fa3 (carry it as .device/fa3/built later; ~5 min?)
 #   bash benchmarks/speed_device.sh norms    # one compiled Pro DiT block with Inductor's reductions and with the
-#                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min)
+#                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min;
+#                                            # NORM_HINTS=inner,default: a third run, other reduction hints too)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
@@ -119,10 +120,13 @@ blocks)
     timeout 120 python3 benchmarks/color_bench.py
     ;;
 norms)
-    for rows in 0 2048; do
+    # NORM_HINTS=inner,default: a third run with reductions of those hints persistent too (the JSON's "reductions"
+    # lists every decision: which norm stays looped, and why).
+    for rows in 0 2048 ${NORM_HINTS:+2048h}; do
+        hints=inner; [ "$rows" = 2048h ] && { rows=2048; hints=$NORM_HINTS; }
         timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model "${2:-pro}" --persistent-rows $rows \
-            2>"$OUT/norms.err" | tail -1 | tee "$OUT/norms_$rows.json" | cut -c1-1500
-        echo "persistent-rows $rows rc=$?"
+            --persistent-hints "$hints" 2>"$OUT/norms.err" | tail -1 | tee "$OUT/norms_${rows}_${hints/,/_}.json" | cut -c1-2500
+        echo "persistent-rows $rows hints $hints rc=$?"
     done
     ;;
 ab)

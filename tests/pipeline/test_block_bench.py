@@ -23,3 +23,9 @@ def test_inner_reductions_up_to_the_limit_become_persistent(monkeypatch):
         assert not choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.INNER), True)
         assert inductor_config.fx_graph_cache is False  # the cache key does not see the handler
     assert type(V.choices) is not type(choices)  # Inductor's heuristics are back
+    assert [(r["hint"], r["persistent"]) for r in bench.REDUCTIONS[-4:]] == [
+        ("INNER", True), ("INNER", False), ("OUTER", False), ("INNER", False)
+    ]  # each decision logged for the JSON
+    with bench.persistent_rows(2048, "inner,default"):
+        assert V.choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
+        assert not V.choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.OUTER), False)

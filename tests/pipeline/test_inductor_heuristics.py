@@ -39,6 +39,11 @@ def test_rows_up_to_the_limit_become_persistent(monkeypatch):
     assert not decide(ReductionFeatures(1536, ReductionHint.OUTER), False)
     # cooperative reductions keep Inductor's answer
     assert not decide(ReductionFeatures(1536, ReductionHint.INNER), True)
+    # the hints taken (block_bench --persistent-hints): rows only by default
+    assert not decide(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
+    hints = (ReductionHint.INNER, ReductionHint.DEFAULT)
+    assert heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.DEFAULT), False, hints=hints)
+    assert not heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.OUTER), False, hints=hints)
 
 
 def test_switch_is_per_thread_and_comes_off(switch_off):

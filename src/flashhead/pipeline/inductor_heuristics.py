@@ -26,14 +26,20 @@ from flashhead.errors import ConfigError
 PERSISTENT_ROW_LIMIT = 2048  # covers the DiT's 1,536 channels; Inductor's own limit is 1,024
 
 
-def wide_row_persistent(features, cooperative_reduction: bool, max_values: int = PERSISTENT_ROW_LIMIT) -> bool:
-    """Inductor's answer, or True for an inner reduction over a fixed number of values up to `max_values`."""
+def wide_row_persistent(
+    features,
+    cooperative_reduction: bool,
+    max_values: int = PERSISTENT_ROW_LIMIT,
+    hints: tuple[ReductionHint, ...] = (ReductionHint.INNER,),
+) -> bool:
+    """Inductor's answer, or True for a reduction with one of `hints` (rows: INNER) over a fixed number of values up
+    to `max_values` (benchmarks/block_bench.py tries other hints)."""
     if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
         return True
     numel = features.reduction_numel
     return (
         not cooperative_reduction
-        and features.get_reduction_hint() == ReductionHint.INNER
+        and features.get_reduction_hint() in hints
         and bool(getattr(numel, "is_number", False))
         and int(numel) <= max_values
     )
