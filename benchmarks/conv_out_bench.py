@@ -14,18 +14,22 @@ input once takes ~0.1 ms. The GEMM writes 81 tap planes (27 taps x 3 outputs) th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conv_algos import median_ms  # noqa: E402
-from wan_decode_bench import kernel_profile, time_decode_variants  # noqa: E402
+from wan_decode_bench import (  # noqa: E402
+    kernel_profile,
+    layer_bench_parser,
+    random_wan_vae,
+    time_decode_variants,
+    write_report,
+)
 
 from flashhead.models.vae import WanVideoVAE  # noqa: E402
 from flashhead.models.vae.wan_conv import KernelPaddedCausalConv3d, TapSumCausalConv3d  # noqa: E402
@@ -76,26 +80,16 @@ def time_decodes(vae: WanVideoVAE, z: torch.Tensor, repeat: int, profile: bool) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
-    parser.add_argument("--repeat", type=int, default=20, help="timed calls per layer (decodes: a fifth of it)")
-    parser.add_argument("--no-decode", action="store_true", help="the layer alone only")
-    parser.add_argument("--profile", action="store_true", help="the GPU kernels of each compiled decode")
-    parser.add_argument("--device", default="cuda", help="cuda (bf16; what it is for) or cpu (float32, a smoke run)")
-    parser.add_argument("--json", type=Path, default=None)
+    parser = layer_bench_parser(__doc__.split("\n\n")[0], "the layer")
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = SHIPPED.cudnn_search_limit
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoencoderKLWan().to(dev, dtype).eval()  # the Wan2.1 configuration, random weights
-    vae = WanVideoVAE(model).to(dev)
+    vae, header = random_wan_vae(args.device, SHIPPED.cudnn_search_limit)
+    model = vae.model
+    dev, dtype = model.device, model.dtype
     c, t, h, w = map(int, args.latent.split(","))
     size = 8 * h  # the decoder's output size
     conv = model.decoder.conv_out
     conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    report = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None, "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "latent": args.latent}  # fmt: skip
+    report = {**header, "latent": args.latent}
     layers = [time_layer(conv, 4, 2, size, args.repeat), time_layer(conv, 1, 0, size, args.repeat)]
     report["layers"] = layers
     calls = {(4, 2): t - 1, (1, 0): 1}  # per chunk decode: one first latent frame, then 4 frames each
@@ -107,10 +101,7 @@ def main() -> None:
     if not args.no_decode:
         z = torch.randn(1, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
         report["decodes"] = time_decodes(vae, z, max(3, args.repeat // 5), args.profile)
-    text = json.dumps(report, indent=1)
-    if args.json:
-        args.json.write_text(text)
-    print(text)
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

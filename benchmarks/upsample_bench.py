@@ -15,7 +15,6 @@ H100; folded they do 4/9 of the multiply-adds, so ~8-10 ms less per chunk, plus 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,13 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conv_algos import median_ms  # noqa: E402
-from wan_decode_bench import psnr_db, time_decode_variants  # noqa: E402
+from wan_decode_bench import (  # noqa: E402
+    layer_bench_parser,
+    psnr_db,
+    random_wan_vae,
+    time_decode_variants,
+    write_report,
+)
 
 from flashhead.models.vae import WanVideoVAE  # noqa: E402
 from flashhead.models.vae.wan_resample import (  # noqa: E402
@@ -111,26 +116,16 @@ def time_decodes(vae: WanVideoVAE, z: torch.Tensor, repeat: int, profile: bool, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
-    parser.add_argument("--repeat", type=int, default=20, help="timed calls per layer (decodes: a fifth of it)")
-    parser.add_argument("--no-decode", action="store_true", help="the layers alone only")
-    parser.add_argument("--profile", action="store_true", help="the GPU kernels of each compiled decode")
+    parser = layer_bench_parser(__doc__.split("\n\n")[0], "the layers")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--device", default="cuda", help="cuda (bf16; what it is for) or cpu (float32, a smoke run)")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = SHIPPED.cudnn_search_limit
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoencoderKLWan().to(dev, dtype).eval()  # the Wan2.1 configuration, random weights
-    vae = WanVideoVAE(model).to(dev)
+    vae, header = random_wan_vae(args.device, SHIPPED.cudnn_search_limit)
+    model = vae.model
+    dev, dtype = model.device, model.dtype
     z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
     z = z.to(dev, dtype)
     apply_vae_switches(vae, SHIPPED)
-    report = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None, "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "latent": args.latent}  # fmt: skip
+    report = {**header, "latent": args.latent}
     layers = time_layers(upsampling_calls(model, z), args.repeat, not args.no_compile)
     report["layers"] = layers
     ways = [f"{way}{suffix}" for suffix in ("", "" if args.no_compile else "_compiled") for way in WAYS]
@@ -140,10 +135,7 @@ def main() -> None:
     print("per chunk", json.dumps(report["per_chunk_ms"]), flush=True)
     if not args.no_decode:
         report["decodes"] = time_decodes(vae, z, max(3, args.repeat // 5), args.profile, not args.no_compile)
-    text = json.dumps(report, indent=1)
-    if args.json:
-        args.json.write_text(text)
-    print(text)
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

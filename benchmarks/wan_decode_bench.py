@@ -93,13 +93,10 @@ def main() -> None:
     parser.add_argument("--cudnn-limit", type=int, default=10, help="torch.backends.cudnn.benchmark_limit (0: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = args.cudnn_limit
-    dev = torch.device("cuda")
-    model = AutoencoderKLWan().to(dev, torch.bfloat16).eval()  # the Wan2.1 configuration, random weights
-    vae = WanVideoVAE(model).to(dev)  # what the speed switches act on (its latent statistics on the GPU too)
+    vae, _ = random_wan_vae("cuda", args.cudnn_limit)
+    model = vae.model
     z = torch.randn(1, *map(int, args.latent.split(",")), generator=torch.Generator().manual_seed(0))
-    z = z.to(dev, torch.bfloat16)
+    z = z.to(model.device, model.dtype)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latent": args.latent,
               "compile_mode": args.compile_mode, "cudnn_benchmark_limit": args.cudnn_limit, "variants": {}}  # fmt: skip
     ref = None
@@ -119,10 +116,39 @@ def main() -> None:
         print(name, entry, flush=True)
     if args.compiled:
         report["compiled"] = compiled_variants(vae, z, args.repeat, ref, args.profile, args.compile_mode)
+    write_report(report, args.json)
+
+
+def random_wan_vae(device: str, cudnn_search_limit: int) -> tuple[WanVideoVAE, dict]:
+    """The Wan2.1 VAE (its configuration, random weights) on `device`, bf16 on a GPU and float32 on the CPU, with
+    cuDNN's autotuning searching `cudnn_search_limit` algorithms per shape; and a report header (GPU, versions)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = cudnn_search_limit
+    dev = torch.device(device)
+    model = AutoencoderKLWan().to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    vae = WanVideoVAE(model).to(dev)  # what the speed switches act on (its latent statistics on the device too)
+    header = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None, "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+    return vae, header
+
+
+def layer_bench_parser(description: str, layers: str) -> argparse.ArgumentParser:
+    """The options of the one-layer-kind benches (conv_out_bench, upsample_bench): `layers` alone, then in decodes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per layer (decodes: a fifth of it)")
+    parser.add_argument("--no-decode", action="store_true", help=f"{layers} alone only")
+    parser.add_argument("--profile", action="store_true", help="the GPU kernels of each compiled decode")
+    parser.add_argument("--device", default="cuda", help="cuda (bf16; what it is for) or cpu (float32, a smoke run)")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def write_report(report: dict, path: Path | None) -> None:
     text = json.dumps(report, indent=1)
+    if path:
+        path.write_text(text)
     print(text)
-    if args.json:
-        args.json.write_text(text)
 
 
 def psnr_db(out: torch.Tensor, ref: torch.Tensor) -> float | str:
