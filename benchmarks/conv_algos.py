@@ -7,6 +7,11 @@ output channels fit the kernels' tile widths better (split into two convolutions
 
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 0 --inductor 6    # + Inductor's Triton templates
     PYTHONPATH=src python benchmarks/conv_algos.py --limit 24 --search-only  # what the search costs and finds
+    PYTHONPATH=src python benchmarks/conv_algos.py --limit 32 --search-only --cutlass  # + every CUTLASS tile
+
+`--cutlass` also times each tile of the built CUTLASS library (flashhead.models.vae.cutlass_conv; FLASHHEAD_CONV3D_LIB)
+on every convolution it can run, with the input in channels-last layout, and its output's largest difference from
+cuDNN's and from a float32 convolution (cuDNN's own float32 error beside it).
 
 `--search-only` times only the first eager decode (cuDNN's search of every shape, paid once per process: a cold
 start pays it) against the next ones, and each convolution as cuDNN chose it, without the reformulations: run it
@@ -174,6 +179,47 @@ def inductor_variant(key: tuple, device, dtype, repeat: int) -> dict:
     }
 
 
+def cutlass_variant(key: tuple, device, dtype, repeat: int) -> dict:
+    """Every tile of the CUTLASS library that can run this convolution: its time and its error."""
+    from flashhead.models.vae.cutlass_conv import CL3D, load_library
+
+    stride, padding, dilation, transposed, output_padding, groups = key[5:]
+    lib = load_library()
+    if lib is None or transposed or groups != 1 or set(stride) != {1} or set(dilation) != {1}:
+        return {}
+    x, w, b = operands(key, device, dtype)
+    if x.dim() != 5 or x.shape[1] % 8 or w.shape[0] % 8:
+        return {}
+    x, w = x.contiguous(memory_format=CL3D), w.contiguous(memory_format=CL3D)
+    b = b if b is not None else torch.zeros(w.shape[0], device=device, dtype=dtype)
+    ref = CONV(x.float(), w.float(), b.float(), stride, padding, dilation, transposed, output_padding, groups)
+    cudnn = CONV(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+    scale = float(ref.abs().max())
+    out = torch.empty(ref.shape, device=device, dtype=dtype, memory_format=CL3D)
+    tiles = {}
+    for i, name in enumerate(lib.tiles):
+        if lib.run(i, x, w, b, out, tuple(padding)) != 0:
+            continue
+        torch.cuda.synchronize()
+        tiles[name] = {
+            "ms": median_ms(lambda i=i: lib.run(i, x, w, b, out, tuple(padding)), repeat),
+            "max_err_vs_fp32": float((out.float() - ref).abs().max()) / scale,
+            "max_diff_vs_cudnn": float((out.float() - cudnn.float()).abs().max()) / scale,
+        }
+    if not tiles:
+        return {"cutlass_tiles": {}}
+    best = min(tiles, key=lambda n: tiles[n]["ms"])
+    return {
+        "cutlass_tiles": tiles, "cutlass_best": best, "cutlass_ms": tiles[best]["ms"],
+        # cuDNN adds a bias in a pass of its own (compiled, Inductor fuses it into the next kernel); CUTLASS in its
+        # epilogue: the fair comparison in a compiled decode is this one.
+        "cudnn_no_bias_ms": median_ms(lambda: CONV(x, w, None, stride, padding, dilation, transposed,
+                                                   output_padding, groups), repeat),
+        "cudnn_max_err_vs_fp32": float((cudnn.float() - ref).abs().max()) / scale,
+        "cutlass_kernel": main_kernel(lambda: lib.run(lib.tiles.index(best), x, w, b, out, tuple(padding))),
+    }  # fmt: skip
+
+
 def _format(w: torch.Tensor) -> torch.memory_format:
     """The memory format a weight or input is dense in (contiguous when neither channels-last one fits)."""
     if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
@@ -199,6 +245,7 @@ def main() -> None:
     )
     parser.add_argument("--search-only", action="store_true",
                         help="the search's cost and the chosen kernels' times only (no reformulations)")
+    parser.add_argument("--cutlass", action="store_true", help="also every tile of the built CUTLASS library")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -240,6 +287,10 @@ def main() -> None:
             else:
                 row.update(variants(key, dev, dtype, args.repeat))
             row["tflops"] = round(conv_flops(key) / row["ms"] / 1e9, 1)
+            if args.cutlass and dev.type == "cuda":
+                row.update(cutlass_variant(key, dev, dtype, args.repeat))
+                if "cutlass_ms" in row:
+                    row["cutlass_tflops"] = round(conv_flops(key) / row["cutlass_ms"] / 1e9, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.inductor and dev.type == "cuda":
@@ -250,7 +301,7 @@ def main() -> None:
             shown = {k: rows[i][k] for k in ("weight", "input", "ms", "inductor_ms", "inductor_kernel")}
             print(json.dumps(shown), flush=True)
     total = sum(r["count"] * r["ms"] for r in rows)
-    variant_keys = ("split_cat_ms", "padded_ms", "inductor_ms")
+    variant_keys = ("split_cat_ms", "padded_ms", "inductor_ms", "cutlass_ms")
     best = sum(r["count"] * min([r["ms"], *(r[k] for k in variant_keys if k in r)]) for r in rows)
     flop = sum(r["count"] * r["gflop"] for r in rows) / 1e3
     report = {
@@ -267,6 +318,9 @@ def main() -> None:
         "conv_tflop": round(flop, 2),
         "conv_tflops": round(flop / total * 1e3, 1),
         "conv_ms_sum_best_variant": round(best, 2),
+        "conv_ms_sum_cutlass_or_cudnn": round(
+            sum(r["count"] * min(r["ms"], r.get("cutlass_ms", r["ms"])) for r in rows), 2
+        ),
         "convolutions": rows,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "convolutions"}))

@@ -13,3 +13,7 @@ export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.devic
 # and, once built and brought back, the built folder (.device/fa3/built: flash_attn_interface.py & co.).
 [ -f .device/fa3/fa3src.tar.xz ] && [ ! -d /tmp/fa3src ] && tar xJf .device/fa3/fa3src.tar.xz -C /tmp
 [ -d .device/fa3/built ] && export PYTHONPATH=$PYTHONPATH:$PWD/.device/fa3/built
+# The CUTLASS convolutions for vae_cutlass_conv, where carried: built here (nvcc and the nvidia-cutlass wheel's headers;
+# `python -m flashhead.models.vae.cutlass_conv build --dest .device/conv3d/libflashhead_conv3d_sm90.so`, ~5 min on 2
+# cores), since the library needs neither torch headers nor a GPU to compile.
+[ -f .device/conv3d/libflashhead_conv3d_sm90.so ] && export FLASHHEAD_CONV3D_LIB=$PWD/.device/conv3d/libflashhead_conv3d_sm90.so

@@ -26,11 +26,13 @@
 #   bash benchmarks/speed_device.sh norms    # one compiled Pro DiT block with Inductor's reductions and with the
 #                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min;
 #                                            # NORM_HINTS=inner,default: a third run, other reduction hints too)
+#   bash benchmarks/speed_device.sh cutlass  # the Wan decode's convolutions, cuDNN (first 32 algorithms) against every
+#                                            # tile of the carried CUTLASS library (.device/conv3d), with their errors
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|upsample|convout|fa3|norms|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -58,6 +60,19 @@ convs)
     done
     [ -f "$OUT/conv10.json" ] && python3 benchmarks/plot_conv_algos.py "$OUT/conv10.json" "$OUT/conv0.json" \
         --out "$OUT/wan-decode-convs.png"
+    ;;
+cutlass)
+    [ -n "${FLASHHEAD_CONV3D_LIB:-}" ] || { echo "error: carry .device/conv3d with the built library" >&2; exit 2; }
+    timeout "${CONV_TIMEOUT:-300}" python3 benchmarks/conv_algos.py --limit 32 --search-only --cutlass \
+        --json "$OUT/conv_cutlass.json" > "$OUT/conv_cutlass.log" 2>&1
+    echo "rc=$?"
+    python3 -c "
+import json, sys
+for r in json.load(open(sys.argv[1]))['convolutions']:
+    print(r['weight'], r['input'], r['count'], 'cudnn', r['ms'], r['tflops'], 'cutlass', r.get('cutlass_best'), r.get('cutlass_ms'),
+          r.get('cutlass_tflops'), 'err', '%.2e' % r.get('cudnn_max_err_vs_fp32', 0), {n: round(t['ms'], 3) for n, t in r.get('cutlass_tiles', {}).items()})
+" "$OUT/conv_cutlass.json" 2>&1 | cut -c1-400
+    tail -1 "$OUT/conv_cutlass.log" | cut -c1-1200
     ;;
 upsample)
     timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1
@@ -155,5 +170,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, upsample, convout, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, cutlass, upsample, convout, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
 esac

@@ -180,6 +180,15 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         # Colour correction runs on the GPU in every configuration (compile_color only fuses it).
         "switches": {"dtype": settings.dtype, **speed.to_dict(), "color_on_gpu": True},
     }
+    if speed.vae_cutlass_conv:  # which convolutions CUTLASS took (the rest stayed on cuDNN), or why none
+        from flashhead.models.vae import cutlass_conv
+
+        report["cutlass_conv"] = (
+            {"library": str(cutlass_conv.load_library().path), "choices": cutlass_conv.choices(),
+             "layout_copies": cutlass_conv.layout_copies}
+            if cutlass_conv.available()
+            else "not available (no sm_90 GPU, or the library is not built: see flashhead.models.vae.cutlass_conv)"
+        )
     bar.update(3)
     if settings.trace:
         write_trace(engine, image, audio[: 4 * chunk_samples], Path(settings.trace))

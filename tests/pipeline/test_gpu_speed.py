@@ -53,6 +53,9 @@ REASSOCIATING = {
     "vae_subpixel_upsample_compiled": "vae_subpixel_upsample=on,vae_channels_last=on,vae_conv_pad=on,compile_vae=on",
     "vae_conv_out_gemm": "vae_conv_out_gemm=on",
     "vae_conv_out_gemm_compiled": "vae_conv_out_gemm=on,vae_channels_last=on,vae_conv_pad=on,compile_vae=on",
+    # bf16 only (float32 stays on cuDNN): the bf16 comparison is the one that checks CUTLASS's kernels.
+    "vae_cutlass_conv": "vae_cutlass_conv=on,vae_conv_pad=on,vae_channels_last=on",
+    "vae_cutlass_conv_compiled": "vae_cutlass_conv=on,vae_conv_pad=on,vae_channels_last=on,compile_vae=on",
     "compile_color": "compile_color=on",
     "audio_tf32": "audio_tf32=on",  # not an addition order but a rounding: TF32 products (checked the same way)
     "fused_gelu": "fused_gelu=on",

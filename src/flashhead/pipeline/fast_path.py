@@ -17,7 +17,7 @@ import torch
 
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT, sdpa_kernel
-from flashhead.models.vae.wan_conv import set_kernel_padding, set_tap_sum
+from flashhead.models.vae.wan_conv import set_cutlass_conv, set_kernel_padding, set_tap_sum
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
 from flashhead.pipeline.scheduler import FlashHeadScheduler
@@ -268,7 +268,9 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         # Per convolution instance: another pipeline's VAE in this process keeps its own. Wan VAE only.
         set_tap_sum(model, speed.vae_conv_out_gemm)  # first: kernel padding leaves a tap-sum layer alone
+        set_cutlass_conv(model, False)  # back to kernel-padded layers, which set_kernel_padding switches
         set_kernel_padding(model, speed.vae_conv_pad)
+        set_cutlass_conv(model, speed.vae_cutlass_conv)
         set_subpixel_upsample(model, speed.vae_subpixel_upsample, channels_last=speed.vae_channels_last)
         # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'
         # (sub-pixel upsampling keeps its own).

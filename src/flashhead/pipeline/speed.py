@@ -67,6 +67,13 @@ class SpeedConfig:
             into one kernel with compile_vae). The same products, summed in another order. Pays only compiled (H200,
             one call: cuDNN 0.86 ms, compiled 0.49, eager 1.39; compiled Pro chunk decode 172.2 -> 169.1 ms, stream
             59.12 -> 59.48 FPS on one machine). No effect on the LTX (Lite) VAE.
+        vae_cutlass_conv: the Wan2.1 (Pro) VAE's convolutions (with vae_conv_pad) through CUTLASS's Hopper
+            implicit-GEMM kernels where they beat cuDNN: each shape is timed once per process against cuDNN and the
+            fastest kept (flashhead.models.vae.cutlass_conv). cuDNN's best kernels for the decoder's 96-channel
+            layers tile 128 channels wide; CUTLASS's can tile 96. Needs the library built
+            (`python -m flashhead.models.vae.cutlass_conv build`) and an sm_90 GPU; elsewhere it changes nothing.
+            H200 (session 28): inside the compiled decode only the 192/384-channel layers are faster; Pro decode
+            166.9 -> 164.4 ms per chunk, 60.36 -> 60.51 FPS. Not in the `optimized` preset (it needs the build).
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -138,6 +145,7 @@ class SpeedConfig:
     vae_conv_pad: bool = False
     vae_subpixel_upsample: bool = False
     vae_conv_out_gemm: bool = False
+    vae_cutlass_conv: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
@@ -171,6 +179,8 @@ class SpeedConfig:
                 f"cudnn_search_limit={self.cudnn_search_limit} needs cudnn_benchmark on "
                 f"(or set cudnn_search_limit={TORCH_CUDNN_BENCHMARK_LIMIT}, torch's default, with it off)"
             )
+        if self.vae_cutlass_conv and not self.vae_conv_pad:
+            raise ConfigError("vae_cutlass_conv replaces vae_conv_pad's convolutions: switch vae_conv_pad on too")
         if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError("cuda_graphs captures the chunk itself; use compile_mode default with it")
 

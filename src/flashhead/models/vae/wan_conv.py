@@ -16,6 +16,10 @@ whose output tiles are 64 or more channels wide: it ran at ~17 TFLOP/s (0.96 ms 
 on an H100; zero-padding the 3 outputs did not help). `TapSumCausalConv3d` (the `vae_conv_out_gemm` switch)
 computes it as one GEMM of every input pixel with the 3 x 27 taps, (81, 96) x (96, pixels), and a sum of the 27
 shifted tap planes, which torch.compile fuses into one memory-bound kernel. Same products, summed in another order.
+
+`CutlassCausalConv3d` (the `vae_cutlass_conv` switch) runs a kernel-padded convolution through
+flashhead.models.vae.cutlass_conv: per shape the fastest of CUTLASS's Hopper kernels (96-channel-wide tiles among
+them) and cuDNN.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch import nn
+
+from flashhead.models.vae.cutlass_conv import conv3d_ndhwc
 
 
 def causal_time_context(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
@@ -51,6 +57,21 @@ class KernelPaddedCausalConv3d(WanCausalConv3d):
         spatial = (0, self._padding[2], self._padding[0])
         x = causal_time_context(self, x, cache_x)
         return F.conv3d(x, self.weight, self.bias, self.stride, spatial, self.dilation, self.groups)
+
+
+class CutlassCausalConv3d(KernelPaddedCausalConv3d):
+    """A kernel-padded convolution through `conv3d_ndhwc` (CUTLASS or cuDNN, whichever is faster per shape).
+
+    Not built directly: `set_cutlass_conv` turns eligible kernel-padded convolutions into this class and back.
+    """
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        # Channels-last here, in the traced code: compiled, the kernel producing x writes that layout (an input
+        # converted inside the opaque op would be a copy of its own).
+        x = causal_time_context(self, x, cache_x).contiguous(memory_format=torch.channels_last_3d)
+        out = conv3d_ndhwc(x, self.weight, None, [0, self._padding[2], self._padding[0]])
+        # The bias outside the kernel: compiled, it fuses into the next kernel (as for cuDNN's convolutions).
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 
 
 class TapSumCausalConv3d(WanCausalConv3d):
@@ -104,6 +125,26 @@ def set_kernel_padding(model: nn.Module, on: bool) -> int:
     Models without Wan causal convolutions (the LTX VAE) are left as they are (0).
     """
     return swap_class(model, WanCausalConv3d, KernelPaddedCausalConv3d, on)
+
+
+def set_cutlass_conv(model: nn.Module, on: bool) -> int:
+    """Turn the kernel-padded convolutions of `model` into `CutlassCausalConv3d`s (`on`) or back; returns how many.
+
+    Only stride-1, undilated, ungrouped ones with channel counts divisible by 8 (TMA's 16-byte alignment): every
+    3x3x3, 3x1x1 and 1x1x1 convolution of the Wan2.1 VAE but its 3-channel output layer. Switch off before turning
+    `set_kernel_padding` off (a CUTLASS layer is no stock or kernel-padded one, so that leaves it alone).
+    """
+    count = 0
+    for module in model.modules():
+        if on and type(module) is KernelPaddedCausalConv3d:
+            fits = module.stride == (1, 1, 1) and module.dilation == (1, 1, 1) and module.groups == 1
+            if fits and module.in_channels % 8 == 0 and module.out_channels % 8 == 0:
+                module.__class__ = CutlassCausalConv3d
+                count += 1
+        elif not on and type(module) is CutlassCausalConv3d:
+            module.__class__ = KernelPaddedCausalConv3d
+            count += 1
+    return count
 
 
 def swap_class(model: nn.Module, stock: type, variant: type, on: bool) -> int:

@@ -1,0 +1,61 @@
+"""The Pro chunk's Wan2.1 decode with and without `vae_cutlass_conv`, eager and compiled, with its GPU kernels.
+
+    FLASHHEAD_CONV3D_LIB=... PYTHONPATH=src python benchmarks/cutlass_decode_bench.py --profile --json dec.json
+
+Each decode runs the preset's VAE switches (layout, kernel padding, sub-pixel upsampling, the output GEMM; compiled:
+compile_vae); `on` adds vae_cutlass_conv, whose first decode times every CUTLASS tile against cuDNN per shape. Per
+variant: ms (median), PSNR against `eager-off`, and with --profile the GPU ms by kernel kind and the top kernels,
+which show whether CUTLASS's kernels replaced cuDNN's and what else (layout copies) came with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conv_out_bench import SHIPPED  # noqa: E402
+from wan_decode_bench import random_wan_vae, time_decode_variants, write_report  # noqa: E402
+
+from flashhead.models.vae import cutlass_conv  # noqa: E402
+from flashhead.pipeline.fast_path import apply_vae_switches  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", default="eager-off,eager-on,compiled-off,compiled-on")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    vae, header = random_wan_vae("cuda", SHIPPED.cudnn_search_limit)
+    c, t, h, w = map(int, args.latent.split(","))
+    z = torch.randn(1, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(vae.model.device, vae.model.dtype)
+    report = {**header, "latent": args.latent, "library": cutlass_conv.available()}
+
+    copies: dict[str, int] = {}  # inputs reaching the op in another layout than channels-last, per variant
+    last = [None]
+
+    def switch(name: str) -> None:
+        if last[0] is not None:
+            copies[last[0]] = cutlass_conv.layout_copies
+        cutlass_conv.layout_copies, last[0] = 0, name
+        mode, on = name.split("-")
+        apply_vae_switches(vae, SHIPPED.replace(vae_conv_out_gemm=True, compile_vae=mode == "compiled",
+                                                vae_cutlass_conv=on == "on"))  # fmt: skip
+
+    variants = {name: (lambda name=name: switch(name)) for name in args.variants.split(",")}
+    report["decodes"] = time_decode_variants(vae, z, variants, args.repeat, args.profile)
+    copies[last[0]] = cutlass_conv.layout_copies
+    report["layout_copies"] = copies
+    report["choices"] = cutlass_conv.choices()
+    apply_vae_switches(vae, SHIPPED)
+    write_report(report, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Hopper 3-D convolutions from CUTLASS for the Wan2.1 decoder (the `vae_cutlass_conv` switch).
+
+The Wan2.1 (Pro) decode is convolution-bound: ~74 TFLOP of 3x3x3 convolutions per chunk, which cuDNN's fastest
+kernels run at ~410 TFLOP/s on an H100 / H200 (docs/performance.md, session 21). At full resolution the layers have
+96 output channels, and cuDNN's best kernel for them tiles the output 128 channels wide: a quarter of each tensor-core
+product is padding. CUTLASS 3 builds Hopper implicit-GEMM convolutions (TMA im2col loads, WGMMA) for any tile
+width the tensor cores take, 96 included.
+
+Nothing here is compiled at install time. `build_library` compiles `csrc/conv3d_sm90.cu` once per tile shape
+(`TILES`) with nvcc and the CUTLASS headers (a CUTLASS checkout, or the `nvidia-cutlass` wheel's copy) into one
+shared library with a C interface (no torch headers, the CUDA runtime linked statically), which `load_library`
+opens with ctypes:
+
+    pip install nvidia-cutlass                                       # the headers; or --cutlass PATH
+    python -m flashhead.models.vae.cutlass_conv build                # ~5 min on 2 cores; FLASHHEAD_CONV3D_LIB
+                                                                     # or ~/.cache/flashhead/kernels by default
+
+`conv3d_ndhwc` (the custom op `flashhead::conv3d_ndhwc`, opaque to torch.compile) runs one stride-1 convolution
+of channels-last bf16 tensors. Callers add the bias outside it (`CutlassCausalConv3d`): compiled, Inductor fuses that
+add into the next kernel, as it does for cuDNN's convolutions, so the tuning compares the convolutions alone (a
+first measurement that timed cuDNN with its separate bias pass overstated CUTLASS's lead by ~0.1 ms a call). The op
+asks Inductor for its inputs in the strides they were traced with (channels-last), so the kernels that produce them
+write that layout instead of a copy being made here. The first time it meets a shape it times every tile that can
+run it against cuDNN's call and keeps the fastest (cuDNN included), so the switch is never slower per shape than
+without it, up to the timing's noise; a shape first met inside CUDA-graph capture, where nothing may be timed, goes
+to cuDNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+LIBRARY_ENV = "FLASHHEAD_CONV3D_LIB"
+LIBRARY_NAME = "libflashhead_conv3d_sm90.so"
+SOURCE = Path(__file__).parent / "csrc" / "conv3d_sm90.cu"
+CL3D = torch.channels_last_3d
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One compiled kernel: the output tile (m pixels x n channels), the reduction step k, the pipeline stages
+    (0: as many as shared memory holds; fewer leave room for a second tile per SM)."""
+
+    m: int
+    n: int
+    k: int
+    stages: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"m{self.m}n{self.n}k{self.k}" + (f"s{self.stages}" if self.stages else "")
+
+
+# 96-wide tiles for the full-resolution layers (96 channels), 192 and 128 for the 192 / 384-channel ones, 64 for
+# whatever divides by 64 only; a few with two tiles per SM.
+TILES = (
+    Tile(128, 96, 64), Tile(128, 96, 32), Tile(128, 96, 64, 3), Tile(128, 96, 32, 4),
+    Tile(128, 192, 64), Tile(128, 128, 64), Tile(128, 128, 64, 3), Tile(128, 64, 64, 4),
+)  # fmt: skip
+
+
+# -- building -------------------------------------------------------------------------------------------
+
+
+def cutlass_include_dirs(cutlass: Path | str | None = None) -> list[Path]:
+    """CUTLASS's `include` and `tools/util/include`: from a checkout (`cutlass`), else the nvidia-cutlass wheel."""
+    if cutlass is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")  # not imported: its package needs CUDA Python
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("CUTLASS headers not found: pip install nvidia-cutlass, or pass a CUTLASS checkout")
+        cutlass = Path(list(spec.submodule_search_locations)[0]) / "source"
+    root = Path(cutlass)
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"not a CUTLASS source tree (missing {', '.join(missing)})")
+    return dirs
+
+
+def registry_source(tiles: tuple[Tile, ...]) -> str:
+    """The C file that lists the compiled tiles: their names and one entry point taking a tile's index."""
+    decls = "".join(f"extern \"C\" int fh_conv3d_fprop_{t.name}({ARGS_C});\n" for t in tiles)
+    names = ", ".join(f'"{t.name}"' for t in tiles)
+    calls = "".join(f"    case {i}: return fh_conv3d_fprop_{t.name}({ARGS_CALL});\n" for i, t in enumerate(tiles))
+    return (
+        "// Generated by flashhead.models.vae.cutlass_conv.registry_source.\n"
+        f"{decls}"
+        f"static const char* kNames[] = {{{names}}};\n"
+        f'extern "C" int fh_conv3d_count() {{ return {len(tiles)}; }}\n'
+        f'extern "C" const char* fh_conv3d_name(int i) {{ return i >= 0 && i < {len(tiles)} ? kNames[i] : 0; }}\n'
+        f'extern "C" int fh_conv3d_run(int tile, {ARGS_C}) {{\n  switch (tile) {{\n{calls}'
+        "    default: return 1;\n  }\n}\n"
+    )
+
+
+ARGS_C = (
+    "const void* act, const void* flt, const void* bias, void* out, int n, int d, int h, int w, int c, int k, "
+    "int t, int r, int s, int pad_d, int pad_h, int pad_w, int sm_count, void* stream"
+)
+ARGS_CALL = "act, flt, bias, out, n, d, h, w, c, k, t, r, s, pad_d, pad_h, pad_w, sm_count, stream"
+
+
+def nvcc_command(tile: Tile, includes: list[Path], output: Path, nvcc: str = "nvcc") -> list[str]:
+    return [
+        nvcc, "-O3", "-std=c++17", "-arch=sm_90a", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+        "-DNDEBUG", "-DCUTLASS_DEBUG_TRACE_LEVEL=0",
+        f"-DFH_TILE_M={tile.m}", f"-DFH_TILE_N={tile.n}", f"-DFH_TILE_K={tile.k}", f"-DFH_STAGES={tile.stages}",
+        f"-DFH_NAME={tile.name}", *(f"-I{d}" for d in includes), "-c", str(SOURCE), "-o", str(output),
+    ]  # fmt: skip
+
+
+def build_library(
+    dest: Path | str | None = None,
+    cutlass: Path | str | None = None,
+    tiles: tuple[Tile, ...] = TILES,
+    jobs: int | None = None,
+    nvcc: str = "nvcc",
+) -> Path:
+    """Compile the tiles and link them into one shared library at `dest` (written whole, then renamed)."""
+    dest = Path(dest) if dest is not None else default_library_path()
+    includes = cutlass_include_dirs(cutlass)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="fh-conv3d-") as tmp:
+        work = Path(tmp)
+        objects = [work / f"{t.name}.o" for t in tiles]
+
+        def compile_one(args: tuple[Tile, Path]) -> None:
+            tile, obj = args
+            done = subprocess.run(nvcc_command(tile, includes, obj, nvcc), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"nvcc failed for tile {tile.name}:\n{done.stderr[-4000:]}")
+
+        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+            work_items = list(zip(tiles, objects, strict=True))
+            for _ in tqdm(pool.map(compile_one, work_items), total=len(tiles), desc="compiling conv tiles"):
+                pass
+        registry = work / "registry.cu"
+        registry.write_text(registry_source(tiles))
+        partial = dest.with_name(dest.name + ".partial")
+        link = [nvcc, "-shared", "-arch=sm_90a", "-Xcompiler", "-fPIC", "-o", str(partial), str(registry)]
+        done = subprocess.run(link + [str(o) for o in objects], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"linking {dest.name} failed:\n{done.stderr[-4000:]}")
+        partial.replace(dest)
+    return dest
+
+
+def default_library_path() -> Path:
+    if os.environ.get(LIBRARY_ENV):
+        return Path(os.environ[LIBRARY_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "flashhead" / "kernels" / LIBRARY_NAME
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+class Conv3dLibrary:
+    """The built shared library: its tile names and one launch function."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._lib.fh_conv3d_count.restype = ctypes.c_int
+        self._lib.fh_conv3d_name.restype = ctypes.c_char_p
+        self._lib.fh_conv3d_name.argtypes = [ctypes.c_int]
+        run = self._lib.fh_conv3d_run
+        run.restype = ctypes.c_int
+        run.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 13 + [ctypes.c_void_p]
+        self.tiles = [self._lib.fh_conv3d_name(i).decode() for i in range(self._lib.fh_conv3d_count())]
+
+    def run(self, tile: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+            padding: tuple[int, int, int]) -> int:  # fmt: skip
+        """Launch tile `tile` on the current stream. 0: launched; 1: the tile cannot run this problem; 2, 3: errors."""
+        n, c, d, h, w = x.shape
+        k, _, t, r, s = weight.shape
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return self._lib.fh_conv3d_run(
+            tile, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+            n, d, h, w, c, k, t, r, s, *padding, sms, stream,
+        )  # fmt: skip
+
+
+@functools.cache
+def load_library() -> Conv3dLibrary | None:
+    """The library at FLASHHEAD_CONV3D_LIB or the default cache path; None where it is missing or does not load."""
+    path = default_library_path()
+    if not path.is_file():
+        return None
+    try:
+        return Conv3dLibrary(path)
+    except OSError as err:  # built for another platform, or a CUDA driver too old for it
+        log.warning("cannot load %s: %s", path, err)
+        return None
+
+
+def available() -> bool:
+    """Whether the library is built and this process has a Hopper GPU (sm_90) to run it."""
+    return (
+        torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and load_library() is not None
+    )
+
+
+# -- the operator ----------------------------------------------------------------------------------------
+
+_choices: dict[tuple, int | None] = {}  # problem -> tile index, or None for cuDNN
+_tuning = threading.Lock()
+layout_copies = 0  # inputs not in channels-last layout (on the CUTLASS path: copied); compiled, it should stay 0
+
+
+def choices() -> dict[str, str]:
+    """What the tuning picked so far, per problem (for the benchmark's report)."""
+    lib = load_library()
+    out = {}
+    for (n, c, d, h, w, t, r, s, *pads, k, _), tile in _choices.items():
+        label = f"{n}x{c}x{d}x{h}x{w} -> {k}, kernel {t}x{r}x{s}, pad {tuple(pads)}"
+        out[label] = "cudnn" if tile is None or lib is None else lib.tiles[tile]
+    return out
+
+
+def _cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
+    return F.conv3d(x, weight, bias, 1, padding).contiguous(memory_format=CL3D)
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0 and available()
+    )  # fmt: skip
+
+
+def _time(fn, reps: int = 5) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()  # warm (and cuDNN's own algorithm search, for its candidate)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | None:
+    key = (*x.shape, *weight.shape[2:], *padding, weight.shape[0], x.device.index)
+    if key in _choices:
+        return _choices[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None  # nothing may be timed (or synchronised) inside a capture: cuDNN, chosen again next time
+    with _tuning:
+        if key in _choices:
+            return _choices[key]
+        out = torch.empty(_out_shape(x, weight, padding), dtype=x.dtype, device=x.device, memory_format=CL3D)
+        timings: dict[int | None, float] = {None: _time(lambda: _cudnn(x, weight, bias, padding))}
+        pads = tuple(padding)
+        for i in range(len(lib.tiles)):
+            status = lib.run(i, x, weight, bias, out, pads)
+            if status == 1:
+                continue  # this tile cannot run the problem
+            if status != 0:
+                raise RuntimeError(f"CUTLASS convolution tile {lib.tiles[i]} failed (status {status})")
+            timings[i] = _time(lambda i=i: lib.run(i, x, weight, bias, out, pads))
+        best = min(timings, key=timings.__getitem__)
+        log.info("conv3d %s: %s (%.3f ms; cuDNN %.3f ms)", key, "cudnn" if best is None else lib.tiles[best],
+                 timings[best], timings[None])  # fmt: skip
+        _choices[key] = best
+        return best
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> tuple[int, ...]:
+    n, _, d, h, w = x.shape
+    k, _, t, r, s = weight.shape
+    return (n, k, d + 2 * padding[0] - t + 1, h + 2 * padding[1] - r + 1, w + 2 * padding[2] - s + 1)
+
+
+# Inputs in the strides they were traced with (older torch without the tag: Inductor's default constraint).
+_EXACT_STRIDES = tuple(t for t in [getattr(torch.Tag, "needs_exact_strides", None)] if t is not None)
+
+
+@torch.library.custom_op("flashhead::conv3d_ndhwc", mutates_args=(), tags=_EXACT_STRIDES)
+def conv3d_ndhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
+    """A stride-1, undilated 3-D convolution (zero `padding` per side in d, h, w) with a channels-last 3-D result:
+    the fastest of CUTLASS's tiles and cuDNN for this shape on a Hopper GPU with the library built; else cuDNN /
+    torch's CPU convolution."""
+    global layout_copies
+    if not x.is_contiguous(memory_format=CL3D):
+        layout_copies += 1
+    lib = load_library()
+    if not _eligible(x, weight, bias) or lib is None:
+        return _cudnn(x, weight, bias, padding)
+    x = x.contiguous(memory_format=CL3D)
+    weight = weight.contiguous(memory_format=CL3D)
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device)
+    tile = _choose(lib, x, weight, bias, padding)
+    if tile is None:
+        return _cudnn(x, weight, bias, padding)
+    out = torch.empty(_out_shape(x, weight, padding), dtype=x.dtype, device=x.device, memory_format=CL3D)
+    status = lib.run(tile, x, weight, bias.contiguous(), out, tuple(padding))
+    if status != 0:
+        raise RuntimeError(f"CUTLASS convolution tile {lib.tiles[tile]} failed (status {status})")
+    return out
+
+
+@conv3d_ndhwc.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
+    return torch.empty(_out_shape(x, weight, padding), dtype=x.dtype, device=x.device, memory_format=CL3D)
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flashhead.models.vae.cutlass_conv", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="compile the CUTLASS convolutions (nvcc, CUDA >= 12.3)")
+    build.add_argument("--dest", type=Path, default=None, help=f"the library (default: {default_library_path()})")
+    build.add_argument("--cutlass", type=Path, default=None, help="a CUTLASS checkout (default: nvidia-cutlass's)")
+    build.add_argument("--tiles", default=None, help="comma-separated tile names (default: all), e.g. m128n96k64")
+    build.add_argument("--jobs", type=int, default=None)
+    build.add_argument("--nvcc", default="nvcc")
+    args = parser.parse_args(argv)
+    tiles = TILES
+    if args.tiles:
+        by_name = {t.name: t for t in TILES}
+        unknown = [n for n in args.tiles.split(",") if n not in by_name]
+        if unknown:
+            print(f"error: unknown tiles {unknown}; known: {', '.join(by_name)}", file=sys.stderr)
+            return 2
+        tiles = tuple(by_name[n] for n in args.tiles.split(","))
+    started = time.perf_counter()
+    try:
+        path = build_library(args.dest, args.cutlass, tiles, args.jobs, args.nvcc)
+    except (FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"built {path} ({len(tiles)} tiles) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

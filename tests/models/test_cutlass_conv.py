@@ -1,0 +1,127 @@
+"""vae_cutlass_conv: the Wan2.1 VAE's convolutions through `flashhead::conv3d_ndhwc` (CUTLASS on a Hopper GPU with
+the library built, else cuDNN / torch's CPU convolution). Here on the CPU: the operator's fallback equals
+`F.conv3d`, it compiles without a graph break into a channels-last result, the switch turns exactly the eligible
+layers over and back and keeps the decode, and the library builds with nvcc from the CUTLASS headers and loads.
+The kernels themselves run on the device (benchmarks/speed_device.sh cutlass; the GPU equivalence test)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashhead.errors import ConfigError
+from flashhead.models.vae import cutlass_conv
+from flashhead.models.vae.cutlass_conv import CL3D, TILES, Conv3dLibrary, Tile, conv3d_ndhwc, registry_source
+from flashhead.models.vae.wan_conv import CutlassCausalConv3d, KernelPaddedCausalConv3d, set_cutlass_conv
+from flashhead.pipeline.fast_path import apply_vae_switches
+from flashhead.pipeline.speed import SpeedConfig
+from models.test_wan_conv import TOL, decode_encode, max_diff, tiny_wan
+
+
+@pytest.mark.parametrize("padding", [[0, 1, 1], [1, 0, 0], [0, 0, 0]])
+def test_operator_falls_back_to_the_plain_convolution_off_hopper(padding):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 6, 7, generator=g)
+    w = torch.randn(16, 8, 3, 3, 3, generator=g)
+    b = torch.randn(16, generator=g)
+    out = conv3d_ndhwc(x, w, b, padding)
+    assert torch.equal(out, F.conv3d(x, w, b, 1, padding))
+    assert out.is_contiguous(memory_format=CL3D)
+    assert torch.equal(conv3d_ndhwc(x, w, None, padding), F.conv3d(x, w, None, 1, padding))
+
+
+def test_operator_compiles_whole_with_the_layout_of_its_result():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 8, 3, 5, 5, generator=g)
+    w = torch.randn(8, 8, 3, 3, 3, generator=g).contiguous(memory_format=CL3D)
+    b = torch.randn(8, generator=g)
+
+    def block(x):  # an activation before and after: Inductor fuses around the opaque call
+        return torch.nn.functional.silu(conv3d_ndhwc(torch.nn.functional.silu(x), w, b, [0, 1, 1])) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: a graph break would raise
+    x = x.contiguous(memory_format=CL3D)
+    expected = block(x)
+    before = cutlass_conv.layout_copies
+    assert torch.allclose(compiled(x), expected, atol=1e-5)
+    # The op takes its input in the traced (channels-last) strides: the fused SiLU before it writes that layout.
+    assert cutlass_conv.layout_copies == before
+    fake = torch.library.opcheck(conv3d_ndhwc, (x, w, b, [0, 1, 1]))  # the fake kernel's shapes and strides agree
+    assert all(v == "SUCCESS" for v in fake.values())
+
+
+def test_switch_takes_the_eligible_layers_and_keeps_the_decode():
+    wan = tiny_wan(0)  # base dim 8: every convolution but the 3-channel output one has channels divisible by 8
+    g = torch.Generator().manual_seed(5)
+    video = torch.rand(1, 3, 5, 16, 24, generator=g) * 2 - 1
+    latent = torch.randn(1, 16, 2, 2, 3, generator=g)
+    apply_vae_switches(wan, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))
+    padded = decode_encode(wan, video, latent)
+    apply_vae_switches(wan, SpeedConfig(vae_conv_pad=True, vae_channels_last=True, vae_cutlass_conv=True))
+    layers = [m for m in wan.model.modules() if isinstance(m, KernelPaddedCausalConv3d)]
+    cut = [m for m in layers if type(m) is CutlassCausalConv3d]
+    left = [m for m in layers if type(m) is KernelPaddedCausalConv3d]
+    assert cut and all(m.stride == (1, 1, 1) and m.in_channels % 8 == 0 and m.out_channels % 8 == 0 for m in cut)
+    # What stays: the RGB in/out layers (3 channels) and the encoder's stride-2 time convolutions.
+    assert left and all(m.stride != (1, 1, 1) or 3 in (m.in_channels, m.out_channels) for m in left)
+    switched = decode_encode(wan, video, latent)
+    assert max_diff(switched[0], padded[0]) <= TOL and max_diff(switched[1], padded[1]) <= TOL
+    assert padded[0].std() > 0.01
+    apply_vae_switches(wan, SpeedConfig())  # all the way back to diffusers' class
+    assert not any(isinstance(m, KernelPaddedCausalConv3d) for m in wan.model.modules())
+    assert set_cutlass_conv(wan.model, True) == 0  # only kernel-padded layers are turned over
+
+
+def test_switch_needs_kernel_padding():
+    with pytest.raises(ConfigError, match="vae_conv_pad"):
+        SpeedConfig(vae_cutlass_conv=True)
+    assert not SpeedConfig.optimized().vae_cutlass_conv or SpeedConfig.optimized().vae_conv_pad
+
+
+def test_registry_dispatches_every_tile_by_index():
+    tiles = (Tile(128, 96, 64), Tile(128, 64, 64, 4))
+    src = registry_source(tiles)
+    assert 'kNames[] = {"m128n96k64", "m128n64k64s4"}' in src
+    assert "case 0: return fh_conv3d_fprop_m128n96k64(" in src and "case 1: return fh_conv3d_fprop_m128n64k64s4(" in src
+    assert "return 2; }" in src  # fh_conv3d_count
+    assert len({t.name for t in TILES}) == len(TILES)
+
+
+def test_library_is_not_available_without_a_build(tmp_path, monkeypatch):
+    monkeypatch.setenv(cutlass_conv.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    cutlass_conv.load_library.cache_clear()
+    try:
+        assert cutlass_conv.load_library() is None and not cutlass_conv.available()
+    finally:
+        cutlass_conv.load_library.cache_clear()
+
+
+def _headers_or_skip():
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on this machine")
+    try:
+        return cutlass_conv.cutlass_include_dirs()
+    except FileNotFoundError:
+        pytest.skip("no CUTLASS headers (pip install nvidia-cutlass)")
+
+
+@pytest.mark.slow
+def test_library_builds_and_loads(tmp_path):
+    _headers_or_skip()
+    path = cutlass_conv.build_library(tmp_path / "lib.so", tiles=(Tile(128, 96, 64),), jobs=1)
+    assert path.is_file() and not list(tmp_path.glob("*.partial"))
+    lib = Conv3dLibrary(path)  # loads without a GPU: the CUDA runtime is linked in, the driver opened lazily
+    assert lib.tiles == ["m128n96k64"]
+    raw = ctypes.CDLL(str(path))
+    assert raw.fh_conv3d_count() == 1 and hasattr(raw, "fh_conv3d_fprop_m128n96k64")
+
+
+def test_build_reports_a_missing_cutlass_tree(tmp_path, capsys):
+    assert cutlass_conv.main(["build", "--cutlass", str(tmp_path), "--dest", str(tmp_path / "x.so")]) == 1
+    assert "not a CUTLASS source tree" in capsys.readouterr().err
+    assert cutlass_conv.main(["build", "--tiles", "m1n1k1"]) == 2
