@@ -39,11 +39,14 @@ def test_rows_up_to_the_limit_become_persistent(monkeypatch):
     assert not decide(ReductionFeatures(1536, ReductionHint.OUTER), False)
     # cooperative reductions keep Inductor's answer
     assert not decide(ReductionFeatures(1536, ReductionHint.INNER), True)
-    # the hints taken (block_bench --persistent-hints): rows only by default
-    assert not decide(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
-    hints = (ReductionHint.INNER, ReductionHint.DEFAULT)
-    assert heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.DEFAULT), False, hints=hints)
-    assert not heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.OUTER), False, hints=hints)
+    # the switch takes DEFAULT-hint reductions too (one of the block's norms; session 28), up to the same limit
+    assert decide(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
+    assert not decide(ReductionFeatures(4096, ReductionHint.DEFAULT), False)
+    # the predicate's own default: rows only (block_bench --persistent-hints passes others)
+    assert not heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
+    # graphs compiled under another predicate are cached apart
+    assert heuristics.WideRowChoices().uuid() == heuristics.WideRowsCacheKey().uuid()
+    assert heuristics.WideRowsCacheKey().uuid().endswith("inner-default")
 
 
 def test_switch_is_per_thread_and_comes_off(switch_off):

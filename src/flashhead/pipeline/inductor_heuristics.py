@@ -5,7 +5,10 @@ longer rows become a loop that reads the row twice (statistics, then normalise).
 over 1,536 channels (LayerNorm x3, RMSNorm on q and k), so each compiled block pays the second read five times.
 Raising the limit to 2,048 for inner (row-wise) reductions makes them one-pass: a compiled Pro block 2.387 ->
 2.341 ms in a CUDA graph on an H100 (benchmarks/block_bench.py --persistent-rows), ~5.6 ms per 4-step Pro chunk.
-Same arithmetic in a different loop shape; only the order of the float32 sums can differ.
+One of the five (the norm after the cross-attention's residual add) reaches Inductor with the DEFAULT reduction
+hint, not INNER, and stayed looped; taking DEFAULT too made it one-pass as well: 52.8 -> 28.6 us, the block 2.350 ->
+2.331 ms in a CUDA graph on an H200 (session 28; ~2.3 ms per Pro chunk). Same arithmetic in a different loop shape;
+only the order of the float32 sums can differ.
 
 Installed through the hook torch documents for out-of-tree heuristics (`torch._inductor.config.inductor_choices_class`),
 for every compile of a thread: Inductor has no per-module setting. The FX graph cache
@@ -24,6 +27,9 @@ from torch._inductor.runtime.hints import ReductionHint
 from flashhead.errors import ConfigError
 
 PERSISTENT_ROW_LIMIT = 2048  # covers the DiT's 1,536 channels; Inductor's own limit is 1,024
+# Row reductions (INNER) and those Inductor gives no shape hint (DEFAULT: one of the block's norms; session 28).
+PERSISTENT_HINTS = (ReductionHint.INNER, ReductionHint.DEFAULT)
+_CACHE_TAG = f"flashhead-wide-rows-{PERSISTENT_ROW_LIMIT}-" + "-".join(h.name.lower() for h in PERSISTENT_HINTS)
 
 
 def wide_row_persistent(
@@ -46,14 +52,14 @@ def wide_row_persistent(
 
 
 class WideRowChoices(InductorChoices):
-    """InductorChoices with inner reductions up to PERSISTENT_ROW_LIMIT values persistent."""
+    """InductorChoices with reductions of PERSISTENT_HINTS up to PERSISTENT_ROW_LIMIT values persistent."""
 
     @staticmethod
     def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-        return wide_row_persistent(features, cooperative_reduction)
+        return wide_row_persistent(features, cooperative_reduction, hints=PERSISTENT_HINTS)
 
     def uuid(self) -> str:  # newer torch keys its caches on the choices' uuid
-        return f"flashhead-wide-rows-{PERSISTENT_ROW_LIMIT}"
+        return _CACHE_TAG
 
 
 class WideRowsCacheKey(CustomGraphPass):
@@ -63,7 +69,7 @@ class WideRowsCacheKey(CustomGraphPass):
         pass
 
     def uuid(self) -> str:
-        return f"flashhead-wide-rows-{PERSISTENT_ROW_LIMIT}"
+        return _CACHE_TAG
 
 
 _process_on = False  # the state the process's compiled graphs were made under

@@ -79,8 +79,10 @@ class SpeedConfig:
             Rounds the activation once instead of twice. Ignored with fp8.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
-            inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk). Process-wide (applied per thread, see
-            `apply_thread_settings`); a change drops the process's compiled graphs, which then compile anew.
+            inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
+            Inductor hints DEFAULT, not INNER: H200, a compiled Pro block 2.350 -> 2.331 ms). Process-wide (applied
+            per thread, see `apply_thread_settings`); a change drops the process's compiled graphs, which then
+            compile anew.
         compile_dit: torch.compile every DiT block (one compiled graph shared by all 30).
         compile_vae: torch.compile the VAE decoder and encoder (the encoder re-encodes each chunk's motion frames).
         vae_static_shapes: with compile_vae, a single stream's VAE calls (batch 1) compile with static shapes. The
