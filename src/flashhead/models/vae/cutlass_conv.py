@@ -216,10 +216,12 @@ def load_library() -> Conv3dLibrary | None:
         return None
 
 
-def available() -> bool:
-    """Whether the library is built and this process has a Hopper GPU (sm_90) to run it."""
+def available(device: torch.device | int | None = None) -> bool:
+    """Whether the library is built and `device` (default: the current GPU) is a Hopper GPU (sm_90) to run it."""
     return (
-        torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and load_library() is not None
+        torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) == (9, 0)
+        and load_library() is not None
     )
 
 
@@ -248,7 +250,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return (
         x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
         and (bias is None or bias.dtype == torch.bfloat16)
-        and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0 and available()
+        and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0 and available(x.device)
     )  # fmt: skip
 
 
