@@ -42,8 +42,9 @@ def test_rows_up_to_the_limit_become_persistent(monkeypatch):
     # the switch takes DEFAULT-hint reductions too (one of the block's norms; session 28), up to the same limit
     assert decide(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
     assert not decide(ReductionFeatures(4096, ReductionHint.DEFAULT), False)
-    # the predicate's own default: rows only (block_bench --persistent-hints passes others)
-    assert not heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
+    # other hints are the caller's (block_bench --persistent-hints inner: session 27's rows-only predicate)
+    rows_only = (ReductionHint.INNER,)
+    assert not heuristics.wide_row_persistent(ReductionFeatures(1536, ReductionHint.DEFAULT), False, hints=rows_only)
     # graphs compiled under another predicate are cached apart
     assert heuristics.WideRowChoices().uuid() == heuristics.WideRowsCacheKey().uuid()
     assert heuristics.WideRowsCacheKey().uuid().endswith("inner-default")

@@ -36,10 +36,10 @@ def wide_row_persistent(
     features,
     cooperative_reduction: bool,
     max_values: int = PERSISTENT_ROW_LIMIT,
-    hints: tuple[ReductionHint, ...] = (ReductionHint.INNER,),
+    hints: tuple[ReductionHint, ...] = PERSISTENT_HINTS,
 ) -> bool:
-    """Inductor's answer, or True for a reduction with one of `hints` (rows: INNER) over a fixed number of values up
-    to `max_values` (benchmarks/block_bench.py tries other hints)."""
+    """Inductor's answer, or True for a reduction with one of `hints` over a fixed number of values up to
+    `max_values` (the switch's defaults; benchmarks/block_bench.py tries others)."""
     if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
         return True
     numel = features.reduction_numel
@@ -56,7 +56,7 @@ class WideRowChoices(InductorChoices):
 
     @staticmethod
     def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-        return wide_row_persistent(features, cooperative_reduction, hints=PERSISTENT_HINTS)
+        return wide_row_persistent(features, cooperative_reduction)
 
     def uuid(self) -> str:  # newer torch keys its caches on the choices' uuid
         return _CACHE_TAG

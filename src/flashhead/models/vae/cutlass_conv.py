@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flashhead.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "FLASHHEAD_CONV3D_LIB"
@@ -145,24 +147,21 @@ def build_library(
         work = Path(tmp)
         objects = [work / f"{t.name}.o" for t in tiles]
 
-        def compile_one(args: tuple[Tile, Path]) -> None:
-            tile, obj = args
+        def compile_one(tile: Tile, obj: Path) -> None:
             done = subprocess.run(nvcc_command(tile, includes, obj, nvcc), capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"nvcc failed for tile {tile.name}:\n{done.stderr[-4000:]}")
 
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-            work_items = list(zip(tiles, objects, strict=True))
-            for _ in tqdm(pool.map(compile_one, work_items), total=len(tiles), desc="compiling conv tiles"):
+            for _ in tqdm(pool.map(compile_one, tiles, objects), total=len(tiles), desc="compiling conv tiles"):
                 pass
         registry = work / "registry.cu"
         registry.write_text(registry_source(tiles))
-        partial = dest.with_name(dest.name + ".partial")
-        link = [nvcc, "-shared", "-arch=sm_90a", "-Xcompiler", "-fPIC", "-o", str(partial), str(registry)]
-        done = subprocess.run(link + [str(o) for o in objects], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"linking {dest.name} failed:\n{done.stderr[-4000:]}")
-        partial.replace(dest)
+        with atomic_path(dest) as partial:
+            link = [nvcc, "-shared", "-arch=sm_90a", "-Xcompiler", "-fPIC", "-o", str(partial), str(registry)]
+            done = subprocess.run(link + [str(o) for o in objects], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"linking {dest.name} failed:\n{done.stderr[-4000:]}")
     return dest
 
 
@@ -294,6 +293,12 @@ def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | No
         return best
 
 
+@functools.cache
+def _zero_bias(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernels always add a bias: zeros for bias-free calls, made once per size (not a fill per call)."""
+    return torch.zeros(channels, dtype=dtype, device=device)
+
+
 def _out_shape(x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> tuple[int, ...]:
     n, _, d, h, w = x.shape
     k, _, t, r, s = weight.shape
@@ -318,7 +323,7 @@ def conv3d_ndhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x = x.contiguous(memory_format=CL3D)
     weight = weight.contiguous(memory_format=CL3D)
     if bias is None:
-        bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device)
+        bias = _zero_bias(weight.shape[0], x.dtype, x.device)
     tile = _choose(lib, x, weight, bias, padding)
     if tile is None:
         return _cudnn(x, weight, bias, padding)
