@@ -191,23 +191,26 @@ def kernel_profile(fn, top: int = 25) -> dict:
 
 
 def time_decode_variants(
-    vae: WanVideoVAE, z: torch.Tensor, variants: dict[str, Callable[[], object]], repeat: int, profile: bool = False
-) -> dict:
+    vae: WanVideoVAE, z: torch.Tensor, variants: dict[str, Callable[[], object]], repeat: int, profile: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:  # fmt: skip
     """The decode of `z` under each variant (a function that switches `vae`), each after a Dynamo reset: ms, PSNR
-    against the first variant's frames, and with `profile` its GPU kernels. The VAE is switched back to plain after."""
+    against the first variant's frames, and with `profile` its GPU kernels. The VAE is switched back to plain after.
+    `decode`: the call timed (default diffusers' decode of the raw latent, `vae.model.decode(z).sample`)."""
     out, ref = {}, None
+    run = (lambda: vae.model.decode(z).sample) if decode is None else (lambda: decode(z))
     for name, switch in variants.items():
         torch._dynamo.reset()
         switch()
         with torch.no_grad():
-            ms, image = timed_ms(lambda: vae.model.decode(z).sample, repeat)
+            ms, image = timed_ms(run, repeat)
             entry = {"ms": ms}
             if ref is None:
                 ref = image.float()
             else:
                 entry["psnr_vs_off_db"] = psnr_db(image, ref)
             if profile:
-                entry["profile"] = kernel_profile(lambda: vae.model.decode(z).sample, top=12)
+                entry["profile"] = kernel_profile(run, top=12)
         out[name] = entry
         print(name, json.dumps(entry), flush=True)
     apply_vae_switches(vae, SpeedConfig())

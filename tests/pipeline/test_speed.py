@@ -411,6 +411,30 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
     lite.optimize(SpeedConfig())
 
 
+def test_vae_whole_chunk_keeps_the_pro_frames():
+    """The Wan decoder over all latent frames at once: the stream's frames as with the per-frame loop, eager and
+    compiled with the shipped VAE switches; off again, the loop is back (the two-piece decode: tests/models)."""
+    pro = tiny_pipeline("pro")[0]
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(5).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    for speed in (
+        SpeedConfig(vae_whole_chunk=True),
+        SpeedConfig(vae_whole_chunk=True, vae_conv_pad=True, vae_channels_last=True, vae_subpixel_upsample=True,
+                    vae_conv_out_gemm=True, compile_vae=True, vae_static_shapes=True),
+    ):  # fmt: skip
+        pro.optimize(speed)
+        assert pro.vae.whole_chunk
+        frames = run_stream(pro, speed, audio, image)
+        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    pro.optimize(SpeedConfig())
+    assert not pro.vae.whole_chunk
+    lite = tiny_pipeline("lite")[0]
+    lite.optimize(SpeedConfig(vae_whole_chunk=True))  # the LTX VAE decodes whole chunks already: nothing to switch
+    assert not hasattr(lite.vae, "whole_chunk")
+    lite.optimize(SpeedConfig())
+
+
 def test_decode_new_only_keeps_the_frame_count(lite):
     """decode_new_only is approximate (docs/performance.md); here: the emitted frames are all there."""
     audio = speech_16k(1.0)

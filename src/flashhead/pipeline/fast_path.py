@@ -272,9 +272,11 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         set_kernel_padding(model, speed.vae_conv_pad)
         set_cutlass_conv(model, speed.vae_cutlass_conv)
         set_subpixel_upsample(model, speed.vae_subpixel_upsample, channels_last=speed.vae_channels_last)
-        # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample); eager keeps diffusers'
-        # (sub-pixel upsampling keeps its own).
-        set_traceable_resample(model, speed.compile_vae)
+        # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample), and so does a decoder
+        # given several frames at once; eager keeps diffusers' (sub-pixel upsampling keeps its own).
+        set_traceable_resample(model, speed.compile_vae or speed.vae_whole_chunk)
+    if hasattr(vae, "set_whole_chunk"):
+        vae.set_whole_chunk(speed.vae_whole_chunk)
     # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
         if net is None:

@@ -74,6 +74,13 @@ class SpeedConfig:
             (`python -m flashhead.models.vae.cutlass_conv build`) and an sm_90 GPU; elsewhere it changes nothing.
             H200 (session 28): inside the compiled decode only the 192/384-channel layers are faster; Pro decode
             166.9 -> 164.4 ms per chunk, 60.36 -> 60.51 FPS. Not in the `optimized` preset (it needs the build).
+        vae_whole_chunk: the Wan2.1 (Pro) decoder runs each layer once over all of a decode's latent frames instead
+            of once per latent frame with caches of the frames before (diffusers' loop): its convolutions are causal
+            in time and its norms, attention and spatial upsampling per frame, so the values are the same, from ~10x
+            fewer, larger kernels (the latent-resolution layers filled a third of the GPU per frame) and without
+            the cache copies (flashhead.models.vae.wan.WanVideoVAE.set_whole_chunk). Needs memory for a chunk's
+            activations at full resolution (Pro: ~1.7 GB per 96-channel tensor). One GPU only (the sequence-parallel
+            strip decoder keeps its loop). No effect on the LTX (Lite) VAE, which decodes whole chunks already.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -148,6 +155,7 @@ class SpeedConfig:
     vae_subpixel_upsample: bool = False
     vae_conv_out_gemm: bool = False
     vae_cutlass_conv: bool = False
+    vae_whole_chunk: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False

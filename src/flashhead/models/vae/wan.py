@@ -32,6 +32,7 @@ from flashhead.models.loading import (
 )
 
 from .base import VideoVAE
+from .wan_resample import set_traceable_resample
 
 # Constructor arguments of the official WanVAE_ as FlashHead builds it (SPEC section 5.6).
 WAN21_VAE_CONFIG: dict[str, Any] = {
@@ -149,6 +150,7 @@ class WanVideoVAE(VideoVAE):
         # in bf16 the constants are rounded to bf16 exactly as the official wrapper does.
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std), persistent=False)
+        self.whole_chunk = False  # set_whole_chunk
 
     @classmethod
     def from_pretrained(
@@ -238,38 +240,80 @@ class WanVideoVAE(VideoVAE):
         accepted only so both VAEs can be called alike, and are unused.
         """
         video = self._check_video(video)
-        mu = self.model.encode(video).latent_dist.mean
+        if not self.whole_chunk or not self._causal_by_hand(video, pixels=True):
+            return self.normalize(self.model.encode(video).latent_dist.mean)
+        # whole_chunk: one encoder call over every frame instead of the first frame, then groups of 4 (the same
+        # causal context; see set_whole_chunk)
+        model = self.model
+        model.clear_cache()
+        try:
+            model._enc_conv_idx = [0]
+            out = model.encoder(video, feat_cache=model._enc_feat_map, feat_idx=model._enc_conv_idx)
+            mu = model.quant_conv(out)[:, : self.latent_channels]  # the posterior's mean: the first half
+        finally:
+            model.clear_cache()
         return self.normalize(mu)
+
+    def set_whole_chunk(self, on: bool) -> None:
+        """The `vae_whole_chunk` switch: each decode (encode) runs its frames through every layer at once.
+
+        diffusers' decode loops over the latent frames, running the whole decoder on one frame at a time with a
+        cache of each causal convolution's last input frames. The convolutions are causal in time and the norms,
+        attention and spatial upsampling act per frame, so one pass over all frames, with the convolutions' zero
+        padding in place of the empty cache, computes the same values in a tenth of the calls: larger kernels
+        (the latent-resolution layers fill the GPU instead of a third of it), no cache copies. Only the time
+        upsampling treats the first frame apart; `TraceableWanResample` does that for several frames at once, so
+        the resamples become traceable ones (the same arithmetic per frame).
+        """
+        self.whole_chunk = on
+        if on:
+            set_traceable_resample(self.model, True)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Decode a normalised latent to pixels (B, 3, T, H, W), clamped to [-1, 1]."""
         latent = self._check_latent(latent)
-        return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
+        if not self.whole_chunk or not self._causal_by_hand(latent):
+            return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
+        return next(self._causal_pieces(latent, [latent.shape[2]]))
 
     def decode_in_pieces(self, latent: torch.Tensor, head: int) -> Iterator[torch.Tensor]:
         """Causal in time: the decoder runs one latent frame at a time with feature caches of the frames before,
-        as diffusers' `AutoencoderKLWan._decode` does, so the loop can pause after `head` frames and yield them.
+        as diffusers' `AutoencoderKLWan._decode` does (or all frames of a piece at once, `set_whole_chunk`), so
+        the decode can pause after `head` frames and yield them.
         """
         latent = self._check_latent(latent)
-        model = self.model
-        ratio = model.spatial_compression_ratio
-        tiled = model.use_tiling and (
-            latent.shape[-1] > model.tile_sample_min_width // ratio
-            or latent.shape[-2] > model.tile_sample_min_height // ratio
-        )
-        sliced = model.use_slicing and latent.shape[0] > 1
-        if not 0 < head < latent.shape[2] or tiled or sliced or model.config.patch_size is not None:
+        if not 0 < head < latent.shape[2] or not self._causal_by_hand(latent):
             yield self.decode(latent)  # the layouts diffusers decodes otherwise: one piece
             return
+        yield from self._causal_pieces(latent, [head, latent.shape[2]])
+
+    def _causal_by_hand(self, x: torch.Tensor, pixels: bool = False) -> bool:
+        """Whether this latent (or video, `pixels`) goes through diffusers' plain causal loop, not tiled, sliced or
+        patched."""
+        model = self.model
+        ratio = 1 if pixels else model.spatial_compression_ratio
+        tiled = model.use_tiling and (
+            x.shape[-1] > model.tile_sample_min_width // ratio or x.shape[-2] > model.tile_sample_min_height // ratio
+        )
+        sliced = model.use_slicing and x.shape[0] > 1
+        return not (tiled or sliced or model.config.patch_size is not None)
+
+    def _causal_pieces(self, latent: torch.Tensor, ends: list[int]) -> Iterator[torch.Tensor]:
+        """The pixels of latent frames [0, ends[0]), [ends[0], ends[1]), ..., one piece at a time, clamped."""
+        model = self.model
         z = model.post_quant_conv(self.denormalize(latent))  # pointwise in time: once for every frame
         model.clear_cache()
         try:
-            for frames in (range(head), range(head, latent.shape[2])):
+            start = 0
+            for end in ends:
+                # whole_chunk: one call per piece; else diffusers' loop, one call per latent frame.
+                calls = [(start, end)] if self.whole_chunk else [(i, i + 1) for i in range(start, end)]
                 piece = []
-                for i in frames:
+                for a, b in calls:
                     model._conv_idx = [0]
-                    piece.append(model.decoder(z[:, :, i : i + 1], feat_cache=model._feat_map,
-                                               feat_idx=model._conv_idx, first_chunk=i == 0))  # fmt: skip
-                yield torch.cat(piece, dim=2).clamp(-1.0, 1.0)
+                    piece.append(model.decoder(z[:, :, a:b], feat_cache=model._feat_map,
+                                               feat_idx=model._conv_idx, first_chunk=a == 0))  # fmt: skip
+                yield (torch.cat(piece, dim=2) if len(piece) > 1 else piece[0]).clamp(-1.0, 1.0)
+                start = end
         finally:
             model.clear_cache()

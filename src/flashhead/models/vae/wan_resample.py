@@ -73,6 +73,9 @@ class TraceableWanResample(WanResample):
     subpixel: str | None = None
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006 (diffusers' signature)
+        first = feat_cache is not None and feat_cache[feat_idx[0]] is None
+        if self.mode == "downsample3d" and first and x.shape[2] > 1:
+            return self.downsample_first_frames(x, feat_cache, feat_idx)
         if self.mode not in ("upsample2d", "upsample3d"):
             return super().forward(x, feat_cache, feat_idx)
         if self.mode == "upsample3d" and feat_cache is not None:
@@ -88,7 +91,11 @@ class TraceableWanResample(WanResample):
         feat_idx[0] += 1
         if cached is None:  # the first chunk: no time upsampling, remember that it was seen
             feat_cache[idx] = "Rep"
-            return x
+            if t == 1:
+                return x
+            # Several frames in the first call (vae_whole_chunk): the first passes as diffusers' loop passes it, the
+            # others are upsampled as that loop's later calls would upsample them.
+            return torch.cat([x[:, :, :1], self.upsample_time(x[:, :, 1:], feat_cache, [idx])], dim=2)
         after_first = isinstance(cached, str)  # the "Rep" marker
         cache_x = x[:, :, -CACHE_T:].clone()
         if cache_x.shape[2] < 2:  # too short a chunk: the frame before it comes from the cache (or zeros)
@@ -98,6 +105,17 @@ class TraceableWanResample(WanResample):
         feat_cache[idx] = cache_x
         # time_conv doubles the channels: the two halves are the even and odd output frames.
         return torch.stack((x[:, :c], x[:, c:]), dim=3).reshape(b, c, 2 * t, h, w)
+
+    def downsample_first_frames(self, x: torch.Tensor, feat_cache: list, feat_idx: list[int]) -> torch.Tensor:
+        """An encoder's first call with several frames (vae_whole_chunk): diffusers' loop gives the first frame alone
+        (kept as it is, and cached) and the next ones in later calls, each halved in time by a stride-2 convolution
+        over the cached frame and its own; that is the convolution over all the frames."""
+        b, c, t, h, w = x.shape
+        x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = x.view(b, t, *x.shape[1:]).transpose(1, 2)
+        feat_cache[feat_idx[0]] = x[:, :, -1:].clone()
+        feat_idx[0] += 1
+        return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
 
     def upsample_space(self, frames: torch.Tensor) -> torch.Tensor:
         if self.subpixel is None:

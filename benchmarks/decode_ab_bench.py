@@ -1,11 +1,14 @@
-"""The Pro chunk's Wan2.1 decode with and without `vae_cutlass_conv`, eager and compiled, with its GPU kernels.
+"""The Pro chunk's Wan2.1 decode with and without one VAE switch, eager and compiled, with its GPU kernels.
 
-    FLASHHEAD_CONV3D_LIB=... PYTHONPATH=src python benchmarks/cutlass_decode_bench.py --profile --json dec.json
+    PYTHONPATH=src python benchmarks/decode_ab_bench.py --switch vae_whole_chunk --profile --json dec.json
+    FLASHHEAD_CONV3D_LIB=... PYTHONPATH=src python benchmarks/decode_ab_bench.py --switch vae_cutlass_conv --profile
 
 Each decode runs the preset's VAE switches (layout, kernel padding, sub-pixel upsampling, the output GEMM; compiled:
-compile_vae); `on` adds vae_cutlass_conv, whose first decode times every CUTLASS tile against cuDNN per shape. Per
-variant: ms (median), PSNR against `eager-off`, and with --profile the GPU ms by kernel kind and the top kernels,
-which show whether CUTLASS's kernels replaced cuDNN's and what else (layout copies) came with them.
+compile_vae); `on` adds `--switch` (vae_cutlass_conv's first decode times every CUTLASS tile against cuDNN per
+shape). The decode is the pipeline's (`WanVideoVAE.decode`: de-normalise, decode, clamp). Per variant: ms (median;
+not graph-captured, so the host's launches count where they outlast the GPU's work), PSNR against `eager-off`, and
+with --profile the GPU ms by kernel kind and the top kernels (vae_cutlass_conv: whether CUTLASS's kernels replaced
+cuDNN's, and the layout copies that came with them). Session 28 ran it as benchmarks/cutlass_decode_bench.py.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", default="eager-off,eager-on,compiled-off,compiled-on")
+    parser.add_argument("--switch", default="vae_cutlass_conv", help="the VAE switch that `on` adds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     vae, header = random_wan_vae("cuda", SHIPPED.cudnn_search_limit)
     c, t, h, w = map(int, args.latent.split(","))
     z = torch.randn(1, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(vae.model.device, vae.model.dtype)
-    report = {**header, "latent": args.latent, "library": cutlass_conv.available()}
+    report = {**header, "latent": args.latent, "switch": args.switch}
+    if args.switch == "vae_cutlass_conv":
+        report["library"] = cutlass_conv.available()
 
     copies: dict[str, int] = {}  # inputs reaching the op in another layout than channels-last, per variant
     last = [None]
@@ -45,14 +51,15 @@ def main() -> None:
             copies[last[0]] = cutlass_conv.layout_copies
         cutlass_conv.layout_copies, last[0] = 0, name
         mode, on = name.split("-")
-        apply_vae_switches(vae, SHIPPED.replace(vae_conv_out_gemm=True, compile_vae=mode == "compiled",
-                                                vae_cutlass_conv=on == "on"))  # fmt: skip
+        changes = {"vae_conv_out_gemm": True, "compile_vae": mode == "compiled", args.switch: on == "on"}
+        apply_vae_switches(vae, SHIPPED.replace(**changes))
 
     variants = {name: (lambda name=name: switch(name)) for name in args.variants.split(",")}
-    report["decodes"] = time_decode_variants(vae, z, variants, args.repeat, args.profile)
-    copies[last[0]] = cutlass_conv.layout_copies
-    report["layout_copies"] = copies
-    report["choices"] = cutlass_conv.choices()
+    report["decodes"] = time_decode_variants(vae, z, variants, args.repeat, args.profile, decode=vae.decode)
+    if args.switch == "vae_cutlass_conv":
+        copies[last[0]] = cutlass_conv.layout_copies
+        report["layout_copies"] = copies
+        report["choices"] = cutlass_conv.choices()
     apply_vae_switches(vae, SHIPPED)
     write_report(report, args.json)
 
