@@ -25,6 +25,7 @@ from wan_decode_bench import random_wan_vae, time_decode_variants, write_report 
 
 from flashhead.models.vae import cutlass_conv  # noqa: E402
 from flashhead.pipeline.fast_path import apply_vae_switches  # noqa: E402
+from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +35,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", default="eager-off,eager-on,compiled-off,compiled-on")
     parser.add_argument("--switch", default="vae_cutlass_conv", help="the VAE switch that `on` adds")
+    parser.add_argument("--base", default="", help="switches of every variant, over the preset's: name=on,...")
+    parser.add_argument("--search-limit", type=int, default=SHIPPED.cudnn_search_limit,
+                        help="cuDNN algorithms timed per shape (0: all)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    vae, header = random_wan_vae("cuda", SHIPPED.cudnn_search_limit)
+    vae, header = random_wan_vae("cuda", args.search_limit)
     c, t, h, w = map(int, args.latent.split(","))
     z = torch.randn(1, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(vae.model.device, vae.model.dtype)
-    report = {**header, "latent": args.latent, "switch": args.switch}
-    if args.switch == "vae_cutlass_conv":
+    report = {**header, "latent": args.latent, "switch": args.switch, "base": args.base}
+    base = SpeedConfig.parse(args.base, SHIPPED.replace(vae_conv_out_gemm=True))
+    cutlass = args.switch == "vae_cutlass_conv" or base.vae_cutlass_conv
+    if cutlass:
         report["library"] = cutlass_conv.available()
 
     copies: dict[str, int] = {}  # inputs reaching the op in another layout than channels-last, per variant
@@ -51,12 +57,11 @@ def main() -> None:
             copies[last[0]] = cutlass_conv.layout_copies
         cutlass_conv.layout_copies, last[0] = 0, name
         mode, on = name.split("-")
-        changes = {"vae_conv_out_gemm": True, "compile_vae": mode == "compiled", args.switch: on == "on"}
-        apply_vae_switches(vae, SHIPPED.replace(**changes))
+        apply_vae_switches(vae, base.replace(compile_vae=mode == "compiled", **{args.switch: on == "on"}))
 
     variants = {name: (lambda name=name: switch(name)) for name in args.variants.split(",")}
     report["decodes"] = time_decode_variants(vae, z, variants, args.repeat, args.profile, decode=vae.decode)
-    if args.switch == "vae_cutlass_conv":
+    if cutlass:
         copies[last[0]] = cutlass_conv.layout_copies
         report["layout_copies"] = copies
         report["choices"] = cutlass_conv.choices()

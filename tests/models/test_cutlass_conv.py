@@ -92,6 +92,27 @@ def test_registry_dispatches_every_tile_by_index():
     assert len({t.name for t in TILES}) == len(TILES)
 
 
+def test_cluster_tiles_are_named_and_compiled_with_their_cluster():
+    assert Tile(128, 96, 32, 4, cluster_m=2).name == "m128n96k32s4c2x1"
+    assert Tile(128, 192, 64, cluster_n=2).name == "m128n192k64c1x2" and Tile(128, 96, 64).name == "m128n96k64"
+    cmd = cutlass_conv.nvcc_command(Tile(128, 96, 64, cluster_n=2), [], cutlass_conv.SOURCE.with_suffix(".o"))
+    assert "-DFH_CLUSTER_M=1" in cmd and "-DFH_CLUSTER_N=2" in cmd and "-DFH_NAME=m128n96k64c1x2" in cmd
+
+
+def test_tuning_rejects_a_tile_that_computes_something_else():
+    """Each tile's output is checked against cuDNN's before it may be chosen: rounding passes, a wrong result not."""
+    x = torch.randn(1, 8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(8, 8, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    ref = F.conv3d(x, w, None, 1, [0, 1, 1])
+    assert cutlass_conv.agrees(ref.bfloat16(), ref)  # bf16 rounding of the same values
+    assert cutlass_conv.agrees(F.conv3d(x.bfloat16(), w.bfloat16(), None, 1, [0, 1, 1]), ref)
+    assert not cutlass_conv.agrees(ref.roll(1, dims=-1), ref)  # a shifted tap
+    assert not cutlass_conv.agrees(torch.zeros_like(ref), ref)
+    bad = ref.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    assert not cutlass_conv.agrees(bad, ref)
+
+
 def test_library_is_not_available_without_a_build(tmp_path, monkeypatch):
     monkeypatch.setenv(cutlass_conv.LIBRARY_ENV, str(tmp_path / "missing.so"))
     cutlass_conv.load_library.cache_clear()

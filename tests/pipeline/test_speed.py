@@ -35,6 +35,17 @@ def test_optimized_attention_is_fa3_only_where_it_runs(monkeypatch):
     assert SpeedConfig.optimized().attention == "fa3"
 
 
+def test_optimized_takes_the_cutlass_convolutions_only_where_they_run(monkeypatch):
+    from flashhead.pipeline import speed as speed_module
+
+    assert speed_module.cutlass_conv_available() is False  # no GPU here
+    assert not SpeedConfig.optimized().vae_cutlass_conv
+    monkeypatch.setattr(speed_module, "cutlass_conv_available", lambda: True)
+    optimized = SpeedConfig.optimized()
+    assert optimized.vae_cutlass_conv and optimized.vae_conv_pad  # the pair the config requires
+    assert not optimized.vae_whole_chunk  # compiled no faster (session 29)
+
+
 def test_fa3_runs_only_the_long_self_attentions(monkeypatch):
     """FA3 needs a Hopper GPU: a stand-in module records which shapes reach it (the rest go to torch SDPA)."""
     import sys

@@ -70,17 +70,19 @@ class SpeedConfig:
         vae_cutlass_conv: the Wan2.1 (Pro) VAE's convolutions (with vae_conv_pad) through CUTLASS's Hopper
             implicit-GEMM kernels where they beat cuDNN: each shape is timed once per process against cuDNN and the
             fastest kept (flashhead.models.vae.cutlass_conv). cuDNN's best kernels for the decoder's 96-channel
-            layers tile 128 channels wide; CUTLASS's can tile 96. Needs the library built
-            (`python -m flashhead.models.vae.cutlass_conv build`) and an sm_90 GPU; elsewhere it changes nothing.
-            H200 (session 28): inside the compiled decode only the 192/384-channel layers are faster; Pro decode
-            166.9 -> 164.4 ms per chunk, 60.36 -> 60.51 FPS. Not in the `optimized` preset (it needs the build).
-        vae_whole_chunk: the Wan2.1 (Pro) decoder runs each layer once over all of a decode's latent frames instead
-            of once per latent frame with caches of the frames before (diffusers' loop): its convolutions are causal
-            in time and its norms, attention and spatial upsampling per frame, so the values are the same, from ~10x
-            fewer, larger kernels (the latent-resolution layers filled a third of the GPU per frame) and without
-            the cache copies (flashhead.models.vae.wan.WanVideoVAE.set_whole_chunk). Needs memory for a chunk's
-            activations at full resolution (Pro: ~1.7 GB per 96-channel tensor). One GPU only (the sequence-parallel
-            strip decoder keeps its loop). No effect on the LTX (Lite) VAE, which decodes whole chunks already.
+            layers tile 128 channels wide; CUTLASS's can tile 96, and its clusters of two tiles load the tiles they
+            share once (TMA multicast). Needs the library built (`python -m flashhead.models.vae.cutlass_conv
+            build`) and an sm_90 GPU; elsewhere it changes nothing. H200: with the 8 tiles of session 28 Pro decode
+            166.9 -> 164.4 ms per chunk (60.36 -> 60.51 FPS); with session 29's clusters the compiled chunk decode
+            171.6 -> 161.4 ms. In the `optimized` preset where the library is built and the GPU is a Hopper.
+        vae_whole_chunk: the Wan2.1 (Pro) decoder and encoder run each layer once over all of a call's frames
+            instead of once per latent frame (decode) or frame group (encode) with caches of the frames before
+            (diffusers' loops): the convolutions are causal in time and the rest acts per frame, so the values are
+            the same, from ~10x fewer, larger kernels and without the cache copies (flashhead.models.vae.wan.
+            WanVideoVAE.set_whole_chunk). H200: eager Pro chunk decode 331.3 -> 308.7 ms, but compiled no faster
+            (GPU 166.2 -> 165.9 ms; the compiled decode is ~95 % convolution), so not in the `optimized` preset.
+            Needs memory for a chunk's activations at full resolution (Pro: ~1.7 GB per 96-channel tensor). One GPU
+            only (the sequence-parallel strip decoder keeps its loop). No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -202,10 +204,12 @@ class SpeedConfig:
 
     @classmethod
     def optimized(cls) -> SpeedConfig:
-        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead).
-        Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN."""
+        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead,
+        vae_whole_chunk). Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN;
+        vae_cutlass_conv where its library is built and the GPU is a Hopper."""
         return cls(
             rope_table=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
+            vae_cutlass_conv=cutlass_conv_available(),
             cudnn_benchmark=True, cudnn_search_limit=WIDE_CUDNN_SEARCH_LIMIT,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, vae_conv_out_gemm=True,
             fused_gelu=True, persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True,
@@ -268,6 +272,13 @@ class SpeedConfig:
         from flashhead.config_files import read_mapping
 
         return cls.from_dict(read_mapping(path))
+
+
+def cutlass_conv_available() -> bool:
+    """Whether vae_cutlass_conv can run here: its library built (flashhead.models.vae.cutlass_conv), a Hopper GPU."""
+    from flashhead.models.vae import cutlass_conv
+
+    return cutlass_conv.available()
 
 
 def fa3_available() -> bool:

@@ -4,8 +4,9 @@
 //
 // Why: cuDNN's fastest kernels for the Wan2.1 decoder's 96-channel layers use 128-wide output tiles, so a quarter
 // of every tensor-core product is padding; here the tile's N extent is a template parameter (96, 192, ...).
-// Measured (docs/performance.md, session 28, H200): inside the compiled decode the 96-wide tiles run those layers no
-// faster than cuDNN; the 192/384-channel layers are faster here (0.76 against ~0.95 ms a call for 192 channels).
+// Measured (docs/performance.md, H200): inside the compiled decode the 96-wide tiles alone ran those layers no faster
+// than cuDNN (session 28); in clusters of two along the pixels, sharing the filter tiles, they take 0.94 against
+// 1.09 ms a call, and the compiled Pro chunk decode 161.4 against cuDNN's 171.6 ms (session 29).
 //
 // This file is compiled once per tile shape (FH_TILE_M / FH_TILE_N / FH_TILE_K, FH_NAME) and linked with a small
 // registry that flashhead/models/vae/cutlass_conv.py generates. Each exports one C function, so the library needs
@@ -33,6 +34,12 @@
 #ifndef FH_STAGES
 #define FH_STAGES 0  // 0: as many pipeline stages as shared memory holds
 #endif
+#ifndef FH_CLUSTER_M
+#define FH_CLUSTER_M 1  // CTAs per cluster along the pixels: they share (TMA-multicast) the filter tiles
+#endif
+#ifndef FH_CLUSTER_N
+#define FH_CLUSTER_N 1  // ... along the output channels: they share the activation tiles
+#endif
 
 #define FH_CAT2(a, b) a##b
 #define FH_CAT(a, b) FH_CAT2(a, b)
@@ -42,7 +49,9 @@ using namespace cute;
 
 using Element = cutlass::bfloat16_t;
 using TileShape = Shape<Int<FH_TILE_M>, Int<FH_TILE_N>, Shape<Int<FH_TILE_K>>>;
-using ClusterShape = Shape<_1, _1, _1>;
+// A cluster of CTAs loads each tile that its members share once from L2 and multicasts it: the 96-channel layers'
+// loads (27 taps of every pixel, the filter per tile) come near what L2 delivers at their tensor-core rate.
+using ClusterShape = Shape<Int<FH_CLUSTER_M>, Int<FH_CLUSTER_N>, _1>;
 // CUTLASS has no persistent (cooperative / ping-pong) schedule for convolutions: one producer and one consumer
 // warp group per tile. Fewer stages leave shared memory for a second resident tile, whose mainloop then overlaps
 // this one's epilogue.
