@@ -260,10 +260,11 @@ class WanVideoVAE(VideoVAE):
         diffusers' decode loops over the latent frames, running the whole decoder on one frame at a time with a
         cache of each causal convolution's last input frames. The convolutions are causal in time and the norms,
         attention and spatial upsampling act per frame, so one pass over all frames, with the convolutions' zero
-        padding in place of the empty cache, computes the same values in a tenth of the calls: larger kernels
-        (the latent-resolution layers fill the GPU instead of a third of it), no cache copies. Only the time
-        upsampling treats the first frame apart; `TraceableWanResample` does that for several frames at once, so
-        the resamples become traceable ones (the same arithmetic per frame).
+        padding in place of the empty cache, computes the same values in a tenth of the calls: larger kernels, no
+        cache copies (H200, Pro chunk: eager 331 -> 309 ms; compiled no faster, its time being the convolutions').
+        The encode likewise (diffusers: the first frame, then groups of 4). Only the time resampling treats the
+        first frame apart; `TraceableWanResample` does that for several frames at once, so the resamples become
+        traceable ones (the same arithmetic per frame).
         """
         self.whole_chunk = on
         if on:
