@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--persistent-rows", type=int, default=0, help="persistent reductions up to this many values")
     parser.add_argument("--persistent-hints", default="inner",
                         help="with --persistent-rows: the reduction hints taken (comma-separated: inner,default,...)")
+    parser.add_argument("--rope-fp32", action="store_true", help="the RoPE table and rotation in float32 (rope_fp32)")
     args = parser.parse_args()
     if args.persistent_rows:
         persistent_rows(args.persistent_rows, args.persistent_hints)
@@ -61,7 +62,7 @@ def main() -> None:
     x = torch.randn(1, frames * h * w, dim, device=device, dtype=torch.bfloat16)
     audio = torch.randn(1, frames, 32, dim, device=device, dtype=torch.bfloat16)
     t_mod = torch.randn(1, 6, dim, device=device, dtype=torch.bfloat16) * 0.1
-    rope = dit.rope((frames, h, w), x.device, table=True)
+    rope = dit.rope((frames, h, w), x.device, table=True, dtype=torch.float32 if args.rope_fp32 else torch.float64)
 
     def call() -> torch.Tensor:
         with torch.no_grad(), attention_context(args.attention):
@@ -86,7 +87,7 @@ def main() -> None:
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
     print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
-                      "mode": args.mode, "persistent_rows": args.persistent_rows,
+                      "mode": args.mode, "rope_fp32": args.rope_fp32, "persistent_rows": args.persistent_rows,
                       "persistent_hints": args.persistent_hints if args.persistent_rows else None,
                       "reductions": REDUCTIONS, "compile_s": round(compile_s, 1),
                       "block_ms_median": round(block_ms, 4),

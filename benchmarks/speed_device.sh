@@ -26,13 +26,15 @@
 #   bash benchmarks/speed_device.sh norms    # one compiled Pro DiT block with Inductor's reductions and with the
 #                                            # 1,536-channel norms persistent (block_bench --persistent-rows; ~2 min;
 #                                            # NORM_HINTS=inner,default: a third run, other reduction hints too)
+#   bash benchmarks/speed_device.sh rope     # one compiled Pro block with the float64 and the float32 (rope_fp32)
+#                                            # RoPE rotation, its kernels (~2 min)
 #   bash benchmarks/speed_device.sh cutlass  # the Wan decode's convolutions, cuDNN (first 32 algorithms) against every
 #                                            # tile of the carried CUTLASS library (.device/conv3d), with their errors
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -142,6 +144,15 @@ norms)
         timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model "${2:-pro}" --persistent-rows $rows \
             --persistent-hints "$hints" 2>"$OUT/norms.err" | tail -1 | tee "$OUT/norms_${rows}_${hints/,/_}.json" | cut -c1-2500
         echo "persistent-rows $rows hints $hints rc=$?"
+    done
+    ;;
+rope)
+    # One compiled Pro block (the preset's norms) with the float64 RoPE rotation and with rope_fp32's float32 one.
+    for dtype in fp64 fp32; do
+        flag=""; [ $dtype = fp32 ] && flag=--rope-fp32
+        timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model "${2:-pro}" --persistent-rows 2048 \
+            --persistent-hints inner,default $flag 2>"$OUT/rope.err" | tail -1 | tee "$OUT/rope_$dtype.json" | cut -c1-2500
+        echo "rope $dtype rc=$?"
     done
     ;;
 ab)

@@ -182,6 +182,41 @@ def test_rope_table_matches_the_complex_path(grid):
     assert torch.equal(apply_rope(xb, phasors), apply_rope(xb, table))
 
 
+def test_rope_fp32_rotates_in_float32_and_needs_the_table():
+    """rope_fp32: the same table rounded to float32, the rotation then in float32 (few bf16 roundings differ)."""
+    grid, head_dim = (9, 32, 32), 128
+    table64 = rope_table(head_dim, grid, torch.device("cpu"))
+    table32 = rope_table(head_dim, grid, torch.device("cpu"), torch.float32)
+    assert table32.dtype == torch.float32 and torch.equal(table32, table64.float())
+    x = torch.randn(1, table64.shape[0], 12, head_dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    exact, fast = apply_rope(x, table64), apply_rope(x, table32)
+    assert fast.dtype == torch.bfloat16
+    flipped = (fast != exact).float().mean().item()
+    assert 0 < flipped < 0.02  # the last bf16 bit of a few values: the switch is not exact, and nothing more
+    _, exponent = torch.frexp(exact.float())
+    ulp = torch.ldexp(torch.ones_like(exact, dtype=torch.float32), exponent - 8)  # bf16 spacing at each value
+    assert ((fast.float() - exact.float()).abs() <= ulp + 1e-6 * x.float().abs().max()).all()  # one ulp at most
+    with pytest.raises(ConfigError, match="rope_table"):
+        SpeedConfig(rope_fp32=True)
+
+
+def test_fast_denoiser_takes_the_float32_table_with_rope_fp32():
+    dit = tiny_dit("pro")
+    grid = (3, 2, 2)
+    for speed, dtype in ((SpeedConfig(rope_table=True), torch.float64),
+                         (SpeedConfig(rope_table=True, rope_fp32=True), torch.float32)):  # fmt: skip
+        assert FastDenoiser(dit, speed).rope(grid, torch.device("cpu")).dtype == dtype
+    scheduler = FlashHeadScheduler()
+    scheduler.set_timesteps(4)
+    inputs = chunk_inputs(dit, batch=1)
+    with torch.no_grad():
+        exact = FastDenoiser(dit, SpeedConfig(rope_table=True, cond_cache=True))(
+            scheduler, euler=False, motion_lengths=[2], **inputs)  # fmt: skip
+        fast = FastDenoiser(dit, SpeedConfig(rope_table=True, rope_fp32=True, cond_cache=True))(
+            scheduler, euler=False, motion_lengths=[2], **inputs)  # fmt: skip
+    torch.testing.assert_close(fast, exact, rtol=1e-4, atol=1e-4)  # float32 weights: float32 is plenty
+
+
 def test_compiled_rope_keeps_no_float64_buffer():
     """Compiled, the table's rotation stays inside the norm kernel: no float64 tensor of the q / k size is written
     (with the old interleaving stack Inductor wrote the rotated pairs in float64 and read them back: 74 + 66 us

@@ -98,18 +98,22 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
     return table.reshape(f * h * w, 1, -1)
 
 
-def rope_table(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """The RoPE phasors of `rope_frequencies` as a real float64 table (L, 1, head_dim // 2, 2, 2).
+def rope_table(
+    head_dim: int, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The RoPE phasors of `rope_frequencies` as a real table (L, 1, head_dim // 2, 2, 2), float64 unless `dtype`.
 
     Per channel pair (re, im): [..., 0, :] = (cos, cos) multiplies (re, im), [..., 1, :] = (-sin, sin) multiplies
     (im, re). So the rotation is two products and a sum per channel, with no interleaving stack: compiled, the
     stack made Inductor write the rotated pairs out in float64 and read them back (4x the bytes of the bf16
     result, twice per layer). Real instead of complex so that a compiled graph can use it; float64 like the
     official arithmetic, because a float32 rotation flips enough bf16 roundings to move random-weight outputs by
-    ~35 dB PSNR. The results are bit-identical to the complex product's.
+    ~35 dB PSNR. The results are bit-identical to the complex product's. A float32 table (the rope_fp32 switch)
+    rotates in float32: the same products rounded otherwise, checked as a reassociating switch.
     """
     cos, sin = torch.view_as_real(rope_frequencies(head_dim, grid, device)).unbind(-1)  # (L, 1, head_dim // 2)
-    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], -2).contiguous()
+    table = torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], -2)
+    return table.to(dtype).contiguous()
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -348,10 +352,12 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         """Audio tokens (B, F, tokens, D) of a chunk's windowed wav2vec features; the same at every step."""
         return self.audio_proj(*group_audio_windows(context.to(dtype), self.config.vae_stride[0]))
 
-    def rope(self, grid: tuple[int, int, int], device: torch.device, table: bool = False) -> torch.Tensor:
-        """RoPE for a token grid: the official complex128 phasors, or with table=True the float32 table."""
-        make = rope_table if table else rope_frequencies
-        return make(self.config.dim // self.config.num_heads, grid, device)
+    def rope(
+        self, grid: tuple[int, int, int], device: torch.device, table: bool = False, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """RoPE for a token grid: the official complex128 phasors, or with table=True the real table (`dtype`)."""
+        head_dim = self.config.dim // self.config.num_heads
+        return rope_table(head_dim, grid, device, dtype) if table else rope_frequencies(head_dim, grid, device)
 
     def forward_embedded(
         self,

@@ -148,8 +148,10 @@ class SequenceParallelDiT:
     def embed_audio(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.dit.embed_audio(context, dtype)
 
-    def rope(self, grid: tuple[int, int, int], device: torch.device, table: bool = False) -> torch.Tensor:
-        return self.dit.rope(grid, device, table)
+    def rope(
+        self, grid: tuple[int, int, int], device: torch.device, table: bool = False, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        return self.dit.rope(grid, device, table, dtype)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor):
         return self.forward(x, timestep, context, y)

@@ -91,9 +91,10 @@ class FastDenoiser:
         self.capture_seconds = 0.0
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        key = (grid, str(device), self.speed.rope_table)
+        dtype = torch.float32 if self.speed.rope_fp32 else torch.float64
+        key = (grid, str(device), self.speed.rope_table, dtype)
         if key not in self._rope:
-            self._rope[key] = self.dit.rope(grid, device, table=self.speed.rope_table)
+            self._rope[key] = self.dit.rope(grid, device, table=self.speed.rope_table, dtype=dtype)
         return self._rope[key]
 
     def time_table(self, timesteps: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

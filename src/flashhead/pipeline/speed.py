@@ -33,6 +33,11 @@ class SpeedConfig:
     Attributes:
         rope_table: RoPE as a real float64 (cos, sin) table computed once per token grid, instead of complex
             phasors rebuilt at every forward (same float64 arithmetic; no complex dtypes, so it compiles).
+        rope_fp32: with rope_table, the table and the rotation in float32 instead of float64. The official model
+            rotates q and k in float64; in the compiled block that rotation sits in the q / k norm kernel, which runs
+            well below the memory bandwidth (~63 us per tensor and layer of Pro, session 16). float32 rounds ~0.5 %
+            of the rotated bf16 values differently (random weights: ~35 dB from the float64 path), so it is
+            checked as a reassociating switch. Not yet measured on a GPU; not in the `optimized` preset.
         cond_cache: timestep embeddings (t, adaLN t_mod) precomputed once for the fixed sampling steps, and
             the audio tokens projected once per chunk instead of once per step.
         attention: SDPA backend forced for every attention: "sdpa" lets torch choose, "cudnn" / "flash" /
@@ -148,6 +153,7 @@ class SpeedConfig:
     """
 
     rope_table: bool = False
+    rope_fp32: bool = False
     cond_cache: bool = False
     attention: Literal["sdpa", "cudnn", "flash", "efficient", "math", "fa3"] = "sdpa"
     cudnn_benchmark: bool = False
@@ -191,6 +197,8 @@ class SpeedConfig:
                 f"cudnn_search_limit={self.cudnn_search_limit} needs cudnn_benchmark on "
                 f"(or set cudnn_search_limit={TORCH_CUDNN_BENCHMARK_LIMIT}, torch's default, with it off)"
             )
+        if self.rope_fp32 and not self.rope_table:
+            raise ConfigError("rope_fp32 is the dtype of rope_table's table: switch rope_table on too")
         if self.vae_cutlass_conv and not self.vae_conv_pad:
             raise ConfigError("vae_cutlass_conv replaces vae_conv_pad's convolutions: switch vae_conv_pad on too")
         if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
