@@ -95,6 +95,10 @@ def test_registry_dispatches_every_tile_by_index():
 def test_cluster_tiles_are_named_and_compiled_with_their_cluster():
     assert Tile(128, 96, 32, 4, cluster_m=2).name == "m128n96k32s4c2x1"
     assert Tile(128, 192, 64, cluster_n=2).name == "m128n192k64c1x2" and Tile(128, 96, 64).name == "m128n96k64"
+    assert all(Tile.parse(t.name) == t for t in TILES)  # names round-trip, so --tiles takes any tile by its name
+    assert Tile.parse("m128n96k32s4c4x1") == Tile(128, 96, 32, 4, cluster_m=4)
+    with pytest.raises(ValueError, match="not a tile name"):
+        Tile.parse("m128n96")
     cmd = cutlass_conv.nvcc_command(Tile(128, 96, 64, cluster_n=2), [], cutlass_conv.SOURCE.with_suffix(".o"))
     assert "-DFH_CLUSTER_M=1" in cmd and "-DFH_CLUSTER_N=2" in cmd and "-DFH_NAME=m128n96k64c1x2" in cmd
 
@@ -145,4 +149,5 @@ def test_library_builds_and_loads(tmp_path):
 def test_build_reports_a_missing_cutlass_tree(tmp_path, capsys):
     assert cutlass_conv.main(["build", "--cutlass", str(tmp_path), "--dest", str(tmp_path / "x.so")]) == 1
     assert "not a CUTLASS source tree" in capsys.readouterr().err
-    assert cutlass_conv.main(["build", "--tiles", "m1n1k1"]) == 2
+    assert cutlass_conv.main(["build", "--tiles", "m1n1k1"]) == 2  # no tile: m is 64 or 128
+    assert cutlass_conv.main(["build", "--tiles", "m128n96k64,bogus"]) == 2
