@@ -16,4 +16,6 @@ export PYTHONPATH=/tmp/site:src:tests PYTHONUNBUFFERED=1 FLASHHEAD_SHARED=.devic
 # The CUTLASS convolutions for vae_cutlass_conv, where carried: built here (nvcc and the nvidia-cutlass wheel's headers;
 # `python -m flashhead.models.vae.cutlass_conv build --dest .device/conv3d/libflashhead_conv3d_sm90.so`, ~5 min on 2
 # cores), since the library needs neither torch headers nor a GPU to compile.
-[ -f .device/conv3d/libflashhead_conv3d_sm90.so ] && export FLASHHEAD_CONV3D_LIB=$PWD/.device/conv3d/libflashhead_conv3d_sm90.so
+# A library chosen by the caller (e.g. an experiment's, FLASHHEAD_CONV3D_LIB=$PWD/.device/conv3d_exp/...) is kept.
+[ -z "${FLASHHEAD_CONV3D_LIB:-}" ] && [ -f .device/conv3d/libflashhead_conv3d_sm90.so ] \
+    && export FLASHHEAD_CONV3D_LIB=$PWD/.device/conv3d/libflashhead_conv3d_sm90.so
