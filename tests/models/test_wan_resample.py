@@ -12,7 +12,6 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 from torch import nn
 
-from flashhead.models.vae import WanVideoVAE, wan_config_to_diffusers
 from flashhead.models.vae.wan_resample import (
     SUBPIXEL_METHODS,
     TraceableWanResample,
@@ -23,11 +22,7 @@ from flashhead.models.vae.wan_resample import (
     upsample_conv_phases,
     upsample_conv_transposed,
 )
-
-
-def tiny_wan(seed: int = 0) -> WanVideoVAE:
-    torch.manual_seed(seed)
-    return WanVideoVAE(AutoencoderKLWan(**wan_config_to_diffusers({"dim": 8, "num_res_blocks": 1}))).eval()
+from models.test_wan_conv import tiny_wan
 
 
 def stream_decode(model: AutoencoderKLWan, latent: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 
-from flashhead.models.vae import WanVideoVAE, wan_config_to_diffusers
+from flashhead.models.vae import WanVideoVAE
 from flashhead.models.vae.wan_conv import set_kernel_padding, set_tap_sum
 from flashhead.models.vae.wan_resample import TraceableWanResample, set_subpixel_upsample
+from models.test_wan_conv import tiny_wan as tiny_random_wan
 
 # float32 convolutions of other shapes (and on several frames) sum in another order: ~4e-6 here.
 ATOL = 2e-5
 
 
 def tiny_wan(layers: str) -> WanVideoVAE:
-    torch.manual_seed(0)
-    vae = WanVideoVAE(AutoencoderKLWan(**wan_config_to_diffusers({"dim": 8, "num_res_blocks": 1}))).eval()
+    vae = tiny_random_wan()
     if layers == "shipped":  # the preset's Wan layer variants
         set_tap_sum(vae.model, True)
         set_kernel_padding(vae.model, True)

@@ -405,6 +405,22 @@ def test_vae_conv_pad_keeps_the_pro_frames():
         assert psnr_uint8(run_stream(pro, speed, audio, image), plain) >= 40
 
 
+def assert_pro_frames_kept(seed: int, speeds: tuple[SpeedConfig, ...], installed=lambda pro: None):
+    """The tiny Pro pipeline's two-chunk stream under each of `speeds` is the plain stream's (>= 40 dB); `installed`
+    checks the switched pipeline before each run. Returns the pipeline, switched back to plain."""
+    pro = tiny_pipeline("pro")[0]
+    audio = speech_16k(1.0)
+    image = np.random.default_rng(seed).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
+    plain = run_stream(pro, SpeedConfig(), audio, image)
+    for speed in speeds:
+        pro.optimize(speed)
+        installed(pro)
+        frames = run_stream(pro, speed, audio, image)
+        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    pro.optimize(SpeedConfig())
+    return pro
+
+
 def test_vae_subpixel_upsample_keeps_the_pro_frames():
     """Sub-pixel upsampling in the Pro decoder, alone and with the other layout switches; Lite has no such layer."""
     from flashhead.models.vae.wan_resample import TraceableWanResample
@@ -415,15 +431,10 @@ def test_vae_subpixel_upsample_keeps_the_pro_frames():
     assert ups and all(m.subpixel == "transpose" for m in ups)
     pro.optimize(SpeedConfig())
     assert all(getattr(m, "subpixel", None) is None and "subpixel_weight" not in m._buffers for m in ups)
-    audio = speech_16k(1.0)
-    image = np.random.default_rng(3).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
-    plain = run_stream(pro, SpeedConfig(), audio, image)
-    for speed in (
+    assert_pro_frames_kept(3, (
         SpeedConfig(vae_subpixel_upsample=True),
         SpeedConfig(vae_subpixel_upsample=True, vae_conv_pad=True, vae_channels_last=True),
-    ):
-        frames = run_stream(pro, speed, audio, image)
-        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
+    ))  # fmt: skip
     lite = tiny_pipeline("lite")[0]
     lite.optimize(SpeedConfig(vae_subpixel_upsample=True))
     assert not any(getattr(m, "subpixel", None) for m in lite.vae.model.modules())
@@ -436,20 +447,14 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
 
     from flashhead.models.vae.wan_conv import TapSumCausalConv3d
 
-    pro = tiny_pipeline("pro")[0]
-    audio = speech_16k(1.0)
-    image = np.random.default_rng(4).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
-    plain = run_stream(pro, SpeedConfig(), audio, image)
-    for speed in (
+    def installed(pro) -> None:
+        assert type(pro.vae.model.decoder.conv_out) is TapSumCausalConv3d
+
+    pro = assert_pro_frames_kept(4, (
         SpeedConfig(vae_conv_out_gemm=True),
         SpeedConfig(vae_conv_out_gemm=True, vae_conv_pad=True, vae_channels_last=True, compile_vae=True,
                     vae_static_shapes=True),
-    ):  # fmt: skip
-        pro.optimize(speed)
-        assert type(pro.vae.model.decoder.conv_out) is TapSumCausalConv3d
-        frames = run_stream(pro, speed, audio, image)
-        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
-    pro.optimize(SpeedConfig())
+    ), installed)  # fmt: skip
     assert type(pro.vae.model.decoder.conv_out) is WanCausalConv3d
     lite = tiny_pipeline("lite")[0]
     lite.optimize(SpeedConfig(vae_conv_out_gemm=True))
@@ -460,20 +465,14 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
 def test_vae_whole_chunk_keeps_the_pro_frames():
     """The Wan decoder over all latent frames at once: the stream's frames as with the per-frame loop, eager and
     compiled with the shipped VAE switches; off again, the loop is back (the two-piece decode: tests/models)."""
-    pro = tiny_pipeline("pro")[0]
-    audio = speech_16k(1.0)
-    image = np.random.default_rng(5).integers(0, 256, (pro.config.height, pro.config.width, 3), dtype=np.uint8)
-    plain = run_stream(pro, SpeedConfig(), audio, image)
-    for speed in (
+    def installed(pro) -> None:
+        assert pro.vae.whole_chunk
+
+    pro = assert_pro_frames_kept(5, (
         SpeedConfig(vae_whole_chunk=True),
         SpeedConfig(vae_whole_chunk=True, vae_conv_pad=True, vae_channels_last=True, vae_subpixel_upsample=True,
                     vae_conv_out_gemm=True, compile_vae=True, vae_static_shapes=True),
-    ):  # fmt: skip
-        pro.optimize(speed)
-        assert pro.vae.whole_chunk
-        frames = run_stream(pro, speed, audio, image)
-        assert frames.shape == plain.shape and psnr_uint8(frames, plain) >= 40
-    pro.optimize(SpeedConfig())
+    ), installed)  # fmt: skip
     assert not pro.vae.whole_chunk
     lite = tiny_pipeline("lite")[0]
     lite.optimize(SpeedConfig(vae_whole_chunk=True))  # the LTX VAE decodes whole chunks already: nothing to switch

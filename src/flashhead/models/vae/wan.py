@@ -275,7 +275,8 @@ class WanVideoVAE(VideoVAE):
         latent = self._check_latent(latent)
         if not self.whole_chunk or not self._causal_by_hand(latent):
             return self.model.decode(self.denormalize(latent)).sample.clamp(-1.0, 1.0)
-        return next(self._causal_pieces(latent, [latent.shape[2]]))
+        (video,) = self._causal_pieces(latent, [latent.shape[2]])  # run to the end: the caches are cleared
+        return video
 
     def decode_in_pieces(self, latent: torch.Tensor, head: int) -> Iterator[torch.Tensor]:
         """Causal in time: the decoder runs one latent frame at a time with feature caches of the frames before,
