@@ -50,9 +50,11 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+fused_gelu", {"fused_gelu": True}, False),
     ("+compile_dit", {"compile_dit": True}, False),
     ("+persistent_norms", {"persistent_norms": True}, False),
+    ("+rope_fp32", {"rope_fp32": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae", {"compile_vae": True}, False),
     ("+vae_conv_out_gemm", {"vae_conv_out_gemm": True}, False),  # after compile_vae: eager it is slower than cuDNN
+    ("+vae_cutlass_conv", {"vae_cutlass_conv": True}, False),  # only where the preset takes it: see ladder()
     ("+vae_static_shapes", {"vae_static_shapes": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
     ("+early_first_frames", {"early_first_frames": True}, False),
@@ -65,13 +67,16 @@ LADDER: list[tuple[str, dict, bool]] = [
 
 def ladder() -> list[tuple[str, dict, bool]]:
     """LADDER with its kept attention row set to the `optimized` preset's choice (fa3 where FlashAttention-3 runs,
-    which then needs no sibling row of its own), so the "(all)" row is what --optimized runs."""
+    which then needs no sibling row of its own), and the CUTLASS convolutions only where the preset takes them (their
+    library built, a Hopper GPU), so the "(all)" row is what --optimized runs."""
     from flashhead.pipeline.speed import SpeedConfig
 
-    preset = SpeedConfig.optimized().attention
+    optimized = SpeedConfig.optimized()
+    rows = [row for row in LADDER if optimized.vae_cutlass_conv or row[0] != "+vae_cutlass_conv"]
+    preset = optimized.attention
     if preset == "cudnn":
-        return list(LADDER)
-    rows = [row for row in LADDER if row[0] != f"+attention={preset}"]
+        return rows
+    rows = [row for row in rows if row[0] != f"+attention={preset}"]
     return [(f"+attention={preset}", {"attention": preset}, False) if name == "+attention=cudnn" else (name, c, s)
             for name, c, s in rows]  # fmt: skip
 

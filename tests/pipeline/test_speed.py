@@ -113,14 +113,15 @@ def test_video_encoder_choices_are_the_writers():
     assert SpeedConfig().video_encoder == "libx264" and SpeedConfig.optimized().video_encoder == "auto"
 
 
-@pytest.mark.parametrize("fa3", [False, True])
-def test_speed_matrix_ladder_ends_at_the_optimized_preset(fa3, monkeypatch):
+@pytest.mark.parametrize("fa3, cutlass", [(False, False), (True, False), (True, True)])
+def test_speed_matrix_ladder_ends_at_the_optimized_preset(fa3, cutlass, monkeypatch):
     """benchmarks/speed_matrix.py adds switches row by row; its "(all)" row must be what --optimized runs, also
-    where the preset takes FlashAttention-3."""
+    where the preset takes FlashAttention-3 and the CUTLASS convolutions."""
     from _util import load_benchmark
     from flashhead.pipeline import speed as speed_module
 
     monkeypatch.setattr(speed_module, "fa3_available", lambda: fa3)
+    monkeypatch.setattr(speed_module, "cutlass_conv_available", lambda: cutlass)
     matrix = load_benchmark("speed_matrix")
     speed, rows = SpeedConfig(), {}
     for name, changes, sibling in matrix.ladder():
@@ -129,7 +130,8 @@ def test_speed_matrix_ladder_ends_at_the_optimized_preset(fa3, monkeypatch):
         speed = speed if sibling else rows[name]
     assert rows["+cublaslt_no_workspace (all)"] == SpeedConfig.optimized()
     assert rows["+cublaslt_no_workspace (all)"].attention == ("fa3" if fa3 else "cudnn")
-    assert "+vae_conv_pad" in rows and "+persistent_norms" in rows
+    assert "+vae_conv_pad" in rows and "+persistent_norms" in rows and "+rope_fp32" in rows
+    assert ("+vae_cutlass_conv" in rows) == cutlass
 
 
 def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
