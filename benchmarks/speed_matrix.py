@@ -263,7 +263,8 @@ def cold_start(model: str, switches: dict) -> None:
         print(torch._dynamo.utils.compile_times(repr="str"), file=sys.stderr)
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, title: str | None = None) -> bool:
+    """Stacked per-stage bars, a panel per model; `title` replaces the speed matrix's (benchmarks/plot_bench.py)."""
     try:
         import matplotlib
 
@@ -290,10 +291,11 @@ def plot(rows: list[dict], path: Path) -> bool:
             left = [a + b for a, b in zip(left, values, strict=True)]
         ax.invert_yaxis()
         ax.set_xlabel("ms per chunk (stages timed with synchronisation; 'other' from the steady run)")
-        ax.set_title(f"{model}: {measured[0].get('gpu', '')}")
+        gpus = {r.get("gpu") for r in measured if r.get("gpu")}
+        ax.set_title(f"{model}: {gpus.pop()}" if len(gpus) == 1 else model)
         ax.legend(loc="lower right", fontsize=8)
     gpu = next((r.get("gpu") for r in rows if r.get("row") == "environment"), "")
-    fig.suptitle(f"flashhead speed matrix, one stream, 512x512, {gpu}")
+    fig.suptitle(title or f"flashhead speed matrix, one stream, 512x512, {gpu}")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

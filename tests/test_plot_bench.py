@@ -1,0 +1,45 @@
+"""benchmarks/plot_bench.py: per-stage bars from bench JSONs and from parts of the docs' results files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from _util import REPO, load_benchmark
+
+RESULTS = REPO / "docs" / "results"
+
+
+def test_bars_come_from_a_bench_json_a_results_file_and_a_speed_matrix_row(tmp_path):
+    plot_bench = load_benchmark("plot_bench")
+    bench = {"model": "pro", "new_frames_per_chunk": 28, "steady_fps": 56.0, "environment": {"gpu": "GPU X"},
+             "stage_ms_per_chunk": {"dit": 300.0, "vae_decode": 150.0, "video_encode": None}}  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    bar = plot_bench.load_bar(f"mine={path}")
+    # The chunk period from the FPS (28 frames at 56 FPS: 500 ms); a stage that did not run is left out.
+    assert bar == {"row": "mine", "model": "pro", "steady_fps": 56.0, "chunk_ms": 500.0, "gpu": "GPU X",
+                   "stage_ms_per_chunk": {"dit": 300.0, "vae_decode": 150.0}}  # fmt: skip
+    nested = plot_bench.load_bar(f"s30={RESULTS / 'session30.json'}#runs/94_ab_pro_cutlass_rope/pro_base")
+    assert nested["model"] == "pro" and nested["gpu"] == "NVIDIA H200" and nested["stage_ms_per_chunk"]["dit"] > 0
+    row = plot_bench.load_bar(f"plain={RESULTS / 'speed_matrix_h100_2026-11-26f_pro.json'}#plain")
+    assert row["gpu"].startswith("NVIDIA H100") and row["chunk_ms"] > sum(row["stage_ms_per_chunk"].values()) * 0.5
+
+
+def test_the_script_writes_a_png_and_names_a_missing_key_in_one_line(tmp_path):
+    script = str(REPO / "benchmarks" / "plot_bench.py")
+    out = tmp_path / "stages.png"
+    done = subprocess.run(
+        [sys.executable, script, "--out", str(out),
+         f"lite={RESULTS / 'session30.json'}#runs/97_ab_lite_rope/lite_base",
+         f"pro={RESULTS / 'session30.json'}#runs/94_ab_pro_cutlass_rope/pro_base"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [b["model"] for b in json.loads(done.stdout)["bars"]] == ["lite", "pro"]
+    missing = f"x={RESULTS / 'session30.json'}#runs/no_such_run"
+    bad = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x.png"), missing],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "no 'no_such_run'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
