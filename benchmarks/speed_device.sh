@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 10 on one GPU (kind nvidia-h200 since session 25; carry .device/whl, .device/shared, .device/fa3): the next
-# device calls, each under 10 minutes. Results in $OUT.
+# device calls, each under 10 minutes. Results in $OUT. On a fresh checkout make .device/ first:
+# benchmarks/device_payload.sh.
 #   bash benchmarks/speed_device.sh decode   # compiled Wan decode, whole and strip, recompile limit 8 vs 128,
 #                                            # the graph breaks Dynamo reports, the kernels by kind (~4 min)
 #   bash benchmarks/speed_device.sh equiv 1  # the GPU equivalence test for Pro, the switches without compile (~9 min)
