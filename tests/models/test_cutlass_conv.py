@@ -117,6 +117,60 @@ def test_tuning_rejects_a_tile_that_computes_something_else():
     assert not cutlass_conv.agrees(bad, ref)
 
 
+def test_kept_choices_outlive_the_process_and_merge_with_other_writers(tmp_path, caplog):
+    path = tmp_path / "kernels" / "conv3d_choices.json"
+    first, second = cutlass_conv.TunedChoices(path), cutlass_conv.TunedChoices(path)
+    assert first.get("gpu a", "p1") is None and not path.exists()
+    first.put("gpu a", "p1", "m128n96k32s4c2x1")
+    second.put("gpu a", "p2", "cudnn")  # another process, which had read the file before the first wrote
+    second.put("gpu b", "p1", "m128n192k64")
+    fresh = cutlass_conv.TunedChoices(path)  # a new process
+    assert fresh.get("gpu a", "p1") == "m128n96k32s4c2x1" and fresh.get("gpu a", "p2") == "cudnn"
+    assert fresh.get("gpu b", "p1") == "m128n192k64" and fresh.get("gpu b", "p2") is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["conv3d_choices.json"]  # no temporaries left
+    path.write_text("{not json")
+    assert cutlass_conv.TunedChoices(path).get("gpu a", "p1") is None and "ignoring" in caplog.text
+    cutlass_conv.TunedChoices(path).put("gpu a", "p1", "cudnn")  # a corrupt file is replaced whole
+    assert cutlass_conv.TunedChoices(path).get("gpu a", "p1") == "cudnn"
+
+
+def test_kept_choices_follow_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(cutlass_conv.LIBRARY_ENV, str(tmp_path / "lib" / cutlass_conv.LIBRARY_NAME))
+    cases = [(None, tmp_path / "lib" / "conv3d_choices.json"), (str(tmp_path / "c.json"), tmp_path / "c.json"),
+             ("off", None)]  # fmt: skip
+    for value, expected in cases:
+        if value is None:
+            monkeypatch.delenv(cutlass_conv.CHOICES_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cutlass_conv.CHOICES_ENV, value)
+        cutlass_conv.tuned_choices.cache_clear()
+        kept = cutlass_conv.tuned_choices()
+        assert (kept and kept.path) == expected
+    cutlass_conv.tuned_choices.cache_clear()
+
+
+def test_a_kept_choice_is_taken_without_timing_and_a_stale_one_is_not(tmp_path, monkeypatch):
+    """A shape another process tuned takes its tile at once (no timing: none could run on this CPU, nor inside a
+    CUDA-graph capture); a kept tile the library no longer has is ignored."""
+
+    class Library:
+        tiles = ["m128n96k64", "m128n96k32s4c2x1"]
+
+    kept = cutlass_conv.TunedChoices(tmp_path / "choices.json")
+    monkeypatch.setattr(cutlass_conv, "tuned_choices", lambda: kept)
+    monkeypatch.setattr(cutlass_conv, "_scope", lambda lib, device: "this gpu")
+    monkeypatch.setattr(cutlass_conv, "_choices", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # tuning would give up: cuDNN
+    x, w = torch.zeros(1, 8, 3, 6, 6), torch.zeros(16, 8, 3, 3, 3)
+    key = (*x.shape, *w.shape[2:], 0, 1, 1, w.shape[0], x.device.index)
+    kept.put("this gpu", cutlass_conv._label(key), "m128n96k32s4c2x1")
+    assert cutlass_conv._choose(Library(), x, w, None, [0, 1, 1]) == 1
+    assert cutlass_conv._choices == {key: 1}
+    kept.put("this gpu", cutlass_conv._label(key), "m128n64k64s4")  # rebuilt without that tile
+    monkeypatch.setattr(cutlass_conv, "_choices", {})
+    assert cutlass_conv._choose(Library(), x, w, None, [0, 1, 1]) is None and cutlass_conv._choices == {}
+
+
 def test_library_is_not_available_without_a_build(tmp_path, monkeypatch):
     monkeypatch.setenv(cutlass_conv.LIBRARY_ENV, str(tmp_path / "missing.so"))
     cutlass_conv.load_library.cache_clear()

@@ -23,7 +23,10 @@ asks Inductor for its inputs in the strides they were traced with (channels-last
 write that layout instead of a copy being made here. The first time it meets a shape it times every tile that can
 run it against cuDNN's call and keeps the fastest (cuDNN included), so the switch is never slower per shape than
 without it, up to the timing's noise; a shape first met inside CUDA-graph capture, where nothing may be timed, goes
-to cuDNN. A tile whose result disagrees with cuDNN's beyond rounding (`agrees`) is never chosen.
+to cuDNN. A tile whose result disagrees with cuDNN's beyond rounding (`agrees`) is never chosen. The choices are kept
+in a JSON file next to the library (`TunedChoices`; FLASHHEAD_CONV3D_CHOICES names another file, or `off`), per GPU,
+library build and cuDNN version, so a new process neither times them again (its cold start) nor depends on one
+timing's noise, and a shape first met inside a CUDA-graph capture takes its kept choice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
@@ -51,6 +56,7 @@ from flashhead.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "FLASHHEAD_CONV3D_LIB"
+CHOICES_ENV = "FLASHHEAD_CONV3D_CHOICES"
 LIBRARY_NAME = "libflashhead_conv3d_sm90.so"
 SOURCE = Path(__file__).parent / "csrc" / "conv3d_sm90.cu"
 CL3D = torch.channels_last_3d
@@ -258,14 +264,73 @@ _tuning = threading.Lock()
 layout_copies = 0  # inputs not in channels-last layout (on the CUTLASS path: copied); compiled, it should stay 0
 
 
+def _label(key: tuple) -> str:
+    n, c, d, h, w, t, r, s, *pads, k, _ = key
+    return f"{n}x{c}x{d}x{h}x{w} -> {k}, kernel {t}x{r}x{s}, pad {tuple(pads)}"
+
+
 def choices() -> dict[str, str]:
     """What the tuning picked so far, per problem (for the benchmark's report)."""
     lib = load_library()
-    out = {}
-    for (n, c, d, h, w, t, r, s, *pads, k, _), tile in _choices.items():
-        label = f"{n}x{c}x{d}x{h}x{w} -> {k}, kernel {t}x{r}x{s}, pad {tuple(pads)}"
-        out[label] = "cudnn" if tile is None or lib is None else lib.tiles[tile]
-    return out
+    return {_label(key): "cudnn" if tile is None or lib is None else lib.tiles[tile] for key, tile in _choices.items()}
+
+
+class TunedChoices:
+    """The tuning's choices kept across processes in one JSON file: {scope: {problem: tile name or "cudnn"}}, the
+    scope naming the GPU, the library build (its content hash) and cuDNN's version, which the timings depend on.
+    Each write merges with what other processes wrote since and replaces the file whole (a temporary, renamed)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._data: dict[str, dict[str, str]] | None = None
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("ignoring the conv3d choices in %s: %s", self.path, err)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, scope: str, problem: str) -> str | None:
+        if self._data is None:
+            self._data = self._read()
+        choice = self._data.get(scope, {}).get(problem)
+        return choice if isinstance(choice, str) else None
+
+    def put(self, scope: str, problem: str, choice: str) -> None:
+        data = self._read()
+        data.setdefault(scope, {})[problem] = choice
+        self._data = data
+        tmp = None  # a temporary of its own (not atomic_path's one name): processes may write at once
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            tmp = None
+        except OSError as err:  # a read-only cache: tune again in the next process
+            log.warning("cannot keep the conv3d choices in %s: %s", self.path, err)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@functools.cache
+def tuned_choices() -> TunedChoices | None:
+    """The kept choices: FLASHHEAD_CONV3D_CHOICES, else conv3d_choices.json beside the library; None with `off`."""
+    path = os.environ.get(CHOICES_ENV) or str(default_library_path().with_name("conv3d_choices.json"))
+    return None if path.lower() in ("off", "0", "none") else TunedChoices(path)
+
+
+@functools.cache
+def _scope(lib: Conv3dLibrary, device: int | None) -> str:
+    digest = hashlib.sha256(lib.path.read_bytes()).hexdigest()[:16]
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return f"{torch.cuda.get_device_name(device)}|library {digest}|cudnn {cudnn}"
 
 
 def _cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
@@ -298,6 +363,12 @@ def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | No
     key = (*x.shape, *weight.shape[2:], *padding, weight.shape[0], x.device.index)
     if key in _choices:
         return _choices[key]
+    kept = tuned_choices()
+    if kept is not None:
+        name = kept.get(_scope(lib, x.device.index), _label(key))
+        if name == "cudnn" or name in lib.tiles:  # another process's choice (a tile no longer built: tune again)
+            _choices[key] = None if name == "cudnn" else lib.tiles.index(name)
+            return _choices[key]
     if torch.cuda.is_current_stream_capturing():
         return None  # nothing may be timed (or synchronised) inside a capture: cuDNN, chosen again next time
     with _tuning:
@@ -322,6 +393,8 @@ def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | No
         log.info("conv3d %s: %s (%.3f ms; cuDNN %.3f ms)", key, "cudnn" if best is None else lib.tiles[best],
                  timings[best], timings[None])  # fmt: skip
         _choices[key] = best
+        if kept is not None:
+            kept.put(_scope(lib, x.device.index), _label(key), "cudnn" if best is None else lib.tiles[best])
         return best
 
 
