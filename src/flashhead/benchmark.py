@@ -185,6 +185,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
 
         report["cutlass_conv"] = (
             {"library": str(cutlass_conv.load_library().path), "choices": cutlass_conv.choices(),
+             "kept_choices": str(kept.path) if (kept := cutlass_conv.tuned_choices()) else None,
              "layout_copies": cutlass_conv.layout_copies}
             if cutlass_conv.available()
             else "not available (no sm_90 GPU, or the library is not built: see flashhead.models.vae.cutlass_conv)"

@@ -132,6 +132,11 @@ def test_kept_choices_outlive_the_process_and_merge_with_other_writers(tmp_path,
     assert cutlass_conv.TunedChoices(path).get("gpu a", "p1") is None and "ignoring" in caplog.text
     cutlass_conv.TunedChoices(path).put("gpu a", "p1", "cudnn")  # a corrupt file is replaced whole
     assert cutlass_conv.TunedChoices(path).get("gpu a", "p1") == "cudnn"
+    blocked = cutlass_conv.TunedChoices(path / "under_a_file.json")  # cannot be written: one warning, kept in memory
+    caplog.clear()
+    blocked.put("gpu a", "p1", "cudnn")
+    blocked.put("gpu a", "p2", "m128n192k64")
+    assert caplog.text.count("cannot keep") == 1 and blocked.get("gpu a", "p2") == "m128n192k64"
 
 
 def test_kept_choices_follow_the_environment(tmp_path, monkeypatch):

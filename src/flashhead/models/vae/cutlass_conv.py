@@ -283,6 +283,7 @@ class TunedChoices:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._data: dict[str, dict[str, str]] | None = None
+        self._writable = True
 
     def _read(self) -> dict[str, dict[str, str]]:
         try:
@@ -301,9 +302,11 @@ class TunedChoices:
         return choice if isinstance(choice, str) else None
 
     def put(self, scope: str, problem: str, choice: str) -> None:
-        data = self._read()
+        data = self._read() if self._writable else (self._data or {})
         data.setdefault(scope, {})[problem] = choice
         self._data = data
+        if not self._writable:
+            return
         tmp = None  # a temporary of its own (not atomic_path's one name): processes may write at once
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +315,9 @@ class TunedChoices:
                 json.dump(data, f, indent=1, sort_keys=True)
             os.replace(tmp, self.path)
             tmp = None
-        except OSError as err:  # a read-only cache: tune again in the next process
+        except OSError as err:  # a read-only cache: kept in this process only, said once
             log.warning("cannot keep the conv3d choices in %s: %s", self.path, err)
+            self._writable = False
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
