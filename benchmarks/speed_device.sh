@@ -76,6 +76,8 @@ for r in json.load(open(sys.argv[1]))['convolutions']:
           r.get('cutlass_tflops'), 'err', '%.2e' % r.get('cudnn_max_err_vs_fp32', 0), {n: round(t['ms'], 3) for n, t in r.get('cutlass_tiles', {}).items()})
 " "$OUT/conv_cutlass.json" 2>&1 | cut -c1-400
     tail -1 "$OUT/conv_cutlass.log" | cut -c1-1200
+    # The tuning's choice kept in the choices file and taken by the next process without timing (~10 s).
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_cutlass_conv.py 2>&1 | tail -3
     ;;
 upsample)
     timeout "${UPSAMPLE_TIMEOUT:-400}" python3 benchmarks/upsample_bench.py --profile --json "$OUT/upsample.json" > "$OUT/upsample.log" 2>&1
