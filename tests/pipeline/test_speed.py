@@ -80,6 +80,7 @@ def test_switches_parse_and_reject_bad_values():
     assert optimized.vae_conv_pad and optimized.vae_channels_last  # Pro decode -19 % (docs/performance.md)
     assert optimized.vae_subpixel_upsample  # Pro decode 186.8 -> 177.2 ms per chunk (H100, session 22)
     assert optimized.vae_conv_out_gemm  # Pro compiled decode 172.2 -> 169.1 ms per chunk (H200, session 26)
+    assert optimized.rope_fp32 and optimized.rope_table  # q / k norm + RoPE kernel 91.4 -> 70.4 us (H200, session 30)
     with pytest.raises(ConfigError, match="unknown speed switch"):
         SpeedConfig.parse("turbo=on")
     with pytest.raises(ConfigError, match="on or off"):
