@@ -258,7 +258,10 @@ def main() -> None:
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.benchmark_limit = args.limit
-    dev, dtype = torch.device(args.device), torch.bfloat16
+    dev = torch.device(args.device)
+    # bf16 as the pipeline runs on the GPU; a CPU run is a smoke test, in float32 because CPUs without bf16 matrix
+    # instructions (e.g. AVX2-only) run bf16 3-D convolutions through a naive GEMM (minutes instead of seconds).
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = AutoencoderKLWan().to(dev, dtype).eval()  # the Wan2.1 configuration, random weights
     vae = WanVideoVAE(model).to(dev)
     apply_vae_switches(vae, SpeedConfig(vae_conv_pad=True, vae_channels_last=True))  # the shipped layout
@@ -308,6 +311,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
+        "dtype": str(dtype).removeprefix("torch."),
         "benchmark_limit": args.limit,
         "latent": args.latent,
         "eager_decode_ms": eager_ms,

@@ -82,7 +82,7 @@ def test_search_only_reports_the_search_and_each_chosen_convolution(tmp_path):
     report = json.loads(out.read_text())
     assert report["first_decode_s"] > 0 and report["search_s"] == pytest.approx(
         report["first_decode_s"] - report["eager_decode_ms"] / 1000, abs=0.01)
-    assert report["shapes"] == len(report["convolutions"]) > 10
+    assert report["shapes"] == len(report["convolutions"]) > 10 and report["dtype"] == "float32"
     rows = report["convolutions"]
     assert all(r["ms"] > 0 for r in rows)
     assert not any("split_ms" in r or "padded_ms" in r for r in rows)  # no reformulations
