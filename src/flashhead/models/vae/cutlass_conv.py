@@ -369,7 +369,8 @@ def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | No
         return _choices[key]
     kept = tuned_choices()
     if kept is not None:
-        name = kept.get(_scope(lib, x.device.index), _label(key))
+        scope, problem = _scope(lib, x.device.index), _label(key)
+        name = kept.get(scope, problem)
         if name == "cudnn" or name in lib.tiles:  # another process's choice (a tile no longer built: tune again)
             _choices[key] = None if name == "cudnn" else lib.tiles.index(name)
             return _choices[key]
@@ -398,7 +399,7 @@ def _choose(lib: Conv3dLibrary, x, weight, bias, padding: list[int]) -> int | No
                  timings[best], timings[None])  # fmt: skip
         _choices[key] = best
         if kept is not None:
-            kept.put(_scope(lib, x.device.index), _label(key), "cudnn" if best is None else lib.tiles[best])
+            kept.put(scope, problem, "cudnn" if best is None else lib.tiles[best])
         return best
 
 
