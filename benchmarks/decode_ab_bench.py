@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=12, help="with --profile: how many kernels to list")
     parser.add_argument("--variants", default="eager-off,eager-on,compiled-off,compiled-on")
     parser.add_argument("--switch", default="vae_cutlass_conv", help="the VAE switch that `on` adds")
     parser.add_argument("--base", default="", help="switches of every variant, over the preset's: name=on,...")
@@ -60,7 +61,9 @@ def main() -> None:
         apply_vae_switches(vae, base.replace(compile_vae=mode == "compiled", **{args.switch: on == "on"}))
 
     variants = {name: (lambda name=name: switch(name)) for name in args.variants.split(",")}
-    report["decodes"] = time_decode_variants(vae, z, variants, args.repeat, args.profile, decode=vae.decode)
+    report["decodes"] = time_decode_variants(
+        vae, z, variants, args.repeat, args.profile, decode=vae.decode, top=args.top
+    )
     if cutlass:
         copies[last[0]] = cutlass_conv.layout_copies
         report["layout_copies"] = copies

@@ -158,12 +158,17 @@ def psnr_db(out: torch.Tensor, ref: torch.Tensor) -> float | str:
 
 
 def kernel_kind(name: str) -> str:
-    """A GPU kernel's kind by its name: convolution (cuDNN / CUTLASS implicit GEMM), fused Triton, or other."""
+    """A GPU kernel's kind by its name: fused Triton, convolution (cuDNN / CUTLASS implicit GEMM), attention, GEMM,
+    copy or other. Triton first: Inductor names its kernels after the ops fused in, "convolution" among them."""
     lowered = name.lower()
-    if any(key in lowered for key in ("conv", "xmma", "cudnn", "cutlass", "sm90_", "implicit")):
-        return "convolution"
     if lowered.startswith("triton"):
         return "triton"
+    if any(key in lowered for key in ("fmha", "flash", "attention")):
+        return "attention"
+    if any(key in lowered for key in ("conv", "cudnn", "implicit")):
+        return "convolution"
+    if any(key in lowered for key in ("gemm", "nvjet", "cublas")):
+        return "gemm"
     if "memcpy" in lowered or "memset" in lowered:
         return "copy"
     return "other"
@@ -192,11 +197,12 @@ def kernel_profile(fn, top: int = 25) -> dict:
 
 def time_decode_variants(
     vae: WanVideoVAE, z: torch.Tensor, variants: dict[str, Callable[[], object]], repeat: int, profile: bool = False,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None, top: int = 12,
 ) -> dict:  # fmt: skip
     """The decode of `z` under each variant (a function that switches `vae`), each after a Dynamo reset: ms, PSNR
     against the first variant's frames, and with `profile` its GPU kernels. The VAE is switched back to plain after.
-    `decode`: the call timed (default diffusers' decode of the raw latent, `vae.model.decode(z).sample`)."""
+    `decode`: the call timed (default diffusers' decode of the raw latent, `vae.model.decode(z).sample`); `top`: how
+    many kernels the profile lists."""
     out, ref = {}, None
     run = (lambda: vae.model.decode(z).sample) if decode is None else (lambda: decode(z))
     for name, switch in variants.items():
@@ -210,7 +216,7 @@ def time_decode_variants(
             else:
                 entry["psnr_vs_off_db"] = psnr_db(image, ref)
             if profile:
-                entry["profile"] = kernel_profile(run, top=12)
+                entry["profile"] = kernel_profile(run, top=top)
         out[name] = entry
         print(name, json.dumps(entry), flush=True)
     apply_vae_switches(vae, SpeedConfig())

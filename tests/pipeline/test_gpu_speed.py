@@ -56,6 +56,9 @@ REASSOCIATING = {
     # bf16 only (float32 stays on cuDNN): the bf16 comparison is the one that checks CUTLASS's kernels.
     "vae_cutlass_conv": "vae_cutlass_conv=on,vae_conv_pad=on,vae_channels_last=on",
     "vae_cutlass_conv_compiled": "vae_cutlass_conv=on,vae_conv_pad=on,vae_channels_last=on,compile_vae=on",
+    "vae_attention_gemm": "vae_attention_gemm=on",
+    "vae_attention_gemm_compiled": "vae_attention_gemm=on,vae_channels_last=on,vae_conv_pad=on,"
+    "vae_subpixel_upsample=on,vae_conv_out_gemm=on,compile_vae=on,vae_static_shapes=on,vae_cuda_graphs=on",
     "vae_whole_chunk": "vae_whole_chunk=on",
     "vae_whole_chunk_compiled": "vae_whole_chunk=on,vae_conv_pad=on,vae_channels_last=on,vae_subpixel_upsample=on,"
     "vae_conv_out_gemm=on,compile_vae=on,vae_static_shapes=on,vae_cuda_graphs=on,early_first_frames=on,pinned_memory=on",

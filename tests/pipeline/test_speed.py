@@ -465,6 +465,27 @@ def test_vae_conv_out_gemm_keeps_the_pro_frames():
     lite.optimize(SpeedConfig())
 
 
+def test_vae_attention_gemm_keeps_the_pro_frames():
+    """The decoder's middle-block attention as two GEMMs, eager and compiled with the shipped VAE switches."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock
+
+    from flashhead.models.vae.wan_attention import GemmWanAttentionBlock
+
+    def installed(pro) -> None:
+        assert type(pro.vae.model.decoder.mid_block.attentions[0]) is GemmWanAttentionBlock
+
+    pro = assert_pro_frames_kept(6, (
+        SpeedConfig(vae_attention_gemm=True),
+        SpeedConfig(vae_attention_gemm=True, vae_conv_pad=True, vae_channels_last=True, vae_subpixel_upsample=True,
+                    vae_conv_out_gemm=True, compile_vae=True, vae_static_shapes=True),
+    ), installed)  # fmt: skip
+    assert type(pro.vae.model.decoder.mid_block.attentions[0]) is WanAttentionBlock
+    lite = tiny_pipeline("lite")[0]
+    lite.optimize(SpeedConfig(vae_attention_gemm=True))
+    assert not any(isinstance(m, GemmWanAttentionBlock) for m in lite.vae.model.modules())
+    lite.optimize(SpeedConfig())
+
+
 def test_vae_whole_chunk_keeps_the_pro_frames():
     """The Wan decoder over all latent frames at once: the stream's frames as with the per-frame loop, eager and
     compiled with the shipped VAE switches; off again, the loop is back (the two-piece decode: tests/models)."""

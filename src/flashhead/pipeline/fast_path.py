@@ -17,6 +17,7 @@ import torch
 
 from flashhead.errors import ConfigError
 from flashhead.models.dit import FlashHeadDiT, sdpa_kernel
+from flashhead.models.vae.wan_attention import set_attention_gemm
 from flashhead.models.vae.wan_conv import set_cutlass_conv, set_kernel_padding, set_tap_sum
 from flashhead.models.vae.wan_resample import set_subpixel_upsample, set_traceable_resample
 from flashhead.pipeline.graphs import CapturedGraph
@@ -273,6 +274,7 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         set_kernel_padding(model, speed.vae_conv_pad)
         set_cutlass_conv(model, speed.vae_cutlass_conv)
         set_subpixel_upsample(model, speed.vae_subpixel_upsample, channels_last=speed.vae_channels_last)
+        set_attention_gemm(model, speed.vae_attention_gemm)
         # A compiled decoder needs resamples Dynamo traces in one graph (see wan_resample), and so does a decoder
         # given several frames at once; eager keeps diffusers' (sub-pixel upsampling keeps its own).
         set_traceable_resample(model, speed.compile_vae or speed.vae_whole_chunk)

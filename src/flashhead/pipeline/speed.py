@@ -81,6 +81,10 @@ class SpeedConfig:
             build`) and an sm_90 GPU; elsewhere it changes nothing. H200: with the 8 tiles of session 28 Pro decode
             166.9 -> 164.4 ms per chunk (60.36 -> 60.51 FPS); with session 29's clusters the compiled chunk decode
             171.6 -> 161.4 ms. In the `optimized` preset where the library is built and the GPU is a Hopper.
+        vae_attention_gemm: the Wan2.1 (Pro) decoder's middle-block self-attention (one head of 384 channels over a
+            latent frame's 4,096 pixels: too wide a head for the flash kernels, so PyTorch ran its memory-efficient
+            kernel at ~90 TFLOP/s, 2.65 ms per Pro chunk on an H200) as two GEMMs with float32 scores and softmax
+            (flashhead.models.vae.wan_attention). No effect on the LTX (Lite) VAE.
         vae_whole_chunk: the Wan2.1 (Pro) decoder and encoder run each layer once over all of a call's frames
             instead of once per latent frame (decode) or frame group (encode) with caches of the frames before
             (diffusers' loops): the convolutions are causal in time and the rest acts per frame, so the values are
@@ -164,6 +168,7 @@ class SpeedConfig:
     vae_subpixel_upsample: bool = False
     vae_conv_out_gemm: bool = False
     vae_cutlass_conv: bool = False
+    vae_attention_gemm: bool = False
     vae_whole_chunk: bool = False
     fused_gelu: bool = False
     persistent_norms: bool = False
