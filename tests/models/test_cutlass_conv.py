@@ -34,6 +34,24 @@ def test_operator_falls_back_to_the_plain_convolution_off_hopper(padding):
     assert torch.equal(conv3d_ndhwc(x, w, None, padding), F.conv3d(x, w, None, 1, padding))
 
 
+@pytest.mark.parametrize("front", [2, 1, 0])
+def test_operator_pads_time_per_side(front):
+    """[time front, time back, h, w]: a causal convolution's zero frames in front only (the kernel's padding on the
+    GPU; a padded copy on the fallback path), with the output shape the fake kernel reports."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 8, 4, 6, 5, generator=g)
+    w = torch.randn(16, 8, 3, 3, 3, generator=g)
+    out = conv3d_ndhwc(x, w, None, [front, 0, 1, 1])
+    expected = F.conv3d(F.pad(x, (0, 0, 0, 0, front, 0)), w, None, 1, [0, 1, 1])
+    assert out.shape == expected.shape == (1, 16, 2 + front, 6, 5)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=CL3D)
+    assert cutlass_conv.time_padded([1, 2, 3]) == (1, 1, 2, 3)
+    assert cutlass_conv.time_padded((2, 0, 1, 1)) == (2, 0, 1, 1)
+    with pytest.raises(ValueError, match="padding"):
+        cutlass_conv.time_padded([1, 1])
+
+
 def test_operator_compiles_whole_with_the_layout_of_its_result():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 8, 3, 5, 5, generator=g)
@@ -88,7 +106,9 @@ def test_registry_dispatches_every_tile_by_index():
     src = registry_source(tiles)
     assert 'kNames[] = {"m128n96k64", "m128n64k64s4"}' in src
     assert "case 0: return fh_conv3d_fprop_m128n96k64(" in src and "case 1: return fh_conv3d_fprop_m128n64k64s4(" in src
-    assert "return 2; }" in src  # fh_conv3d_count
+    assert "fh_conv3d_count() { return 2; }" in src
+    assert f"fh_conv3d_abi() {{ return {cutlass_conv.ABI}; }}" in src  # the C interface's version
+    assert "int pad_front, int pad_back, int pad_h, int pad_w" in src
     assert len({t.name for t in TILES}) == len(TILES)
 
 
@@ -167,13 +187,34 @@ def test_a_kept_choice_is_taken_without_timing_and_a_stale_one_is_not(tmp_path, 
     monkeypatch.setattr(cutlass_conv, "_choices", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # tuning would give up: cuDNN
     x, w = torch.zeros(1, 8, 3, 6, 6), torch.zeros(16, 8, 3, 3, 3)
-    key = (*x.shape, *w.shape[2:], 0, 1, 1, w.shape[0], x.device.index)
+    key = (*x.shape, *w.shape[2:], 0, 0, 1, 1, w.shape[0], x.device.index)
     kept.put("this gpu", cutlass_conv._label(key), "m128n96k32s4c2x1")
     assert cutlass_conv._choose(Library(), x, w, None, [0, 1, 1]) == 1
     assert cutlass_conv._choices == {key: 1}
     kept.put("this gpu", cutlass_conv._label(key), "m128n64k64s4")  # rebuilt without that tile
     monkeypatch.setattr(cutlass_conv, "_choices", {})
     assert cutlass_conv._choose(Library(), x, w, None, [0, 1, 1]) is None and cutlass_conv._choices == {}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_a_library_of_another_interface_version_is_refused(tmp_path, monkeypatch, caplog):
+    """A library built by an older flashhead (no version symbol: one symmetric time padding) would be called with the
+    wrong arguments: it is not loaded, with a warning that says to rebuild it."""
+    import subprocess
+
+    src = tmp_path / "old.c"
+    src.write_text('int fh_conv3d_count(void) { return 0; }\nconst char* fh_conv3d_name(int i) { return 0; }\n')
+    lib = tmp_path / cutlass_conv.LIBRARY_NAME
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    with pytest.raises(OSError, match="rebuild"):
+        Conv3dLibrary(lib)
+    monkeypatch.setenv(cutlass_conv.LIBRARY_ENV, str(lib))
+    cutlass_conv.load_library.cache_clear()
+    try:
+        assert cutlass_conv.load_library() is None
+        assert "rebuild" in caplog.text
+    finally:
+        cutlass_conv.load_library.cache_clear()
 
 
 def test_library_is_not_available_without_a_build(tmp_path, monkeypatch):

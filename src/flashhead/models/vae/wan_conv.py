@@ -32,19 +32,23 @@ from torch import nn
 from flashhead.models.vae.cutlass_conv import conv3d_ndhwc
 
 
-def causal_time_context(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
-    """`x` with the causal time context of `conv` in front (cached frames, else zeros); no spatial padding."""
+def causal_time_cache(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """`x` with the cached frames of `conv`'s causal time context in front, and how many zero frames it still lacks."""
     # _padding = (w, w, h, h, 2t, 0) as diffusers builds it; the cache rules below are diffusers' own: a cache
     # is used only by convolutions that look back in time, and it replaces that many zero frames.
     front = conv._padding[4]
     if cache_x is not None and front > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         front -= cache_x.shape[2]
-    if front > 0:
-        x = F.pad(x, (0, 0, 0, 0, front, 0))
-    elif front < 0:  # a cache longer than the context: F.pad with a negative width crops, as in diffusers
-        x = x[:, :, -front:]
-    return x
+    if front < 0:  # a cache longer than the context: cropped, as diffusers' F.pad with a negative width does
+        x, front = x[:, :, -front:], 0
+    return x, front
+
+
+def causal_time_context(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
+    """`x` with the causal time context of `conv` in front (cached frames, else zeros); no spatial padding."""
+    x, front = causal_time_cache(conv, x, cache_x)
+    return F.pad(x, (0, 0, 0, 0, front, 0)) if front > 0 else x
 
 
 class KernelPaddedCausalConv3d(WanCausalConv3d):
@@ -66,10 +70,12 @@ class CutlassCausalConv3d(KernelPaddedCausalConv3d):
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        # Channels-last here, in the traced code: compiled, the kernel producing x writes that layout (an input
-        # converted inside the opaque op would be a copy of its own).
-        x = causal_time_context(self, x, cache_x).contiguous(memory_format=torch.channels_last_3d)
-        out = conv3d_ndhwc(x, self.weight, None, [0, self._padding[2], self._padding[0]])
+        # The zero frames in front are the kernel's padding (no padded copy: a chunk's first call, and every layer of
+        # a whole-chunk decode). Channels-last here, in the traced code: compiled, the kernel producing x writes that
+        # layout (an input converted inside the opaque op would be a copy of its own).
+        x, front = causal_time_cache(self, x, cache_x)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = conv3d_ndhwc(x, self.weight, None, [front, 0, self._padding[2], self._padding[0]])
         # The bias outside the kernel: compiled, it fuses into the next kernel (as for cuDNN's convolutions).
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 

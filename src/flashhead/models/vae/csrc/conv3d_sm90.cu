@@ -87,10 +87,12 @@ using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 extern "C" int FH_CAT(fh_conv3d_fprop_, FH_NAME)(
     const void* act, const void* flt, const void* bias, void* out,
     int n, int d, int h, int w, int c, int k, int t, int r, int s,
-    int pad_d, int pad_h, int pad_w, int sm_count, void* stream) {
+    int pad_front, int pad_back, int pad_h, int pad_w, int sm_count, void* stream) {
+  // Time padding per side: the Wan decoder's causal convolutions pad only in front (TMA's im2col reads the
+  // missing frames as zeros, so no padded copy of the input is made).
   Problem problem(cutlass::conv::Mode::kCrossCorrelation,
                   {n, d, h, w, c}, {k, t, r, s, c},
-                  {pad_d, pad_h, pad_w}, {pad_d, pad_h, pad_w},
+                  {pad_front, pad_h, pad_w}, {pad_back, pad_h, pad_w},
                   {1, 1, 1}, {1, 1, 1}, 1);
   typename Kernel::StrideD stride_d{};
   // The epilogue's M mode is (q, p, z, n); problem.stride_C lists [n, z, p, q, k].
