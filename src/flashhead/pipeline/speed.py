@@ -218,12 +218,14 @@ class SpeedConfig:
 
     @classmethod
     def optimized(cls) -> SpeedConfig:
-        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead,
-        vae_whole_chunk). Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN;
-        vae_cutlass_conv where its library is built and the GPU is a Hopper."""
+        """Every output-preserving switch that was measured to help (not decode_new_only, fp8, launch_ahead).
+        Attention: FlashAttention-3 where it is installed and the GPU is a Hopper, else cuDNN; vae_cutlass_conv, and
+        with it vae_whole_chunk (which pays only where the CUTLASS kernels pad time themselves), where its library is
+        built and the GPU is a Hopper."""
+        cutlass = cutlass_conv_available()
         return cls(
             rope_table=True, rope_fp32=True, cond_cache=True, attention="fa3" if fa3_available() else "cudnn",
-            vae_cutlass_conv=cutlass_conv_available(),
+            vae_cutlass_conv=cutlass, vae_whole_chunk=cutlass, vae_attention_gemm=True,
             cudnn_benchmark=True, cudnn_search_limit=WIDE_CUDNN_SEARCH_LIMIT,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, vae_conv_out_gemm=True,
             fused_gelu=True, persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True,
