@@ -82,16 +82,19 @@ def test_tap_sum_convolution_equals_stock_in_every_cache_case(kind, cached, chan
     assert max_diff(fast, stock) <= TOL and stock.std() > 0.1
 
 
-def test_compiled_tap_sum_is_one_gemm_and_one_fused_sum():
+@pytest.mark.parametrize("cached", [True, False])
+def test_compiled_tap_sum_is_one_gemm_and_one_fused_sum(cached):
     """What the switch is for: Inductor turns the layer into one batched GEMM and one kernel for the 27 shifted
-    planes (padding, slices and sum fused), beside the causal time context's concatenation."""
+    planes (padding, slices and sum fused), beside the causal time context's concatenation where a cache is given;
+    without one (a chunk's first call, a whole-chunk decode) the zero frames in front are padding of the planes, fused
+    into the sum too: no padded copy of the input."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     conv = WanCausalConv3d(16, 3, 3, padding=1).eval()
     conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 16, 4, 12, 10).contiguous(memory_format=torch.channels_last_3d)
-    cache = torch.randn(1, 16, 2, 12, 10).contiguous(memory_format=torch.channels_last_3d)
+    cache = torch.randn(1, 16, 2, 12, 10).contiguous(memory_format=torch.channels_last_3d) if cached else None
     with torch.no_grad():
         stock = conv(x, cache)
         conv.__class__ = TapSumCausalConv3d
@@ -102,7 +105,8 @@ def test_compiled_tap_sum_is_one_gemm_and_one_fused_sum():
     calls = [c for c in calls if "(" in c and "async_compile" not in c]
     assert len([c for c in calls if c.startswith("extern_kernels.bmm")]) == 1, calls
     assert "convolution" not in code
-    assert len(calls) == 3, calls  # the time context's concatenation, the GEMM, the fused sum
+    # with a cache: the time context's concatenation, the GEMM, the fused sum; without: the GEMM and the sum
+    assert len(calls) == (3 if cached else 2), calls
 
 
 # -- whole decode and encode -------------------------------------------------------------------------------------

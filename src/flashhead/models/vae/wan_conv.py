@@ -87,17 +87,19 @@ class TapSumCausalConv3d(WanCausalConv3d):
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        x = causal_time_context(self, x, cache_x)
-        n, c, t_in, h, w = x.shape
+        x, front = causal_time_cache(self, x, cache_x)
+        n, c, t_x, h, w = x.shape
         kt, kh, kw = self.kernel_size
         pw, ph = self._padding[0], self._padding[2]
+        t_in = t_x + front  # the zero frames in front are padded on the tap planes below, not on the wider input
         t, h_out, w_out = t_in - kt + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
         # (out * kt * kh * kw, c): a view for channels-last weights (vae_channels_last), else a small copy.
         taps = self.weight.permute(0, 2, 3, 4, 1).reshape(-1, c)
         # Each input pixel times every tap, tap-major (n, out * taps, t_in * h * w): the sum below then reads each
         # plane along rows (torch.matmul would fold n into the pixels and give pixel-major planes).
         planes = torch.bmm(taps.expand(n, -1, -1), x.flatten(2))
-        planes = F.pad(planes.view(n, -1, t_in, h, w), (pw, pw, ph, ph))  # fused into the sum's loads when compiled
+        # zero planes for the padding (a zero input's planes are zero): fused into the sum's loads when compiled
+        planes = F.pad(planes.view(n, -1, t_x, h, w), (pw, pw, ph, ph, front, 0))
         planes = planes.view(n, self.out_channels, kt, kh, kw, t_in, h + 2 * ph, w + 2 * pw)
         out = 0.0 if self.bias is None else self.bias.float().view(1, -1, 1, 1, 1)
         for a in range(kt):
