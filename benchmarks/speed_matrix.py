@@ -293,7 +293,7 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> bool:
             ax.barh(names, values, left=left, color=colour, label=stage)
             left = [a + b for a, b in zip(left, values, strict=True)]
         ax.invert_yaxis()
-        ax.set_xlabel("ms per chunk (stages timed with synchronisation; 'other' from the steady run)")
+        ax.set_xlabel("ms per chunk (stages timed with synchronisation;\n'other' from the steady run)")
         gpus = {r.get("gpu") for r in measured if r.get("gpu")}
         ax.set_title(f"{model}: {gpus.pop()}" if len(gpus) == 1 else model)
         ax.legend(loc="lower right", fontsize=8)

@@ -80,18 +80,23 @@ class SpeedConfig:
             share once (TMA multicast). Needs the library built (`python -m flashhead.models.vae.cutlass_conv
             build`) and an sm_90 GPU; elsewhere it changes nothing. H200: with the 8 tiles of session 28 Pro decode
             166.9 -> 164.4 ms per chunk (60.36 -> 60.51 FPS); with session 29's clusters the compiled chunk decode
-            171.6 -> 161.4 ms. In the `optimized` preset where the library is built and the GPU is a Hopper.
+            171.6 -> 161.4 ms. Since session 31 the kernels pad time themselves (a causal layer's zero frames in
+            front: no padded copy; stream decode 161.4 -> 155.1 ms). In the `optimized` preset where the library is
+            built and the GPU is a Hopper.
         vae_attention_gemm: the Wan2.1 (Pro) decoder's middle-block self-attention (one head of 384 channels over a
             latent frame's 4,096 pixels: too wide a head for the flash kernels, so PyTorch ran its memory-efficient
             kernel at ~90 TFLOP/s, 2.65 ms per Pro chunk on an H200) as two GEMMs with float32 scores and softmax
-            (flashhead.models.vae.wan_attention). No effect on the LTX (Lite) VAE.
+            (flashhead.models.vae.wan_attention): the attention's 2.7 ms become ~1.3 ms of GEMMs and softmax (H200,
+            compiled decode's GPU time 154.3 -> 153.9 ms, session 31). No effect on the LTX (Lite) VAE.
         vae_whole_chunk: the Wan2.1 (Pro) decoder and encoder run each layer once over all of a call's frames
             instead of once per latent frame (decode) or frame group (encode) with caches of the frames before
             (diffusers' loops): the convolutions are causal in time and the rest acts per frame, so the values are
             the same, from ~10x fewer, larger kernels and without the cache copies (flashhead.models.vae.wan.
-            WanVideoVAE.set_whole_chunk). H200: eager Pro chunk decode 331.3 -> 308.7 ms, but compiled no faster
-            (GPU 166.2 -> 165.9 ms; the compiled decode is ~95 % convolution), so not in the `optimized` preset.
-            Needs memory for a chunk's activations at full resolution (Pro: ~1.7 GB per 96-channel tensor). One GPU
+            WanVideoVAE.set_whole_chunk). Pays with vae_cutlass_conv, whose kernels pad time themselves: H200,
+            compiled Pro chunk decode 153.5 -> 140.3 ms (fused Triton kernels 36.9 -> 26.3 ms), stream 62.34 -> 64.40
+            FPS with vae_attention_gemm (session 31). With cuDNN's convolutions each layer's zero frames are a padded
+            copy and the compiled decode was no faster (session 29). In the `optimized` preset where vae_cutlass_conv
+            is. Needs memory for a chunk's activations at full resolution (Pro stream peak 10.4 -> 29.5 GiB). One GPU
             only (the sequence-parallel strip decoder keeps its loop). No effect on the LTX (Lite) VAE.
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
