@@ -17,17 +17,23 @@ class StageTimer:
 
     With `sync=True` CUDA work is synchronised before and after each stage so that asynchronous kernels
     are charged to the stage that launched them; that costs a little throughput, so the benchmark's
-    steady-state FPS runs without a timer.
+    steady-state FPS runs without a timer. With `memory=True` (and sync) each stage's peak of allocated GPU memory is
+    recorded too: the allocator's peak counter is reset at each stage's start, so a caller that wants the process's
+    overall peak reads it before (`max_memory_allocated`).
     """
 
-    def __init__(self, sync: bool = True):
+    def __init__(self, sync: bool = True, memory: bool = False):
         self.sync = sync and torch.cuda.is_available()
+        self.memory = memory and self.sync
         self.records: dict[str, list[float]] = defaultdict(list)
+        self.peak_bytes: dict[str, int] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if self.sync:
             torch.cuda.synchronize()
+            if self.memory:
+                torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             # Named range for profiler traces (benchmarks/trace_stages.py charges GPU work to the stage that
@@ -37,10 +43,13 @@ class StageTimer:
         finally:
             if self.sync:
                 torch.cuda.synchronize()
+                if self.memory:
+                    peak = torch.cuda.max_memory_allocated()
+                    self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
             self.records[name].append((time.perf_counter() - start) * 1000)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{stage: {"mean_ms", "median_ms", "count"}} over everything recorded."""
+        """{stage: {"mean_ms", "median_ms", "count"}} over everything recorded, and "peak_gib" with `memory`."""
         out = {}
         for name, values in self.records.items():
             ordered = sorted(values)
@@ -49,10 +58,13 @@ class StageTimer:
                 "median_ms": round(ordered[len(ordered) // 2], 3),
                 "count": len(values),
             }
+            if name in self.peak_bytes:
+                out[name]["peak_gib"] = round(self.peak_bytes[name] / 2**30, 2)
         return out
 
     def reset(self) -> None:
         self.records.clear()
+        self.peak_bytes.clear()
 
 
 class NullTimer:
