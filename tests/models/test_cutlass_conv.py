@@ -16,10 +16,15 @@ import torch.nn.functional as F
 from flashhead.errors import ConfigError
 from flashhead.models.vae import cutlass_conv
 from flashhead.models.vae.cutlass_conv import CL3D, TILES, Conv3dLibrary, Tile, conv3d_ndhwc, registry_source
-from flashhead.models.vae.wan_conv import CutlassCausalConv3d, KernelPaddedCausalConv3d, set_cutlass_conv
+from flashhead.models.vae.wan_conv import (
+    CutlassCausalConv3d,
+    KernelPaddedCausalConv3d,
+    set_cutlass_conv,
+    set_kernel_padding,
+)
 from flashhead.pipeline.fast_path import apply_vae_switches
 from flashhead.pipeline.speed import SpeedConfig
-from models.test_wan_conv import TOL, decode_encode, max_diff, tiny_wan
+from models.test_wan_conv import CONVS, TOL, decode_encode, max_diff, one_convolution, tiny_wan
 
 
 @pytest.mark.parametrize("padding", [[0, 1, 1], [1, 0, 0], [0, 0, 0]])
@@ -251,3 +256,17 @@ def test_build_reports_a_missing_cutlass_tree(tmp_path, capsys):
     assert "not a CUTLASS source tree" in capsys.readouterr().err
     assert cutlass_conv.main(["build", "--tiles", "m1n1k1"]) == 2  # no tile: m is 64 or 128
     assert cutlass_conv.main(["build", "--tiles", "m128n96k64,bogus"]) == 2
+
+
+@pytest.mark.parametrize("kind", [k for k in CONVS if "stride" not in k])
+@pytest.mark.parametrize("cached", [None, 1, 2, 3])  # frames of cache: none, shorter than, as long as, longer
+def test_cutlass_layer_takes_the_causal_context_in_every_cache_case(kind, cached):
+    """The layer hands the operator the cached frames in front and the zero frames still missing as time padding
+    (here the CPU fallback pads them; on the GPU the kernel does): diffusers' output in every cache case."""
+    conv, x, cache = one_convolution(kind, cached, channels_last=True)
+    with torch.no_grad():
+        stock = conv(x, cache)
+        set_kernel_padding(conv, True)
+        conv.__class__ = CutlassCausalConv3d
+        out = conv(x, cache)
+    assert out.shape == stock.shape and max_diff(out, stock) <= TOL
