@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +93,42 @@ def test_help_imports_no_torch_and_the_lazy_packages_export_their_names():
     for package in (flashhead.eval, flashhead.train):
         with pytest.raises(AttributeError, match="has no attribute"):
             package.not_a_name  # noqa: B018
+
+
+def _kernels(tmp_path, library) -> dict:
+    env = {**os.environ, "FLASHHEAD_CONV3D_LIB": str(library), "FLASHHEAD_CONV3D_CHOICES": str(tmp_path / "kept.json")}
+    out = subprocess.run([sys.executable, "-m", "flashhead.cli", "kernels", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the stand-in libraries")
+def test_kernels_reports_the_cutlass_library_state(tmp_path):
+    """`flashhead kernels` says where the CUTLASS library is expected and whether it loads: missing, built by an older
+    flashhead (refused: rebuild), or built (its tiles); and what --optimized turns on here."""
+    report = _kernels(tmp_path, tmp_path / "missing.so")
+    conv = report["cutlass_conv3d"]
+    assert conv["state"] == "not built" and "cutlass_conv build" in conv["reason"] and not conv["used"]
+    assert report["optimized_switches"]["compile_dit"] is True and "fp8" not in report["optimized_switches"]
+    if report["gpu"] is None:  # this CPU: no FlashAttention-3, cuDNN attention in the preset
+        assert report["optimized_switches"]["attention"] == "cudnn" and not report["flash_attention_3"]["used"]
+
+    def stand_in(name: str, source: str) -> Path:
+        (tmp_path / f"{name}.c").write_text(source)
+        lib = tmp_path / f"{name}.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / f"{name}.c")], check=True)
+        return lib
+
+    names = 'static const char* n[] = {"m128n96k64", "m128n192k64"};\n'
+    listing = "int fh_conv3d_count(void) { return 2; }\nconst char* fh_conv3d_name(int i) { return n[i]; }\n"
+    listing += "int fh_conv3d_run(void) { return 1; }\n"  # never called here: no GPU needed
+    old = _kernels(tmp_path, stand_in("old", names + listing))["cutlass_conv3d"]  # no interface version: session 30
+    assert old["state"] == "unusable" and "rebuild" in old["reason"]
+    other = _kernels(tmp_path, stand_in("other", "int fh_conv3d_abi(void) { return 2; }\n"))["cutlass_conv3d"]
+    assert other["state"] == "unusable" and "not a flashhead convolution library" in other["reason"]
+    (tmp_path / "kept.json").write_text(json.dumps({"a gpu": {"p1": "m128n96k64", "p2": "cudnn"}}))
+    built = _kernels(tmp_path, stand_in("new", names + listing + "int fh_conv3d_abi(void) { return 2; }\n"))
+    conv = built["cutlass_conv3d"]
+    assert conv["state"] == "built" and conv["tiles"] == ["m128n96k64", "m128n192k64"]
+    assert conv["kept_choices"] == {"path": str(tmp_path / "kept.json"), "problems": 2}

@@ -128,6 +128,50 @@ def info(
     console.print(table)
 
 
+@app.command()
+@friendly_errors
+def kernels(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """Which fast kernels this machine can use, and the switches `--optimized` turns on here."""
+    import importlib.util
+
+    import torch
+
+    from flashhead.models.vae import cutlass_conv
+    from flashhead.pipeline.speed import SpeedConfig
+
+    gpu = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        gpu = {"name": torch.cuda.get_device_name(), "capability": f"sm_{major}{minor}"}
+    optimized, plain = SpeedConfig.optimized().to_dict(), SpeedConfig().to_dict()
+    report = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "flash_attention_3": {
+            "installed": importlib.util.find_spec("flash_attn_interface") is not None,
+            "used": optimized["attention"] == "fa3",
+            "needs": "the flash_attn_interface package (benchmarks/build_fa3.py) and a Hopper GPU",
+        },
+        "cutlass_conv3d": {**cutlass_conv.library_status(), "used": optimized["vae_cutlass_conv"]},
+        "optimized_switches": {k: v for k, v in optimized.items() if v != plain[k]},
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title="flashhead kernels", show_header=False)
+    table.add_row("GPU", "none (CPU)" if gpu is None else f"{gpu['name']} ({gpu['capability']})")
+    fa3 = report["flash_attention_3"]
+    table.add_row("FlashAttention-3", f"{'installed' if fa3['installed'] else 'not installed'}; "
+                  f"{'used by --optimized' if fa3['used'] else 'not used (needs ' + fa3['needs'] + ')'}")  # fmt: skip
+    conv = report["cutlass_conv3d"]
+    detail = f"{len(conv['tiles'])} tiles" if conv["state"] == "built" else conv["reason"]
+    table.add_row("CUTLASS 3-D convolutions", f"{conv['state']} at {conv['path']} ({detail}); "
+                  f"{'used' if conv['used'] else 'not used'} by --optimized")  # fmt: skip
+    on = ", ".join(f"{k}={v}" if not isinstance(v, bool) else k for k, v in report["optimized_switches"].items())
+    table.add_row("--optimized here", on)
+    console.print(table)
+
+
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 

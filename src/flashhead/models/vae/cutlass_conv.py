@@ -232,10 +232,14 @@ class Conv3dLibrary:
         if abi is None or abi() != ABI:
             raise OSError(f"built by another flashhead version (interface {abi() if abi else 1}, need {ABI}): "
                           "rebuild it with `python -m flashhead.models.vae.cutlass_conv build`")  # fmt: skip
-        self._lib.fh_conv3d_count.restype = ctypes.c_int
-        self._lib.fh_conv3d_name.restype = ctypes.c_char_p
+        try:
+            self._lib.fh_conv3d_count.restype = ctypes.c_int
+            self._lib.fh_conv3d_name.restype = ctypes.c_char_p
+            run = self._lib.fh_conv3d_run
+        except AttributeError as err:  # not a library this module built
+            raise OSError(f"not a flashhead convolution library ({err}): rebuild it with "
+                          "`python -m flashhead.models.vae.cutlass_conv build`") from None  # fmt: skip
         self._lib.fh_conv3d_name.argtypes = [ctypes.c_int]
-        run = self._lib.fh_conv3d_run
         run.restype = ctypes.c_int
         run.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 14 + [ctypes.c_void_p]
         self.tiles = [self._lib.fh_conv3d_name(i).decode() for i in range(self._lib.fh_conv3d_count())]
@@ -265,6 +269,24 @@ def load_library() -> Conv3dLibrary | None:
     except OSError as err:  # built for another platform, or a CUDA driver too old for it
         log.warning("cannot load %s: %s", path, err)
         return None
+
+
+def library_status() -> dict:
+    """Where the library is expected and whether it loads: {"path", "state": "built" | "not built" | "unusable",
+    and "tiles" and "kept_choices" (the choices file, how many problems it keeps) or "reason"}, for `flashhead
+    kernels`."""
+    path = default_library_path()
+    status: dict = {"path": str(path)}
+    if not path.is_file():
+        return {**status, "state": "not built", "reason": "build it: python -m flashhead.models.vae.cutlass_conv build"}
+    try:
+        lib = Conv3dLibrary(path)
+    except OSError as err:
+        return {**status, "state": "unusable", "reason": str(err)}
+    kept = tuned_choices()
+    problems = sum(len(v) for v in kept._read().values() if isinstance(v, dict)) if kept is not None else 0
+    return {**status, "state": "built", "tiles": lib.tiles,
+            "kept_choices": {"path": str(kept.path), "problems": problems} if kept is not None else None}  # fmt: skip
 
 
 def available(device: torch.device | int | None = None) -> bool:
