@@ -18,8 +18,9 @@ class StageTimer:
     With `sync=True` CUDA work is synchronised before and after each stage so that asynchronous kernels
     are charged to the stage that launched them; that costs a little throughput, so the benchmark's
     steady-state FPS runs without a timer. With `memory=True` (and sync) each stage's peak of allocated GPU memory is
-    recorded too: the allocator's peak counter is reset at each stage's start, so a caller that wants the process's
-    overall peak reads it before (`max_memory_allocated`).
+    recorded too: the allocator's peak counter is reset at each outermost stage's start (a stage inside another
+    reports the peak since the outer one began), so a caller that wants the process's overall peak reads it before
+    (`max_memory_allocated`).
     """
 
     def __init__(self, sync: bool = True, memory: bool = False):
@@ -27,13 +28,15 @@ class StageTimer:
         self.memory = memory and self.sync
         self.records: dict[str, list[float]] = defaultdict(list)
         self.peak_bytes: dict[str, int] = {}
+        self._depth = 0  # stages open now
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if self.sync:
             torch.cuda.synchronize()
-            if self.memory:
+            if self.memory and self._depth == 0:  # a stage inside another keeps the outer one's peak counting
                 torch.cuda.reset_peak_memory_stats()
+        self._depth += 1
         start = time.perf_counter()
         try:
             # Named range for profiler traces (benchmarks/trace_stages.py charges GPU work to the stage that
@@ -41,6 +44,7 @@ class StageTimer:
             with torch.profiler.record_function(STAGE_PREFIX + name):
                 yield
         finally:
+            self._depth -= 1
             if self.sync:
                 torch.cuda.synchronize()
                 if self.memory:

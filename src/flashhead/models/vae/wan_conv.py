@@ -95,7 +95,7 @@ class TapSumCausalConv3d(WanCausalConv3d):
         t, h_out, w_out = t_in - kt + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
         # (out * kt * kh * kw, c): a view for channels-last weights (vae_channels_last), else a small copy.
         taps = self.weight.permute(0, 2, 3, 4, 1).reshape(-1, c)
-        # Each input pixel times every tap, tap-major (n, out * taps, t_in * h * w): the sum below then reads each
+        # Each input pixel times every tap, tap-major (n, out * taps, t_x * h * w): the sum below then reads each
         # plane along rows (torch.matmul would fold n into the pixels and give pixel-major planes).
         planes = torch.bmm(taps.expand(n, -1, -1), x.flatten(2))
         # zero planes for the padding (a zero input's planes are zero): fused into the sum's loads when compiled
