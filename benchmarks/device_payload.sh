@@ -40,8 +40,11 @@ if [ -n "${FA3_SRC:-}" ] && [ ! -f .device/fa3/fa3src.tar.xz ]; then
     rm -rf "$tmp"
 fi
 
-if [ -n "${CONV3D:-}" ] && [ ! -f .device/conv3d/libflashhead_conv3d_sm90.so ]; then
-    PYTHONPATH=src python3 -m flashhead.models.vae.cutlass_conv build --dest .device/conv3d/libflashhead_conv3d_sm90.so \
+# Built again where missing or where this checkout refuses it (built by an older flashhead: another C interface).
+LIB=.device/conv3d/libflashhead_conv3d_sm90.so
+if [ -n "${CONV3D:-}" ] && ! PYTHONPATH=src python3 -c "from flashhead.models.vae.cutlass_conv import Conv3dLibrary as L; L('$LIB')" \
+        2>/dev/null; then
+    PYTHONPATH=src python3 -m flashhead.models.vae.cutlass_conv build --dest "$LIB" \
         --jobs "${JOBS:-2}"
 fi
 du -sh .device/* 2>/dev/null
