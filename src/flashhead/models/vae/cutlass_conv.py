@@ -147,6 +147,7 @@ def registry_source(tiles: tuple[Tile, ...]) -> str:
     )
 
 
+BUILD_COMMAND = "python -m flashhead.models.vae.cutlass_conv build"
 # The C interface's version: 2 has the time padding per side (1, before session 31: one symmetric pad_d).
 ABI = 2
 ARGS_C = (
@@ -231,14 +232,14 @@ class Conv3dLibrary:
         abi = getattr(self._lib, "fh_conv3d_abi", None)
         if abi is None or abi() != ABI:
             raise OSError(f"built by another flashhead version (interface {abi() if abi else 1}, need {ABI}): "
-                          "rebuild it with `python -m flashhead.models.vae.cutlass_conv build`")  # fmt: skip
+                          f"rebuild it with `{BUILD_COMMAND}`")  # fmt: skip
         try:
             self._lib.fh_conv3d_count.restype = ctypes.c_int
             self._lib.fh_conv3d_name.restype = ctypes.c_char_p
             run = self._lib.fh_conv3d_run
         except AttributeError as err:  # not a library this module built
-            raise OSError(f"not a flashhead convolution library ({err}): rebuild it with "
-                          "`python -m flashhead.models.vae.cutlass_conv build`") from None  # fmt: skip
+            message = f"not a flashhead convolution library ({err}): rebuild it with `{BUILD_COMMAND}`"
+            raise OSError(message) from None
         self._lib.fh_conv3d_name.argtypes = [ctypes.c_int]
         run.restype = ctypes.c_int
         run.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 14 + [ctypes.c_void_p]
@@ -258,17 +259,26 @@ class Conv3dLibrary:
         )  # fmt: skip
 
 
+def open_library(path: Path) -> Conv3dLibrary | str:
+    """The library at `path`, or why it cannot be used (missing, built by another flashhead, not loadable here)."""
+    if not path.is_file():
+        return f"not built: {BUILD_COMMAND}"
+    try:
+        return Conv3dLibrary(path)
+    except OSError as err:  # built for another platform or flashhead version, or a CUDA driver too old for it
+        return str(err)
+
+
 @functools.cache
 def load_library() -> Conv3dLibrary | None:
     """The library at FLASHHEAD_CONV3D_LIB or the default cache path; None where it is missing or does not load."""
     path = default_library_path()
-    if not path.is_file():
+    lib = open_library(path)
+    if isinstance(lib, str):
+        if path.is_file():  # there, but unusable: said once (functools.cache)
+            log.warning("cannot load %s: %s", path, lib)
         return None
-    try:
-        return Conv3dLibrary(path)
-    except OSError as err:  # built for another platform, or a CUDA driver too old for it
-        log.warning("cannot load %s: %s", path, err)
-        return None
+    return lib
 
 
 def library_status() -> dict:
@@ -276,17 +286,12 @@ def library_status() -> dict:
     and "tiles" and "kept_choices" (the choices file, how many problems it keeps) or "reason"}, for `flashhead
     kernels`."""
     path = default_library_path()
-    status: dict = {"path": str(path)}
-    if not path.is_file():
-        return {**status, "state": "not built", "reason": "build it: python -m flashhead.models.vae.cutlass_conv build"}
-    try:
-        lib = Conv3dLibrary(path)
-    except OSError as err:
-        return {**status, "state": "unusable", "reason": str(err)}
+    lib = open_library(path)
+    if isinstance(lib, str):
+        return {"path": str(path), "state": "unusable" if path.is_file() else "not built", "reason": lib}
     kept = tuned_choices()
-    problems = sum(len(v) for v in kept._read().values() if isinstance(v, dict)) if kept is not None else 0
-    return {**status, "state": "built", "tiles": lib.tiles,
-            "kept_choices": {"path": str(kept.path), "problems": problems} if kept is not None else None}  # fmt: skip
+    kept_report = {"path": str(kept.path), "problems": kept.count()} if kept is not None else None
+    return {"path": str(path), "state": "built", "tiles": lib.tiles, "kept_choices": kept_report}
 
 
 def available(device: torch.device | int | None = None) -> bool:
@@ -341,6 +346,10 @@ class TunedChoices:
             self._data = self._read()
         choice = self._data.get(scope, {}).get(problem)
         return choice if isinstance(choice, str) else None
+
+    def count(self) -> int:
+        """How many problems the file keeps choices for, over every scope."""
+        return sum(len(v) for v in self._read().values() if isinstance(v, dict))
 
     def put(self, scope: str, problem: str, choice: str) -> None:
         data = self._read() if self._writable else (self._data or {})
