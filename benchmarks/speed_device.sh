@@ -170,7 +170,7 @@ ab)
         timeout "${BENCH_TIMEOUT:-280}" python3 -m flashhead.cli bench --model "$MODEL" --optimized ${SW:+--switches "$SW"} \
             --audio "$AUDIO" --seconds 10 ${BENCH_ARGS:-} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
         echo "$name ${SW:-(optimized)} rc=$?"
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'steady_peak_gpu_memory_gib', 'gpu_memory_reserved_gib', 'streams')})" "$OUT/$name.json"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'steady_peak_gpu_memory_gib', 'gpu_memory_reserved_gib', 'gpu_memory_held_gib', 'streams')})" "$OUT/$name.json"
     done
     ;;
 audio)

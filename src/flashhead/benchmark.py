@@ -210,6 +210,10 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         report["stage_peak_gpu_memory_gib"] = stage_peaks
         report["steady_peak_gpu_memory_gib"] = max(stage_peaks.values(), default=None)
         report["gpu_memory_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+        # What stays once the allocator's free blocks go back (as a server's warm-up ends): weights, the CUDA
+        # graphs' pools, live tensors. The rest of the reserved figure is cache another process could have.
+        torch.cuda.empty_cache()
+        report["gpu_memory_held_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
     else:
         report["peak_gpu_memory_gib"] = None
     report["environment"] = environment()

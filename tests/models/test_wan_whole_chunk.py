@@ -106,3 +106,60 @@ def test_compiled_whole_chunk_decoder_and_encoder_are_one_graph_each():
     finally:
         model.clear_cache()
         torch._dynamo.reset()
+
+
+def decoder_call_frames(vae: WanVideoVAE) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """The latent frames of each decoder call from now on (the hook appends; remove the handle after)."""
+    frames: list[int] = []
+    handle = vae.model.decoder.register_forward_pre_hook(lambda _m, args: frames.append(args[0].shape[2]))
+    return frames, handle
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("batch", "call_frames", "calls"),
+    [
+        (1, 0, [5]),  # one stream's whole decode in one call
+        (2, 0, [2, 2, 1]),  # two streams: at most 5 latent frames per call over both, 2 each
+        (3, 0, [1, 1, 1, 1, 1]),  # more streams than 5 // 2: the per-frame loop's calls
+        (1, 4, [3, 2]),  # a bound below the decode: near-equal calls, at most 4 frames each
+        (2, 6, [3, 2]),
+    ],
+)
+def test_whole_chunk_calls_are_bounded_over_the_batch_and_keep_the_frames(batch, call_frames, calls):
+    vae = tiny_wan("shipped")
+    z = torch.randn(batch, 16, 5, 4, 6, generator=torch.Generator().manual_seed(3))
+    loop = vae.decode(z)
+    vae.set_whole_chunk(True, call_frames=call_frames)
+    seen, handle = decoder_call_frames(vae)
+    try:
+        bounded = vae.decode(z)
+    finally:
+        handle.remove()
+    assert seen == calls
+    assert bounded.shape == loop.shape == (batch, 3, 17, 32, 48)
+    torch.testing.assert_close(bounded, loop, atol=ATOL, rtol=0)
+    # each stream its own frames: a batch mixed up along the way would differ by far more than the tolerance
+    assert (bounded[1:] - bounded[:1]).abs().max() > 0.05 if batch > 1 else True
+
+
+@torch.no_grad()
+def test_bounded_calls_split_each_piece_apart():
+    """Early first frames: the head piece and the rest are split each within its own bounds, and together are the
+    per-frame loop's decode."""
+    vae = tiny_wan("shipped")
+    z = latent(5, seed=4)
+    loop = vae.decode(z)
+    vae.set_whole_chunk(True, call_frames=2)
+    seen, handle = decoder_call_frames(vae)
+    try:
+        pieces = list(vae.decode_in_pieces(z, 1))
+    finally:
+        handle.remove()
+    assert seen == [1, 2, 2] and [p.shape[2] for p in pieces] == [1, 16]
+    torch.testing.assert_close(torch.cat(pieces, dim=2), loop, atol=ATOL, rtol=0)
+
+
+def test_call_frames_must_not_be_negative():
+    with pytest.raises(ValueError, match="call_frames"):
+        tiny_wan("stock").set_whole_chunk(True, call_frames=-1)

@@ -100,6 +100,9 @@ def test_switches_parse_and_reject_bad_values():
     with pytest.raises(ConfigError, match="cudnn_search_all is now cudnn_search_limit"):
         SpeedConfig.parse("cudnn_search_all=on")
     assert SpeedConfig.parse("cudnn_benchmark=on,cudnn_search_limit=24").cudnn_search_limit == 24
+    assert SpeedConfig.parse("vae_whole_chunk,vae_call_frames=3").vae_call_frames == 3
+    with pytest.raises(ConfigError, match="vae_call_frames must be 0"):
+        SpeedConfig.parse("vae_whole_chunk,vae_call_frames=-2")
     assert SpeedConfig.from_dict({"cudnn_benchmark": True, "cudnn_search_limit": 0}).cudnn_search_limit == 0
     with pytest.raises(ConfigError, match="cudnn_benchmark on"):
         SpeedConfig.optimized().replace(cudnn_benchmark=False)
@@ -491,15 +494,18 @@ def test_vae_attention_gemm_keeps_the_pro_frames():
 def test_vae_whole_chunk_keeps_the_pro_frames():
     """The Wan decoder over all latent frames at once: the stream's frames as with the per-frame loop, eager and
     compiled with the shipped VAE switches; off again, the loop is back (the two-piece decode: tests/models)."""
+    call_frames = iter([0, 2, 0])
+
     def installed(pro) -> None:
-        assert pro.vae.whole_chunk
+        assert pro.vae.whole_chunk and pro.vae.call_frames == next(call_frames)
 
     pro = assert_pro_frames_kept(5, (
         SpeedConfig(vae_whole_chunk=True),
+        SpeedConfig(vae_whole_chunk=True, vae_call_frames=2),  # bounded calls (tests/models/test_wan_whole_chunk)
         SpeedConfig(vae_whole_chunk=True, vae_conv_pad=True, vae_channels_last=True, vae_subpixel_upsample=True,
                     vae_conv_out_gemm=True, compile_vae=True, vae_static_shapes=True),
     ), installed)  # fmt: skip
-    assert not pro.vae.whole_chunk
+    assert not pro.vae.whole_chunk and pro.vae.call_frames == 0
     lite = tiny_pipeline("lite")[0]
     lite.optimize(SpeedConfig(vae_whole_chunk=True))  # the LTX VAE decodes whole chunks already: nothing to switch
     assert not hasattr(lite.vae, "whole_chunk")

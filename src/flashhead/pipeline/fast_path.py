@@ -279,7 +279,7 @@ def apply_vae_switches(vae: torch.nn.Module, speed: SpeedConfig) -> None:
         # given several frames at once; eager keeps diffusers' (sub-pixel upsampling keeps its own).
         set_traceable_resample(model, speed.compile_vae or speed.vae_whole_chunk)
     if hasattr(vae, "set_whole_chunk"):
-        vae.set_whole_chunk(speed.vae_whole_chunk)
+        vae.set_whole_chunk(speed.vae_whole_chunk, call_frames=speed.vae_call_frames)
     # The encoder too: every chunk re-encodes its motion frames (Pro 44 ms, Lite 17 ms per chunk eager on an H100).
     for net in (getattr(model, "decoder", None), getattr(model, "encoder", None)):
         if net is None:

@@ -98,6 +98,12 @@ class SpeedConfig:
             copy and the compiled decode was no faster (session 29). In the `optimized` preset where vae_cutlass_conv
             is. Needs memory for a chunk's activations at full resolution (Pro stream peak 10.4 -> 29.5 GiB). One GPU
             only (the sequence-parallel strip decoder keeps its loop). No effect on the LTX (Lite) VAE.
+        vae_call_frames: with vae_whole_chunk, the most latent frames one decoder call takes, counted over a batch's
+            streams (0, the default: one stream's decode, 9 latent frames for a Pro chunk). Activation memory grows
+            with them: one Pro stream 26.3 GiB at the decode's peak against 10.4 for the per-frame loop (H200, session
+            32), so without a bound B batched streams would need about B times that. With it B streams decode in
+            calls of call_frames // B frames each (the per-frame loop's calls from 9 streams on). A smaller value
+            trades some of the whole chunk's speed for memory (e.g. 3: three calls of 3 frames per Pro chunk).
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
@@ -175,6 +181,7 @@ class SpeedConfig:
     vae_cutlass_conv: bool = False
     vae_attention_gemm: bool = False
     vae_whole_chunk: bool = False
+    vae_call_frames: int = 0
     fused_gelu: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
@@ -208,6 +215,8 @@ class SpeedConfig:
                 f"cudnn_search_limit={self.cudnn_search_limit} needs cudnn_benchmark on "
                 f"(or set cudnn_search_limit={TORCH_CUDNN_BENCHMARK_LIMIT}, torch's default, with it off)"
             )
+        if self.vae_call_frames < 0:
+            raise ConfigError(f"vae_call_frames must be 0 (one stream's decode) or more, got {self.vae_call_frames}")
         if self.rope_fp32 and not self.rope_table:
             raise ConfigError("rope_fp32 is the dtype of rope_table's table: switch rope_table on too")
         if self.vae_cutlass_conv and not self.vae_conv_pad:

@@ -104,6 +104,10 @@ def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict
         seconds[n] = round(time.perf_counter() - start, 3)
         for session in sessions:
             engine.close_session(session.id)
+    if torch.cuda.is_available() and pipe.device.type == "cuda":
+        # Compilation, autotuning and cuDNN's algorithm search leave free blocks in the allocator's cache (Pro
+        # --optimized: 68.9 GiB reserved for 29.5 GiB at the peak, H200 session 32); give them back to the device.
+        torch.cuda.empty_cache()
     return {"seconds_by_batch": seconds, "total_seconds": round(sum(seconds.values()), 3)}
 
 

@@ -151,6 +151,7 @@ class WanVideoVAE(VideoVAE):
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std), persistent=False)
         self.whole_chunk = False  # set_whole_chunk
+        self.call_frames = 0  # set_whole_chunk: latent frames per decoder call over the batch (0: a stream's decode)
 
     @classmethod
     def from_pretrained(
@@ -254,7 +255,7 @@ class WanVideoVAE(VideoVAE):
             model.clear_cache()
         return self.normalize(mu)
 
-    def set_whole_chunk(self, on: bool) -> None:
+    def set_whole_chunk(self, on: bool, call_frames: int = 0) -> None:
         """The `vae_whole_chunk` switch: each decode (encode) runs its frames through every layer at once.
 
         diffusers' decode loops over the latent frames, running the whole decoder on one frame at a time with a
@@ -266,8 +267,16 @@ class WanVideoVAE(VideoVAE):
         (diffusers: the first frame, then groups of 4). Only the time resampling treats the first frame apart;
         `TraceableWanResample` does that for several frames at once, so the resamples become traceable ones (the same
         arithmetic per frame).
+
+        `call_frames` bounds a decoder call's latent frames, counted over the batch's streams, since activation
+        memory grows with them (Pro, one stream: 10.4 GiB for the per-frame loop, 26.3 GiB for a chunk's 9 latent
+        frames at once, H200 session 32). 0: as many as one stream's decode, so that B batched streams decode in
+        calls of 1/B of their frames each and need about the memory of one stream's whole decode (not B times it).
         """
+        if call_frames < 0:
+            raise ValueError(f"call_frames must be 0 (a stream's whole decode) or more, got {call_frames}")
         self.whole_chunk = on
+        self.call_frames = call_frames
         if on:
             set_traceable_resample(self.model, True)
 
@@ -309,8 +318,7 @@ class WanVideoVAE(VideoVAE):
         try:
             start = 0
             for end in ends:
-                # whole_chunk: one call per piece; else diffusers' loop, one call per latent frame.
-                calls = [(start, end)] if self.whole_chunk else [(i, i + 1) for i in range(start, end)]
+                calls = self._decoder_calls(start, end, batch=latent.shape[0], frames=latent.shape[2])
                 piece = []
                 for a, b in calls:
                     model._conv_idx = [0]
@@ -320,3 +328,19 @@ class WanVideoVAE(VideoVAE):
                 start = end
         finally:
             model.clear_cache()
+
+    def _decoder_calls(self, start: int, end: int, batch: int, frames: int) -> list[tuple[int, int]]:
+        """The latent frame spans [a, b) of the decoder calls that decode [start, end): diffusers' loop one frame
+        per call; whole_chunk as few calls as `call_frames` allows (for B streams, call_frames // B frames per
+        call), of near-equal lengths, so a piece compiles to at most two shapes."""
+        if not self.whole_chunk:
+            return [(i, i + 1) for i in range(start, end)]
+        step = max(1, (self.call_frames or frames) // batch)
+        calls = -(-(end - start) // step)
+        size, longer = divmod(end - start, calls)
+        spans, a = [], start
+        for i in range(calls):
+            b = a + size + (i < longer)
+            spans.append((a, b))
+            a = b
+        return spans
