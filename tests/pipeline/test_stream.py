@@ -366,3 +366,39 @@ def test_early_first_frames_hand_out_a_new_streams_first_frames_before_the_rest_
     assert a_lengths[2:4] == [4, pro.new_frames - 4]
     assert all(n == pro.new_frames for n in a_lengths[4:-1]) and all(len(c.frames) == pro.new_frames for c in
                                                                      b_chunks[2:-1])  # fmt: skip
+
+
+def test_batched_whole_chunk_decodes_share_one_streams_bound_and_keep_the_frames():
+    """vae_whole_chunk with batched Pro sessions: every decoder call takes at most one stream's latent frames in all
+    (vae_call_frames 0), batches of two in calls of fewer frames each, and the frames are the per-frame loop's."""
+    from flashhead.pipeline.speed import SpeedConfig
+
+    pro, _, _ = tiny_pipeline("pro")
+    audios = {21: speechlike(3.0, seed=5), 22: speechlike(2.2, seed=6)}
+    calls: list[tuple[int, int]] = []  # (batch, latent frames) of each decoder call
+    hook = pro.vae.model.decoder.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape[::2][:2])))
+    runs = {}
+    try:
+        for name, speed in (("loop", SpeedConfig()), ("whole", SpeedConfig(vae_whole_chunk=True))):
+            pro.optimize(speed)
+            calls.clear()
+            engine = StreamEngine(pro, max_batch=2)
+            ids = []
+            for seed, audio in audios.items():
+                s = engine.open_session(portrait(pro, seed), seed=seed)
+                s.push_audio(audio)
+                s.end()
+                ids.append(s.id)
+            chunks = engine.run_until_idle()
+            runs[name] = ([frames_of(chunks, i) for i in ids], list(calls))
+    finally:
+        hook.remove()
+        pro.optimize(SpeedConfig())
+    (loop_frames, loop_calls), (whole_frames, whole_calls) = runs["loop"], runs["whole"]
+    latent_frames = max(f for _, f in whole_calls)
+    assert {f for _, f in loop_calls} == {1}
+    assert all(b * f <= latent_frames for b, f in whole_calls)  # never more than one stream's decode per call
+    assert any(b == 2 and f > 1 for b, f in whole_calls) and any(b == 1 and f == latent_frames for b, f in whole_calls)
+    for loop, whole in zip(loop_frames, whole_frames, strict=True):
+        assert loop.shape == whole.shape
+        assert np.abs(loop.astype(int) - whole.astype(int)).max() <= 1
