@@ -62,6 +62,9 @@ REASSOCIATING = {
     "vae_whole_chunk": "vae_whole_chunk=on",
     "vae_whole_chunk_compiled": "vae_whole_chunk=on,vae_conv_pad=on,vae_channels_last=on,vae_subpixel_upsample=on,"
     "vae_conv_out_gemm=on,compile_vae=on,vae_static_shapes=on,vae_cuda_graphs=on,early_first_frames=on,pinned_memory=on",
+    # decoder calls of 3 latent frames (a Pro chunk's 9 in three): the bound batched streams share (vae_call_frames)
+    "vae_call_frames_compiled": "vae_whole_chunk=on,vae_call_frames=3,vae_conv_pad=on,vae_channels_last=on,"
+    "vae_subpixel_upsample=on,vae_conv_out_gemm=on,compile_vae=on,vae_static_shapes=on,vae_cuda_graphs=on",
     "rope_fp32": "rope_fp32=on,rope_table=on",
     "rope_fp32_compiled": "rope_fp32=on,rope_table=on,compile_dit=on",
     "compile_color": "compile_color=on",
