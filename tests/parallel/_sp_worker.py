@@ -343,11 +343,16 @@ def main(out: Path, cases: list[str]) -> None:
             pipe = tiny_pipeline("pro")[0].parallelize(group, force=True)
             speed = case.partition("-")[2].replace("+", ",")
             if group.is_leader:
+                calls: list[int] = []  # latent frames per decoder call (the strip decoder's mid block sees them all)
+                mid = pipe.vae.model.decoder.mid_block
+                hook = mid.register_forward_pre_hook(lambda _m, args, calls=calls: calls.append(args[0].shape[2]))
                 try:
                     got = stream_run(pipe, speed)
                 finally:
+                    hook.remove()
                     pipe.release_followers()
                 results.update({f"{case}.{k}": v for k, v in got.items()})
+                results[f"{case}.decoder_call_frames"] = torch.tensor(calls)
             else:
                 pipe.optimize(speed)
                 pipe.follow()

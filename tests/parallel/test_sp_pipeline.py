@@ -21,11 +21,13 @@ from _sp_worker import torchrun  # noqa: E402
 CASES = ("pipeline-plain", "pipeline-rope_table+cond_cache", "pipeline_kv-rope_table+cond_cache",
          "pipeline_xg-rope_table+cond_cache")  # fmt: skip
 STREAM = "stream-rope_table+cond_cache"  # launch_ahead off: a split pipeline's engine launches ahead anyway
+# Each rank's strip decoded in vae_whole_chunk's calls (two sessions batched: calls bounded over the batch)
+STREAM_WHOLE = "stream-rope_table+cond_cache+vae_whole_chunk+vae_conv_pad"
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("sp_pipe"), *CASES, STREAM)
+    return torchrun(tmp_path_factory.mktemp("sp_pipe"), *CASES, STREAM, STREAM_WHOLE)
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +62,20 @@ def test_two_process_pipeline_equals_single_process(pipeline, expected, case):
     assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
 
 
-def test_two_process_stream_launching_rounds_ahead_equals_single_process(pipeline):
+@pytest.mark.parametrize("case", [STREAM, STREAM_WHOLE])
+def test_two_process_stream_launching_rounds_ahead_equals_single_process(pipeline, case):
     """The leader's engine queues each next round before it waits for the current one's frames (as it always does
     when split, without the launch_ahead switch): the announcements reach the followers on the host-side group, in
-    order, and the frames are one process's."""
+    order, and the frames are one process's (plain), with the per-frame strip decode and with whole chunks."""
     from _tiny import tiny_pipeline
 
     expected = worker.stream_run(tiny_pipeline("pro")[0], None)
     got = pipeline[0]
-    flights = got[f"{STREAM}.in_flight"].tolist()
+    flights = got[f"{case}.in_flight"].tolist()
     assert flights[1:-1] and all(flights[1:-1]) and not flights[0] and not flights[-1]  # rounds launched ahead
+    call_frames = set(got[f"{case}.decoder_call_frames"].tolist())
+    assert call_frames == {1} if case == STREAM else max(call_frames) > 1  # the strips' loop, or whole-chunk calls
     for i in (0, 1):
-        frames, ref = got[f"{STREAM}.frames{i}"].numpy(), expected[f"frames{i}"].numpy()
+        frames, ref = got[f"{case}.frames{i}"].numpy(), expected[f"frames{i}"].numpy()
         assert frames.shape == ref.shape and len(ref) == round(int(16000 * (2.3, 1.1)[i]) / 640)
         assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1

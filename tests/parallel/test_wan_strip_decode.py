@@ -138,3 +138,27 @@ def test_compiled_strip_step_keeps_three_graphs_with_every_switch():
                 top = decode_strip(vae, latent, 0, 4, 0)
         assert stats["unique_graphs"] <= 3, dict(stats)
         torch.testing.assert_close(top, full[..., : 4 * 8, :], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("call_frames", "batch"), [(0, 1), (2, 1), (0, 2)])
+def test_whole_chunk_strips_equal_the_full_decode(call_frames, batch):
+    """vae_whole_chunk on the strip decoder: each strip decodes its latent frames in the whole-chunk calls (all at
+    once, or bounded by vae_call_frames over the batch) with the shipped layer switches, and the strips are the rows
+    of the plain per-frame full decode."""
+    vae = tiny_vae("pro")
+    latent = torch.randn(batch, 16, 5, 13, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = vae.decode(latent)
+    speed = SpeedConfig(vae_whole_chunk=True, vae_call_frames=call_frames, vae_conv_pad=True, vae_channels_last=True,
+                        vae_subpixel_upsample=True, vae_conv_out_gemm=True)  # fmt: skip
+    apply_vae_switches(vae, speed)
+    expected = vae.decoder_calls(0, 5, batch=batch, frames=5)
+    seen: list[int] = []
+    hook = vae.model.decoder.mid_block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[2]))
+    try:
+        got = strips(vae, latent, 3)
+    finally:
+        hook.remove()
+        apply_vae_switches(vae, SpeedConfig())
+    assert len(expected) < 5 and seen == [b - a for a, b in expected] * 3  # the whole chunk's calls, on each strip
+    torch.testing.assert_close(got, full, rtol=0, atol=2e-5)

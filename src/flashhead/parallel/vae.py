@@ -46,7 +46,9 @@ def decode_strip(vae: VideoVAE, latent: torch.Tensor, start: int, stop: int, hal
         if not hasattr(vae, "_strip_decoder"):
             vae._strip_decoder = WanStripDecoder(vae.model)
         z = vae.denormalize(vae._check_latent(latent))
-        return graphed(vae, "strip_decode", vae._strip_decoder.decode)(z, start, stop).clamp(-1.0, 1.0)
+        # vae_whole_chunk's calls or the per-frame loop's; a tuple, since a graphed call's settings select its graph
+        calls = tuple(vae.decoder_calls(0, z.shape[2], batch=z.shape[0], frames=z.shape[2]))
+        return graphed(vae, "strip_decode", vae._strip_decoder.decode)(z, start, stop, calls).clamp(-1.0, 1.0)
     lo, hi = max(0, start - halo), min(latent.shape[-2], stop + halo)
     pixels = graphed(vae, "decode", vae.decode)(latent[..., lo:hi, :])
     sh = vae.stride[1]

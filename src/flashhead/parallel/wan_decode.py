@@ -20,7 +20,7 @@ the extra work small where it is costly (the high-resolution levels need only a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,25 +159,33 @@ class WanStripDecoder:
         self.scale = math.prod(s.upsample for s in self.stages)  # pixel rows per latent row
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Raw (denormalised) latent (B, C, T', H', W') -> pixels (B, 3, T, (stop - start) * 8, W), unclamped."""
+    def decode(
+        self, z: torch.Tensor, start: int, stop: int, calls: Sequence[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """Raw (denormalised) latent (B, C, T', H', W') -> pixels (B, 3, T, (stop - start) * 8, W), unclamped.
+
+        `calls`: the latent-frame spans [a, b) decoded per call, in order (default: diffusers' loop, one frame per
+        call; `WanVideoVAE.decoder_calls` gives vae_whole_chunk's, where several frames go through each layer at once).
+        """
         dec, rows = self.model.decoder, z.shape[-2]
         windows = row_windows(self.stages, rows, start, stop)
         x = self.model.post_quant_conv(z)
         cache: Cache = [None] * (2 + 2 * len(dec.mid_block.resnets) + len(self.stages) * 2)  # upper bound
         # compile_vae compiles the decoder module of a one-GPU decode; the strip decode calls the decoder's
-        # parts, so it compiles its own per-frame step (a graph for the first frame, one for the others).
-        step, layout = strip_step(self, dec, self._frame)
+        # parts, so it compiles its own step (a graph for the first call, one per later call's length).
+        step, layout = strip_step(self, dec, self._frames)
         windows, frames = tuple(windows), []
-        for i in range(x.shape[2]):
-            frames.append(step(x[:, :, i : i + 1], cache, windows, start, stop))
+        for a, b in calls or [(i, i + 1) for i in range(x.shape[2])]:
+            frames.append(step(x[:, :, a:b], cache, windows, start, stop))
             keep_cache_layout(cache, layout)
-        return torch.cat(frames, dim=2)
+        return torch.cat(frames, dim=2) if len(frames) > 1 else frames[0]
 
     _compiled = None
 
-    def _frame(self, x: torch.Tensor, cache: Cache, windows: tuple, start: int, stop: int) -> torch.Tensor:
-        """One latent frame (as diffusers' _decode loop) -> this strip's pixel rows; updates the causal caches."""
+    def _frames(self, x: torch.Tensor, cache: Cache, windows: tuple, start: int, stop: int) -> torch.Tensor:
+        """Latent frames of one call (one, as diffusers' _decode loop, or several, whole chunk) -> this strip's pixel
+        rows; updates the causal caches (the resamples take several frames when traceable, as whole chunks make
+        them)."""
         dec = self.model.decoder
         idx = [0]
         h = _cached_conv(dec.conv_in, x, cache, idx)

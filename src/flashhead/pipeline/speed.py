@@ -96,8 +96,9 @@ class SpeedConfig:
             compiled Pro chunk decode 153.5 -> 140.3 ms (fused Triton kernels 36.9 -> 26.3 ms), stream 62.34 -> 64.40
             FPS with vae_attention_gemm (session 31). With cuDNN's convolutions each layer's zero frames are a padded
             copy and the compiled decode was no faster (session 29). In the `optimized` preset where vae_cutlass_conv
-            is. Needs memory for a chunk's activations at full resolution (Pro stream peak 10.4 -> 29.5 GiB). One GPU
-            only (the sequence-parallel strip decoder keeps its loop). No effect on the LTX (Lite) VAE.
+            is. Needs memory for a chunk's activations at full resolution (Pro stream peak 10.4 -> 29.5 GiB;
+            vae_call_frames bounds it). The sequence-parallel strip decoder decodes its rows in the same calls; the
+            strip encoder keeps its loop. No effect on the LTX (Lite) VAE.
         vae_call_frames: with vae_whole_chunk, the most latent frames one decoder call takes, counted over a batch's
             streams (0, the default: one stream's decode, 9 latent frames for a Pro chunk). Activation memory grows
             with them: one Pro stream 26.3 GiB at the decode's peak against 10.4 for the per-frame loop (H200, session

@@ -318,7 +318,7 @@ class WanVideoVAE(VideoVAE):
         try:
             start = 0
             for end in ends:
-                calls = self._decoder_calls(start, end, batch=latent.shape[0], frames=latent.shape[2])
+                calls = self.decoder_calls(start, end, batch=latent.shape[0], frames=latent.shape[2])
                 piece = []
                 for a, b in calls:
                     model._conv_idx = [0]
@@ -329,7 +329,7 @@ class WanVideoVAE(VideoVAE):
         finally:
             model.clear_cache()
 
-    def _decoder_calls(self, start: int, end: int, batch: int, frames: int) -> list[tuple[int, int]]:
+    def decoder_calls(self, start: int, end: int, batch: int, frames: int) -> list[tuple[int, int]]:
         """The latent frame spans [a, b) of the decoder calls that decode [start, end): diffusers' loop one frame
         per call; whole_chunk as few calls as `call_frames` allows (for B streams, call_frames // B frames per
         call), of near-equal lengths, so a piece compiles to at most two shapes."""
