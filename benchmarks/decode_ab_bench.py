@@ -1,12 +1,15 @@
 """The Pro chunk's Wan2.1 decode with and without one VAE switch, eager and compiled, with its GPU kernels.
 
     PYTHONPATH=src python benchmarks/decode_ab_bench.py --switch vae_whole_chunk --profile --json dec.json
+    PYTHONPATH=src python benchmarks/decode_ab_bench.py --switch vae_call_frames --base vae_whole_chunk=on \
+        --variants compiled-0,compiled-3,compiled-1    # a whole-number switch: its values
     FLASHHEAD_CONV3D_LIB=... PYTHONPATH=src python benchmarks/decode_ab_bench.py --switch vae_cutlass_conv --profile
 
 Each decode runs the preset's VAE switches (layout, kernel padding, sub-pixel upsampling, the output GEMM; compiled:
 compile_vae); `on` adds `--switch` (vae_cutlass_conv's first decode times every CUTLASS tile against cuDNN per
 shape). The decode is the pipeline's (`WanVideoVAE.decode`: de-normalise, decode, clamp). Per variant: ms (median;
-not graph-captured, so the host's launches count where they outlast the GPU's work), PSNR against `eager-off`, and
+not graph-captured, so the host's launches count where they outlast the GPU's work), PSNR against the first variant,
+the GiB one decode allocates at its peak, and
 with --profile the GPU ms by kernel kind and the top kernels (vae_cutlass_conv: whether CUTLASS's kernels replaced
 cuDNN's, and the layout copies that came with them). Session 28 ran it as benchmarks/cutlass_decode_bench.py.
 """
@@ -28,7 +31,7 @@ from flashhead.pipeline.fast_path import apply_vae_switches  # noqa: E402
 from flashhead.pipeline.speed import SpeedConfig  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latent", default="16,9,64,64", help="C,T,H,W of the latent (Pro chunk: 16,9,64,64)")
     parser.add_argument("--repeat", type=int, default=5)
@@ -39,9 +42,10 @@ def main() -> None:
     parser.add_argument("--base", default="", help="switches of every variant, over the preset's: name=on,...")
     parser.add_argument("--search-limit", type=int, default=SHIPPED.cudnn_search_limit,
                         help="cuDNN algorithms timed per shape (0: all)")  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32: a smoke run)")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    vae, header = random_wan_vae("cuda", args.search_limit)
+    args = parser.parse_args(argv)
+    vae, header = random_wan_vae(args.device, args.search_limit)
     c, t, h, w = map(int, args.latent.split(","))
     z = torch.randn(1, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(vae.model.device, vae.model.dtype)
     report = {**header, "latent": args.latent, "switch": args.switch, "base": args.base}
@@ -57,8 +61,10 @@ def main() -> None:
         if last[0] is not None:
             copies[last[0]] = cutlass_conv.layout_copies
         cutlass_conv.layout_copies, last[0] = 0, name
-        mode, on = name.split("-")
-        apply_vae_switches(vae, base.replace(compile_vae=mode == "compiled", **{args.switch: on == "on"}))
+        mode, value = name.split("-")
+        # on / off, or a number for a whole-number switch (vae_call_frames: compiled-0,compiled-3,compiled-1)
+        setting = value == "on" if value in ("on", "off") else int(value)
+        apply_vae_switches(vae, base.replace(compile_vae=mode == "compiled", **{args.switch: setting}))
 
     variants = {name: (lambda name=name: switch(name)) for name in args.variants.split(",")}
     report["decodes"] = time_decode_variants(
@@ -70,6 +76,7 @@ def main() -> None:
         report["choices"] = cutlass_conv.choices()
     apply_vae_switches(vae, SHIPPED)
     write_report(report, args.json)
+    return report
 
 
 if __name__ == "__main__":

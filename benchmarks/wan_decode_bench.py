@@ -215,12 +215,25 @@ def time_decode_variants(
                 ref = image.float()
             else:
                 entry["psnr_vs_off_db"] = psnr_db(image, ref)
+            if torch.cuda.is_available():
+                entry["peak_gib_above_resident"] = decode_memory_gib(run)
             if profile:
                 entry["profile"] = kernel_profile(run, top=top)
         out[name] = entry
         print(name, json.dumps(entry), flush=True)
     apply_vae_switches(vae, SpeedConfig())
     return out
+
+
+def decode_memory_gib(run: Callable[[], object]) -> float:
+    """GiB one decode allocates at its peak beyond what was allocated before it (weights, caches kept): the
+    activations, workspaces and output a decode needs (not the CUDA graphs' pools: these decodes are not captured)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
 
 
 def compiled_variants(
