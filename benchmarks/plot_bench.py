@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_matrix import plot  # noqa: E402  (the speed matrix's own drawing: same stages, same colours)
 
 
-def load_bar(spec: str) -> dict:
-    """One bar's row for `speed_matrix.plot`: label, model, FPS, per-stage ms and the chunk period."""
-    label, sep, target = spec.partition("=")
+def resolve(spec: str) -> tuple[str, dict, str | None]:
+    """`LABEL=PATH[#KEY/KEY...]` -> the label, the JSON object it names, and the GPU a speed matrix names for it.
+    The last "=" ends the label (a label may name a switch setting; a path and its keys hold none)."""
+    label, sep, target = spec.rpartition("=")
     if not sep or not label or not target:
         raise SystemExit(f"error: {spec!r} is not LABEL=PATH[#KEY/KEY...]")
     path, _, keys = target.partition("#")
@@ -38,6 +39,15 @@ def load_bar(spec: str) -> dict:
             node = node.get(key) if isinstance(node, dict) else None
         if node is None:
             raise SystemExit(f"error: {path} has no {key!r} on the way to {keys!r}")
+    if not isinstance(node, dict):
+        raise SystemExit(f"error: {target} is not a JSON object")
+    return label, node, gpu
+
+
+def load_bar(spec: str) -> dict:
+    """One bar's row for `speed_matrix.plot`: label, model, FPS, per-stage ms and the chunk period."""
+    label, node, gpu = resolve(spec)
+    target = spec.rpartition("=")[2]
     missing = [k for k in ("model", "steady_fps", "stage_ms_per_chunk") if not node.get(k)]
     if missing:
         raise SystemExit(f"error: {target} is not a benchmark result (no {', '.join(missing)})")

@@ -1,10 +1,13 @@
-"""benchmarks/plot_bench.py: per-stage bars from bench JSONs and from parts of the docs' results files."""
+"""benchmarks/plot_bench.py and plot_memory.py: per-stage bars (time, GPU memory) from bench JSONs and from parts of the
+docs' results files."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from _util import REPO, load_benchmark
 
@@ -43,3 +46,24 @@ def test_the_script_writes_a_png_and_names_a_missing_key_in_one_line(tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode != 0 and "no 'no_such_run'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_memory_groups_take_the_figures_a_bench_has_and_labels_may_hold_an_equals_sign(tmp_path):
+    plot_memory = load_benchmark("plot_memory")
+    bench = {"model": "pro", "environment": {"gpu": "GPU X"}, "peak_gpu_memory_gib": 29.5,
+             "stage_peak_gpu_memory_gib": {"dit": 3.8, "vae_decode": 26.3},
+             "gpu_memory_reserved_gib": 68.9}  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"runs": {"a": bench}}))
+    group = plot_memory.load_memory(f"vae_whole_chunk=on={path}#runs/a")
+    assert group == {"label": "vae_whole_chunk=on", "gpu": "GPU X",
+                     "gib": {"dit peak": 3.8, "vae_decode peak": 26.3, "whole run's peak": 29.5,
+                             "reserved at the end": 68.9}}  # fmt: skip
+    out = tmp_path / "memory.png"
+    plot_memory.main(["--out", str(out), f"one={path}#runs/a", f"two={RESULTS / 'session32.json'}"
+                      "#runs/105_ab_pro_whole_chunk_memory/pro_vae_whole_chunk_off"])  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cpu_run = tmp_path / "cpu.json"
+    cpu_run.write_text(json.dumps({"model": "tiny", "peak_gpu_memory_gib": None}))
+    with pytest.raises(SystemExit, match="no GPU memory figures"):
+        plot_memory.load_memory(f"cpu={cpu_run}")
