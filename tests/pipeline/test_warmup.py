@@ -50,6 +50,7 @@ def test_warm_up_runs_two_rounds_per_batch_size_then_the_engine_serves(tiny):
     finally:
         del tiny.generate_chunks
     assert sorted(result["seconds_by_batch"]) == [1, 2] and result["total_seconds"] > 0
+    assert "gpu_memory_held_gib" not in result  # a GPU figure, on a GPU only
     assert calls == [1, 1, 2, 2]  # a first chunk and a later one at each batch size
     assert warm_batch_sizes(3) == [1, 2, 3]
     engine = StreamEngine(tiny, max_sessions=1, max_batch=1)  # a session after the warm-up is untouched by it
@@ -92,3 +93,16 @@ def test_compile_artifacts_carry_over_to_a_fresh_process(tmp_path):
     second = run("load", "inductor-b")
     assert second["loaded"]
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+
+
+@pytest.mark.gpu
+def test_warm_up_on_a_gpu_gives_the_allocators_free_blocks_back():
+    """What warm-up leaves cached but unused (here a freed 512 MiB block) goes back to the device; the figure it
+    reports is what the process still holds."""
+    pipe = FlashHeadPipeline.from_pretrained("tiny", device="cuda")
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    del block  # freed, still reserved by the caching allocator
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= 512 * 2**20
+    result = warm_up(pipe, [1])
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 512 * 2**20
+    assert result["gpu_memory_held_gib"] == round(torch.cuda.memory_reserved() / 2**30, 2)

@@ -79,7 +79,8 @@ def save_compile_cache(path: str | Path) -> int:
 def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict[str, Any]:
     """Run two streaming rounds at each batch size through the real engine (on a grey image and quiet noise), a
     first chunk and a later one (their motion latents, and with early_first_frames their decodes, differ), so
-    that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size."""
+    that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size and, on a GPU,
+    the memory the process holds afterwards (weights, CUDA graphs' pools; the allocator's free blocks given back)."""
     from flashhead.pipeline.stream import StreamEngine
 
     cfg = pipe.config
@@ -104,11 +105,13 @@ def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict
         seconds[n] = round(time.perf_counter() - start, 3)
         for session in sessions:
             engine.close_session(session.id)
+    result: dict[str, Any] = {"seconds_by_batch": seconds, "total_seconds": round(sum(seconds.values()), 3)}
     if torch.cuda.is_available() and pipe.device.type == "cuda":
         # Compilation, autotuning and cuDNN's algorithm search leave free blocks in the allocator's cache (Pro
         # --optimized: 68.9 GiB reserved for 29.5 GiB at the peak, H200 session 32); give them back to the device.
         torch.cuda.empty_cache()
-    return {"seconds_by_batch": seconds, "total_seconds": round(sum(seconds.values()), 3)}
+        result["gpu_memory_held_gib"] = round(torch.cuda.memory_reserved(pipe.device) / 2**30, 2)
+    return result
 
 
 def warm_batch_sizes(max_batch: int) -> list[int]:

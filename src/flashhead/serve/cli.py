@@ -201,7 +201,8 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
 
         graphs = counters["inductor"]
         cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
-    print(f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s "
+    held = f", {result['gpu_memory_held_gib']:.1f} GiB of GPU memory held" if "gpu_memory_held_gib" in result else ""
+    print(f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s{held} "
           f"(compile cache: {cache})", flush=True)  # fmt: skip
 
 
