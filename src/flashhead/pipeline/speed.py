@@ -103,8 +103,9 @@ class SpeedConfig:
             streams (0, the default: one stream's decode, 9 latent frames for a Pro chunk). Activation memory grows
             with them: one Pro stream 26.3 GiB at the decode's peak against 10.4 for the per-frame loop (H200, session
             32), so without a bound B batched streams would need about B times that. With it B streams decode in
-            calls of call_frames // B frames each (the per-frame loop's calls from 9 streams on). A smaller value
-            trades some of the whole chunk's speed for memory (e.g. 3: three calls of 3 frames per Pro chunk).
+            calls of at most call_frames // B frames each, of near-equal lengths (a Pro chunk's 9: three calls of 3
+            for 2 or 3 streams, five of at most 2 for 4, the per-frame loop's nine from 5 streams on). A smaller
+            value trades some of the whole chunk's speed for memory (e.g. 3: three calls of 3 frames per Pro chunk).
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
