@@ -2,6 +2,14 @@
 # torchao; the device image has none of them) into /tmp/site, and the environment the benchmarks and GPU tests
 # expect (the carried copy of ../shared, which does not travel to the device by itself).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
+# The server's packages (FastAPI, starlette, pydantic, uvicorn, python-multipart, websockets), where carried: for
+# `speed_device.sh serve_cold`. Here, once (the versions this checkout's tests run with):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .device/serve_whl fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn \
+#     python-multipart websockets typing_extensions          (~3 MB)
+[ -d .device/serve_whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .device/serve_whl/*.whl
 # PyAV (the bench's video encode stage), where carried: its wheel unpacked and xz-packed (24 MB instead of 35), because
 # the wheel with ../shared and the rest is over the 64 MiB a call carries. Here, once:
 #   mkdir -p .device/av && pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d /tmp av==19.0.2

@@ -4,11 +4,11 @@ frame at a real WebSocket client; then a second fresh process given the first on
 Each start gets a fresh Inductor and Triton cache folder (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), so the
 first start compiles everything and anything the second start does not compile came from the `--compile-cache`
 file the first one saved (what a new machine of the same GPU type would get). The client streams a real portrait
-(face crop on) and a few seconds of real speech over /v1/stream, as fast as it can: the times measure the server,
-not the pace of a speaker. Per start it records seconds from spawn to the server's "warmed up" line (with the
-warm-up seconds, compile-cache state and Inductor graphs cached / compiled it prints), to /healthz 200, and to
-the first frame; then it stops the server with SIGTERM (drained) and times the exit. The process group is killed
-in any case: no orphan compile workers. Progress on stderr; one JSON object on stdout (and --out).
+(face crop on, unless --no-crop) and a few seconds of real speech over /v1/stream, as fast as it can: the times
+measure the server, not the pace of a speaker. Per start it records seconds from spawn to the server's "warmed up"
+line (with the warm-up seconds, compile-cache state and Inductor graphs cached / compiled it prints), to /healthz
+200, and to the first frame; then it stops the server with SIGTERM (drained) and times the exit. The process group
+is killed in any case: no orphan compile workers. Progress on stderr; one JSON object on stdout (and --out).
 
 Usage (GPU):  PYTHONPATH=src python benchmarks/serve_cold_start.py --model pro --optimized --device cuda
 CPU check:    PYTHONPATH=src python benchmarks/serve_cold_start.py --model tiny --switches compile_color --max-batch 1
@@ -124,7 +124,8 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
         wait_for_health(process, url, log, spawned + args.timeout)
         record["spawn_to_health_s"] = round(time.monotonic() - spawned, 2)
         print(f"[{label}] /healthz OK after {record['spawn_to_health_s']:.1f} s; streaming", file=sys.stderr)
-        start = {"portrait": base64.b64encode(portrait).decode(), "crop": True, "seed": 0, "encoding": "jpeg"}
+        start = {"portrait": base64.b64encode(portrait).decode(), "crop": not args.no_crop, "seed": 0,
+                 "encoding": "jpeg"}  # fmt: skip
         sent = time.monotonic()
         left = max(spawned + args.timeout - sent, 1.0)
         result = asyncio.run(stream_audio(url.replace("http", "ws"), audio, start=start, realtime_factor=None,
@@ -132,7 +133,7 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
         if result.errors or not result.frames or result.first_chunk is None:
             raise RuntimeError(f"stream failed: errors {result.errors}, {result.frames} frames:\n{log.tail()}")
         record["spawn_to_first_frame_s"] = round(result.first_chunk - spawned, 2)
-        record["start_to_first_frame_s"] = round(result.first_chunk - sent, 2)  # face crop + first chunk
+        record["start_to_first_frame_s"] = round(result.first_chunk - sent, 2)  # face crop (unless off) + first chunk
         record["frames"] = result.frames
         record["stream_done"] = result.done is not None
         print(f"[{label}] first frame after {record['spawn_to_first_frame_s']:.1f} s ({result.frames} frames in "
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", type=Path, help="PNG of the phases of each start")
     parser.add_argument("--log-dir", type=Path, help="write each server's output here")
     parser.add_argument("--verbose", action="store_true", help="echo every server line, not just its own")
+    parser.add_argument("--no-crop", action="store_true",
+                        help="send the portrait uncropped (the server resizes it): no face detector needed, e.g. on a "
+                        "machine without MediaPipe")  # fmt: skip
     parser.add_argument("--random-weights", action="store_true",
                         help="lite / pro without the official release: save the official configuration with random "
                         "weights (bf16) as a pipeline folder first (not timed) and serve that folder")  # fmt: skip
@@ -291,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
                *serve_args]  # fmt: skip
         python_path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
         result = {"benchmark": "serve_cold_start", "model": args.model, "serve_args": serve_args,
-                  "portrait": portrait_path.name, "audio": args.audio.name if args.audio else "shared speech",
+                  "portrait": portrait_path.name, "crop": not args.no_crop,
+                  "audio": args.audio.name if args.audio else "shared speech",
                   "audio_seconds": round(len(audio) / 16000, 2), "environment": environment(),
                   "target_s": TARGET_SECONDS, "runs": []}  # fmt: skip
         for i in range(args.starts):

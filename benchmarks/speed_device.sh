@@ -31,11 +31,16 @@
 #                                            # RoPE rotation, its kernels (~2 min)
 #   bash benchmarks/speed_device.sh cutlass  # the Wan decode's convolutions, cuDNN (first 32 algorithms) against every
 #                                            # tile of the carried CUTLASS library (.device/conv3d), with their errors
+#   bash benchmarks/speed_device.sh serve_cold pro  # the server's cold start end to end (serve_cold_start.py): a
+#                                            # fresh `flashhead serve --optimized` to the first frame at a WebSocket
+#                                            # client, twice (the second with the first's compile artefacts); carry
+#                                            # .device/serve_whl (device_env.sh); the portrait uncropped (no
+#                                            # MediaPipe there); MAX_BATCH (default 1) batch sizes warmed (<= 9 min)
 #   bash benchmarks/speed_device.sh cold pro # cold start of --optimized: a fresh process with empty compile
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -178,11 +183,22 @@ audio)
     timeout 90 python3 benchmarks/audio_precision.py .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
         2>/dev/null | tail -1
     ;;
+serve_cold)
+    python3 -c "import fastapi, uvicorn, websockets" 2>/dev/null || { echo "error: carry .device/serve_whl" >&2; exit 2; }
+    MODEL=${2:-pro}
+    timeout "${SERVE_TIMEOUT:-540}" python3 benchmarks/serve_cold_start.py --model "$MODEL" --random-weights --optimized \
+        --device cuda --max-batch "${MAX_BATCH:-1}" --no-crop --timeout 420 --out "$OUT/serve_cold_$MODEL.json" \
+        --plot "$OUT/serve_cold_$MODEL.png" --log-dir "$OUT/serve_logs" > "$OUT/serve_cold.log" 2> "$OUT/serve_cold.err"
+    echo "rc=$?"
+    tail -5 "$OUT/serve_cold.err"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print({k: v for k, v in r.items() if k != 'log_tail'}) for r in d['runs']]" \
+        "$OUT/serve_cold_$MODEL.json"
+    ;;
 cold)
     # The pipeline's cold start (the device image lacks the server's packages: FastAPI, uvicorn, PyAV, mediapipe).
     # COLD_VARIANTS="profile cudnn_search_limit=0": more warm-cache starts after the two (speed_matrix --cold-variants).
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, cutlass, upsample, convout, fa3, norms or cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, cutlass, upsample, convout, fa3, norms, cold or serve_cold, got '$WHAT'" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import socket
+import sys
 
 import httpx
 import numpy as np
@@ -213,7 +214,7 @@ def test_health_and_capacity(tiny_lite):
     limits = ServeLimits(max_sessions=1)
     with serve(tiny_lite, limits=limits) as srv:
         health = httpx.get(srv.url + "/healthz").json()
-        assert health["status"] == "ok" and health["max_sessions"] == 1 and not health["auth"]
+        assert health["status"] == "ok" and health["max_sessions"] == 1 and not health["auth"] and health["webrtc"]
         portrait_id = srv.service.portraits.add(np.zeros((64, 32, 3), np.uint8)).id
         start = json.dumps({"type": "start", "portrait_id": portrait_id})
 
@@ -260,3 +261,20 @@ def test_sessions_stream_to_the_end_with_rounds_launched_ahead():
             assert [c["index"] for c in result.chunks] == list(range(len(result.chunks)))
         assert wait_until(lambda: not srv.service.hub.sessions)
         assert srv.service.worker.engine.stats.rounds >= 2 and not srv.service.worker.engine.in_flight
+
+
+def test_without_webrtc_packages_the_server_streams_and_answers_offers_with_503(tiny_lite, monkeypatch):
+    """aiortc / PyAV missing (an image with FastAPI alone): the server starts, says so in /healthz, refuses WebRTC
+    offers with one clear line naming the install, and streams over the WebSocket as before."""
+    monkeypatch.setitem(sys.modules, "flashhead.serve.webrtc", None)  # its import now fails as without aiortc
+    with serve(tiny_lite) as srv:
+        assert httpx.get(srv.url + "/healthz").json()["webrtc"] is False
+        portrait_id = srv.service.portraits.add(np.zeros((64, 32, 3), np.uint8)).id
+        offer = {"sdp": "v=0", "type": "offer", "portrait_id": portrait_id}
+        offer = httpx.post(srv.url + "/v1/webrtc/offer", json=offer)
+        error = offer.json()["error"]
+        assert offer.status_code == 503 and error["code"] == "unavailable"
+        assert "flashhead[serve]" in error["message"] and "\n" not in error["message"]
+        result = asyncio.run(stream_audio(srv.ws_url, speech(1.0), start={"portrait_id": portrait_id},
+                                          realtime_factor=None))
+        assert not result.errors and result.frames >= 24 and result.done is not None

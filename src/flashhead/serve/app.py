@@ -76,8 +76,6 @@ class ServeService:
         limits: ServeLimits,
         ice_addresses: list[str] | None,
     ):
-        from flashhead.serve.webrtc import WebRTCGateway, restrict_ice_addresses
-
         self.engine = engine
         self.pipeline: FlashHeadPipeline = engine.pipeline
         self.limits = limits
@@ -89,11 +87,20 @@ class ServeService:
         self.hub = SessionHub(self.worker, limits, self.metrics)
         self.portraits = PortraitStore(self.pipeline, max_items=limits.max_portraits, ttl=limits.portrait_ttl_seconds)
         self.jobs = JobManager(self.worker, self.portraits, limits, self.metrics)
-        self.webrtc = WebRTCGateway(self.hub, self.pipeline.config.fps, local_only=ice_addresses is not None)
+        self.webrtc, self.webrtc_missing = None, None
+        try:  # aiortc and PyAV (the serve extra): without them the rest of the server still runs
+            from flashhead.serve.webrtc import WebRTCGateway, restrict_ice_addresses
+        except ImportError as e:
+            self.webrtc_missing = (
+                f"WebRTC is not available on this server ({e}): pip install 'flashhead[serve]' (aiortc, PyAV)"
+            )
+            logger.warning("%s; WebSocket streams and jobs still work", self.webrtc_missing)
+        else:
+            self.webrtc = WebRTCGateway(self.hub, self.pipeline.config.fps, local_only=ice_addresses is not None)
+            restrict_ice_addresses(ice_addresses)
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flashhead-encode")
         self.draining = False
         self.started = time.time()
-        restrict_ice_addresses(ice_addresses)
         m = self.metrics
         m.watch_queue("engine_ready", lambda: sum(s.has_chunk_ready() for s in list(engine.sessions.values())))
         m.watch_queue("outbound_chunks", self.hub.pending_chunks)
@@ -112,7 +119,8 @@ class ServeService:
     async def close(self) -> None:
         if not self.draining:
             await self.drain(0.0)
-        await self.webrtc.close_all()
+        if self.webrtc is not None:
+            await self.webrtc.close_all()
         await self.jobs.close()
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.portraits.close()
@@ -132,6 +140,7 @@ class ServeService:
             "max_sessions": self.hub.admission.max_sessions,
             "jobs_queued": self.jobs.queued,
             "auth": self.auth.enabled,
+            "webrtc": self.webrtc is not None,
             "uptime_seconds": round(time.time() - self.started, 1),
         } | ({"replicas": self.engine.replicas()} if hasattr(self.engine, "replicas") else {})
 
@@ -191,7 +200,8 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                503: "unavailable"}.get(
             error.status_code, "bad_request"
         )
         if error.status_code == 413:
@@ -248,6 +258,8 @@ def create_app(
 
     @api.post("/v1/webrtc/offer", dependencies=[Depends(admitting)])
     async def webrtc_offer(offer: WebRTCOffer) -> dict:
+        if service.webrtc is None:
+            raise HTTPException(503, service.webrtc_missing)
         portrait = service.portraits.get(offer.portrait_id).image
         try:
             answer = await service.webrtc.connect(offer, portrait)
