@@ -94,7 +94,7 @@ class ServeService:
             self.webrtc_missing = (
                 f"WebRTC is not available on this server ({e}): pip install 'flashhead[serve]' (aiortc, PyAV)"
             )
-            logger.warning("%s; WebSocket streams and jobs still work", self.webrtc_missing)
+            logger.warning("%s; WebSocket streams still work", self.webrtc_missing)
         else:
             self.webrtc = WebRTCGateway(self.hub, self.pipeline.config.fps, local_only=ice_addresses is not None)
             restrict_ice_addresses(ice_addresses)
