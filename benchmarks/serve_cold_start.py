@@ -43,7 +43,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the WebSocket client the serve tests 
 
 TARGET_SECONDS = 60.0  # issue 10: a fresh server process serves its first frame within this
 OWN_OPTIONS = ("--port", "-p", "--host", "--compile-cache")
-WARMED = re.compile(r"warmed up batch sizes \S+ in ([\d.]+) s \(compile cache: (\w+)")
+# flashhead serve's warm-up line; on a GPU it also gives the memory held after the warm-up
+WARMED = re.compile(
+    r"warmed up batch sizes \S+ in ([\d.]+) s(?:, ([\d.]+) GiB of GPU memory held)? \(compile cache: (\w+)"
+)
 GRAPHS = re.compile(r"Inductor graphs: (\d+) cached, (\d+) compiled")
 
 
@@ -151,7 +154,8 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
     record |= {
         "spawn_to_warmed_s": round(warmed[0], 2) if warmed else None,
         "server_warmup_s": float(warmed[1][1]) if warmed else None,
-        "compile_cache": warmed[1][2] if warmed else None,  # off, new or loaded
+        "gpu_memory_held_gib": float(warmed[1][2]) if warmed and warmed[1][2] else None,
+        "compile_cache": warmed[1][3] if warmed else None,  # off, new or loaded
         "inductor_graphs_cached": int(graphs[1][1]) if graphs else None,
         "inductor_graphs_compiled": int(graphs[1][2]) if graphs else None,
     }

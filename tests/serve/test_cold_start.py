@@ -72,3 +72,14 @@ def test_options_the_script_owns_are_refused():
     )
     proc = run_benchmark("--portrait", "/nonexistent.jpg")
     assert proc.returncode != 0 and "no portrait at /nonexistent.jpg" in proc.stderr
+
+
+def test_the_servers_warm_up_line_is_read_with_and_without_gpu_memory():
+    from _util import load_benchmark
+    from flashhead.serve.cli import warmed_up_line
+
+    bench = load_benchmark("serve_cold_start")
+    cpu = bench.WARMED.search(warmed_up_line(2, {"total_seconds": 41.26}, "loaded /x.bin"))
+    assert cpu.groups() == ("41.3", None, "loaded")
+    gpu = bench.WARMED.search(warmed_up_line(1, {"total_seconds": 135.2, "gpu_memory_held_gib": 31.42}, "new /x.bin"))
+    assert gpu.groups() == ("135.2", "31.4", "new")

@@ -201,9 +201,15 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
 
         graphs = counters["inductor"]
         cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
+    print(warmed_up_line(max_batch, result, cache), flush=True)
+
+
+def warmed_up_line(max_batch: int, result: dict, cache: str) -> str:
+    """The startup line after the warm-up (benchmarks/serve_cold_start.py reads it): seconds, GPU memory held where
+    there is a GPU, and what the compile cache did."""
     held = f", {result['gpu_memory_held_gib']:.1f} GiB of GPU memory held" if "gpu_memory_held_gib" in result else ""
-    print(f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s{held} "
-          f"(compile cache: {cache})", flush=True)  # fmt: skip
+    return (f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s{held} "
+            f"(compile cache: {cache})")  # fmt: skip
 
 
 def serve_on_ray(
