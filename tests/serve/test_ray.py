@@ -199,3 +199,15 @@ def test_ranking_counts_the_sessions_placed_since_each_report():
     assert rank_by_free(stats, {"a": [99.0, 101.0, 102.0]}) == ["b", "a"]  # two placed on `a` since its report
     assert rank_by_free(stats, {}, exclude=["a"]) == ["b"]
     assert rank_by_free({"new": {}, **stats}, {})[0] == "new"  # no report yet: an idle replica
+
+
+def test_a_replica_reports_the_sessions_it_is_still_opening():
+    """A report made while a session's portrait is still encoding counts it: the router, which counts only the
+    sessions it placed after the report, would otherwise see that replica as emptier than it is."""
+    from flashhead.pipeline.stream import StreamEngine
+    from flashhead.serve.replica import engine_capacity
+
+    engine = StreamEngine(local_pipeline(), max_sessions=3)
+    engine.open_session(portrait(1), seed=0)
+    settled, opening = engine_capacity(engine), engine_capacity(engine, opening=1)
+    assert (settled["sessions"], settled["free"]) == (1, 2) and (opening["sessions"], opening["free"]) == (2, 1)

@@ -70,9 +70,11 @@ def measured_streams(engine: StreamEngine) -> int | None:
     return streams
 
 
-def engine_capacity(engine: StreamEngine) -> dict[str, Any]:
-    """Sessions, round time and real-time headroom of one engine, as replicas report them."""
-    sessions = sum(1 for s in list(engine.sessions.values()))
+def engine_capacity(engine: StreamEngine, opening: int = 0) -> dict[str, Any]:
+    """Sessions, round time and real-time headroom of one engine, as replicas report them. `opening`: sessions
+    being opened (their portraits still encoding), counted as sessions: a report made meanwhile must not show the
+    replica emptier than it is about to be."""
+    sessions = sum(1 for s in list(engine.sessions.values())) + opening
     active = engine.active_sessions()
     streams = measured_streams(engine)
     limit = engine.max_sessions if streams is None else min(streams, engine.max_sessions)
@@ -158,6 +160,7 @@ class EngineReplica:
         self.worker = EngineWorker(self.engine)
         self.worker.start()
         self.outboxes: dict[str, Outbox] = {}
+        self.opening = 0  # sessions whose open has reached this replica and not finished (engine_capacity)
         self.id, self.actor_name = self._identity()
         logger.info("engine replica %s: %s on %s", self.id, pipe.name, device)
 
@@ -183,22 +186,25 @@ class EngineReplica:
         }  # fmt: skip
 
     async def capacity(self, **routing: Any) -> dict:
-        return engine_capacity(self.engine) | {"replica": self.id, "actor_name": self.actor_name}
+        return engine_capacity(self.engine, self.opening) | {"replica": self.id, "actor_name": self.actor_name}
 
     def record_routing_stats(self) -> dict:
         """Ray Serve polls this periodically; the router places new sessions by it."""
-        return engine_capacity(self.engine) | {"replica": self.id, "actor_name": self.actor_name}
+        return engine_capacity(self.engine, self.opening) | {"replica": self.id, "actor_name": self.actor_name}
 
     # -- sessions -----------------------------------------------------------------------------------------
 
     async def open(self, portrait: np.ndarray, *, seed: int, realtime: bool, session_id: str, **routing: Any) -> dict:
         outbox = Outbox()
         sink = OutboxSink(outbox, asyncio.get_running_loop())
+        self.opening += 1
         try:
             future = self.worker.open_session(portrait, sink, seed=seed, realtime=realtime, session_id=session_id)
             await asyncio.wrap_future(future)
         except FlashHeadError as e:
             return error_reply(e) | {"replica": self.id}
+        finally:
+            self.opening -= 1
         self.outboxes[session_id] = outbox
         return {"replica": self.id, "session": session_id}
 
