@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .device/serve_whl fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn \
-#     python-multipart websockets typing_extensions          (~3 MB)
+#     python-multipart websockets typing_extensions opentelemetry-api   (~3 MB; FastAPI imports OpenTelemetry's API)
 [ -d .device/serve_whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .device/serve_whl/*.whl
 # PyAV (the bench's video encode stage), where carried: its wheel unpacked and xz-packed (24 MB instead of 35), because

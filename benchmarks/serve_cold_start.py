@@ -137,6 +137,10 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
             raise RuntimeError(f"stream failed: errors {result.errors}, {result.frames} frames:\n{log.tail()}")
         record["spawn_to_first_frame_s"] = round(result.first_chunk - spawned, 2)
         record["start_to_first_frame_s"] = round(result.first_chunk - sent, 2)  # face crop (unless off) + first chunk
+        # ... in two: the session's opening (portrait decoded, cropped, encoded by the VAE) until the server's
+        # `ready`, then the first chunk from the first audio sent (all of it at once: no speaker's pace)
+        record["start_to_ready_s"] = round(result.first_send - sent, 3)
+        record["audio_to_first_frame_s"] = round(result.first_chunk - result.first_send, 3)
         record["frames"] = result.frames
         record["stream_done"] = result.done is not None
         print(f"[{label}] first frame after {record['spawn_to_first_frame_s']:.1f} s ({result.frames} frames in "

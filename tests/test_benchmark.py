@@ -68,8 +68,13 @@ def test_a_first_chunk_in_two_pieces_counts_once_and_batched_rounds_are_timed_af
             del pipe.generate_chunks
     finally:
         pipe.optimize(SpeedConfig())
-    assert calls == [(2, True), (2, False), (2, False), (2, False)]
-    assert result["by_streams"][2]["round_ms"] > 0
+    assert calls == [(2, True), (2, False), (2, False), (2, False), (2, False)]  # the last one timed by stage
+    two = result["by_streams"][2]
+    assert two["round_ms"] > 0
+    stages = two["stage_ms"]  # where the batched round's time went, every stage of the chunk
+    assert {"audio_features", "dit", "vae_decode", "color_correction", "vae_encode_motion"} <= set(stages)
+    assert all(ms > 0 for ms in stages.values())
+    assert "dit_mfu" in two  # None on the CPU: no peak to divide by
 
 
 def test_trace_of_a_stream_holds_every_stage_for_trace_stages(tmp_path):

@@ -368,17 +368,21 @@ def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
 def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None) -> dict:
     """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams.
 
-    `deadline` (a time.perf_counter() value) stops the search before the next batch size once passed.
+    Per batch size: the round's milliseconds (median of two, unsynchronised like a server's rounds), and from one
+    more round with every stage synchronised, where a batched round's time goes (`stage_ms`, per round; `dit_mfu` at
+    that batch). `deadline` (a time.perf_counter() value) stops the search before the next batch size once passed.
     """
     from flashhead.pipeline.stream import StreamEngine
+    from flashhead.pipeline.timing import StageTimer
 
     chunk_seconds = pipe.new_frames / pipe.config.fps
+    stage_ms: dict[int, dict[str, float]] = {}
 
     def round_time(n: int) -> float:
         engine = StreamEngine(pipe, max_sessions=n, max_batch=n)
         sessions = [engine.open_session(image, seed=i) for i in range(n)]
         for s in sessions:
-            s.push_audio(np.resize(audio, 4 * chunk_samples))  # 2 rounds to warm up, 2 timed
+            s.push_audio(np.resize(audio, 5 * chunk_samples))  # 2 rounds to warm up, 2 timed, 1 by stage
         # Warm-up: a first chunk and a later one at this batch size (their shapes, graphs and, with
         # early_first_frames, decodes differ; a first chunk can take two steps).
         while any(s.frames_emitted < 2 * pipe.new_frames for s in sessions):
@@ -390,6 +394,12 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
             engine.step()
             _sync()
             times.append(time.perf_counter() - t0)
+        timer, pipe.timer = pipe.timer, StageTimer()
+        try:
+            engine.step()
+            stage_ms[n] = {k: round(v["mean_ms"] * v["count"], 3) for k, v in pipe.timer.summary().items()}
+        finally:
+            pipe.timer = timer
         return float(np.median(times))
 
     results = {}
@@ -401,7 +411,10 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
             break
         t = round_time(n)
         results[n] = {"round_ms": round(1000 * t, 1), "aggregate_fps": round(n * pipe.new_frames / t, 1),
-                      "realtime": t <= chunk_seconds}  # fmt: skip
+                      "realtime": t <= chunk_seconds, "stage_ms": stage_ms[n]}  # fmt: skip
+        dit = stage_ms[n].get("dit")
+        if dit:
+            results[n]["dit_mfu"] = dit_utilisation(pipe, dit / pipe.config.num_inference_steps, batch=n).get("dit_mfu")
         if t <= chunk_seconds:
             best = n
         elif streams < 0:

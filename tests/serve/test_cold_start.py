@@ -46,6 +46,10 @@ def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_pa
         assert run["frames"] == 2 * 25 and run["stream_done"], run  # all the speech came back as video
         assert 0 < run["server_warmup_s"] < run["spawn_to_warmed_s"] <= run["spawn_to_health_s"]
         assert run["spawn_to_health_s"] < run["spawn_to_first_frame_s"]
+        # the client's side in two parts: the session's opening, then the first chunk after the first audio
+        assert run["start_to_ready_s"] > 0 and run["audio_to_first_frame_s"] > 0
+        assert run["start_to_ready_s"] + run["audio_to_first_frame_s"] == pytest.approx(run["start_to_first_frame_s"],
+                                                                                       abs=0.02)
         assert run["exit_code"] == 0 and process_group_gone(run["pid"])  # drained, nothing left behind
     # The first start compiles and saves; the second loads the file and compiles nothing (its Inductor cache
     # folder was empty, so every cached graph came from the file).
