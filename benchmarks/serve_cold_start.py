@@ -48,6 +48,9 @@ WARMED = re.compile(
     r"warmed up batch sizes \S+ in ([\d.]+) s(?:, ([\d.]+) GiB of GPU memory held)? \(compile cache: (\w+)"
 )
 GRAPHS = re.compile(r"Inductor graphs: (\d+) cached, (\d+) compiled")
+# ... and its line once the model is loaded and its switches applied, and the compile cache's reading time
+LOADED = re.compile(r"loaded in ([\d.]+) s, speed switches applied in ([\d.]+) s")
+CACHE_READ = re.compile(r"compile cache: loaded \S+ in ([\d.]+) s")
 
 
 class ServerLog:
@@ -154,8 +157,13 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
         if args.log_dir:
             (Path(args.log_dir) / f"server-{label}.log").write_text("\n".join(f"{t:8.2f} {s}" for t, s in log.lines))
     # The server's own account of its warm-up (absent with --no-warmup or without a speed switch).
-    warmed, graphs = log.first(WARMED), log.first(GRAPHS)
+    warmed, graphs, loaded, read = log.first(WARMED), log.first(GRAPHS), log.first(LOADED), log.first(CACHE_READ)
     record |= {
+        # spawn -> the model in memory with its switches applied: the imports are what precedes the load
+        "spawn_to_loaded_s": round(loaded[0], 2) if loaded else None,
+        "model_load_s": float(loaded[1][1]) if loaded else None,
+        "switches_s": float(loaded[1][2]) if loaded else None,
+        "compile_cache_read_s": float(read[1][1]) if read else None,
         "spawn_to_warmed_s": round(warmed[0], 2) if warmed else None,
         "server_warmup_s": float(warmed[1][1]) if warmed else None,
         "gpu_memory_held_gib": float(warmed[1][2]) if warmed and warmed[1][2] else None,
@@ -186,7 +194,8 @@ def megabytes(path: Path) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    """One bar per start: imports + model load, warm-up, until /healthz, until the first frame."""
+    """One bar per start: imports, model load, speed switches, compile cache read, warm-up, until /healthz, until
+    the first frame (a server without the load line: start + model load as one part)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,17 +204,25 @@ def plot(result: dict, path: Path) -> None:
     from flashhead.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(result["runs"])))
-    colours = {"start + model load": "#8172b3", "warm-up": "#dd8452", "until /healthz": "#bbbbbb",
-               "until first frame": "#55a868"}  # fmt: skip
+    colours = {"start + model load": "#8172b3", "imports": "#937860", "model load": "#8172b3",
+               "speed switches": "#64b5cd", "cache read, other": "#da8bc3", "warm-up": "#dd8452",
+               "until /healthz": "#bbbbbb", "until first frame": "#55a868"}  # fmt: skip
+    labelled: set[str] = set()
     for i, run in enumerate(result["runs"]):
         warmed = run["spawn_to_warmed_s"] or 0.0
         warmup = run["server_warmup_s"] or 0.0
-        parts = {"start + model load": warmed - warmup, "warm-up": warmup,
-                 "until /healthz": run["spawn_to_health_s"] - warmed,
-                 "until first frame": run["spawn_to_first_frame_s"] - run["spawn_to_health_s"]}  # fmt: skip
+        if run.get("spawn_to_loaded_s") is not None:
+            loaded, load, switches = run["spawn_to_loaded_s"], run["model_load_s"], run["switches_s"]
+            parts = {"imports": loaded - load - switches, "model load": load, "speed switches": switches,
+                     "cache read, other": max(warmed - warmup - loaded, 0.0) if warmed else 0.0}  # fmt: skip
+        else:
+            parts = {"start + model load": warmed - warmup}
+        parts |= {"warm-up": warmup, "until /healthz": run["spawn_to_health_s"] - sum(parts.values()) - warmup,
+                  "until first frame": run["spawn_to_first_frame_s"] - run["spawn_to_health_s"]}  # fmt: skip
         left = 0.0
         for name, seconds in parts.items():
-            ax.barh(i, seconds, left=left, color=colours[name], label=name if i == 0 else None)
+            ax.barh(i, seconds, left=left, color=colours[name], label=None if name in labelled else name)
+            labelled.add(name)
             left += seconds
         ax.text(left, i, f" {left:.1f} s", va="center")
     longest = max(r["spawn_to_first_frame_s"] for r in result["runs"])

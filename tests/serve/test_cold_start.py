@@ -46,6 +46,9 @@ def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_pa
         assert run["frames"] == 2 * 25 and run["stream_done"], run  # all the speech came back as video
         assert 0 < run["server_warmup_s"] < run["spawn_to_warmed_s"] <= run["spawn_to_health_s"]
         assert run["spawn_to_health_s"] < run["spawn_to_first_frame_s"]
+        # the server's load line: imports, then the model's load and its switches, before the warm-up
+        assert 0 < run["model_load_s"] and 0 <= run["switches_s"]
+        assert run["model_load_s"] + run["switches_s"] < run["spawn_to_loaded_s"] < run["spawn_to_warmed_s"]
         # the client's side in two parts: the session's opening, then the first chunk after the first audio
         assert run["start_to_ready_s"] > 0 and run["audio_to_first_frame_s"] > 0
         assert run["start_to_ready_s"] + run["audio_to_first_frame_s"] == pytest.approx(run["start_to_first_frame_s"],
@@ -54,6 +57,7 @@ def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_pa
     # The first start compiles and saves; the second loads the file and compiles nothing (its Inductor cache
     # folder was empty, so every cached graph came from the file).
     assert first["compile_cache"] == "new" and first["inductor_graphs_compiled"] >= 1
+    assert first["compile_cache_read_s"] is None and second["compile_cache_read_s"] >= 0
     assert second["compile_cache"] == "loaded" and second["inductor_graphs_compiled"] == 0
     assert second["inductor_graphs_cached"] >= first["inductor_graphs_compiled"]
     assert result["compile_cache_mb"] == round((work / "compile-cache.bin").stat().st_size / 2**20, 3) > 0

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -167,9 +168,12 @@ def serve_command(
     if ray is not None:
         serve_on_ray(ray, replicas, model, weights, device, limits, host, port, token, ice)
         return
+    started = time.perf_counter()
     pipe = FlashHeadPipeline.from_pretrained(resolve_model_name(model, weights), weights=weights, device=device)
+    loaded = time.perf_counter()
     speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
     pipe.optimize(speed)
+    print(loaded_line(pipe.name, loaded - started, time.perf_counter() - loaded), flush=True)
     if warmup if warmup is not None else not speed.is_plain:
         prepare_engine(pipe, max_batch, compile_cache)
     app = create_app(pipe, token=token, limits=limits, ice_addresses=ice)
@@ -192,16 +196,26 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
     path = None
     if compiles and compile_cache != "off":
         path = default_cache_path(pipe) if compile_cache == "auto" else Path(compile_cache)
+    started = time.perf_counter()
     hit = load_compile_cache(path) if path is not None else False
+    read_s = time.perf_counter() - started
     result = warm_up(pipe, warm_batch_sizes(max_batch))
     saved = save_compile_cache(path) if path is not None else 0
-    cache = "off" if path is None else f"{'loaded' if hit else 'new'} {path}" + (f", saved {saved} B" if saved else "")
+    cache = "off" if path is None else f"{'loaded' if hit else 'new'} {path}"
+    cache += f" in {read_s:.1f} s" if hit else ""
+    cache += f", saved {saved} B" if saved else ""
     if compiles:  # whether the artefacts were really used: a loaded file whose graphs all miss saved nothing
         from torch._dynamo.utils import counters
 
         graphs = counters["inductor"]
         cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
     print(warmed_up_line(max_batch, result, cache), flush=True)
+
+
+def loaded_line(name: str, load_s: float, optimize_s: float) -> str:
+    """The startup line once the model is in memory (benchmarks/serve_cold_start.py reads it): the seconds that
+    loading the weights and applying the speed switches took (the cold start's other parts beside the warm-up)."""
+    return f"flashhead serve: {name} loaded in {load_s:.1f} s, speed switches applied in {optimize_s:.1f} s"
 
 
 def warmed_up_line(max_batch: int, result: dict, cache: str) -> str:
