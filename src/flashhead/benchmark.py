@@ -403,7 +403,7 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
         return float(np.median(times))
 
     results = {}
-    candidates = [streams] if streams > 0 else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    candidates = [streams] if streams > 0 else [1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64]
     best = 0
     for n in candidates:
         if deadline is not None and time.perf_counter() > deadline:
