@@ -47,7 +47,7 @@ def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_pa
         assert 0 < run["server_warmup_s"] < run["spawn_to_warmed_s"] <= run["spawn_to_health_s"]
         assert run["spawn_to_health_s"] < run["spawn_to_first_frame_s"]
         # the server's load line: imports, then the model's load and its switches, before the warm-up
-        assert 0 < run["model_load_s"] and 0 <= run["switches_s"]
+        assert run["model_load_s"] >= 0 and run["switches_s"] >= 0
         assert run["model_load_s"] + run["switches_s"] < run["spawn_to_loaded_s"] < run["spawn_to_warmed_s"]
         # the client's side in two parts: the session's opening, then the first chunk after the first audio
         assert run["start_to_ready_s"] > 0 and run["audio_to_first_frame_s"] > 0

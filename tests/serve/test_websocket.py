@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import socket
 import sys
 
@@ -149,6 +150,11 @@ def test_bad_clients_get_clear_errors_while_others_keep_streaming(server, tiny_l
     metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert 'flashhead_rejected_sessions_total{reason="unauthorized"}' in metrics
     assert 'flashhead_aborted_sessions_total{code="bad_audio"} 2.0' in metrics
+    # every session opened on the engine timed its opening once (admission to the encoded portrait)
+    opened = sum(float(v) for v in re.findall(r'^flashhead_sessions_total\{transport="[^"]+"\} (\S+)$', metrics, re.M))
+    timed = re.search(r"^flashhead_session_open_seconds_count (\S+)$", metrics, re.M)
+    assert opened >= 3 and float(timed[1]) == opened
+    assert float(re.search(r"^flashhead_session_open_seconds_sum (\S+)$", metrics, re.M)[1]) > 0
 
 
 def test_a_client_that_stops_reading_is_disconnected(server, tiny_lite):

@@ -68,6 +68,12 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.session_open = Histogram(
+            "flashhead_session_open_seconds",
+            "Session admitted -> open on the engine (waiting for the engine thread, then the portrait's VAE encode).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.round_seconds = Histogram(
             "flashhead_round_seconds", "Duration of one engine round (a batch of chunks).", buckets=LATENCY_BUCKETS,
             registry=r,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,12 +157,14 @@ class SessionHub:
         live = LiveSession(self, transport, realtime)
         self.sessions[live.id] = live
         self.metrics.active_sessions.labels(transport).inc()
+        started = time.monotonic()
         try:
             future = self.worker.open_session(portrait, live, seed=seed, realtime=realtime, session_id=live.id)
             live.engine_session = await asyncio.wrap_future(future)
         except BaseException:
             live.close()
             raise
+        self.metrics.session_open.observe(time.monotonic() - started)
         if live._closed or live.queue.failure is not None:  # cut (shutdown) while the portrait was encoded
             live._release_engine()
         elif live.end_reason is not None:  # drained meanwhile: end the engine session too
