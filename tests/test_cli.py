@@ -54,6 +54,22 @@ def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="the defaults under test are the CPU's")
+def test_bench_measures_the_shipped_model_on_a_machine_without_a_gpu(tmp_path):
+    """`flashhead bench --model tiny` on a laptop: the device and dtype default to the CPU's (float32), and the report
+    has the stream's speed and every stage."""
+    out = flashhead("bench", "--model", "tiny", "--seconds", "2", "--json", str(tmp_path / "tiny.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report == json.loads(out.stdout)
+    assert report["model"] == "tiny" and report["weights"] == "shipped" and report["switches"]["dtype"] == "float32"
+    assert report["environment"]["gpu"] is None and report["dit_mfu"] is None
+    assert report["steady_fps"] > 0 and report["time_to_first_frame_ms"] > 0
+    assert {"audio_features", "dit", "vae_decode", "color_correction", "vae_encode_motion"} <= set(
+        report["stage_ms_per_chunk"]
+    )
+
+
 def test_commands_work_without_the_serve_extra(tmp_path):
     # A plain `pip install flashhead` has no FastAPI/uvicorn/aiortc: only `serve` may complain, in one line.
     (tmp_path / "sitecustomize.py").write_text(

@@ -277,7 +277,9 @@ def generate(
 @app.command()
 @friendly_errors
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="lite or pro (full size).")] = "lite",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="lite or pro (full size), or tiny (the shipped small model).")
+    ] = "lite",
     weights: Annotated[
         Path | None, typer.Option("--weights", help="Official release folder (else random weights).")
     ] = None,
@@ -286,8 +288,12 @@ def bench(
     ] = 0,
     seconds: Annotated[float, typer.Option("--seconds", help="Seconds of speech per stream.")] = 10.0,
     audio: Annotated[Path | None, typer.Option("--audio", help="16 kHz mono speech WAV.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 or float32.")] = "bfloat16",
-    device: Annotated[str, typer.Option("--device", help="Device to measure.")] = "cuda",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, else float32).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Device to measure (default: cuda where there is one, else cpu).")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the JSON report here.")] = None,
     switches: Annotated[
         str, typer.Option("--switches", help="Speed switches, e.g. compile_dit=on,attention=cudnn.")
@@ -300,11 +306,15 @@ def bench(
     ] = None,
 ) -> None:
     """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""
+    import torch
+
     from flashhead.benchmark import BenchSettings, main
     from flashhead.pipeline.speed import SpeedConfig
 
-    if model not in ("lite", "pro"):
-        raise ConfigError("--model must be lite or pro")
+    if model not in ("lite", "pro", "tiny"):
+        raise ConfigError("--model must be lite, pro or tiny")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     for option, path in (("--json", json_path), ("--trace", trace)):  # before minutes of measuring, not after
         if path is not None and not path.absolute().parent.is_dir():
             raise ConfigError(f"{option}: the folder {path.parent} does not exist")
