@@ -13,6 +13,7 @@
 #                                            # the fused GELU; the compiled colour correction by variant (~5 min)
 #   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
 #                                            # `bench --optimized` without and with the switches (~2 x 3 min)
+#   bash benchmarks/speed_device.sh streams lite 24  # `bench --optimized --streams 24`: batched rounds by stage
 #   bash benchmarks/speed_device.sh audio    # wav2vec2 alone: float32, TF32, float32 from a CUDA graph (~1 min)
 #   bash benchmarks/speed_device.sh convs    # the Wan decode's convolutions one by one, cuDNN's first 10 algorithms
 #                                            # against all of them (two processes, ~1.5 min)
@@ -40,7 +41,7 @@
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -178,6 +179,16 @@ ab)
         python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_ms_per_step', 'dit_mfu', 'warmup_seconds', 'peak_gpu_memory_gib', 'steady_peak_gpu_memory_gib', 'gpu_memory_reserved_gib', 'gpu_memory_held_gib', 'streams')})" "$OUT/$name.json"
     done
     ;;
+streams)
+    # `bench --optimized --streams N` of one model: one stream, then N batched streams with each batched round's
+    # stages and DiT MFU (each batch size compiles its own graphs: one N per call, e.g. `streams lite 24`).
+    MODEL=${2:?model}; N=${3:?streams}
+    AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m flashhead.cli bench --model "$MODEL" --optimized --streams "$N" \
+        --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" > "$OUT/${MODEL}_streams$N.log" 2>&1
+    echo "rc=$?"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'gpu_memory_held_gib')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
+    ;;
 audio)
     # wav2vec2 alone over the 8 s cache: float32, TF32 GEMMs, float32 replayed from a CUDA graph.
     timeout 90 python3 benchmarks/audio_precision.py .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
@@ -200,5 +211,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, audio, convs, cutlass, upsample, convout, fa3, norms, cold or serve_cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, streams, audio, convs, cutlass, upsample, convout, fa3, norms, cold or serve_cold, got '$WHAT'" >&2; exit 2 ;;
 esac
