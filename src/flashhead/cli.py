@@ -306,15 +306,15 @@ def bench(
     ] = None,
 ) -> None:
     """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""
-    import torch
-
     from flashhead.benchmark import BenchSettings, main
+    from flashhead.pipeline.registry import default_device_and_dtype
     from flashhead.pipeline.speed import SpeedConfig
 
     if model not in ("lite", "pro", "tiny"):
         raise ConfigError("--model must be lite, pro or tiny")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    resolved_device, default_dtype = default_device_and_dtype(device, None)  # the pipelines' own defaults
+    device = device or resolved_device.type
+    dtype = dtype or str(default_dtype).removeprefix("torch.")
     for option, path in (("--json", json_path), ("--trace", trace)):  # before minutes of measuring, not after
         if path is not None and not path.absolute().parent.is_dir():
             raise ConfigError(f"{option}: the folder {path.parent} does not exist")
