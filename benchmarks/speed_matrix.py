@@ -56,7 +56,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+vae_conv_out_gemm", {"vae_conv_out_gemm": True}, False),  # after compile_vae: eager it is slower than cuDNN
     ("+vae_cutlass_conv", {"vae_cutlass_conv": True}, False),  # only where the preset takes it: see ladder()
     ("+vae_whole_chunk", {"vae_whole_chunk": True}, False),  # with vae_cutlass_conv only: see ladder()
-    ("+vae_call_frames=3", {"vae_call_frames": 3}, False),  # bounds the whole chunk's calls: with it only
+    ("+vae_call_frames=3", {"vae_call_frames": 3}, False),  # bounds vae_whole_chunk's calls: with it only, see ladder()
     ("+vae_attention_gemm", {"vae_attention_gemm": True}, False),
     ("+vae_static_shapes", {"vae_static_shapes": True}, False),
     ("+vae_cuda_graphs", {"vae_cuda_graphs": True}, False),
