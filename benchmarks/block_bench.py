@@ -4,10 +4,12 @@
     TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/block_bench.py     # e.g. persistent reductions tried too
 
 Random weights in bf16, the `--optimized` block (cuDNN attention, RoPE table, fused GELU), the token count of
-one 512x512 chunk (Pro 9,216, Lite 1,280). Prints JSON: median ms per block call over CUDA events, the same inside
-a CUDA graph (as the chunk loop runs), the kernels of one call by GPU time, so one kernel (e.g. the q / k norm +
-RoPE) can be compared across settings, and the memsets one call launches with the operators that launch them
-(cuBLAS and cuDNN clear workspaces before some kernels: inside a CUDA graph each is a node of its own).
+one 512x512 chunk (Pro 9,216, Lite 1,280; `--batch N`: N streams' chunks in one call, as a batched round). Prints
+JSON: median ms per block call over CUDA events, the same inside a CUDA graph (as the chunk loop runs; with its
+MFU, a block's FLOPs as flashhead.pipeline.flops counts them), the kernels of one call by GPU time, so one kernel
+(e.g. the q / k norm + RoPE) can be compared across settings, and the memsets one call launches with the operators
+that launch them (cuBLAS and cuDNN clear workspaces before some kernels: inside a CUDA graph each is a node of its
+own).
 
     CUBLASLT_WORKSPACE_SIZE=0 python3 benchmarks/block_bench.py --attention flash   # what changes the memsets
     python3 benchmarks/block_bench.py --persistent-rows 2048   # the norms over 1,536 channels as one-pass reductions
@@ -35,12 +37,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from flashhead.models.dit import FlashHeadDiT, official_config
 from flashhead.pipeline.fast_path import attention_context
+from flashhead.pipeline.flops import dit_forward_flops, peak_flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pro", choices=["lite", "pro"])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=1, help="streams in the call (the engine's batched rounds)")
     parser.add_argument("--attention", default="cudnn", help="SDPA backend (flashhead.pipeline.fast_path)")
     parser.add_argument("--no-fused-gelu", action="store_true", help="the FFN's GELU as Inductor compiles it")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -59,9 +63,10 @@ def main() -> None:
     block.compile(mode=args.mode)
     frames, h, w = (9, 32, 32) if args.model == "pro" else (5, 16, 16)
     dim = config["dim"]
-    x = torch.randn(1, frames * h * w, dim, device=device, dtype=torch.bfloat16)
-    audio = torch.randn(1, frames, 32, dim, device=device, dtype=torch.bfloat16)
-    t_mod = torch.randn(1, 6, dim, device=device, dtype=torch.bfloat16) * 0.1
+    B = args.batch
+    x = torch.randn(B, frames * h * w, dim, device=device, dtype=torch.bfloat16)
+    audio = torch.randn(B, frames, 32, dim, device=device, dtype=torch.bfloat16)
+    t_mod = torch.randn(B, 6, dim, device=device, dtype=torch.bfloat16) * 0.1
     rope = dit.rope((frames, h, w), x.device, table=True, dtype=torch.float32 if args.rope_fp32 else torch.float64)
 
     def call() -> torch.Tensor:
@@ -74,6 +79,9 @@ def main() -> None:
     compile_s = time.perf_counter() - began
     block_ms, _ = event_ms(call, args.repeats, warmup=3)
     graph_ms = graph_time_ms(call)
+    one_block = dit_forward_flops(config, (frames, h, w), batch=B, by_term=True)
+    block_flops = sum(v for k, v in one_block.items() if k.startswith(BLOCK_TERMS))
+    peak = peak_flops(torch.cuda.get_device_name())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
@@ -85,17 +93,21 @@ def main() -> None:
             memsets += e.name.startswith("Memset")
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
-    print(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(), "env": settings,
+    print(json.dumps({"model": args.model, "batch": B, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
                       "mode": args.mode, "rope_fp32": args.rope_fp32, "persistent_rows": args.persistent_rows,
                       "persistent_hints": args.persistent_hints if args.persistent_rows else None,
                       "reductions": REDUCTIONS, "compile_s": round(compile_s, 1),
                       "block_ms_median": round(block_ms, 4),
-                      "block_ms_in_cuda_graph": round(graph_ms, 4), "memsets_per_call": memsets,
+                      "block_ms_in_cuda_graph": round(graph_ms, 4),
+                      "block_tflop": round(block_flops / 1e12, 4),
+                      "mfu_in_cuda_graph": round(block_flops / (graph_ms / 1000) / peak, 4) if peak else None,
+                      "memsets_per_call": memsets,
                       "memsets_launched_by": memset_sources(prof),
                       "kernels_us": [[name, round(us, 1)] for name, us in top]}))  # fmt: skip
 
 
+BLOCK_TERMS = ("self_attention", "cross_attention", "ffn")  # the FLOP terms counted per block (N = 1)
 REDUCTIONS: list[dict] = []  # each reduction Inductor asked about: its size, hint and the answer (in the JSON)
 
 

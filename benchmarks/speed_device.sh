@@ -14,6 +14,8 @@
 #   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
 #                                            # `bench --optimized` without and with the switches (~2 x 3 min)
 #   bash benchmarks/speed_device.sh streams lite 24  # `bench --optimized --streams 24`: batched rounds by stage
+#   bash benchmarks/speed_device.sh batched lite 20  # one block at batch 1 and 20, then `streams lite 20` with the
+#                                            # batched round's trace split by stage, kernel by kernel (<= 9 min)
 #   bash benchmarks/speed_device.sh audio    # wav2vec2 alone: float32, TF32, float32 from a CUDA graph (~1 min)
 #   bash benchmarks/speed_device.sh convs    # the Wan decode's convolutions one by one, cuDNN's first 10 algorithms
 #                                            # against all of them (two processes, ~1.5 min)
@@ -41,7 +43,7 @@
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batched|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -188,6 +190,29 @@ streams)
         --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" > "$OUT/${MODEL}_streams$N.log" 2>&1
     echo "rc=$?"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'gpu_memory_held_gib')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
+    ;;
+batched)
+    # Where a batched round's time goes, kernel by kernel: one compiled block (the preset's norms and RoPE) at batch 1
+    # and N (time, MFU, top kernels), then `bench --optimized --streams N --trace`, whose batched round's trace
+    # trace_stages.py splits by stage with each stage's biggest kernels (e.g. `batched lite 20`, <= 9 min).
+    MODEL=${2:?model}; N=${3:?streams}
+    AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
+    for b in 1 "$N"; do
+        timeout "${BLOCK_TIMEOUT:-150}" python3 benchmarks/block_bench.py --model "$MODEL" --batch "$b" \
+            --persistent-rows 2048 --persistent-hints inner,default --rope-fp32 2>"$OUT/block.err" | tail -1 \
+            | tee "$OUT/block_${MODEL}_b$b.json" | cut -c1-1800
+        echo "block $MODEL batch $b rc=$?"
+    done
+    timeout "${BENCH_TIMEOUT:-420}" python3 -m flashhead.cli bench --model "$MODEL" --optimized --streams "$N" \
+        --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" --trace "$OUT/${MODEL}.json.gz" \
+        > "$OUT/${MODEL}_streams$N.log" 2>&1
+    echo "rc=$?"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'stage_ms_per_chunk', 'dit_mfu')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
+    for t in "$OUT/${MODEL}.json.gz" "$OUT/${MODEL}.streams$N.json.gz"; do
+        python3 benchmarks/trace_stages.py "$t" > "${t%.json.gz}.stages.json" 2>&1
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], json.dumps({k: d[k] for k in ('gpu_ms_by_stage', 'devices', 'top_by_stage') if k in d}))" "${t%.json.gz}.stages.json" | cut -c1-6000
+    done
+    rm -f "$OUT/${MODEL}.json.gz"  # the 4-chunk stream's trace: only its split comes back
     ;;
 audio)
     # wav2vec2 alone over the 8 s cache: float32, TF32 GEMMs, float32 replayed from a CUDA graph.

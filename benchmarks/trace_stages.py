@@ -72,16 +72,15 @@ def stage_breakdown(trace: dict, top: int = 12) -> dict:
         return OUTSIDE
 
     by_stage: dict[str, float] = defaultdict(float)
-    outside: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    kernels: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     busy: dict[object, list[tuple[float, float]]] = defaultdict(list)
     for e in events:
         if e.get("cat") not in GPU_CATEGORIES:
             continue
         stage = stage_of(e.get("args", {}).get("correlation"))
         by_stage[stage] += e["dur"] / 1000
-        if stage == OUTSIDE:
-            outside[e["name"][:80]][0] += 1
-            outside[e["name"][:80]][1] += e["dur"] / 1000
+        kernels[stage][e["name"][:80]][0] += 1
+        kernels[stage][e["name"][:80]][1] += e["dur"] / 1000
         busy[e.get("args", {}).get("device", e.get("pid"))].append((e["ts"], e["ts"] + e["dur"]))
     spans = {
         str(device): {
@@ -90,11 +89,16 @@ def stage_breakdown(trace: dict, top: int = 12) -> dict:
         }
         for device, intervals in busy.items()
     }
-    ranked = sorted(outside.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    def ranked(stage: str) -> list:
+        biggest = sorted(kernels.get(stage, {}).items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+        return [[name, int(count), round(ms, 2)] for name, (count, ms) in biggest]
+
     return {
         "gpu_ms_by_stage": {k: round(v, 2) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])},
         "devices": spans,
-        "outside_top": [[name, int(count), round(ms, 2)] for name, (count, ms) in ranked],
+        "outside_top": ranked(OUTSIDE),
+        # Each stage's biggest kernels (name, launches, GPU ms): where a stage's time goes, e.g. in a batched round.
+        "top_by_stage": {stage: ranked(stage) for stage in by_stage if stage != OUTSIDE},
     }
 
 

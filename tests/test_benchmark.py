@@ -96,6 +96,36 @@ def test_trace_of_a_stream_holds_every_stage_for_trace_stages(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lite.json.gz"]  # no temporary left beside it
 
 
+def test_a_batched_round_is_profiled_beside_the_stream_trace(tmp_path):
+    """`flashhead bench --trace T --streams N`: one more batched round under the profiler, its trace beside T, with
+    the round's stages named, so trace_stages.py can say which kernels a batched round spends its time in."""
+    import gzip
+    import json
+
+    from flashhead.benchmark import measure_streams, streams_trace_path
+
+    pipe, _, _ = tiny_pipeline("lite")
+    image = np.random.default_rng(3).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+    samples = (0.1 * np.sin(np.arange(2 * pipe.new_frames * 640) / 16000 * 2 * np.pi * 180)).astype(np.float32)
+    trace = tmp_path / "lite.json.gz"
+    assert streams_trace_path(trace, 3) == tmp_path / "lite.streams3.json.gz"
+    assert streams_trace_path(tmp_path / "t.json", 3).name == "t.streams3.json.gz"
+    calls = []
+    original = pipe.generate_chunks
+    pipe.generate_chunks = lambda refs, *a, **k: calls.append(len(refs)) or original(refs, *a, **k)
+    try:
+        result = measure_streams(pipe, image, samples, pipe.new_frames * 640, 3, trace=trace)
+    finally:
+        del pipe.generate_chunks
+    assert calls == [3] * 6  # 2 warm-up, 2 timed, 1 by stage, 1 profiled: every round batched
+    assert result["by_streams"][3]["trace"] == str(tmp_path / "lite.streams3.json.gz")
+    events = json.loads(gzip.decompress((tmp_path / "lite.streams3.json.gz").read_bytes()))["traceEvents"]
+    stages = [e["name"] for e in events if e.get("name", "").startswith("stage:")]
+    assert stages.count("stage:dit") == 1  # one round, not a stream
+    assert {"stage:vae_decode", "stage:vae_encode_motion", "stage:color_correction"} <= set(stages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lite.streams3.json.gz"]
+
+
 def test_video_encode_is_timed_with_the_encoder_that_ran():
     from flashhead.benchmark import video_encode_ms
     from flashhead.media.video_io import nvenc_unavailable_reason

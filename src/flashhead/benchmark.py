@@ -198,7 +198,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         write_trace(engine, image, audio[: 4 * chunk_samples], Path(settings.trace))
         report["trace"] = settings.trace
     if settings.streams:
-        report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams)
+        report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams, trace=settings.trace)
         bar.update()
     bar.close()
     if torch.cuda.is_available():
@@ -303,6 +303,12 @@ def write_trace(engine, image: np.ndarray, samples: np.ndarray, path: Path) -> N
     Each stage is a named range (`StageTimer`), so benchmarks/trace_stages.py can charge the GPU work to the stage
     that launched it and show what ran between stages.
     """
+    profile_to(engine.pipeline, path, lambda: run_stream(engine, image, samples))
+
+
+def profile_to(pipe, path: Path, work) -> None:
+    """Run `work()` under torch.profiler with the pipeline's stages as named ranges (not synchronised) and write
+    the Chrome trace gzip'd to `path`, whole or not at all."""
     import gzip
     import shutil
     import tempfile
@@ -312,12 +318,12 @@ def write_trace(engine, image: np.ndarray, samples: np.ndarray, path: Path) -> N
     from flashhead.atomic import atomic_path
     from flashhead.pipeline.timing import StageTimer
 
-    pipe = engine.pipeline
     timer, pipe.timer = pipe.timer, StageTimer(sync=False)  # the stage ranges, without synchronising
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     try:
         with profile(activities=activities) as prof:
-            run_stream(engine, image, samples)
+            work()
+            _sync()
     finally:
         pipe.timer = timer
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,6 +331,13 @@ def write_trace(engine, image: np.ndarray, samples: np.ndarray, path: Path) -> N
         prof.export_chrome_trace(str(raw))
         with atomic_path(path) as part, open(raw, "rb") as src, gzip.open(part, "wb") as dst:
             shutil.copyfileobj(src, dst)
+
+
+def streams_trace_path(trace: str | Path, streams: int) -> Path:
+    """Where `bench --trace T --streams N` writes the batched round's trace: beside T, `.streamsN` before `.json`."""
+    trace = Path(trace)
+    stem = trace.name.removesuffix(".gz").removesuffix(".json")
+    return trace.with_name(f"{stem}.streams{streams}.json.gz")
 
 
 def steady_fps(deliveries: list[tuple[float, int]], frames_per_chunk: int) -> float | None:
@@ -365,24 +378,30 @@ def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
     return out
 
 
-def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None) -> dict:
+def measure_streams(
+    pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None, trace: str | Path | None = None
+) -> dict:
     """Aggregate FPS with N streams batched; with streams=-1 search the most real-time streams.
 
     Per batch size: the round's milliseconds (median of two, unsynchronised like a server's rounds), and from one
     more round with every stage synchronised, where a batched round's time goes (`stage_ms`, per round; `dit_mfu` at
     that batch). `deadline` (a time.perf_counter() value) stops the search before the next batch size once passed.
+    `trace`: also one more round per batch size under torch.profiler, its Chrome trace at `streams_trace_path`
+    (benchmarks/trace_stages.py charges its kernels to the stages: which kernels a batched round spends its time in).
     """
     from flashhead.pipeline.stream import StreamEngine
     from flashhead.pipeline.timing import StageTimer
 
     chunk_seconds = pipe.new_frames / pipe.config.fps
     stage_ms: dict[int, dict[str, float]] = {}
+    traces: dict[int, Path] = {}
 
     def round_time(n: int) -> float:
         engine = StreamEngine(pipe, max_sessions=n, max_batch=n)
         sessions = [engine.open_session(image, seed=i) for i in range(n)]
         for s in sessions:
-            s.push_audio(np.resize(audio, 5 * chunk_samples))  # 2 rounds to warm up, 2 timed, 1 by stage
+            # 2 rounds to warm up, 2 timed, 1 by stage (and 1 profiled)
+            s.push_audio(np.resize(audio, (6 if trace else 5) * chunk_samples))
         # Warm-up: a first chunk and a later one at this batch size (their shapes, graphs and, with
         # early_first_frames, decodes differ; a first chunk can take two steps).
         while any(s.frames_emitted < 2 * pipe.new_frames for s in sessions):
@@ -400,6 +419,9 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
             stage_ms[n] = {k: round(v["mean_ms"] * v["count"], 3) for k, v in pipe.timer.summary().items()}
         finally:
             pipe.timer = timer
+        if trace:
+            traces[n] = streams_trace_path(trace, n)
+            profile_to(pipe, traces[n], engine.step)
         return float(np.median(times))
 
     results = {}
@@ -415,6 +437,8 @@ def measure_streams(pipe, image, audio, chunk_samples: int, streams: int, deadli
         dit = stage_ms[n].get("dit")
         if dit:
             results[n]["dit_mfu"] = dit_utilisation(pipe, dit / pipe.config.num_inference_steps, batch=n).get("dit_mfu")
+        if n in traces:
+            results[n]["trace"] = str(traces[n])
         if t <= chunk_seconds:
             best = n
         elif streams < 0:

@@ -302,7 +302,8 @@ def bench(
         bool, typer.Option("--optimized", help="Start from every output-preserving switch on (--switches adjusts).")
     ] = False,
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Also profile a 4-chunk stream; gzip'd Chrome trace here.")
+        Path | None, typer.Option("--trace", help="Also profile a 4-chunk stream; gzip'd Chrome trace here "
+                                              "(with --streams N also one batched round: .streamsN.json.gz beside it).")
     ] = None,
 ) -> None:
     """Measure FPS, time to first frame, per-stage ms and streams per GPU; prints JSON."""

@@ -46,6 +46,10 @@ def test_kernels_are_charged_to_the_launching_stage():
         "dit": 4.0, "(outside every stage)": 2.1, "vae_decode": 0.7, "color_correction": 0.2,
     }  # fmt: skip
     assert report["outside_top"] == [["to_uint8", 2, 1.0], ["Memcpy DtoH", 1, 1.0], ["unlaunched", 1, 0.1]]
+    assert report["top_by_stage"] == {  # each stage's own kernels, biggest first
+        "dit": [["gemm", 1, 3.0], ["graph_kernel", 1, 1.0]], "vae_decode": [["conv", 1, 0.7]],
+        "color_correction": [["match_colors", 1, 0.2]],
+    }  # fmt: skip
     # Busy (microseconds): 20..3020, 3100..4100, 5000..5700 (two overlapping kernels), 6000..6200, 6300..8000,
     # 9000..9100; the span runs from 20 to 9100.
     assert report["devices"]["0"] == {"busy_ms": 6.7, "span_ms": 9.08}
