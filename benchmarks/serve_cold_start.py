@@ -45,12 +45,14 @@ TARGET_SECONDS = 60.0  # issue 10: a fresh server process serves its first frame
 OWN_OPTIONS = ("--port", "-p", "--host", "--compile-cache")
 # flashhead serve's warm-up line; on a GPU it also gives the memory held after the warm-up
 WARMED = re.compile(
-    r"warmed up batch sizes \S+ in ([\d.]+) s(?:, ([\d.]+) GiB of GPU memory held)? \(compile cache: (\w+)"
+    r"warmed up batch sizes \S+ in ([\d.]+) s(?:, ([\d.]+) GiB of GPU memory held)? "
+    r"\((?:sessions opened in ([\d.]+) s; )?compile cache: (\w+)"
 )
 GRAPHS = re.compile(r"Inductor graphs: (\d+) cached, (\d+) compiled")
 # ... and its line once the model is loaded and its switches applied, and the compile cache's reading time
 LOADED = re.compile(r"loaded in ([\d.]+) s, speed switches applied in ([\d.]+) s")
 CACHE_READ = re.compile(r"compile cache: loaded \S+ in ([\d.]+) s")
+CACHE_SAVE = re.compile(r"saved \d+ B in ([\d.]+) s")  # the file written after the warm-up (absent: unchanged)
 
 
 class ServerLog:
@@ -158,6 +160,7 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
             (Path(args.log_dir) / f"server-{label}.log").write_text("\n".join(f"{t:8.2f} {s}" for t, s in log.lines))
     # The server's own account of its warm-up (absent with --no-warmup or without a speed switch).
     warmed, graphs, loaded, read = log.first(WARMED), log.first(GRAPHS), log.first(LOADED), log.first(CACHE_READ)
+    save = log.first(CACHE_SAVE)
     record |= {
         # spawn -> the model in memory with its switches applied: the imports are what precedes the load
         "spawn_to_loaded_s": round(loaded[0], 2) if loaded else None,
@@ -167,7 +170,9 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
         "spawn_to_warmed_s": round(warmed[0], 2) if warmed else None,
         "server_warmup_s": float(warmed[1][1]) if warmed else None,
         "gpu_memory_held_gib": float(warmed[1][2]) if warmed and warmed[1][2] else None,
-        "compile_cache": warmed[1][3] if warmed else None,  # off, new or loaded
+        "warmup_sessions_open_s": float(warmed[1][3]) if warmed and warmed[1][3] else None,  # part of the warm-up
+        "compile_cache_save_s": float(save[1][1]) if save else None,
+        "compile_cache": warmed[1][4] if warmed else None,  # off, new or loaded
         "inductor_graphs_cached": int(graphs[1][1]) if graphs else None,
         "inductor_graphs_compiled": int(graphs[1][2]) if graphs else None,
     }
@@ -194,8 +199,9 @@ def megabytes(path: Path) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    """One bar per start: imports, model load, speed switches, compile cache read, warm-up, until /healthz, until
-    the first frame (a server without the load line: start + model load as one part)."""
+    """One bar per start: imports, model load, speed switches, compile cache read, the warm-up (its sessions'
+    opening apart), the compile cache's save, what else preceded the warmed line, until /healthz, until the first
+    frame (a server without the load line: start + model load as one part)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,19 +211,25 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(result["runs"])))
     colours = {"start + model load": "#8172b3", "imports": "#937860", "model load": "#8172b3",
-               "speed switches": "#64b5cd", "cache read, other": "#da8bc3", "warm-up": "#dd8452",
-               "until /healthz": "#bbbbbb", "until first frame": "#55a868"}  # fmt: skip
+               "speed switches": "#64b5cd", "cache read": "#da8bc3", "warm-up: sessions opened": "#f0b27a",
+               "warm-up": "#dd8452", "cache save": "#c44e52", "other": "#8c8c8c", "until /healthz": "#bbbbbb",
+               "until first frame": "#55a868"}  # fmt: skip
     labelled: set[str] = set()
     for i, run in enumerate(result["runs"]):
         warmed = run["spawn_to_warmed_s"] or 0.0
         warmup = run["server_warmup_s"] or 0.0
+        opened = run.get("warmup_sessions_open_s") or 0.0
         if run.get("spawn_to_loaded_s") is not None:
             loaded, load, switches = run["spawn_to_loaded_s"], run["model_load_s"], run["switches_s"]
+            read, save = run.get("compile_cache_read_s") or 0.0, run.get("compile_cache_save_s") or 0.0
             parts = {"imports": loaded - load - switches, "model load": load, "speed switches": switches,
-                     "cache read, other": max(warmed - warmup - loaded, 0.0) if warmed else 0.0}  # fmt: skip
+                     "cache read": read, "warm-up: sessions opened": opened, "warm-up": warmup - opened,
+                     "cache save": save,
+                     "other": max(warmed - loaded - read - warmup - save, 0.0) if warmed else 0.0}  # fmt: skip
         else:
-            parts = {"start + model load": warmed - warmup}
-        parts |= {"warm-up": warmup, "until /healthz": run["spawn_to_health_s"] - sum(parts.values()) - warmup,
+            parts = {"start + model load": warmed - warmup, "warm-up: sessions opened": opened,
+                     "warm-up": warmup - opened}  # fmt: skip
+        parts |= {"until /healthz": run["spawn_to_health_s"] - sum(parts.values()),
                   "until first frame": run["spawn_to_first_frame_s"] - run["spawn_to_health_s"]}  # fmt: skip
         left = 0.0
         for name, seconds in parts.items():

@@ -59,6 +59,10 @@ def test_two_starts_reach_a_first_frame_and_the_second_uses_the_artefacts(tmp_pa
     assert first["compile_cache"] == "new" and first["inductor_graphs_compiled"] >= 1
     assert first["compile_cache_read_s"] is None and second["compile_cache_read_s"] >= 0
     assert second["compile_cache"] == "loaded" and second["inductor_graphs_compiled"] == 0
+    # ... so the first writes the file and the second leaves it as it was; both warm-ups open their sessions
+    assert first["compile_cache_save_s"] >= 0 and second["compile_cache_save_s"] is None
+    assert 0 < first["warmup_sessions_open_s"] < first["server_warmup_s"]
+    assert 0 < second["warmup_sessions_open_s"] < second["server_warmup_s"]
     assert second["inductor_graphs_cached"] >= first["inductor_graphs_compiled"]
     assert result["compile_cache_mb"] == round((work / "compile-cache.bin").stat().st_size / 2**20, 3) > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -88,6 +92,11 @@ def test_the_servers_warm_up_line_is_read_with_and_without_gpu_memory():
 
     bench = load_benchmark("serve_cold_start")
     cpu = bench.WARMED.search(warmed_up_line(2, {"total_seconds": 41.26}, "loaded /x.bin"))
-    assert cpu.groups() == ("41.3", None, "loaded")
+    assert cpu.groups() == ("41.3", None, None, "loaded")
     gpu = bench.WARMED.search(warmed_up_line(1, {"total_seconds": 135.2, "gpu_memory_held_gib": 31.42}, "new /x.bin"))
-    assert gpu.groups() == ("135.2", "31.4", "new")
+    assert gpu.groups() == ("135.2", "31.4", None, "new")
+    # warm_up's own result: the seconds spent opening its sessions (their portraits' encode) are part of the total
+    line = warmed_up_line(2, {"total_seconds": 21.1, "open_seconds_by_batch": {1: 6.0, 2: 1.25},
+                              "gpu_memory_held_gib": 39.1}, "loaded /x.bin in 0.2 s, saved 9 B in 3.5 s")  # fmt: skip
+    assert bench.WARMED.search(line).groups() == ("21.1", "39.1", "7.2", "loaded")
+    assert bench.CACHE_SAVE.search(line).group(1) == "3.5" and bench.CACHE_READ.search(line).group(1) == "0.2"

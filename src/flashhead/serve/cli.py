@@ -200,14 +200,18 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
     hit = load_compile_cache(path) if path is not None else False
     read_s = time.perf_counter() - started
     result = warm_up(pipe, warm_batch_sizes(max_batch))
-    saved = save_compile_cache(path) if path is not None else 0
+    from torch._dynamo.utils import counters
+
+    graphs = counters["inductor"]
     cache = "off" if path is None else f"{'loaded' if hit else 'new'} {path}"
     cache += f" in {read_s:.1f} s" if hit else ""
-    cache += f", saved {saved} B" if saved else ""
+    if path is not None and hit and graphs["fxgraph_cache_miss"] == 0:
+        cache += ", unchanged"  # every graph came from the file: writing it again (seconds) would add nothing
+    elif path is not None:
+        started = time.perf_counter()
+        saved = save_compile_cache(path)
+        cache += f", saved {saved} B in {time.perf_counter() - started:.1f} s" if saved else ""
     if compiles:  # whether the artefacts were really used: a loaded file whose graphs all miss saved nothing
-        from torch._dynamo.utils import counters
-
-        graphs = counters["inductor"]
         cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
     print(warmed_up_line(max_batch, result, cache), flush=True)
 
@@ -220,10 +224,13 @@ def loaded_line(name: str, load_s: float, optimize_s: float) -> str:
 
 def warmed_up_line(max_batch: int, result: dict, cache: str) -> str:
     """The startup line after the warm-up (benchmarks/serve_cold_start.py reads it): seconds, GPU memory held where
-    there is a GPU, and what the compile cache did."""
+    there is a GPU, the part of the seconds spent opening the warm-up's sessions (their portraits' encode), and what
+    the compile cache did."""
     held = f", {result['gpu_memory_held_gib']:.1f} GiB of GPU memory held" if "gpu_memory_held_gib" in result else ""
+    opened = result.get("open_seconds_by_batch")
+    opened = f"sessions opened in {sum(opened.values()):.1f} s; " if opened else ""
     return (f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s{held} "
-            f"(compile cache: {cache})")  # fmt: skip
+            f"({opened}compile cache: {cache})")  # fmt: skip
 
 
 def serve_on_ray(
