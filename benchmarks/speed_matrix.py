@@ -43,6 +43,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+vae_conv_pad", {"vae_conv_pad": True}, False),
     ("+vae_subpixel_upsample", {"vae_subpixel_upsample": True}, False),
     ("+pinned_memory", {"pinned_memory": True}, False),
+    ("+copy_stream", {"copy_stream": True}, False),
     ("+audio_stream", {"audio_stream": True}, False),
     ("+audio_tf32", {"audio_tf32": True}, False),
     ("+launch_ahead", {"launch_ahead": True}, True),

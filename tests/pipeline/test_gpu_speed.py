@@ -38,6 +38,7 @@ EXACT = {
     "cudnn_benchmark": "cudnn_benchmark=on",
     "cudnn_search_limit": "cudnn_benchmark=on,cudnn_search_limit=0",
     "pinned_memory": "pinned_memory=on",
+    "copy_stream": "copy_stream=on,pinned_memory=on",
     "audio_stream": "audio_stream=on",
     "launch_ahead": "launch_ahead=on,pinned_memory=on,audio_stream=on",
     "cuda_graphs": "cuda_graphs=on,rope_table=on,cond_cache=on",

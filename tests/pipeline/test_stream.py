@@ -315,6 +315,68 @@ def test_frames_leave_for_the_host_before_the_motion_reencode_with_pinned_memory
     np.testing.assert_array_equal(pinned, plain)
 
 
+def test_compiled_frame_conversion_gives_the_eager_frames_for_every_length_and_layout():
+    """compile_color also compiles the frames' conversion to uint8 with the watermark and the layout change (one
+    kernel): the same bytes as the eager chain, for a chunk, a first chunk's early piece, a single frame, a view
+    into a longer chunk (what frames_from hands over) and several streams' frames together."""
+    from torch._dynamo.utils import counters
+
+    from flashhead.pipeline.flashhead_pipeline import HostFrames, _compiled_uint8_frames, _watermark_delta, uint8_frames
+
+    rng = torch.Generator().manual_seed(0)
+    chunk = torch.rand(1, 3, 12, 32, 48, generator=rng) * 2.2 - 1.1  # a little beyond [-1, 1]: the clamp counts
+    chunk[0, :, 0, 0, :4] = torch.tensor([-1.0, 1.0, 1 / 255, -1 / 255])  # levels' edges and halves
+    videos = [[chunk], [chunk[:, :, :5]], [chunk[:, :, 11:]], [chunk[:, :, 3:]], [chunk[:, :, 2:], chunk[:, :, 4:]]]
+    delta = _watermark_delta(32, 48, torch.device("cpu"))
+    counters.clear()
+    for video in videos:
+        for watermark in (False, True):
+            eager = HostFrames.start(video, watermark=watermark).wait()
+            compiled = HostFrames.start(video, watermark=watermark, compiled=True).wait()
+            assert [f.shape for f in compiled] == [(v.shape[2], 32, 48, 3) for v in video]
+            for a, b in zip(compiled, eager, strict=True):
+                np.testing.assert_array_equal(a, b)
+    # Sizes symbolic, not a compile per frame count: one graph per layout (contiguous, a view), frame count 1 or
+    # more (Dynamo specialises 1) and watermark or not, within Dynamo's limit of 8 per function.
+    assert counters["stats"]["unique_graphs"] <= 6
+    plain = uint8_frames(chunk[0], delta)  # the watermark is there: it differs from the unmarked frames
+    assert not torch.equal(plain, uint8_frames(chunk[0])) and plain.is_contiguous()
+    assert callable(_compiled_uint8_frames())
+
+
+def test_copy_stream_reaches_the_engines_frame_copies_and_needs_pinned_memory(lite, monkeypatch):
+    """copy_stream: the engine asks for its frame copies (and, with early_first_frames, the early ones) on the side
+    stream, and its conversion compiled with compile_color; the switch alone is refused."""
+    from flashhead.errors import ConfigError
+    from flashhead.pipeline import flashhead_pipeline
+    from flashhead.pipeline.speed import SpeedConfig
+
+    with pytest.raises(ConfigError, match="copy_stream puts pinned_memory's frame copies on a stream of their own"):
+        SpeedConfig(copy_stream=True)
+    assert SpeedConfig.optimized().copy_stream and SpeedConfig.optimized().pinned_memory
+    calls = []
+    start = flashhead_pipeline.HostFrames.start
+    monkeypatch.setattr(flashhead_pipeline.HostFrames, "start",
+                        classmethod(lambda cls, *a, **k: calls.append(k) or start(*a, **k)))  # fmt: skip
+    image, audio = portrait(lite, 3), speechlike(2.0, seed=3)
+    runs = {}
+    try:
+        for name, speed in (("plain", SpeedConfig()), ("side", SpeedConfig(pinned_memory=True, copy_stream=True))):
+            lite.optimize(speed)
+            engine = StreamEngine(lite)
+            session = engine.open_session(image, seed=5)
+            session.push_audio(audio)
+            session.end()
+            calls.clear()
+            runs[name] = (frames_of(engine.run_until_idle(), session.id), list(calls))
+    finally:
+        lite.optimize(SpeedConfig())
+    (plain, plain_calls), (side, side_calls) = runs["plain"], runs["side"]
+    assert plain_calls and all(not k["side_stream"] and not k["compiled"] for k in plain_calls)
+    assert side_calls and all(k["side_stream"] and k["pinned"] for k in side_calls)
+    np.testing.assert_array_equal(side, plain)  # on the CPU the copy is a plain one: the same frames
+
+
 @pytest.mark.parametrize("decode_new_only", [False, True])
 def test_early_first_frames_hand_out_a_new_streams_first_frames_before_the_rest_of_its_chunk(decode_new_only):
     """early_first_frames (Pro's causal Wan decode): a new session's first chunk arrives in two pieces, the frames

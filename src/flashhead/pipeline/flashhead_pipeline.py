@@ -136,8 +136,11 @@ def frames_to_host(videos: Sequence[torch.Tensor], pinned: bool = False, waterma
 class HostFrames:
     """Frames on their way to the host: `start` queues the conversion and copy, `wait` returns the arrays.
 
-    With pinned memory on a GPU the copy is queued on the current stream and `wait` waits for that copy only
-    (an event), not for work queued after it, such as the next round the streaming engine launched meanwhile.
+    With pinned memory on a GPU the copy is queued without blocking and `wait` waits for that copy only (an event),
+    not for work queued after it, such as the next round the streaming engine launched meanwhile. With
+    `side_stream` (the copy_stream switch) the copy runs on a stream of its own, so the work queued after it (the
+    motion re-encode) does not wait for the transfer either. `compiled` (the compile_color switch): the conversion
+    to uint8, the watermark and the layout change in one compiled kernel instead of a chain of eager ones.
     """
 
     host: torch.Tensor
@@ -145,27 +148,58 @@ class HostFrames:
     copied: torch.cuda.Event | None = None
 
     @classmethod
-    def start(cls, videos: Sequence[torch.Tensor], pinned: bool = False, watermark: bool = False) -> HostFrames:
+    def start(
+        cls,
+        videos: Sequence[torch.Tensor],
+        pinned: bool = False,
+        watermark: bool = False,
+        compiled: bool = False,
+        side_stream: bool = False,
+    ) -> HostFrames:
         if not videos:
             return cls(torch.empty(0, dtype=torch.uint8), [])
         lengths = [v.shape[2] for v in videos]
-        frames = ((torch.cat(list(videos), dim=2)[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        frames = frames.permute(1, 2, 3, 0)  # (sum T, H, W, 3)
-        if watermark:
-            delta = _watermark_delta(frames.shape[1], frames.shape[2], frames.device)
-            frames = (frames.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
+        video = torch.cat(list(videos), dim=2)[0] if len(videos) > 1 else videos[0][0]
+        delta = _watermark_delta(video.shape[2], video.shape[3], video.device) if watermark else None
+        frames = (_compiled_uint8_frames() if compiled else uint8_frames)(video, delta)  # (sum T, H, W, 3)
         if not (pinned and frames.is_cuda):
             return cls(frames.cpu(), lengths)
         host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(frames, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+        stream = _copy_stream(frames.device) if side_stream else torch.cuda.current_stream(frames.device)
+        if side_stream:
+            stream.wait_stream(torch.cuda.current_stream(frames.device))  # the frames are written on the main stream
+            frames.record_stream(stream)  # their memory is not reused before the copy has read them
+        with torch.cuda.stream(stream):
+            host.copy_(frames, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
         return cls(host, lengths, copied)
 
     def wait(self) -> list[np.ndarray]:
         if self.copied is not None:
             self.copied.synchronize()
         return [chunk.numpy() for chunk in self.host.split(self.lengths)] if self.lengths else []
+
+
+def uint8_frames(video: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounding to the nearest level; plus the watermark's
+    (H, W, 1) integer `delta` where given (the same integer arithmetic as `embed_watermark`)."""
+    frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+    if delta is not None:
+        frames = (frames.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
+    return frames.contiguous()
+
+
+@functools.cache
+def _compiled_uint8_frames() -> Callable:
+    # Sizes symbolic: a chunk's frame count varies (a first chunk's early pieces, a stream's last chunk, batches),
+    # and a pointwise kernel needs no specialisation, so one compile serves them all.
+    return torch.compile(uint8_frames, dynamic=True)
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -482,11 +482,13 @@ class StreamEngine:
         def start_copy(results: list) -> None:
             skip = early[0].lengths if early else [0] * len(results)  # frames that went ahead
             videos = [r.frames_from(pipe.motion_frames + n) for r, n in zip(results, skip, strict=True)]
-            copies.append(HostFrames.start(videos, pinned=speed.pinned_memory, watermark=self.watermark))
+            copies.append(HostFrames.start(videos, pinned=speed.pinned_memory, watermark=self.watermark,
+                                           compiled=speed.compile_color, side_stream=speed.copy_stream))  # fmt: skip
 
         def start_early_copy(results: list) -> None:
-            early.append(HostFrames.start([r.frames_from(pipe.motion_frames) for r in results],
-                                          pinned=True, watermark=self.watermark))  # fmt: skip
+            early.append(HostFrames.start([r.frames_from(pipe.motion_frames) for r in results], pinned=True,
+                                          watermark=self.watermark, compiled=speed.compile_color,
+                                          side_stream=speed.copy_stream))  # fmt: skip
 
         # early_first_frames: a new session's first frames leave as soon as they are decoded (the decode pauses
         # for them, where the VAE can: flashhead_pipeline.generate_chunks), not after the whole chunk's decode.
