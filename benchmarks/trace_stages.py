@@ -99,7 +99,24 @@ def stage_breakdown(trace: dict, top: int = 12) -> dict:
         "outside_top": ranked(OUTSIDE),
         # Each stage's biggest kernels (name, launches, GPU ms): where a stage's time goes, e.g. in a batched round.
         "top_by_stage": {stage: ranked(stage) for stage in by_stage if stage != OUTSIDE},
+        # The part of each stage's GPU time in tensor-core kernels (GEMMs, convolutions as implicit GEMMs,
+        # attention): the compute-bound part, against which the rest (norms, elementwise, copies) is overhead.
+        "tensor_core_ms_by_stage": {
+            stage: round(float(sum(ms for name, (_, ms) in kernels[stage].items() if is_tensor_core_kernel(name))), 2)
+            for stage in by_stage
+        },
     }
+
+
+TENSOR_CORE_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "sdpa", "fmha", "flash_fwd", "flash_fprop", "wgmma")
+
+
+def is_tensor_core_kernel(name: str) -> bool:
+    """A GEMM, an implicit-GEMM convolution or an attention kernel by its name (cuBLAS nvjet / cutlass, cuDNN xmma
+    and sdpa, FlashAttention); not Inductor's Triton kernels, whose names carry the aten ops they fuse
+    ("convolution" in a pointwise kernel's name is the bias add after one)."""
+    lower = name.lower()
+    return not lower.startswith("triton_") and any(mark in lower for mark in TENSOR_CORE_MARKS)
 
 
 HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")

@@ -67,3 +67,28 @@ def test_memory_groups_take_the_figures_a_bench_has_and_labels_may_hold_an_equal
     cpu_run.write_text(json.dumps({"model": "tiny", "peak_gpu_memory_gib": None}))
     with pytest.raises(SystemExit, match="no GPU memory figures"):
         plot_memory.load_memory(f"cpu={cpu_run}")
+
+
+def test_a_batched_rounds_split_gives_its_per_stream_time_rates_and_stream_bounds(tmp_path):
+    """benchmarks/plot_batched_round.py on trace_stages.py's split of a 2-stream Lite round: per stream and stage
+    the GPU ms and its tensor-core part, the stage's FLOPs and rate, and the two bounds on real-time streams."""
+    plot = load_benchmark("plot_batched_round")
+    stages = {"gpu_ms_by_stage": {"dit": 60.0, "vae_decode": 30.0, "vae_encode_motion": 10.0,
+                                  "color_correction": 4.0, "(outside every stage)": 2.0},
+              "tensor_core_ms_by_stage": {"dit": 50.0, "vae_decode": 24.0, "vae_encode_motion": 8.0,
+                                          "color_correction": 0.0, "(outside every stage)": 0.0}}  # fmt: skip
+    path, png = tmp_path / "stages.json", tmp_path / "round.png"
+    path.write_text(json.dumps(stages))
+    result = plot.main([str(path), "--model", "lite", "--streams", "2", "--out", str(png)])
+    assert result["chunk_ms"] == 960.0  # Lite: 24 new frames at 25 fps
+    dit = result["stages"]["dit"]
+    assert dit["ms_per_stream"] == 30.0 and dit["tensor_core_ms_per_stream"] == 25.0
+    assert 14.0 < dit["tflop_per_stream"] < 14.5  # four steps of the full-size Lite DiT
+    assert dit["tensor_core_tflops"] == round(dit["tflop_per_stream"] * 2 / 0.050, 1)
+    assert 7.0 < result["stages"]["vae_decode"]["tflop_per_stream"] < 8.5
+    assert result["gpu_ms_per_stream"] == 53.0 and result["tensor_core_ms_per_stream"] == 41.0
+    assert result["streams_at_measured_gpu_time"] == round(960 / 53, 1)
+    assert result["streams_if_only_tensor_core_kernels"] == round(960 / 41, 1)
+    needed = 24 * result["tflop_per_stream"] * 1e12 / 0.96 / 989e12
+    assert result["peak_fraction_needed_for_24"] == pytest.approx(needed, abs=0.002)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -179,6 +179,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         "video_encoder": encoder,
         "dit_ms_per_step": round(dit_ms, 2),
         **dit_utilisation(pipe, dit_ms),
+        **vae_utilisation(pipe, stages),
         "warmup_seconds": round(warmup_seconds, 1),
         # Colour correction runs on the GPU in every configuration (compile_color only fuses it).
         "switches": {"dtype": settings.dtype, **speed.to_dict(), "color_on_gpu": True},
@@ -378,6 +379,21 @@ def dit_utilisation(pipe, dit_ms_per_step: float, batch: int = 1) -> dict:
     return out
 
 
+def vae_utilisation(pipe, stage_ms: dict, batch: int = 1) -> dict:
+    """The VAE stages' FLOPs per chunk (counted once per pipeline: flashhead.pipeline.flops.vae_flops) and, on a GPU
+    with a known peak, each stage's MFU at its measured milliseconds for `batch` streams."""
+    from flashhead.pipeline.flops import peak_flops, vae_flops
+
+    cfg = pipe.config
+    if getattr(pipe, "_vae_flops", None) is None:
+        latent = pipe.vae.latent_shape(cfg.frame_num, cfg.height, cfg.width)
+        pipe._vae_flops = vae_flops(pipe.vae, latent, pipe.motion_frames, cfg.height, cfg.width)
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    mfu = {name: round(batch * flops / (stage_ms[name] / 1000) / peak, 4)
+           for name, flops in pipe._vae_flops.items() if peak and stage_ms.get(name)}  # fmt: skip
+    return {"vae_tflop_per_chunk": {k: round(v / 1e12, 3) for k, v in pipe._vae_flops.items()}, "vae_mfu": mfu or None}
+
+
 def measure_streams(
     pipe, image, audio, chunk_samples: int, streams: int, deadline: float | None = None, trace: str | Path | None = None
 ) -> dict:
@@ -437,6 +453,7 @@ def measure_streams(
         dit = stage_ms[n].get("dit")
         if dit:
             results[n]["dit_mfu"] = dit_utilisation(pipe, dit / pipe.config.num_inference_steps, batch=n).get("dit_mfu")
+        results[n]["vae_mfu"] = vae_utilisation(pipe, stage_ms[n], batch=n)["vae_mfu"]
         if n in traces:
             results[n]["trace"] = str(traces[n])
         if t <= chunk_seconds:

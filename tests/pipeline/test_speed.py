@@ -567,6 +567,37 @@ def test_full_size_flops_and_peaks():
     assert peak_flops("some other card") is None
 
 
+@pytest.mark.parametrize("variant", ["lite", "pro"])
+def test_vae_flops_are_counted_on_a_meta_copy_as_the_real_vae_runs_them(variant):
+    """flops.vae_flops: the meta-device copy's count equals the count of the real (tiny) VAE's decode and motion
+    re-encode, and it leaves the real one untouched; the full-size VAEs are counted without their weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flashhead.benchmark import BenchSettings, build_pipeline
+    from flashhead.pipeline.flops import vae_flops
+
+    pipe, _, _ = tiny_pipeline(variant)
+    cfg, vae = pipe.config, pipe.vae
+    latent_shape = vae.latent_shape(cfg.frame_num, cfg.height, cfg.width)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    counted = vae_flops(vae, latent_shape, pipe.motion_frames, cfg.height, cfg.width)
+    # The math SDPA backend (Wan's middle attention), as on the meta device: the fused CPU kernel is not counted.
+    with torch.no_grad(), FlopCounterMode(display=False) as decode, sdpa_kernel([SDPBackend.MATH]):
+        vae.decode(torch.randn(1, *latent_shape))
+    with torch.no_grad(), FlopCounterMode(display=False) as encode, sdpa_kernel([SDPBackend.MATH]):
+        vae.encode(torch.rand(1, 3, pipe.motion_frames, cfg.height, cfg.width) * 2 - 1)
+    assert counted == {"vae_decode": decode.get_total_flops(), "vae_encode_motion": encode.get_total_flops()}
+    assert counted["vae_decode"] > counted["vae_encode_motion"] > 0
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in vae.state_dict().items())
+    # Full size, 512 x 512 (docs/performance.md quotes these): Lite's LTX decode ~7.7 TFLOP a chunk, Pro's Wan ~74.
+    full, _ = build_pipeline(BenchSettings(model=variant, device="meta", dtype="bfloat16"))
+    fcfg = full.config
+    flops = vae_flops(full.vae, full.vae.latent_shape(fcfg.frame_num, 512, 512), full.motion_frames, 512, 512)
+    low, high = {"lite": (7.0e12, 8.5e12), "pro": (6.5e13, 8.0e13)}[variant]
+    assert low < flops["vae_decode"] < high and 0 < flops["vae_encode_motion"] < flops["vae_decode"] / 3
+
+
 def test_cold_start_rows_split_the_start_and_a_profiled_one_leaves_its_stats(tmp_path):
     """benchmarks/speed_matrix.py's cold start in a fresh process (tiny models, CPU): its marks come in order, the
     session's opening among them, and a profiled start writes cProfile stats with the import and compile times."""

@@ -50,6 +50,12 @@ def test_kernels_are_charged_to_the_launching_stage():
         "dit": [["gemm", 1, 3.0], ["graph_kernel", 1, 1.0]], "vae_decode": [["conv", 1, 0.7]],
         "color_correction": [["match_colors", 1, 0.2]],
     }  # fmt: skip
+    assert report["tensor_core_ms_by_stage"] == {"dit": 3.0, "vae_decode": 0.0, "color_correction": 0.0,
+                                                 "(outside every stage)": 0.0}  # fmt: skip
+    tc = trace_stages().is_tensor_core_kernel
+    assert tc("nvjet_sm90_tst_192x192_64x4_4x2_h_bz_coopB_bias_TNN") and tc("sm90_xmma_fprop_implicit_gemm_bf16")
+    assert tc("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") and tc("void cutlass::Kernel2<x>")
+    assert not tc("triton_poi_fused_convolution_52") and not tc("triton_per_fused__scaled_dot_product_cudnn_attention")
     # Busy (microseconds): 20..3020, 3100..4100, 5000..5700 (two overlapping kernels), 6000..6200, 6300..8000,
     # 9000..9100; the span runs from 20 to 9100.
     assert report["devices"]["0"] == {"busy_ms": 6.7, "span_ms": 9.08}

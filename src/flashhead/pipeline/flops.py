@@ -11,6 +11,9 @@ frame, N blocks:
     once        patch embedding, head, timestep MLPs, audio projection (small; counted too)
 
 docs/performance.md gives the numbers for Lite and Pro at 512 x 512.
+
+The VAEs' FLOPs (`vae_flops`) are counted by torch's FlopCounterMode on a meta-device copy of the VAE (its stock
+layers: no memory, no arithmetic): per chunk, the decode of the whole latent and the motion frames' re-encode.
 """
 
 from __future__ import annotations
@@ -68,6 +71,27 @@ def dit_forward_flops(
     }  # fmt: skip
     terms = {k: float(v * batch) for k, v in terms.items()}
     return terms if by_term else math.fsum(terms.values())
+
+
+def vae_flops(vae, latent_shape: tuple[int, int, int, int], motion_frames: int, height: int, width: int) -> dict:
+    """FLOPs of one chunk's VAE work: {"vae_decode": the (C, F, h, w) latent's decode, "vae_encode_motion": the
+    re-encode of `motion_frames` frames of height x width}, counted on a meta-device copy of `vae` (a VideoVAE
+    adapter around a diffusers model), so nothing is allocated or computed. The stock layers' count: switches that
+    compute a layer with fewer operations (vae_subpixel_upsample) leave it as it is, as MFU conventions do."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = vae.model
+    with torch.device("meta"):
+        copy = type(vae)(type(model).from_config(model.config)).to(vae.dtype)
+    latent = torch.zeros((1, *latent_shape), device="meta", dtype=vae.dtype)
+    video = torch.zeros((1, 3, motion_frames, height, width), device="meta", dtype=vae.dtype)
+    counts = {}
+    for name, work in (("vae_decode", lambda: copy.decode(latent)), ("vae_encode_motion", lambda: copy.encode(video))):
+        with FlopCounterMode(display=False) as counter:
+            work()
+        counts[name] = float(counter.get_total_flops())
+    return counts
 
 
 def peak_flops(device_name: str | None) -> float | None:
