@@ -212,7 +212,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(result["runs"])))
     colours = {"start + model load": "#8172b3", "imports": "#937860", "model load": "#8172b3",
                "speed switches": "#64b5cd", "cache read": "#da8bc3", "warm-up: sessions opened": "#f0b27a",
-               "warm-up": "#dd8452", "cache save": "#c44e52", "other": "#8c8c8c", "until /healthz": "#bbbbbb",
+               "warm-up: rounds": "#dd8452", "cache save": "#c44e52", "other": "#8c8c8c", "until /healthz": "#bbbbbb",
                "until first frame": "#55a868"}  # fmt: skip
     labelled: set[str] = set()
     for i, run in enumerate(result["runs"]):
@@ -223,12 +223,12 @@ def plot(result: dict, path: Path) -> None:
             loaded, load, switches = run["spawn_to_loaded_s"], run["model_load_s"], run["switches_s"]
             read, save = run.get("compile_cache_read_s") or 0.0, run.get("compile_cache_save_s") or 0.0
             parts = {"imports": loaded - load - switches, "model load": load, "speed switches": switches,
-                     "cache read": read, "warm-up: sessions opened": opened, "warm-up": warmup - opened,
+                     "cache read": read, "warm-up: sessions opened": opened, "warm-up: rounds": warmup - opened,
                      "cache save": save,
                      "other": max(warmed - loaded - read - warmup - save, 0.0) if warmed else 0.0}  # fmt: skip
         else:
             parts = {"start + model load": warmed - warmup, "warm-up: sessions opened": opened,
-                     "warm-up": warmup - opened}  # fmt: skip
+                     "warm-up: rounds": warmup - opened}  # fmt: skip
         parts |= {"until /healthz": run["spawn_to_health_s"] - sum(parts.values()),
                   "until first frame": run["spawn_to_first_frame_s"] - run["spawn_to_health_s"]}  # fmt: skip
         left = 0.0
