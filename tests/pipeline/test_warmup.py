@@ -62,6 +62,25 @@ def test_warm_up_runs_two_rounds_per_batch_size_then_the_engine_serves(tiny):
         warm_up(tiny, [0])
 
 
+def test_a_served_session_after_the_warm_up_compiles_nothing(tiny):
+    """With compiled switches, the warm-up runs what a server's engine will (its watermark included: compile_color
+    compiles the marked frame conversion), so the first real session triggers no compile."""
+    from torch._dynamo.utils import counters
+
+    tiny.optimize("compile_color")
+    try:
+        warm_up(tiny, [1])
+        graphs = counters["stats"]["unique_graphs"]
+        engine = StreamEngine(tiny, max_sessions=1, max_batch=1, watermark=True)  # as flashhead.serve.app's
+        session = engine.open_session(np.full((128, 128, 3), 70, np.uint8), seed=3)
+        session.push_audio(np.random.default_rng(0).standard_normal(3 * tiny.new_frames * 640).astype(np.float32))
+        while session.frames_emitted < 2 * tiny.new_frames:
+            engine.step()
+        assert counters["stats"]["unique_graphs"] == graphs > 0
+    finally:
+        tiny.optimize(None)
+
+
 def test_cache_path_is_specific_to_the_switches(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     plain = default_cache_path(tiny)

@@ -76,11 +76,13 @@ def save_compile_cache(path: str | Path) -> int:
     return len(data)
 
 
-def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict[str, Any]:
+def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0, watermark: bool = True) -> dict[str, Any]:
     """Run two streaming rounds at each batch size through the real engine (on a grey image and quiet noise), a
     first chunk and a later one (their motion latents, and with early_first_frames their decodes, differ), so
-    that compilation, autotuning and CUDA-graph capture happen now. Returns seconds per batch size and, on a GPU,
-    the memory the process holds afterwards (weights, CUDA graphs' pools; the allocator's free blocks given back)."""
+    that compilation, autotuning and CUDA-graph capture happen now. `watermark`: as the engine that will serve (a
+    server's marks every frame; with compile_color the marked conversion is a compiled graph of its own). Returns
+    seconds per batch size and, on a GPU, the memory the process holds afterwards (weights, CUDA graphs' pools; the
+    allocator's free blocks given back)."""
     from flashhead.pipeline.stream import StreamEngine
 
     cfg = pipe.config
@@ -95,7 +97,7 @@ def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> dict
         # Opening a session encodes its portrait (the VAE encoder's own compile and convolution search on a first
         # start): warm-up work too, timed apart (`open_seconds_by_batch`) and counted in the batch size's seconds.
         start = time.perf_counter()
-        engine = StreamEngine(pipe, max_sessions=n, max_batch=n)
+        engine = StreamEngine(pipe, max_sessions=n, max_batch=n, watermark=watermark)
         sessions = [engine.open_session(image, seed=seed + i) for i in range(n)]
         for session in sessions:
             session.push_audio(noise)
