@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--persistent-hints", default="inner",
                         help="with --persistent-rows: the reduction hints taken (comma-separated: inner,default,...)")
     parser.add_argument("--rope-fp32", action="store_true", help="the RoPE table and rotation in float32 (rope_fp32)")
+    parser.add_argument("--fused-qk-rope", action="store_true",
+                        help="q / k norm + RoPE as one Triton kernel per tensor (fused_qk_rope; needs --rope-fp32)")
     args = parser.parse_args()
     if args.persistent_rows:
         persistent_rows(args.persistent_rows, args.persistent_hints)
@@ -59,6 +61,9 @@ def main() -> None:
     config = official_config(args.model) | {"num_layers": 1}
     dit = FlashHeadDiT.from_config(config).to(device, torch.bfloat16).eval()
     dit.set_fused_gelu(not args.no_fused_gelu)
+    if args.fused_qk_rope and not args.rope_fp32:
+        parser.error("--fused-qk-rope rotates with the float32 table: add --rope-fp32")
+    dit.set_fused_qk_rope(args.fused_qk_rope)
     block = dit.blocks[0]
     block.compile(mode=args.mode)
     frames, h, w = (9, 32, 32) if args.model == "pro" else (5, 16, 16)
@@ -79,8 +84,7 @@ def main() -> None:
     compile_s = time.perf_counter() - began
     block_ms, _ = event_ms(call, args.repeats, warmup=3)
     graph_ms = graph_time_ms(call)
-    one_block = dit_forward_flops(config, (frames, h, w), batch=B, by_term=True)
-    block_flops = sum(v for k, v in one_block.items() if k.startswith(BLOCK_TERMS))
+    block_flops = one_block_flops(config, (frames, h, w), B)
     peak = peak_flops(torch.cuda.get_device_name())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
@@ -95,7 +99,8 @@ def main() -> None:
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "CUBLAS", "TORCH_"))}
     print(json.dumps({"model": args.model, "batch": B, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
-                      "mode": args.mode, "rope_fp32": args.rope_fp32, "persistent_rows": args.persistent_rows,
+                      "mode": args.mode, "rope_fp32": args.rope_fp32, "fused_qk_rope": args.fused_qk_rope,
+                      "persistent_rows": args.persistent_rows,
                       "persistent_hints": args.persistent_hints if args.persistent_rows else None,
                       "reductions": REDUCTIONS, "compile_s": round(compile_s, 1),
                       "block_ms_median": round(block_ms, 4),
@@ -108,6 +113,14 @@ def main() -> None:
 
 
 BLOCK_TERMS = ("self_attention", "cross_attention", "ffn")  # the FLOP terms counted per block (N = 1)
+
+
+def one_block_flops(config: dict, token_grid: tuple[int, int, int], batch: int) -> float:
+    """FLOPs of one block call on `batch` chunks of `token_grid` tokens (frames, rows, columns after patching)."""
+    pt, ph, pw = config["patch_size"]  # the FLOP count takes the latent grid, before patching (Pro's is 2x2 wider)
+    latent = (token_grid[0] * pt, token_grid[1] * ph, token_grid[2] * pw)
+    terms = dit_forward_flops(config | {"num_layers": 1}, latent, batch=batch, by_term=True)
+    return sum(v for k, v in terms.items() if k.startswith(BLOCK_TERMS))
 REDUCTIONS: list[dict] = []  # each reduction Inductor asked about: its size, hint and the answer (in the JSON)
 
 

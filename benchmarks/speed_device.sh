@@ -32,6 +32,9 @@
 #                                            # NORM_HINTS=inner,default: a third run, other reduction hints too)
 #   bash benchmarks/speed_device.sh rope     # one compiled Pro block with the float64 and the float32 (rope_fp32)
 #                                            # RoPE rotation, its kernels (~2 min)
+#   bash benchmarks/speed_device.sh qkrope   # the fused q / k norm + RoPE kernel: its GPU test (values, one kernel,
+#                                            # time against Inductor's), one compiled block with and without it (Lite
+#                                            # batch 20, Pro batch 1), then the GPU equivalence cases (<= 9 min)
 #   bash benchmarks/speed_device.sh cutlass  # the Wan decode's convolutions, cuDNN (first 32 algorithms) against every
 #                                            # tile of the carried CUTLASS library (.device/conv3d), with their errors
 #   bash benchmarks/speed_device.sh serve_cold pro  # the server's cold start end to end (serve_cold_start.py): a
@@ -43,7 +46,7 @@
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batched|audio|convs|cutlass|upsample|convout|fa3|norms|rope|cold|serve_cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batched|audio|convs|cutlass|upsample|convout|fa3|norms|rope|qkrope|cold|serve_cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -119,6 +122,23 @@ equiv)
     timeout 570 python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py -k "$K" > "$OUT/equiv.log" 2>&1
     echo "rc=$?"
     grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -40
+    ;;
+qkrope)
+    timeout 120 python3 -m pytest -q -s -rA -p no:cacheprovider tests/models/test_gpu_qk_norm_rope.py > "$OUT/qkrope_test.log" 2>&1
+    echo "kernel test rc=$?"
+    grep -E '^\{|^(PASSED|FAILED|E ).*|[0-9]+ (passed|failed)' "$OUT/qkrope_test.log" | cut -c1-400 | tail -12
+    for case in "lite 20" "pro 1"; do
+        set -- $case
+        for fused in "" --fused-qk-rope; do
+            timeout 150 python3 benchmarks/block_bench.py --model "$1" --batch "$2" --persistent-rows 2048 \
+                --persistent-hints inner,default --rope-fp32 $fused 2>>"$OUT/block.err" | tail -1 \
+                | tee "$OUT/block_$1_b$2${fused:+_fused}.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('model', 'batch', 'fused_qk_rope', 'block_ms_in_cuda_graph', 'mfu_in_cuda_graph')}, d['kernels_us'][:6])"
+        done
+    done
+    timeout "${EQUIV_TIMEOUT:-300}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+        -k "${EQUIV_K:-fused_qk_rope}" > "$OUT/equiv.log" 2>&1
+    echo "equiv rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
     ;;
 matrix)
     timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \

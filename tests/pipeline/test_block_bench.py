@@ -29,3 +29,18 @@ def test_inner_reductions_up_to_the_limit_become_persistent(monkeypatch):
     with bench.persistent_rows(2048, "inner,default"):
         assert V.choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.DEFAULT), False)
         assert not V.choices.should_use_persistent_reduction(ReductionFeatures(1536, ReductionHint.OUTER), False)
+
+
+def test_one_block_flops_counts_the_block_at_its_token_grid():
+    from flashhead.models.dit import official_config
+    from flashhead.pipeline.flops import dit_forward_flops
+
+    bench = load_benchmark("block_bench")
+    for model, tokens, latent in (("pro", (9, 32, 32), (9, 64, 64)), ("lite", (5, 16, 16), (5, 16, 16))):
+        config = official_config(model)
+        per_block = bench.one_block_flops(config, tokens, batch=2)
+        terms = dit_forward_flops(config, latent, batch=2, by_term=True)
+        blocks = sum(v for k, v in terms.items() if k.startswith(("self_attention", "cross_attention", "ffn")))
+        assert per_block == blocks / config["num_layers"]
+    # Pro's block at 9,216 tokens: ~1.29 TFLOP (its 9 x 32 x 32 tokens, not 9 x 16 x 16).
+    assert 1.2e12 < bench.one_block_flops(official_config("pro"), (9, 32, 32), batch=1) < 1.4e12

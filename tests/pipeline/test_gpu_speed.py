@@ -68,6 +68,8 @@ REASSOCIATING = {
     "vae_subpixel_upsample=on,vae_conv_out_gemm=on,compile_vae=on,vae_static_shapes=on,vae_cuda_graphs=on",
     "rope_fp32": "rope_fp32=on,rope_table=on",
     "rope_fp32_compiled": "rope_fp32=on,rope_table=on,compile_dit=on",
+    "fused_qk_rope": "fused_qk_rope=on,rope_fp32=on,rope_table=on",
+    "fused_qk_rope_compiled": "fused_qk_rope=on,rope_fp32=on,rope_table=on,compile_dit=on",
     "compile_color": "compile_color=on",
     "audio_tf32": "audio_tf32=on",  # not an addition order but a rounding: TF32 products (checked the same way)
     "fused_gelu": "fused_gelu=on",

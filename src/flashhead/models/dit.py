@@ -27,6 +27,7 @@ from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.audio_projection import AudioProjModel, group_audio_windows
 from flashhead.models.linear_gelu import linear_gelu
 from flashhead.models.loading import build_and_load, read_json, read_safetensors, resolve_model_dir, safetensors_files
+from flashhead.models.qk_norm_rope import qk_norm_rope
 
 # Constructor configurations of the released checkpoints (config.json of Model_Lite / Model_Pro).
 LITE_CONFIG: dict = dict(
@@ -181,10 +182,15 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.kernel: AttentionKernel | None = None  # None: torch SDPA (see FlashHeadDiT.set_attention_kernel)
+        self.fused_qk_rope = False  # see FlashHeadDiT.set_fused_qk_rope
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
+        if self.fused_qk_rope:  # each of q, k normalised and rotated by one kernel that reads its rows once
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, rope, self.num_heads, self.norm_q.eps)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, rope, self.num_heads, self.norm_k.eps)
+        else:
+            q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
+            k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         return self.o(_attend(q, k, self.v(x), self.num_heads, self.kernel))
 
 
@@ -402,6 +408,12 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         """Run each block's FFN as one GEMM with a bias + GELU epilogue and one plain GEMM (same weights)."""
         for block in self.blocks:
             block.fused_gelu = on
+
+    def set_fused_qk_rope(self, on: bool) -> None:
+        """Normalise and rotate each self-attention's q and k with one kernel each (flashhead.models.qk_norm_rope;
+        inference only, with a float32 RoPE table: the fast path's rope_fp32)."""
+        for block in self.blocks:
+            block.self_attn.fused_qk_rope = on
 
     # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
     _unused_prefixes = ("audio_emb.", "text_embedding.")

@@ -255,6 +255,7 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
     elif not speed.fp8 and getattr(dit, "_flashhead_fp8", False):
         raise ConfigError("fp8 cannot be switched off again on this pipeline: reload the model")
     dit.set_fused_gelu(speed.fused_gelu and not speed.fp8)  # float8 weights go through torchao's own linear
+    dit.set_fused_qk_rope(speed.fused_qk_rope)
     for block in dit.blocks:
         _compile(block, speed.compile_mode) if speed.compile_dit else _uncompile(block)
     apply_vae_switches(vae, speed)

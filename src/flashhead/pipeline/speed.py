@@ -112,6 +112,14 @@ class SpeedConfig:
         fused_gelu: each DiT block's first FFN layer as one cuBLASLt GEMM with a bias + tanh-GELU epilogue, instead
             of a GEMM and a separate GELU kernel over the (tokens x 8960) activation (flashhead.models.linear_gelu).
             Rounds the activation once instead of twice. Ignored with fp8.
+        fused_qk_rope: each DiT self-attention's q and k RMS norm and RoPE rotation as one Triton kernel per tensor
+            that reads a row once and splits its channel pairs in registers (flashhead.models.qk_norm_rope), instead
+            of Inductor's fused kernel, which ran at ~1.3 of an H200's 4.8 TB/s (Lite at batch 20: 191 us per block,
+            session 35). H200, one compiled block in a CUDA graph: Lite at batch 20 those kernels 200.7 -> 107.3 us,
+            the block 4.309 -> 4.229 ms; Pro 71.6 -> 46.1 us, 2.288 -> 2.264 ms. Needs rope_fp32 (the kernel's table
+            is float32) and Triton; off CUDA it is the plain composition. The row's sum of squares is added in
+            another order, so the odd value lands an ulp or two away (GPU cases: Pro bf16 30.68 / float32 55.63 dB
+            compiled, as rope_fp32's). Not used by the sequence-parallel attention.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
             inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
@@ -193,6 +201,7 @@ class SpeedConfig:
     vae_whole_chunk: bool = False
     vae_call_frames: int = 0
     fused_gelu: bool = False
+    fused_qk_rope: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
@@ -232,6 +241,8 @@ class SpeedConfig:
             raise ConfigError("rope_fp32 is the dtype of rope_table's table: switch rope_table on too")
         if self.vae_cutlass_conv and not self.vae_conv_pad:
             raise ConfigError("vae_cutlass_conv replaces vae_conv_pad's convolutions: switch vae_conv_pad on too")
+        if self.fused_qk_rope and not self.rope_fp32:
+            raise ConfigError("fused_qk_rope rotates with rope_fp32's float32 table: switch rope_table, rope_fp32 on")
         if self.copy_stream and not self.pinned_memory:
             raise ConfigError("copy_stream puts pinned_memory's frame copies on a stream of their own: switch that on")
         if self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
