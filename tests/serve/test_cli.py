@@ -68,3 +68,27 @@ def test_switches_warm_every_batch_size_before_serving(tmp_path):
     listening = [i for i, line in enumerate(lines) if "on http://127.0.0.1" in line]
     assert warmed and listening and warmed[0] < listening[0], output  # warm before serving
     assert "compile cache: off" in lines[warmed[0]]  # no compile switch: nothing to cache
+    assert "in thread flashhead-engine" in lines[warmed[0]]  # where the sessions will run (cuDNN's choices)
+
+
+def test_the_warm_up_runs_in_the_engine_thread_that_will_serve(tmp_path):
+    """cuDNN's algorithm choices are kept per thread: warming up in another thread than the sessions' would leave
+    the first session to search them again. The served app's worker is the one warmed, and keeps running."""
+    import threading
+
+    from flashhead.pipeline.flashhead_pipeline import FlashHeadPipeline
+    from flashhead.serve.app import create_app
+    from flashhead.serve.cli import warm_in_engine_thread
+
+    pipe = FlashHeadPipeline.from_pretrained("tiny")
+    app = create_app(pipe)
+    worker = app.state.service.worker
+    try:
+        result = warm_in_engine_thread(worker, pipe, max_batch=1, compile_cache="off")
+        assert result["thread"] == "flashhead-engine" != threading.current_thread().name
+        assert sorted(result["seconds_by_batch"]) == [1] and worker.running
+        thread = worker._thread
+        worker.start()  # what the server's start does: the same thread goes on serving
+        assert worker._thread is thread
+    finally:
+        worker.stop()

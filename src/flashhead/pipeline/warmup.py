@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,8 +112,10 @@ def warm_up(pipe: Any, batch_sizes: Sequence[int] = (1,), seed: int = 0, waterma
         seconds[n] = round(time.perf_counter() - start, 3)
         for session in sessions:
             engine.close_session(session.id)
+    # The thread matters: cuDNN's algorithm choices are kept per thread (flashhead.serve.cli.warm_in_engine_thread).
     result: dict[str, Any] = {"seconds_by_batch": seconds, "open_seconds_by_batch": opened,
-                              "total_seconds": round(sum(seconds.values()), 3)}  # fmt: skip
+                              "total_seconds": round(sum(seconds.values()), 3),
+                              "thread": threading.current_thread().name}  # fmt: skip
     if torch.cuda.is_available() and pipe.device.type == "cuda":
         # Compilation, autotuning and cuDNN's algorithm search leave free blocks in the allocator's cache (Pro
         # --optimized: 68.9 GiB reserved for 29.5 GiB at the peak, H200 session 32); give them back to the device.

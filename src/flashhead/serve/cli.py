@@ -174,16 +174,28 @@ def serve_command(
     speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
     pipe.optimize(speed)
     print(loaded_line(pipe.name, loaded - started, time.perf_counter() - loaded), flush=True)
-    if warmup if warmup is not None else not speed.is_plain:
-        prepare_engine(pipe, max_batch, compile_cache)
     app = create_app(pipe, token=token, limits=limits, ice_addresses=ice)
+    if warmup if warmup is not None else not speed.is_plain:
+        warm_in_engine_thread(app.state.service.worker, pipe, max_batch, compile_cache)
     print(f"flashhead serve: {pipe.name} on http://{host}:{port}/ (auth {'on' if token else 'off'})")
     run_server(app, host, port, limits=limits)
 
 
-def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
+def warm_in_engine_thread(worker, pipe, max_batch: int, compile_cache: str) -> dict:
+    """`prepare_engine` in the engine thread that will serve the sessions, before the server listens.
+
+    torch keeps cuDNN's convolution-algorithm choices per thread (its cuDNN benchmark cache is thread-local), and
+    cuBLAS / cuDNN handles too: a warm-up in the main thread left the engine thread to search again in its first
+    session for every convolution run outside a CUDA graph (wav2vec2's, the first chunk's decode in pieces with
+    early_first_frames): the likely cause of a Pro server's first frame 1.65 s after the first audio against the
+    bench's 0.32 s (session 34). Starting the worker here is what the server's start does later (a no-op then)."""
+    worker.start()
+    return worker.submit(prepare_engine, pipe, max_batch, compile_cache).result()
+
+
+def prepare_engine(pipe, max_batch: int, compile_cache: str) -> dict:
     """Cold start before the first session: load compile artefacts, run every batch size once, save what
-    was compiled for the next start (flashhead.pipeline.warmup)."""
+    was compiled for the next start (flashhead.pipeline.warmup). Returns `warm_up`'s result."""
     from flashhead.pipeline.warmup import (
         default_cache_path,
         load_compile_cache,
@@ -214,6 +226,7 @@ def prepare_engine(pipe, max_batch: int, compile_cache: str) -> None:
     if compiles:  # whether the artefacts were really used: a loaded file whose graphs all miss saved nothing
         cache += f"; Inductor graphs: {graphs['fxgraph_cache_hit']} cached, {graphs['fxgraph_cache_miss']} compiled"
     print(warmed_up_line(max_batch, result, cache), flush=True)
+    return result
 
 
 def loaded_line(name: str, load_s: float, optimize_s: float) -> str:
@@ -224,13 +237,13 @@ def loaded_line(name: str, load_s: float, optimize_s: float) -> str:
 
 def warmed_up_line(max_batch: int, result: dict, cache: str) -> str:
     """The startup line after the warm-up (benchmarks/serve_cold_start.py reads it): seconds, GPU memory held where
-    there is a GPU, the part of the seconds spent opening the warm-up's sessions (their portraits' encode), and what
-    the compile cache did."""
+    there is a GPU, the part of the seconds spent opening the warm-up's sessions (their portraits' encode), what
+    the compile cache did, and the thread it ran in (the engine's: see `warm_in_engine_thread`)."""
     held = f", {result['gpu_memory_held_gib']:.1f} GiB of GPU memory held" if "gpu_memory_held_gib" in result else ""
     opened = result.get("open_seconds_by_batch")
     opened = f"sessions opened in {sum(opened.values()):.1f} s; " if opened else ""
     return (f"flashhead serve: warmed up batch sizes 1-{max_batch} in {result['total_seconds']:.1f} s{held} "
-            f"({opened}compile cache: {cache})")  # fmt: skip
+            f"({opened}compile cache: {cache}; in thread {result.get('thread', '?')})")  # fmt: skip
 
 
 def serve_on_ray(
