@@ -146,6 +146,10 @@ def one_start(label: str, cmd: list[str], env: dict, portrait: bytes, audio, arg
         # `ready`, then the first chunk from the first audio sent (all of it at once: no speaker's pace)
         record["start_to_ready_s"] = round(result.first_send - sent, 3)
         record["audio_to_first_frame_s"] = round(result.first_chunk - result.first_send, 3)
+        # ... of which the server's own account: its first chunk with frames from ready (its audio complete) to
+        # handed to the socket; the rest is the audio's way in and the chunk's way out
+        first = next((c for c in result.chunks if c["num_frames"]), None)
+        record["server_first_chunk_latency_ms"] = first["latency_ms"] if first else None
         record["frames"] = result.frames
         record["stream_done"] = result.done is not None
         print(f"[{label}] first frame after {record['spawn_to_first_frame_s']:.1f} s ({result.frames} frames in "
