@@ -2,7 +2,7 @@
 
 `apply_rope(norm(x).unflatten(-1, (heads, -1)), table)` for x (B, L, dim) and a float32 RoPE table (L, 1, d / 2, 2, 2)
 of `rope_table`. Compiled, Inductor already fuses q's and k's norms and rotations into one kernel, but that kernel ran
-at ~1.3 of an H200's 4.8 TB/s (batch 20 Lite: 191 us per block for ~314 MB; session 35, run 118): the rotation reads
+at ~1.6 of an H200's 4.8 TB/s (batch 20 Lite: 191 us per block for ~314 MB; session 35, run 118): the rotation reads
 each row at its channels and again at their pair partners, and the table per token. This kernel loads a row once,
 splits it into (even, odd) channel pairs in registers, and writes the rotated row once. Run 120 (H200, one compiled
 block in a CUDA graph): Lite at batch 20 the q and k kernels 200.7 -> 107.3 us (~2.9 TB/s), the block 4.309 -> 4.229 ms
@@ -11,7 +11,8 @@ block in a CUDA graph): Lite at batch 20 the q and k kernels 200.7 -> 107.3 us (
 The arithmetic is the eager path's: the norm in float32, rounded to x's dtype, times the weight and rounded again,
 then each pair rotated in float32 (re * cos + im * -sin, im * cos + re * sin) and rounded. Only the order of the
 row's sum of squares (a tree in the kernel) and the fusing of products into FMAs may differ, so a rotated value can
-land one ulp from the eager one: a reassociating speed switch (`fused_qk_rope`), checked on the GPU.
+land an ulp or two from the eager one (1-2 values in 100,000 on the device): a reassociating speed switch
+(`fused_qk_rope`), checked on the GPU.
 
 It is a custom op so that torch.compile keeps it as one opaque call inside the compiled block. Off CUDA, or without
 Triton, it is the plain composition.

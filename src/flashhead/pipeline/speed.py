@@ -114,7 +114,7 @@ class SpeedConfig:
             Rounds the activation once instead of twice. Ignored with fp8.
         fused_qk_rope: each DiT self-attention's q and k RMS norm and RoPE rotation as one Triton kernel per tensor
             that reads a row once and splits its channel pairs in registers (flashhead.models.qk_norm_rope), instead
-            of Inductor's fused kernel, which ran at ~1.3 of an H200's 4.8 TB/s (Lite at batch 20: 191 us per block,
+            of Inductor's fused kernel, which ran at ~1.6 of an H200's 4.8 TB/s (Lite at batch 20: 191 us per block,
             session 35). H200, one compiled block in a CUDA graph: Lite at batch 20 those kernels 200.7 -> 107.3 us,
             the block 4.309 -> 4.229 ms; Pro 71.6 -> 46.1 us, 2.288 -> 2.264 ms. Needs rope_fp32 (the kernel's table
             is float32) and Triton; off CUDA it is the plain composition. The row's sum of squares is added in
