@@ -126,7 +126,7 @@ equiv)
 qkrope)
     timeout 120 python3 -m pytest -q -s -rA -p no:cacheprovider tests/models/test_gpu_qk_norm_rope.py > "$OUT/qkrope_test.log" 2>&1
     echo "kernel test rc=$?"
-    grep -E '^\{|^(PASSED|FAILED|E ).*|[0-9]+ (passed|failed)' "$OUT/qkrope_test.log" | cut -c1-400 | tail -12
+    grep -oE '\{"shape".*\}|^(PASSED|FAILED|E ).*|[0-9]+ (passed|failed).*' "$OUT/qkrope_test.log" | cut -c1-400 | tail -12
     for case in "lite 20" "pro 1"; do
         set -- $case
         for fused in "" --fused-qk-rope; do

@@ -2,7 +2,7 @@
 
 Shapes of Lite's self-attention (1,280 tokens of 1,536 channels, 12 heads) at batch 1 and 20 and Pro's (9,216 tokens).
 The kernel is compared with the eager composition: in float32 to a few ulps, in bf16 value by value (the row's sum
-of squares in another order moves a rounding now and then, by one ulp). Its time and bandwidth are printed against
+of squares in another order moves a rounding now and then, by an ulp or two). Its time and bandwidth are printed against
 the compiled composition's, not asserted.
 Run 120 (H200): Inductor's kernel 200.7 us a Lite batch-20 block (q and k), this one 107.3 us (~2.9 TB/s); runs
 122-123: 3 passed, 1-2 bf16 values in 100,000 off, the worst 1.10 / 1.26 ulps (Lite batch 20 / Pro).
