@@ -55,8 +55,9 @@ class SpeedConfig:
             against 1.70 ms per call; a Pro chunk's convolutions 180 against 206 ms). The first 32 find kernels as
             fast as the whole search's (H200: 181.7 against 180.0 ms per chunk, within the timing noise) in a third
             of its time (4.2 against 12.7 s for the decode's 30 shapes), which every new process pays before its
-            first frame: the `optimized` preset takes 32. Process-wide, and cuDNN keeps its first choice per shape
-            for the life of the process: set it before the first decode.
+            first frame: the `optimized` preset takes 32. Process-wide, and torch keeps cuDNN's first choice per
+            shape for the life of the thread that searched (its benchmark cache is thread-local; the server warms
+            up in its engine thread for that): set it before the first decode.
         vae_channels_last: VAE weights in channels-last 3-D layout, so cuDNN runs the 3-D convolutions
             channels-last (NDHWC), the layout Hopper tensor-core kernels prefer (H100, Wan2.1 decode 562 -> 466 ms).
         vae_conv_pad: the Wan2.1 (Pro) VAE's causal convolutions pad only in time; the spatial zero padding is
