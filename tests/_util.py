@@ -101,3 +101,28 @@ class ReductionFeatures:
 
     def get_reduction_hint(self):
         return self.hint
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every operator dispatched while it is active (`log.names`), e.g. a custom op's calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def cuda_ms(fn, *args, repeats: int = 50) -> float:
+    """Mean milliseconds of `fn(*args)` on the current CUDA stream (CUDA events; five calls of warm-up first)."""
+    for _ in range(5):
+        fn(*args)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn(*args)
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / repeats

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from _util import cuda_ms
 from flashhead.models.linear_gelu import linear_gelu
 
 pytestmark = pytest.mark.gpu
@@ -30,18 +31,6 @@ def kernels(fn, *args) -> list[str]:
         fn(*args)
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type.name == "CUDA" and "memset" not in e.name.lower()]
-
-
-def time_ms(fn, *args, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn(*args)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn(*args)
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeats
 
 
 @pytest.mark.parametrize("tokens", [9216, 4608])
@@ -61,7 +50,7 @@ def test_fused_gelu_is_one_kernel_and_matches_the_two_kernel_path(tokens):
     assert (fused - plain).abs().max() <= 0.05
     fused_kernels, plain_kernels = kernels(linear_gelu, xb, wb, bb), kernels(unfused, xb, wb, bb)
     assert len(fused_kernels) == 1 and len(plain_kernels) == 2, (fused_kernels, plain_kernels)
-    row = {"tokens": tokens, "fused_ms": time_ms(linear_gelu, xb, wb, bb),
-           "two_kernels_ms": time_ms(unfused, xb, wb, bb), "fused_kernel": fused_kernels[0],
+    row = {"tokens": tokens, "fused_ms": cuda_ms(linear_gelu, xb, wb, bb),
+           "two_kernels_ms": cuda_ms(unfused, xb, wb, bb), "fused_kernel": fused_kernels[0],
            "gpu": torch.cuda.get_device_name()}  # fmt: skip
     print(json.dumps(row))

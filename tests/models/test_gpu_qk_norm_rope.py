@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from _util import cuda_ms
 from flashhead.models.dit import rope_table
 from flashhead.models.qk_norm_rope import launch, reference, triton_kernel
 
@@ -31,18 +32,6 @@ def inputs(batch: int, grid: tuple[int, int, int], dtype: torch.dtype):
     x = (torch.randn(batch, tokens, HEADS * HEAD_DIM, device="cuda") * 3).to(dtype)
     weight = (torch.rand(HEADS * HEAD_DIM, device="cuda") + 0.5).to(dtype)
     return x, weight, rope_table(HEAD_DIM, grid, torch.device("cuda"), torch.float32)
-
-
-def time_us(fn, *args, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn(*args)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn(*args)
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeats * 1e3
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -65,8 +54,8 @@ def test_the_kernel_gives_the_eager_values(shape):
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     assert kernels == ["qk_norm_rope_kernel"], kernels
-    fused_us = time_us(launch, x, weight, table, HEADS, 1e-6)
-    inductor_us = time_us(compiled, x, weight, table, HEADS, 1e-6)
+    fused_us = cuda_ms(launch, x, weight, table, HEADS, 1e-6) * 1e3
+    inductor_us = cuda_ms(compiled, x, weight, table, HEADS, 1e-6) * 1e3
     moved = 2 * x.numel() * x.element_size()  # read once, written once
     print(json.dumps({"shape": shape, "bf16_values_differing": round(differ, 5), "worst_pair_ulps": worst * 2**7,
                       "fused_us": round(fused_us, 1), "inductor_us": round(inductor_us, 1),

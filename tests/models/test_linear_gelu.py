@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from _tiny import tiny_dit
-from _util import load_fixture, rel_l2
+from _util import OpLog, load_fixture, rel_l2
 from flashhead.models.linear_gelu import linear_gelu
 from flashhead.pipeline.fast_path import apply_module_switches
 from flashhead.pipeline.speed import SpeedConfig
@@ -31,30 +31,20 @@ def test_linear_gelu_is_the_tanh_gelu_of_the_linear_layer():
     assert (out - F.gelu(F.linear(x, w, b))).abs().max() > 1e-5
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("variant", ["lite", "pro"])
 def test_fused_gelu_dit_runs_the_op_and_matches_the_official_output(variant):
     model = tiny_dit(variant)
     reference, official = run_case(model, variant)
     apply_module_switches(model, torch.nn.Identity(), SpeedConfig(fused_gelu=True))
     assert all(block.fused_gelu for block in model.blocks)
-    with _OpLog() as log:
+    with OpLog() as log:
         fused, _ = run_case(model, variant)
     assert log.names.count("flashhead.linear_gelu.default") == len(model.blocks)
     assert not any("gelu" in name and "linear_gelu" not in name for name in log.names)  # no GELU of its own
     torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
     assert rel_l2(fused, official) <= 1e-5
     apply_module_switches(model, torch.nn.Identity(), SpeedConfig())
-    with _OpLog() as log:
+    with OpLog() as log:
         run_case(model, variant)
     assert "flashhead.linear_gelu.default" not in log.names
 

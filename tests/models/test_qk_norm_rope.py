@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _tiny import tiny_dit
-from _util import load_fixture, rel_l2
+from _util import OpLog, load_fixture, rel_l2
 from flashhead.errors import ConfigError
 from flashhead.models import qk_norm_rope as fused
 from flashhead.models.dit import apply_rope, rope_table
@@ -25,16 +25,6 @@ from flashhead.pipeline.fast_path import apply_module_switches
 from flashhead.pipeline.speed import SpeedConfig
 
 has_triton = importlib.util.find_spec("triton") is not None
-
-
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def case(dtype: torch.dtype, batch: int, grid: tuple[int, int, int], heads: int, head_dim: int, seed: int = 0):
@@ -67,13 +57,13 @@ def test_the_switch_runs_the_op_and_keeps_the_official_output(variant):
         plain = model(*args)
     apply_module_switches(model, torch.nn.Identity(), SpeedConfig(rope_table=True, rope_fp32=True, fused_qk_rope=True))
     assert all(block.self_attn.fused_qk_rope for block in model.blocks)
-    with _OpLog() as log, torch.no_grad():
+    with OpLog() as log, torch.no_grad():
         switched = model(*args)
     assert log.names.count("flashhead.qk_norm_rope.default") == 2 * len(model.blocks)  # q and k of each block
     torch.testing.assert_close(switched, plain, rtol=0, atol=0)  # on the CPU: the same composition
     assert rel_l2(switched, t["case1/output"]) <= 1e-5
     apply_module_switches(model, torch.nn.Identity(), SpeedConfig())
-    with _OpLog() as log, torch.no_grad():
+    with OpLog() as log, torch.no_grad():
         model(*args)
     assert "flashhead.qk_norm_rope.default" not in log.names
 
