@@ -75,11 +75,7 @@ SPEEDS = {
     "compiled": "rope_table,cond_cache,attention=cudnn,cudnn_benchmark,pinned_memory,compile_dit,compile_vae",
     # SpeedConfig.optimized() (`--optimized`): also CUDA graphs of the chunk loop (with the all-to-alls inside on
     # N GPUs), the Wan VAE's conv layout switches, compiled colour correction and side-stream audio.
-    "optimized": ",".join(
-        f"{k}={v}" if isinstance(v, str) else k
-        for k, v in SpeedConfig.optimized().to_dict().items()
-        if v != SpeedConfig().to_dict()[k]
-    ),
+    "optimized": SpeedConfig.optimized().to_text(),
 }
 SPEEDS["optimized_ahead"] = SPEEDS["optimized"] + ",launch_ahead"  # the engine queues the next round before waiting
 

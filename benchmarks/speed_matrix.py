@@ -52,7 +52,7 @@ LADDER: list[tuple[str, dict, bool]] = [
     ("+compile_dit", {"compile_dit": True}, False),
     ("+persistent_norms", {"persistent_norms": True}, False),
     ("+rope_fp32", {"rope_fp32": True}, False),
-    ("+fused_qk_rope", {"fused_qk_rope": True}, True),  # sibling: not in the preset yet
+    ("+fused_qk_rope", {"fused_qk_rope": True}, False),
     ("+cuda_graphs", {"cuda_graphs": True}, False),
     ("+compile_vae", {"compile_vae": True}, False),
     ("+vae_conv_out_gemm", {"vae_conv_out_gemm": True}, False),  # after compile_vae: eager it is slower than cuDNN

@@ -617,3 +617,23 @@ def test_cold_start_rows_split_the_start_and_a_profiled_one_leaves_its_stats(tmp
     stats = pstats.Stats(str(profile))
     assert any(name == "step" for _, _, name in stats.stats)  # the engine's first step ran under the profiler
     assert "import time:" in profile.with_suffix(".stderr.txt").read_text()
+
+
+@pytest.mark.parametrize("fa3, cutlass", [(False, False), (True, True)])
+def test_to_text_is_what_parse_reads_back(fa3, cutlass, monkeypatch):
+    """to_text writes every switch parse understands, the whole numbers too (sp_bench passed the preset to torchrun as
+    text, and a bare `cudnn_search_limit` read back as 'on' stopped its 2-GPU run on the device)."""
+    from _util import load_benchmark
+    from flashhead.pipeline import speed as speed_module
+
+    monkeypatch.setattr(speed_module, "fa3_available", lambda: fa3)
+    monkeypatch.setattr(speed_module, "cutlass_conv_available", lambda: cutlass)
+    optimized = SpeedConfig.optimized()
+    text = optimized.to_text()
+    assert "cudnn_search_limit=32" in text and ("vae_call_frames=3" in text) == cutlass
+    assert SpeedConfig.parse(text) == optimized
+    assert SpeedConfig().to_text() == ""
+    fewer = optimized.replace(cuda_graphs=False, audio_stream=False)
+    assert fewer.to_text(base=optimized) == "cuda_graphs=off,audio_stream=off"
+    assert SpeedConfig.parse(fewer.to_text(base=optimized), base=optimized) == fewer
+    assert SpeedConfig.parse(load_benchmark("sp_bench").SPEEDS["optimized"]) == optimized

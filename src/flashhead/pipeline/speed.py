@@ -120,7 +120,8 @@ class SpeedConfig:
             the block 4.309 -> 4.229 ms; Pro 71.6 -> 46.1 us, 2.288 -> 2.264 ms. Needs rope_fp32 (the kernel's table
             is float32) and Triton; off CUDA it is the plain composition. The row's sum of squares is added in
             another order, so the odd value lands an ulp or two away (GPU cases: Pro bf16 30.68 / float32 55.63 dB
-            compiled, as rope_fp32's). Not used by the sequence-parallel attention.
+            compiled, as rope_fp32's). Not used by the sequence-parallel attention. In the `optimized` preset since
+            session 36 (the whole preset's GPU cases with it: Lite bf16 36.19 / float32 58.48 dB, Pro 31.29 / 54.68).
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
             inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
@@ -269,10 +270,10 @@ class SpeedConfig:
             vae_attention_gemm=True,
             cudnn_benchmark=True, cudnn_search_limit=WIDE_CUDNN_SEARCH_LIMIT,
             vae_channels_last=True, vae_conv_pad=True, vae_subpixel_upsample=True, vae_conv_out_gemm=True,
-            fused_gelu=True, persistent_norms=True, compile_dit=True, compile_vae=True, vae_static_shapes=True,
-            compile_color=True, cuda_graphs=True, vae_cuda_graphs=True, cublaslt_no_workspace=True,
-            pinned_memory=True, copy_stream=True, early_first_frames=True, audio_stream=True, audio_tf32=True,
-            video_encoder="auto",
+            fused_gelu=True, fused_qk_rope=True, persistent_norms=True, compile_dit=True, compile_vae=True,
+            vae_static_shapes=True, compile_color=True, cuda_graphs=True, vae_cuda_graphs=True,
+            cublaslt_no_workspace=True, pinned_memory=True, copy_stream=True, early_first_frames=True,
+            audio_stream=True, audio_tf32=True, video_encoder="auto",
         )  # fmt: skip
 
     @property
@@ -323,6 +324,15 @@ class SpeedConfig:
             changes[name.strip()] = value.strip() if sep else "on"
         merged = {**(base or cls()).to_dict(), **changes}
         return cls.from_dict(merged)
+
+    def to_text(self, base: SpeedConfig | None = None) -> str:
+        """The switches that differ from `base` (default: plain) in `parse`'s form, so parse(to_text()) == self."""
+        base_values = (base or SpeedConfig()).to_dict()
+        return ",".join(
+            f"{name}={('on' if value else 'off') if isinstance(value, bool) else value}"
+            for name, value in self.to_dict().items()
+            if value != base_values[name]
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> SpeedConfig:
