@@ -153,6 +153,21 @@ def test_too_short_has_a_settable_minimum(tmp_path):
     assert duration == pytest.approx(0.05)
 
 
+def test_nan_samples_are_refused_with_their_count(tmp_path):
+    path = tmp_path / "damaged.wav"
+    samples = (np.sin(np.arange(16000) * 0.05) * 0.3).astype(np.float32)
+    samples[::1000] = np.nan
+    samples[5] = np.inf
+    with av.open(str(path), "w") as container:  # a float WAV (format tag 3): the one kind of file that holds NaN
+        stream = container.add_stream("pcm_f32le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    with pytest.raises(AudioError, match=r"damaged.wav: 17 of its 16000 samples are NaN or infinite"):
+        load_audio(path)
+
+
 def test_silence_is_loaded_but_refused_by_check_not_silent():
     path = MEDIA / "audio" / "silence_near_16k_5s.wav"
     waveform, _ = load_audio(path)  # streaming must accept silence, so loading does not judge it

@@ -79,6 +79,9 @@ def load_audio(
         raise AudioError(f"{name}: the audio track holds no samples")
     if decoded < min_duration:
         raise AudioError(f"{name}: audio too short ({decoded:.3f} s); need at least {min_duration:g} s")
+    bad = np.count_nonzero(~np.isfinite(waveform))
+    if bad:  # only float formats can hold these; resampling would smear them over their neighbours
+        raise AudioError(f"{name}: {bad} of its {len(waveform)} samples are NaN or infinite (a damaged float file)")
 
     if sample_rate != target_sr:
         waveform = soxr.resample(waveform, sample_rate, target_sr, quality="HQ")
