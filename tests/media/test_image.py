@@ -183,3 +183,9 @@ def test_to_tensor_is_the_official_normalisation():
     assert x[0, :, 0, 0, 0].tolist() == pytest.approx([-1.0, 1 / 255 * 2 - 1, 2 / 255 * 2 - 1])
     with pytest.raises(ImageError):
         to_tensor(image.astype(np.float32))
+
+
+def test_a_video_given_as_the_portrait_is_named_as_such():
+    video = MEDIA / "video" / "talk_man_suit_6s.mp4"
+    assert error_of(video) == f"{video}: a video, not an image; give one still frame of it as the portrait"
+    assert "a video" not in error_of(MEDIA / "audio" / "speech_en_radio31_16k_8s.wav")

@@ -61,7 +61,7 @@ def load_audio(
     name = str(path)
     with open_media(path, AudioError, "audio") as container:
         if not container.streams.audio:
-            if _is_image(container) or not container.streams.video:
+            if is_still_image(container) or not container.streams.video:
                 raise AudioError(f"{name}: not an audio or video file")
             raise AudioError(f"{name}: has no audio track")
         stream = container.streams.audio[0]
@@ -227,6 +227,7 @@ def _looks_like_mp4(path: Path) -> bool:
     return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide")
 
 
-def _is_image(container) -> bool:
+def is_still_image(container: av.container.InputContainer) -> bool:
+    """Whether FFmpeg opened the file with one of its still-image demuxers (image2, png_pipe, ...)."""
     name = container.format.name
     return name in _IMAGE_FORMATS or name.endswith("_pipe")

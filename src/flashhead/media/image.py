@@ -83,6 +83,8 @@ def _open_file(path: Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise _too_large(path, _claimed_size(e), max_pixels) from None
     except UnidentifiedImageError:
+        if _is_video(path):
+            raise ImageError(f"{path}: a video, not an image; give one still frame of it as the portrait") from None
         raise ImageError(f"{path}: not an image, or a format that cannot be read") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: corrupt image header ({_first_line(e)})") from None
@@ -98,6 +100,20 @@ def _open_file(path: Path, max_pixels: int) -> Image.Image:
         image.close()
         raise ImageError(f"{path}: corrupt or truncated image ({_first_line(e)})") from None
     return image
+
+
+def _is_video(path: Path) -> bool:
+    """Whether FFmpeg reads `path` as a video (its still-image demuxers would take any file named .png)."""
+    import av
+
+    from flashhead.media.audio_io import is_still_image
+
+    try:
+        with av.open(str(path)) as container:
+            moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+            return bool(moving) and not is_still_image(container)  # (an MP3's cover art is a "video" stream)
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return False
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
