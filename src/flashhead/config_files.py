@@ -61,10 +61,32 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml and json raise different types; the user needs one line
-        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({e})") from e
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({_one_line(e)})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     return data
+
+
+def _one_line(error: Exception) -> str:
+    """A parser's error in one line: PyYAML's spans several (the problem, then the text with a caret)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+def unknown_keys_message(what: str, unknown: list[str], known: list[str]) -> str:
+    """"unknown setting(s) a, b (did you mean a -> c?)": for each, the closest known name, or the one known name
+    or two that hold it whole (steps -> num_inference_steps or guidance_steps), where there are."""
+    import difflib
+
+    def guess(key: str) -> str | None:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        holding = [name for name in known if key.rsplit(".", 1)[-1] in name]
+        return close[0] if close else " or ".join(holding) if 0 < len(holding) <= 2 else None
+
+    hints = [f"{k} -> {g}" for k in unknown if (g := guess(k))]
+    return f"unknown {what} {', '.join(unknown)}" + (f" (did you mean {'; '.join(hints)}?)" if hints else "")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -91,7 +113,7 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}")
+        raise ConfigError(unknown_keys_message("setting(s)", [where + k for k in unknown], [where + n for n in names]))
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -111,6 +133,9 @@ def _check_value(hint: Any, value: Any, name: str) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if int in (hint, *typing.get_args(hint)) and float not in typing.get_args(hint) and value is not None \
+            and (isinstance(value, bool) or not isinstance(value, int)):  # fmt: skip
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
     options = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal] or [hint]
     for option in options:
         if typing.get_origin(option) is Literal:

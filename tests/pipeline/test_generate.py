@@ -109,6 +109,7 @@ BAD_INPUTS = [
     # (image, audio) relative to ../shared/media, expected message fragment, exit code
     ("portraits/noface_landscape.jpg", SPEECH_8S, "no face found", 6),
     ("bad/not_an_image.png", SPEECH_8S, "not an image", 5),
+    ("video/talk_man_suit_6s.mp4", SPEECH_8S, "a video, not an image", 5),
     (FACE, "bad/empty.wav", "empty", 4),
     (FACE, "bad/truncated_header_says_longer.wav", "truncated", 4),
     (FACE, "bad/truncated_no_moov.mp4", "damaged", 4),
@@ -128,6 +129,30 @@ def test_bad_inputs_give_one_line_errors_and_leave_no_file(tiny_folder, tmp_path
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], output
     assert list(tmp_path.iterdir()) == []
+
+
+CONFIG_ERRORS = [
+    # (file name, its text, what the one error line says)
+    ("broken.yaml", "shift: [5.0\n", "broken.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at"),
+    ("typo.yaml", "steps: 8\nshfit: 3.0\n",
+     "unknown generation setting(s): shfit, steps (did you mean shfit -> shift; steps -> num_inference_steps or"),
+    ("words.json", '{"num_inference_steps": "four"}', "num_inference_steps must be a whole number, got 'four'"),
+    ("sampler.yaml", "sampler: dpm\n", "sampler must be one of auto, distilled, euler, got 'dpm'"),
+    ("list.yaml", "- shift\n", "list.yaml: expected a mapping of settings"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
+def test_a_bad_settings_file_gives_one_line_and_exit_2(tiny_folder, tmp_path, name, text, message):
+    settings = tmp_path / name
+    settings.write_text(text)
+    out = tmp_path / "out.mp4"
+    code, output = run_cli("generate", "-i", str(MEDIA / FACE), "-a", str(MEDIA / SPEECH_8S), "-o", str(out),
+                           "--model", str(tiny_folder), "--config", str(settings))  # fmt: skip
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], output
+    assert "Traceback" not in output and not out.exists()
 
 
 def test_too_short_audio_and_huge_image(tiny_folder, tmp_path):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from flashhead.config_files import build_dataclass, read_mapping, unknown_keys_message
 from flashhead.errors import ConfigError
 
 
@@ -70,26 +70,13 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}")
-        return cls(**data)
+            raise ConfigError(unknown_keys_message("generation setting(s):", unknown, known))
+        return build_dataclass(cls, data)  # each value checked against its field's type
 
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationConfig:
         """Read a YAML (.yaml/.yml) or JSON file of settings."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        return cls.from_dict(data)
+        return cls.from_dict(read_mapping(path))
