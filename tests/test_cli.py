@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 
 from _util import FIXTURES
 
@@ -151,3 +152,19 @@ def test_kernels_reports_the_cutlass_library_state(tmp_path):
     conv = built["cutlass_conv3d"]
     assert conv["state"] == "built" and conv["tiles"] == ["m128n96k64", "m128n192k64"]
     assert conv["kept_choices"] == {"path": str(tmp_path / "kept.json"), "problems": 2}
+
+
+def test_help_keeps_the_square_brackets_of_pip_extras():
+    """Rich reads `[demo]` in a help text as a style tag and drops it, so the install hint read `flashhead''`."""
+    from typer.testing import CliRunner
+
+    from flashhead.cli import _missing_extra, app
+
+    wide = {"COLUMNS": "200"}
+    assert "pip install 'flashhead[demo]'" in CliRunner().invoke(app, ["--help"], env=wide).output
+    assert "pip install 'flashhead[demo]'" in CliRunner().invoke(app, ["demo", "--help"], env=wide).output
+    stand_in = typer.Typer()
+    stand_in.command("serve")(_missing_extra("serve", ImportError("no module named fastapi", name="fastapi")))
+    stand_in.command("other")(lambda: None)
+    shown = CliRunner().invoke(stand_in, ["--help"], env=wide).output
+    assert "(not installed: pip install 'flashhead[serve]')" in shown

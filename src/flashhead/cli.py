@@ -336,7 +336,7 @@ def demo(
     weights: Annotated[Path | None, typer.Option("--weights", help="Official release folder.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda ...")] = None,
 ) -> None:
-    """Open the Gradio page for offline generation (needs the `demo` extra: pip install 'flashhead[demo]')."""
+    r"""Open the Gradio page for offline generation (needs the `demo` extra: pip install 'flashhead\[demo]')."""
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -365,7 +365,7 @@ def _missing_extra(extra: str, error: ImportError):
               f"(missing: {error.name or error})", file=sys.stderr)  # fmt: skip
         raise typer.Exit(2)
 
-    command.__doc__ = f"(not installed: pip install 'flashhead[{extra}]')"
+    command.__doc__ = f"(not installed: pip install 'flashhead\\[{extra}]')"  # \\[: not a rich markup tag
     return command
 
 
