@@ -8,7 +8,7 @@ float32: the relative L2 error of the features and the fraction whose bfloat16 r
 differs. TF32 is cuBLAS's `allow_tf32` for wav2vec2's GEMMs only (its convolutions keep cuDNN's own setting);
 "graphed" replays the float32 pass from a CUDA graph (`flashhead.pipeline.graphs.GraphedCall`). Session 19 (one
 H100): 7.57 ms float32, 5.42 ms graphed, but the graphed features are not bit-equal to the eager ones, so the
-replay was not made a speed switch (docs/performance.md).
+replay was not made a speed switch (docs/performance-log.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ for each of those (FLASH_ATTENTION_DISABLE_*, passed as compile definitions); wi
 translation units.
 
     # here, once: the sources (hopper/ and CUTLASS include/ at the flash-attention submodule's commit), 1.1 MB
-    tar cf - fa3src | xz -9 > .device/fa3/fa3src.tar.xz          # see docs/performance.md, session 22
+    tar cf - fa3src | xz -9 > .device/fa3/fa3src.tar.xz          # see docs/performance-log.md, session 22
     # on the device (carry .device/fa3):
     python3 benchmarks/build_fa3.py --src /tmp/fa3src --dest $OUT/fa3 --json $OUT/fa3.json
 

@@ -29,7 +29,7 @@ from pathlib import Path
 # (row name, changes applied on top of the previous row of the ladder); rows marked "sibling" are measured
 # but not kept for the rows after them. cublaslt_no_workspace is process-wide and read at the first GEMM, so a
 # model's process applies it before its plain row: every row runs with it (its own row changes nothing; its effect
-# is measured across processes, docs/performance.md).
+# is measured across processes, docs/performance-log.md).
 LADDER: list[tuple[str, dict, bool]] = [
     ("plain", {}, False),
     ("+rope_table", {"rope_table": True}, False),
@@ -87,6 +87,38 @@ def ladder() -> list[tuple[str, dict, bool]]:
             for name, c, s in rows]  # fmt: skip
 
 
+# The preset's switches in themed steps (`--ladder groups`): ten rows instead of ~35, so that each model's whole
+# ladder fits one device call. Each group takes the preset's value of its fields; the last row takes what is left,
+# so it is exactly --optimized. Groups with nothing to add here (no CUTLASS library) are left out.
+GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("+exact host-side work", ("rope_table", "cond_cache", "pinned_memory", "copy_stream", "audio_stream")),
+    ("+attention kernel, cuDNN search", ("attention", "cudnn_benchmark", "cudnn_search_limit", "audio_tf32")),
+    ("+VAE layout", ("vae_channels_last", "vae_conv_pad", "vae_subpixel_upsample")),
+    ("+compiled DiT, fused kernels", ("compile_dit", "fused_gelu", "persistent_norms", "rope_fp32", "fused_qk_rope",
+                                      "compile_color")),
+    ("+CUDA graphs (DiT)", ("cuda_graphs",)),
+    ("+compiled VAE", ("compile_vae", "vae_conv_out_gemm", "vae_attention_gemm", "vae_static_shapes")),
+    ("+CUTLASS convolutions, whole chunks", ("vae_cutlass_conv", "vae_whole_chunk", "vae_call_frames")),
+    ("+CUDA graphs (VAE)", ("vae_cuda_graphs",)),
+    ("+early first frames, the rest (all)", ()),
+]  # fmt: skip
+
+
+def grouped_ladder() -> list[tuple[str, dict, bool]]:
+    """GROUPS as ladder rows, then the two approximate switches as side rows on top of everything."""
+    from flashhead.pipeline.speed import SpeedConfig
+
+    preset, plain = SpeedConfig.optimized().to_dict(), SpeedConfig().to_dict()
+    left = {k: v for k, v in preset.items() if v != plain[k]}
+    rows: list[tuple[str, dict, bool]] = [("plain", {}, False)]
+    for i, (name, fields) in enumerate(GROUPS):
+        group = {k: v for k, v in left.items() if k in fields or i == len(GROUPS) - 1}
+        if group:
+            rows.append((name, group, False))
+            left = {k: v for k, v in left.items() if k not in group}
+    return rows + [("all +decode_new_only", {"decode_new_only": True}, True), ("all +fp8", {"fp8": True}, True)]
+
+
 STAGES = ("audio_features", "dit", "vae_decode", "color_correction", "vae_encode_motion")
 PSNR_REQUIRED = 40.0
 
@@ -125,8 +157,9 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def run_model(model: str, budget: float, seconds: float, sink: Path | None, streams: bool) -> None:
-    """The ladder for one model in this process."""
+def run_model(model: str, budget: float, seconds: float, sink: Path | None, streams: bool,
+              rows_of: str = "switches") -> None:  # fmt: skip
+    """The ladder for one model in this process (`rows_of`: "switches", a row per switch, or "groups")."""
     import numpy as np
     import torch
 
@@ -161,7 +194,7 @@ def run_model(model: str, budget: float, seconds: float, sink: Path | None, stre
     chunk = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
     speed = SpeedConfig()
     plain_frames = None
-    for name, changes, sibling in ladder():
+    for name, changes, sibling in grouped_ladder() if rows_of == "groups" else ladder():
         elapsed = time.perf_counter() - began
         # Compiling the Wan2.1 decoder (per-frame feature caches) can take minutes: only with time to spare.
         need = 120 if (model == "pro" and changes.get("compile_vae")) else 0
@@ -346,6 +379,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole run; cold starts fit in")
     parser.add_argument("--no-streams", action="store_true", help="skip the batched-streams search")
     parser.add_argument("--audio", help="16 kHz mono speech WAV (default: ../shared/media; else a synthetic voice)")
+    parser.add_argument("--ladder", choices=["switches", "groups"], default="switches",
+                        help="a row per switch, or the preset in ~10 themed steps (GROUPS; fits one device call)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--cold-only", action="store_true",
                         help="only the cold starts of --optimized: empty compile caches, then the caches it left")
@@ -369,7 +404,7 @@ def main() -> None:
         return
     if args.child:
         run_model(args.child, budget[args.child], seconds[args.child], args.out / f"rows_{args.child}.jsonl",
-                  not args.no_streams)  # fmt: skip
+                  not args.no_streams, args.ladder)  # fmt: skip
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +425,8 @@ def main() -> None:
         reserve = 0 if args.no_cold_start else 40 * len(args.models.split(","))
         own = min(budget[model], args.deadline - reserve - (time.time() - started))
         cmd = [sys.executable, __file__, "--child", model, "--out", str(args.out), "--budget", f"{model}={own:.0f}",
-               "--seconds", args.seconds] + (["--no-streams"] if args.no_streams else [])  # fmt: skip
+               "--seconds", args.seconds, "--ladder", args.ladder]  # fmt: skip
+        cmd += ["--no-streams"] if args.no_streams else []
         try:  # a row that overruns (a long compile) is cut; the rows written so far are kept
             code = subprocess.run(cmd, env=env, timeout=max(own, 0) + 150).returncode
         except subprocess.TimeoutExpired:

@@ -143,6 +143,28 @@ def test_speed_matrix_ladder_ends_at_the_optimized_preset(fa3, cutlass, monkeypa
     assert ("+vae_cutlass_conv" in rows) == cutlass and ("+vae_whole_chunk" in rows) == cutlass
 
 
+@pytest.mark.parametrize("fa3, cutlass", [(False, False), (True, True)])
+def test_speed_matrix_grouped_ladder_ends_at_the_optimized_preset(fa3, cutlass, monkeypatch):
+    """`speed_matrix.py --ladder groups`: every group adds something, no switch twice, and the "(all)" row is the
+    preset; the CUTLASS group only where the preset takes it."""
+    from _util import load_benchmark
+    from flashhead.pipeline import speed as speed_module
+
+    monkeypatch.setattr(speed_module, "fa3_available", lambda: fa3)
+    monkeypatch.setattr(speed_module, "cutlass_conv_available", lambda: cutlass)
+    matrix = load_benchmark("speed_matrix")
+    speed, rows, seen = SpeedConfig(), {}, set()
+    for name, changes, sibling in matrix.grouped_ladder():
+        assert name not in rows and (changes or name == "plain") and not seen & changes.keys()
+        seen |= changes.keys() if not sibling else set()
+        rows[name] = speed.replace(**changes)
+        speed = speed if sibling else rows[name]
+    (all_row,) = [name for name in rows if name.endswith("(all)")]
+    assert rows[all_row] == SpeedConfig.optimized() and 8 <= len(rows) <= 12
+    assert ("+CUTLASS convolutions, whole chunks" in rows) == cutlass
+    assert rows["all +fp8"].fp8 and not rows["all +decode_new_only"].fp8
+
+
 def test_cublaslt_no_workspace_is_set_in_the_process_environment(monkeypatch):
     """torch reads CUBLASLT_WORKSPACE_SIZE at the first GEMM; the switch sets it, a value already there stays."""
     from flashhead.pipeline.speed import CUBLASLT_WORKSPACE_ENV, apply_process_settings

@@ -2,7 +2,7 @@
 
 Sequence parallelism adds a fixed cost per DiT layer (two all-to-alls, their copies and launches, and the
 ranks waiting for each other) and saves a share of the work that grows with the tokens per rank. Measured on
-2 H200s (docs/performance.md): Pro, 9,216 tokens per chunk (4,608 per rank), gains; Lite, 1,280 tokens
+2 H200s (docs/performance-log.md): Pro, 9,216 tokens per chunk (4,608 per rank), gains; Lite, 1,280 tokens
 (640 per rank), ran at 0.57x of one GPU: its DiT is bound by kernel launches, which a split does not reduce.
 So below `MIN_TOKENS_PER_RANK` the pipeline is not split: the leader runs every chunk alone and the other
 ranks have nothing to do. The way to use several GPUs for such a model is one replica per GPU, each

@@ -370,7 +370,7 @@ class StreamEngine:
     def launches_ahead(self) -> bool:
         """Whether the next round is queued before the current one's frames are waited for: with the launch_ahead
         switch, and always where the pipeline is split over GPUs, whose followers otherwise wait for the leader's
-        host between chunks (Pro on 2 H200s: 334.2 -> 326.0 ms per chunk; one GPU: no change, docs/performance.md).
+        host between chunks (Pro on 2 H200s: 334.2 -> 326.0 ms per chunk; one GPU: no change, docs/performance-log.md).
         """
         return self.pipeline.speed.launch_ahead or self.pipeline.sequence_parallel
 
@@ -466,7 +466,7 @@ class StreamEngine:
             # Queued once this round's DiT is (not before the chunk, not after it): launching wav2vec2 takes the host
             # ~11 ms, during which a GPU with only the last round's tail queued went idle; after the whole chunk,
             # cuDNN's blocking streams for its positional conv waited for the decode and re-encode, and the next
-            # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance.md).
+            # DiT for the audio. Here it all runs beside this chunk's DiT and decode (traces, docs/performance-log.md).
             nexts = [s for s, final in zip(ready, finals, strict=True) if not final]
             if self.launches_ahead:
                 # ... except where rounds are queued ahead (sequence parallel): there the GPU still has the last

@@ -1,7 +1,7 @@
 """Hopper 3-D convolutions from CUTLASS for the Wan2.1 decoder (the `vae_cutlass_conv` switch).
 
 The Wan2.1 (Pro) decode is convolution-bound: ~74 TFLOP of 3x3x3 convolutions per chunk, which cuDNN's fastest
-kernels run at ~410 TFLOP/s on an H100 / H200 (docs/performance.md, session 21). At full resolution the layers have
+kernels run at ~410 TFLOP/s on an H100 / H200 (docs/performance-log.md, session 21). At full resolution the layers have
 96 output channels, and cuDNN's best kernel for them tiles the output 128 channels wide: a quarter of each tensor-core
 product is padding. CUTLASS 3 builds Hopper implicit-GEMM convolutions (TMA im2col loads, WGMMA) for any tile
 width the tensor cores take, 96 included.

@@ -4,7 +4,7 @@
 //
 // Why: cuDNN's fastest kernels for the Wan2.1 decoder's 96-channel layers use 128-wide output tiles, so a quarter
 // of every tensor-core product is padding; here the tile's N extent is a template parameter (96, 192, ...).
-// Measured (docs/performance.md, H200): inside the compiled decode the 96-wide tiles alone ran those layers no faster
+// Measured (docs/performance-log.md, H200): inside the compiled decode the 96-wide tiles alone ran those layers no faster
 // than cuDNN (session 28); in clusters of two along the pixels, sharing the filter tiles, they take 0.94 against
 // 1.09 ms a call, and the compiled Pro chunk decode 161.4 against cuDNN's 171.6 ms (session 29).
 //
