@@ -209,7 +209,7 @@ streams)
     timeout "${BENCH_TIMEOUT:-540}" python3 -m flashhead.cli bench --model "$MODEL" --optimized --streams "$N" \
         --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" > "$OUT/${MODEL}_streams$N.log" 2>&1
     echo "rc=$?"
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'time_to_first_frame_more_audio_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'gpu_memory_held_gib')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'time_to_first_frame_more_audio_ms', 'session_open_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'gpu_memory_held_gib')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
     ;;
 batched)
     # Where a batched round's time goes, kernel by kernel: one compiled block (the preset's norms and RoPE) at batch 1

@@ -155,7 +155,7 @@ def test_bench_reports_every_stage_of_the_issue_on_the_cpu():
     assert report["video_encoder"].startswith(("libx264", "h264_nvenc"))
     assert report["switches"]["video_encoder"] == "auto" and report["steady_fps"] > 0
     assert report["time_to_first_frame_ms"] > 0 and report["dit_ms_per_step"] > 0
-    assert report["time_to_first_frame_more_audio_ms"] > 0
+    assert report["time_to_first_frame_more_audio_ms"] > 0 and report["session_open_ms"] > 0
 
 
 def test_video_encode_without_pyav_reports_why_and_no_time(monkeypatch):

@@ -47,3 +47,28 @@ def test_side_stream_audio_is_encoded_without_a_host_sync(model):
     assert not syncs, syncs
     assert session.audio_ahead is not None and session.audio_ahead.context.is_cuda
     assert staged.initial.is_cuda and all(r.is_cuda for r in staged.renoise or [])
+
+
+def test_opening_a_session_queues_the_portraits_encode_and_marks_its_end():
+    """With pinned_memory, open_session returns before the GPU has encoded the portrait (no host sync) and records an
+    event after the encode, which a server waits for before `ready`; the event completes once the GPU is done."""
+    from flashhead.benchmark import BenchSettings, build_pipeline
+    from flashhead.pipeline.speed import SpeedConfig
+    from flashhead.pipeline.stream import StreamEngine
+
+    pipe = build_pipeline(BenchSettings(model="tiny", dtype="bfloat16"))[0]
+    pipe.optimize(SpeedConfig.parse("pinned_memory=on"))  # the portrait and the posterior noise go up unblocking
+    engine = StreamEngine(pipe)
+    image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
+    engine.close_session(engine.open_session(image, seed=0).id)  # kernels, allocations
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        session = engine.open_session(image, seed=0)
+    assert not [e.name for e in prof.events() if e.name in SYNCS]
+    engine.close_session(session.id)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued before the next session's encode
+    session = engine.open_session(image, seed=0)
+    assert isinstance(session.reference_encoded, torch.cuda.Event) and not session.reference_ready()
+    session.reference_encoded.synchronize()
+    assert session.reference_ready()

@@ -475,6 +475,8 @@ class FlashHeadPipeline:
         pixels = torch.from_numpy(np.array(image, dtype=np.float32))
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise ConfigError(f"reference image must be (H, W, 3), got {tuple(pixels.shape)}")
+        if self.speed.pinned_memory and self.device.type == "cuda":  # no host sync for the upload: a server opens
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)  # sessions between others' rounds
         ref = (pixels / 255 * 2 - 1).permute(2, 0, 1)[None, :, None].to(self.device, self.dtype)  # (1,3,1,H,W)
         clip = ref.expand(-1, -1, self.config.frame_num, -1, -1)
         latents = self._encode(clip, generators=[generator], noise=noise)

@@ -154,7 +154,8 @@ class SpeedConfig:
             applied before any GEMM ran (`apply_process_settings`; pipelines apply theirs at `optimize`).
         pinned_memory: draw each chunk's noise ahead, while the GPU works, into pinned host memory, copy it
             without blocking, and bring frames back through one pinned transfer per round, queued before the motion
-            re-encode (which only the next chunk needs), so frames reach the host without waiting for it.
+            re-encode (which only the next chunk needs), so frames reach the host without waiting for it. A new
+            session's portrait goes up from pinned memory too: opening one does not wait for the GPU.
         copy_stream: with pinned_memory, the streaming engine's frame copies to the host run on a CUDA stream of
             their own, so the motion re-encode queued after them does not wait for the transfer (a 20-stream Lite
             round's 377 MB: 6.8 ms of the stream's time on an H200, session 34's trace). Exact.

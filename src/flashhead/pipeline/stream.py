@@ -130,6 +130,12 @@ class StreamSession:
         self.audio_ahead: _AudioAhead | None = None
         self.in_flight = 0  # rounds launched with this session's chunk and not delivered yet
         self.final_launched = False  # its last chunk is launched: it takes no further round
+        self.reference_encoded: torch.cuda.Event | None = None  # recorded after the portrait's encode (CUDA)
+
+    def reference_ready(self) -> bool:
+        """Whether the GPU has finished encoding the portrait (its launch returns before: open_session waits for
+        nothing). A server says `ready` only then, so a client's first audio does not queue behind the encode."""
+        return self.reference_encoded is None or self.reference_encoded.query()
 
     # -- called by clients --------------------------------------------------------------------------
 
@@ -311,6 +317,9 @@ class StreamEngine:
                 # torchrun (one CPU thread per process) drawing Pro's took 18 ms there while the GPU idled (run 44's
                 # trace); `flashhead bench` on one H100 showed no change in the first frame (run 46).
                 session.noise_ahead = self.pipeline.draw_noise(session.generator)
+            if reference.latents.is_cuda:
+                session.reference_encoded = torch.cuda.Event()
+                session.reference_encoded.record()
         except BaseException:
             with self._lock:
                 self.sessions.pop(session_id, None)

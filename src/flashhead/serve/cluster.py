@@ -258,6 +258,10 @@ class ClusterWorker:
         """Place and open a session (a future of its RemoteSession); CapacityError when every replica is full."""
         return asyncio.ensure_future(self._open(portrait, sink, **options))
 
+    @staticmethod
+    async def reference_encoded(session: RemoteSession) -> None:
+        """Nothing to wait for here: a replica answers the open once its GPU has encoded the portrait."""
+
     def push_audio(self, session: RemoteSession, samples: np.ndarray, sample_rate: int) -> None:
         session.push_audio(samples, sample_rate)
 

@@ -200,7 +200,7 @@ class EngineReplica:
         self.opening += 1
         try:
             future = self.worker.open_session(portrait, sink, seed=seed, realtime=realtime, session_id=session_id)
-            await asyncio.wrap_future(future)
+            await self.worker.reference_encoded(await asyncio.wrap_future(future))
         except FlashHeadError as e:
             return error_reply(e) | {"replica": self.id}
         finally:

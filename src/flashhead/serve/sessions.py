@@ -161,6 +161,7 @@ class SessionHub:
         try:
             future = self.worker.open_session(portrait, live, seed=seed, realtime=realtime, session_id=live.id)
             live.engine_session = await asyncio.wrap_future(future)
+            await self.worker.reference_encoded(live.engine_session)
         except BaseException:
             live.close()
             raise

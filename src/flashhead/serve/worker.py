@@ -12,6 +12,7 @@ event loop (`loop.call_soon_threadsafe`) or to a job's writer thread and return 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -101,6 +102,14 @@ class EngineWorker:
             return session
 
         return self.submit(open_and_attach)
+
+    @staticmethod
+    async def reference_encoded(session: StreamSession, poll_seconds: float = 0.002) -> None:
+        """Wait, without blocking the event loop or the engine thread, until the GPU has encoded the session's
+        portrait. The engine thread only queues that encode (for Pro a 33-frame Wan2.1 encode), so a client told
+        `ready` at once and sending its audio straight away would find its first chunk queued behind it."""
+        while not session.reference_ready():
+            await asyncio.sleep(poll_seconds)
 
     def close_session(self, session_id: str) -> None:
         """Close a session now; a chunk of it still in flight is discarded."""
