@@ -268,3 +268,23 @@ def test_sync_stage_scores_with_user_weights_and_applies_its_thresholds(tmp_path
     strict = SyncSection(weights=str(weights), min_confidence=scores["lse_c"] + 1)
     with pytest.raises(Rejected, match="LSE-C"):
         check_sync(crops, boxes, audio, strict)
+
+
+def test_scene_detection_leaves_ffmpeg_quiet(capfd):
+    """PySceneDetect gives FFmpeg its own (INFO) logging back; after detect_cuts, encoding a clip prints no x264
+    statistics (they filled the curation's output, one block per clip)."""
+    import av.logging
+
+    from flashhead.data.curate.config import ScenesSection
+    from flashhead.data.curate.scenes import detect_cuts
+    from flashhead.data.shards import encode_mp4
+
+    before = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # as the curation's workers run
+    try:
+        cuts, duration = detect_cuts(VIDEO / "talk_man_map_bg_5s.mp4", ScenesSection())
+        encode_mp4(np.zeros((3, 64, 64, 3), np.uint8))
+    finally:
+        av.logging.set_level(before)
+    assert duration == pytest.approx(5.0, abs=0.2) and cuts == []
+    assert "libx264" not in capfd.readouterr().err

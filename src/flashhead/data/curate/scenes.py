@@ -26,18 +26,27 @@ class Segment:
 
 def detect_cuts(path: str | Path, cfg: ScenesSection) -> tuple[list[float], float]:
     """(times of the cuts in seconds, video duration in seconds) of one input."""
+    import av.logging
     from scenedetect import AdaptiveDetector, SceneManager, open_video
     from scenedetect.video_stream import VideoOpenFailure
 
+    # PySceneDetect's PyAV backend hands FFmpeg's logging back to FFmpeg (which prints at INFO: x264's statistics for
+    # every clip encoded afterwards); keep that to errors while it decodes, and put PyAV's own handler back after.
+    level = av.logging.get_level()
+    av.logging.set_libav_level(av.logging.ERROR)
     try:
-        video = open_video(str(path), backend="pyav")
-    except (VideoOpenFailure, OSError, ValueError) as e:
-        raise MediaError(f"{Path(path).name}: PySceneDetect cannot open it ({e})") from None
-    manager = SceneManager()
-    manager.auto_downscale = True
-    manager.add_detector(AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold))
-    manager.detect_scenes(video, show_progress=False)
-    scenes = manager.get_scene_list()
+        try:
+            video = open_video(str(path), backend="pyav")
+        except (VideoOpenFailure, OSError, ValueError) as e:
+            raise MediaError(f"{Path(path).name}: PySceneDetect cannot open it ({e})") from None
+        manager = SceneManager()
+        manager.auto_downscale = True
+        manager.add_detector(AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold))
+        manager.detect_scenes(video, show_progress=False)
+        scenes = manager.get_scene_list()
+    finally:
+        if level is not None:
+            av.logging.set_level(level)
     duration = video.duration.seconds if video.duration is not None else video.position.seconds
     return [round(start.seconds, 4) for start, _ in scenes[1:]], float(duration)
 
