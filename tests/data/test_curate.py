@@ -288,3 +288,10 @@ def test_scene_detection_leaves_ffmpeg_quiet(capfd):
         av.logging.set_level(before)
     assert duration == pytest.approx(5.0, abs=0.2) and cuts == []
     assert "libx264" not in capfd.readouterr().err
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError, match="a file, not a folder"):  # was a FileExistsError traceback
+        curate([VIDEO / "talk_man_map_bg_5s.mp4"], tmp_path / "out", progress=False)
+    assert (tmp_path / "out").read_text() == "a file"

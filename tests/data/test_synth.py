@@ -262,6 +262,28 @@ def test_cli_writes_a_readable_dataset(tmp_path):
     assert bad.exit_code != 0 and "kind" in bad.output
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--size", "100000"], "--size must be an even number of pixels from 64 to 2048"),  # was a 149 GiB MemoryError
+    (["--size", "65"], "--size must be an even number"),
+    (["--val-fraction", "1.5"], "--val-fraction must be at least 0 and below 1"),
+    (["--shard-max-clips", "0"], "--shard-max-clips must be at least 1"),
+    (["--out", "FILE"], "a file, not a folder"),  # was a FileExistsError traceback
+])  # fmt: skip
+def test_synth_refuses_bad_options_in_one_line_before_rendering(tmp_path, args, says):
+    from typer.testing import CliRunner
+
+    from flashhead.data.cli import data_app
+
+    (tmp_path / "FILE").write_text("not a folder")
+    base = {"--n": "1", "--out": str(tmp_path / "ds"), "--workers": "1"}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    options = [x for k, v in (base | given).items() for x in (k, str(tmp_path / v) if v == "FILE" else v)]
+    result = CliRunner().invoke(data_app, ["synth", *options])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ds").exists()  # nothing rendered or written
+
+
 def test_dataset_bytes_do_not_depend_on_worker_count(tmp_path):
     from flashhead.data.cli import plan_clips, synth_dataset
 

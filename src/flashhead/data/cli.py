@@ -224,6 +224,9 @@ def synth_dataset(
     return time.perf_counter() - start
 
 
+MIN_SIZE, MAX_SIZE = 64, 2048  # synthetic frames: the renderer's smallest face; 4x the official 512
+
+
 def _parse_seconds(text: str) -> tuple[float, float]:
     try:
         lo, _, hi = text.partition("-")
@@ -261,6 +264,16 @@ def synth(
 ) -> None:
     """Generate synthetic talking-head clips with known lip-sync truth into WebDataset shards."""
     try:
+        if n < 1:
+            raise ConfigError(f"--n must be at least 1, got {n}")
+        if not (MIN_SIZE <= size <= MAX_SIZE and size % 2 == 0):
+            raise ConfigError(f"--size must be an even number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {size}")
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+        if shard_max_clips < 1:
+            raise ConfigError(f"--shard-max-clips must be at least 1, got {shard_max_clips}")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: a file, not a folder")
         if kind not in ("procedural", "portrait", "mix"):
             raise ConfigError(f"--kind must be procedural, portrait or mix, got {kind!r}")
         found = usable_portraits(portraits, size) if portraits is not None and kind != "procedural" else []

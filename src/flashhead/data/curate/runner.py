@@ -121,6 +121,8 @@ def curate(
     started = time.perf_counter()
     files = expand_inputs(inputs)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file, not a folder for the shards")
     out.mkdir(parents=True, exist_ok=True)
     work = _prepare_work(out, cfg, fresh)
     ids = {f: input_id(f) for f in files}
