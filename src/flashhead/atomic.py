@@ -34,3 +34,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def make_folder(path: str | Path, setting: str = "output folder") -> Path:
+    """Create the folder `path` (and its parents) before work that writes there, or say in one line why it cannot
+    be: a ConfigError naming the `setting`, not an OSError traceback after minutes of loading."""
+    from flashhead.errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{setting} {path}: a file, not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"{setting} {path}: cannot be created ({e.strerror})") from None
+    return path

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from flashhead.atomic import atomic_path
+from flashhead.atomic import atomic_path, make_folder
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.dit import FlashHeadDiT
 from flashhead.models.loading import read_json
@@ -276,7 +276,7 @@ def restore_training_state(ckpt: dict[str, Any], parts: Stage2Parts, info: DistI
 def train_stage2(cfg: Stage2Config, resume: bool | str | Path = False) -> TrainResult:
     """Run (or continue) Stage-2 distillation; `resume` = True (the run's latest checkpoint) or a path."""
     info = init_distributed(cfg.cpu_threads)
-    run_dir = Path(cfg.output_dir)
+    run_dir = make_folder(cfg.output_dir, "output_dir") if info.is_main else Path(cfg.output_dir)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or another output_dir")
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashhead.atomic import atomic_path
+from flashhead.atomic import atomic_path, make_folder
 from flashhead.config_files import apply_override, read_mapping
 from flashhead.errors import ConfigError
 
@@ -76,10 +76,10 @@ def run_recipe(
         raise ConfigError(f"--until must be one of {', '.join(PHASES)}, got {until!r}")
     last = PHASES.index(until)
     recipe = recipe or load_recipe()
-    out = Path(out)
     roots = [str(Path(r)) for r in data_roots]
     if not roots:
         raise ConfigError("give at least one --data folder of clip shards")
+    out = make_folder(out, "--out")
 
     vae_folder = out / "vae" / "vae"
     if not (vae_folder / "config.json").is_file():

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from flashhead.atomic import atomic_path
+from flashhead.atomic import atomic_path, make_folder
 from flashhead.errors import CheckpointError, ConfigError
 from flashhead.models.dit import FlashHeadDiT, official_config
 from flashhead.models.loading import read_json
@@ -427,7 +427,7 @@ def train(
     if inputs is not None and (cfg.val.interval or cfg.export_at_end):
         raise ConfigError("training on given inputs has no VAE: set val.interval=0 and export_at_end=false")
     info = init_distributed(cfg.cpu_threads)
-    run_dir = Path(cfg.output_dir)
+    run_dir = make_folder(cfg.output_dir, "output_dir") if info.is_main else Path(cfg.output_dir)
     autocast, frozen_dtype = _autocast(cfg, info.device)
 
     # -- networks, optimizer, schedule

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from flashhead.atomic import atomic_path
+from flashhead.atomic import atomic_path, make_folder
 from flashhead.config_files import ConfigFile
 from flashhead.errors import ConfigError
 
@@ -161,8 +161,7 @@ def vae_losses(model: Any, video: torch.Tensor, cfg: VAETrainConfig) -> dict[str
 def train_vae(cfg: VAETrainConfig, resume: bool = False) -> Path:
     """Train; returns the folder of the final diffusers model (<output_dir>/vae)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(cfg.output_dir, "output_dir")
     (out / "vae_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     model = build_vae_model(cfg.model).to(device).train()
