@@ -73,6 +73,13 @@ def test_cli_command_and_errors(folders, tmp_path, no_weights):
     empty.mkdir()
     with pytest.raises(MediaError, match="no video"):
         evaluate(empty, gt)
+    # An unusable report path is refused before the scoring, not with a traceback after it.
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="a folder; give a file path"):
+        eval_command(pred, gt, empty, max_frames=30)
+    with pytest.raises(ConfigError, match=r"--out's folder .*file: a file, not a folder"):
+        eval_command(pred, gt, tmp_path / "file" / "r.json", max_frames=30)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the reports were written whole
 
 
 def test_protocols_are_documented_and_deterministic():

@@ -52,6 +52,8 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="torch device for the networks (cpu, cuda).")] = "cpu",
 ) -> int:
     """Evaluate generated talking-head videos: FID, FVD, Sync-C/D, CSIM, LMD, drift and speed."""
+    from flashhead.atomic import make_folder
+    from flashhead.errors import ConfigError
     from flashhead.eval.report import write_report
     from flashhead.eval.suite import EvalConfig, evaluate
 
@@ -67,6 +69,10 @@ def eval_command(
         fid_frame_stride=fid_stride,
         device=device,
     )
+    for path, option in ((out, "--out"), (html or out.with_suffix(".html"), "--html")):  # before hours of scoring
+        if path.is_dir():
+            raise ConfigError(f"{option} {path}: a folder; give a file path, e.g. {path / 'report.json'}")
+        make_folder(path.parent, f"{option}'s folder")
     report = evaluate(pred, gt, config)
     write_report(report, out, html)
     for key, entry in report["metrics"].items():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flashhead.atomic import atomic_path
+
 # (key in report["metrics"], label, better direction, how to print it)
 HEADLINE = [
     ("fid", "FID", "↓", "{:.2f}"),
@@ -50,7 +52,8 @@ def _jsonable(obj):
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n")
+    with atomic_path(path) as tmp:  # a reader never sees half a report
+        tmp.write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n")
 
 
 def _png(fig) -> str:
@@ -263,4 +266,6 @@ def write_report(report: dict, json_path: str | Path, html_path: str | Path | No
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, json_path)
     html_path = Path(html_path) if html_path else json_path.with_suffix(".html")
-    html_path.write_text(render_html(report))
+    page = render_html(report)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(page)
