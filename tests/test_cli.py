@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 
-from _util import FIXTURES
+from _util import FIXTURES, MEDIA
 
 
 def flashhead(*args: str) -> subprocess.CompletedProcess:
@@ -53,6 +54,34 @@ def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp
         assert out.returncode != 0
         assert out.stderr.strip() == f"error: {option}: the folder {tmp_path / 'no'} does not exist"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seconds", "0"], "--seconds must be more than 0"),  # was: 'audio is empty' after loading the model
+    (["--seconds", "-3"], "--seconds must be more than 0"),  # was: measured on the audio's first seconds, exit 0
+    (["--streams", "-5"], "--streams must be a number of streams, or -1"),  # was: accepted, exit 0
+    (["--json", "DIR"], "a folder; give a file path"),  # was: IsADirectoryError after the whole benchmark
+])  # fmt: skip
+def test_bench_refuses_bad_options_in_one_line(tmp_path, args, says):
+    out = flashhead("bench", "--model", "tiny", *[str(tmp_path) if a == "DIR" else a for a in args])
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_speech_takes_any_audio_file_and_repeats_a_short_one(tmp_path):
+    from flashhead.benchmark import _speech
+    from flashhead.errors import AudioError
+    from flashhead.media.audio_io import load_audio
+
+    wav = MEDIA / "audio" / "speech_en_radio31_16k_8s.wav"  # 16 kHz mono: read as it is
+    eight = _speech(str(wav), 8.0)
+    assert np.array_equal(eight, load_audio(wav, 16000)[0][: len(eight)])
+    twenty = _speech(str(wav), 20.0)  # longer than the file: repeated, not a synthetic signal
+    assert len(twenty) == 320_000 and np.array_equal(twenty[len(eight) : 2 * len(eight)], eight)
+    flac = _speech(str(MEDIA / "audio" / "speech_en_male_44k_stereo_11s.flac"), 3.0)  # resampled to 16 kHz mono
+    assert flac.shape == (48_000,) and np.abs(flac).max() > 0.05
+    (tmp_path / "text.mp4").write_text("not audio")
+    with pytest.raises(AudioError, match="not a readable audio"):
+        _speech(str(tmp_path / "text.mp4"), 2.0)
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="the defaults under test are the CPU's")

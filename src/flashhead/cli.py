@@ -316,9 +316,15 @@ def bench(
     resolved_device, default_dtype = default_device_and_dtype(device, None)  # the pipelines' own defaults
     device = device or resolved_device.type
     dtype = dtype or str(default_dtype).removeprefix("torch.")
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"--seconds must be more than 0 and at most 3600, got {seconds:g}")
+    if streams < -1:
+        raise ConfigError(f"--streams must be a number of streams, or -1 to search the most, got {streams}")
     for option, path in (("--json", json_path), ("--trace", trace)):  # before minutes of measuring, not after
         if path is not None and not path.absolute().parent.is_dir():
             raise ConfigError(f"{option}: the folder {path.parent} does not exist")
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{option} {path}: a folder; give a file path, e.g. {path / 'bench.json'}")
     speed = SpeedConfig.parse(switches, base=SpeedConfig.optimized() if optimized else None)
     settings = BenchSettings(
         model=model, weights=str(weights) if weights else None, seconds=seconds, streams=streams,
