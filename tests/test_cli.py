@@ -63,8 +63,12 @@ def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp
     (["--json", "DIR"], "a folder; give a file path"),  # was: IsADirectoryError after the whole benchmark
 ])  # fmt: skip
 def test_bench_refuses_bad_options_in_one_line(tmp_path, args, says):
-    out = flashhead("bench", "--model", "tiny", *[str(tmp_path) if a == "DIR" else a for a in args])
-    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+    from typer.testing import CliRunner
+
+    from flashhead.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "--model", "tiny", *[str(tmp_path) if a == "DIR" else a for a in args]])
+    assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output
 
 
 def test_bench_speech_takes_any_audio_file_and_repeats_a_short_one(tmp_path):
@@ -197,3 +201,19 @@ def test_help_keeps_the_square_brackets_of_pip_extras():
     stand_in.command("other")(lambda: None)
     shown = CliRunner().invoke(stand_in, ["--help"], env=wide).output
     assert "(not installed: pip install 'flashhead[serve]')" in shown
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this checks a machine without a GPU")
+def test_a_device_this_machine_lacks_is_one_line_before_loading():
+    """`--device cuda` on a CPU-only machine was torch's 'Torch not compiled with CUDA enabled' AssertionError
+    traceback once the weights were loaded; a misspelt device, torch's list of every device type."""
+    from flashhead.errors import ConfigError
+    from flashhead.pipeline.registry import check_device
+
+    assert check_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="device 'gpu' is not a torch device such as cpu, cuda or cuda:1"):
+        check_device("gpu")
+    with pytest.raises(ConfigError, match="device cuda:1: .*use --device cpu"):
+        check_device("cuda:1")
+    out = flashhead("bench", "--model", "tiny", "--device", "cuda")
+    assert out.returncode == 2 and out.stderr.startswith("error: device cuda: ") and "Traceback" not in out.stderr

@@ -30,6 +30,26 @@ def test_bad_ray_options_are_refused_with_a_clear_message():
     assert result.exit_code != 0 and "--replicas needs --ray" in str(result.exception)
 
 
+def test_bad_limits_and_ports_are_refused_before_the_model_loads():
+    import socket
+
+    for args, says in (
+        (["--port", "70000"], "--port must be from 1 to 65535"),  # uvicorn took 70000 and printed it as the URL
+        (["--port", "-1"], "--port must be from 1 to 65535"),
+        (["--max-session-seconds", "-5"], "must be more than 0"),  # every session would end at once
+        (["--max-upload-mb", "0"], "must be more than 0"),  # every portrait would be refused
+        (["--host", "nosuchhost.invalid", "--token", "t"], "not an address of this machine"),
+    ):
+        result = CliRunner().invoke(app(), ["serve", "--model", "no-such-model", *args])
+        assert result.exit_code != 0 and says in str(result.exception), (args, result.exception)
+    with socket.socket() as taken:  # a port in use: said now, not after minutes of loading and warming up
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app(), ["serve", "--model", "no-such-model", "--port", str(port)])
+        assert f"cannot serve on 127.0.0.1:{port}: address already in use" in str(result.exception)
+
+
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.2") and not is_loopback("example.com")

@@ -36,12 +36,30 @@ INDEX_NAME = "model_index.json"
 def default_device_and_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ConfigError saying why this machine cannot run on it (rather than torch's
+    AssertionError once the weights are loaded)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise ConfigError(f"device {device}: this torch ({torch.__version__}) is a CPU build; use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"device {device}: no CUDA GPU is visible here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def official_weights_available(weights: str | Path | None) -> bool:

@@ -80,6 +80,22 @@ def run_server(
     server.run(sockets=[sock] if sock is not None else None)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will, and let go: a port in use is refused before the model loads and warms up
+    (minutes for Pro), not after. Another process may still take it in between; uvicorn then says so itself."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed port's TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror.lower()} (another server?)") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -154,6 +170,11 @@ def serve_command(
         raise ConfigError("--max-sessions and --max-batch must be at least 1")
     if replicas is not None and (ray is None or replicas < 1):
         raise ConfigError("--replicas needs --ray and must be at least 1")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be from 1 to 65535, got {port}")
+    check_port_free(host, port)
+    if not max_session_seconds > 0 or not max_upload_mb > 0:
+        raise ConfigError("--max-session-seconds and --max-upload-mb must be more than 0")
     if not is_loopback(host) and token is None:
         logger.warning("serving on %s without --token: anyone who can reach it can use it", host)
     limits = ServeLimits(
