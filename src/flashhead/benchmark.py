@@ -51,7 +51,7 @@ def _speech(path: str | None, seconds: float) -> np.ndarray:
         t = np.arange(n) / 16000
         return (0.3 * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
     samples = _wav_16k_mono(source)  # read without PyAV, which the GPU machines may lack
-    if samples is None:
+    if samples is None or not len(samples):
         from flashhead.media.audio_io import load_audio
 
         samples, _ = load_audio(source, 16000)  # other formats and rates; a one-line error for unreadable files
