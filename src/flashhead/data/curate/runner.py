@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from flashhead.atomic import make_folder
 from flashhead.data.curate.config import CurateConfig
 from flashhead.data.curate.dedup import Fingerprint, find_duplicates
 from flashhead.data.curate.executors import local_map, ray_map, ray_session
@@ -120,10 +121,7 @@ def curate(
     cfg = cfg or CurateConfig()
     started = time.perf_counter()
     files = expand_inputs(inputs)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: a file, not a folder for the shards")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out, "output folder")
     work = _prepare_work(out, cfg, fresh)
     ids = {f: input_id(f) for f in files}
     skip = _unavailable_stages(cfg)
