@@ -80,6 +80,8 @@ def test_cli_command_and_errors(folders, tmp_path, no_weights):
     with pytest.raises(ConfigError, match=r"--out's folder .*file: a file, not a folder"):
         eval_command(pred, gt, tmp_path / "file" / "r.json", max_frames=30)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the reports were written whole
+    with pytest.raises(ConfigError, match="is not a torch device"):
+        eval_command(pred, gt, out, device="gpu")
 
 
 def test_protocols_are_documented_and_deterministic():

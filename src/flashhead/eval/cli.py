@@ -56,7 +56,9 @@ def eval_command(
     from flashhead.errors import ConfigError
     from flashhead.eval.report import write_report
     from flashhead.eval.suite import EvalConfig, evaluate
+    from flashhead.pipeline.registry import check_device
 
+    check_device(device)  # a GPU this machine lacks: one line now, not torch's AssertionError inside a metric
     config = EvalConfig(
         inception=inception,
         i3d=i3d,
