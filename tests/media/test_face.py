@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -179,3 +182,19 @@ def test_faces_found_in_video_frames(path):
         assert face.score >= 0.5
         assert 0.1 * width < face.width < 0.8 * width
         assert 0 < face.center[0] < width and 0 < face.center[1] < height
+
+
+def test_mediapipe_notices_are_kept_off_stderr_and_other_lines_kept():
+    # A fresh process: MediaPipe prints its TFLite / absl notices the first time a graph is built and run.
+    code = (
+        "import os\n"
+        "from flashhead.media.face import FaceDetector, _native_notices_dropped\n"
+        "FaceDetector().close()\n"
+        "with _native_notices_dropped():\n"
+        "    os.write(2, b'W0000 inference_feedback_manager.cc:114] notice\\nnative trouble\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "inference_feedback_manager" not in done.stderr
+    assert "XNNPACK" not in done.stderr and "absl::InitializeLog" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["native trouble"]

@@ -20,9 +20,12 @@ for the crop rule and docs/portraits.md for the thresholds and the scores measur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -117,8 +120,13 @@ class FaceDetector:
             "full": max(0.05, min(min_score, 2 * pair_min_score - short_min_score)),
             "short": max(0.05, min(short_min_score, 2 * pair_min_score - min_score)),
         }
-        self._graphs = {name: _build_graph(stem, self._floors[name]) for name, stem in _MODELS.items()}
         self._lock = threading.Lock()
+        # Building a graph and its first run print TFLite / absl notices straight to fd 2 (absl ignores
+        # GLOG_minloglevel): both happen here with those lines dropped, so that output shows only what concerns users.
+        with _native_notices_dropped():
+            self._graphs = {name: _build_graph(stem, self._floors[name]) for name, stem in _MODELS.items()}
+            for name in self._graphs:
+                self._run(name, np.zeros((64, 64, 3), np.uint8))
 
     def detect(self, image: ImageInput) -> list[FaceBox]:
         """All faces in `image`, largest first, as boxes in the image's pixels. An empty list if none."""
@@ -350,6 +358,38 @@ def _tile_origins(width: int, height: int, side: int) -> list[tuple[int, int]]:
         return [round(i * (length - side) / max(count - 1, 1)) for i in range(count)]
 
     return [(x, y) for y in starts(height) for x in starts(width)]
+
+
+# Lines MediaPipe's native code writes to stderr when a graph first runs; harmless, and not for our users.
+_NATIVE_NOTICES = (
+    "inference_feedback_manager.cc",
+    "All log messages before absl::InitializeLog()",
+    "Created TensorFlow Lite XNNPACK delegate",
+)
+
+
+@contextlib.contextmanager
+def _native_notices_dropped():
+    """Capture what native code writes to file descriptor 2 and pass on every line but MediaPipe's notices."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (e.g. a daemon): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines()
+                    if line.strip() and not any(notice in line for notice in _NATIVE_NOTICES)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 def _build_graph(stem: str, min_score: float) -> Any:
