@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -169,3 +172,23 @@ def test_video_encode_without_pyav_reports_why_and_no_time(monkeypatch):
     frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
     used, ms = video_encode_ms(frames, np.zeros(1280, dtype=np.float32), 25, 16000, "auto")
     assert ms is None and used.startswith("none:") and "av" in used
+
+
+def test_each_phase_is_named_and_redrawn_while_it_runs():
+    import io
+
+    from tqdm import tqdm
+
+    from flashhead.benchmark import _phase
+
+    out = io.StringIO()
+    bar = tqdm(total=2, desc="bench", file=out, mininterval=0)
+    with _phase(bar, "warm-up: compile", every=0.02):
+        time.sleep(0.3)  # a long step: the bar's clock must move while it runs, not only at its end
+    drawn = [line for line in out.getvalue().split("\r") if "warm-up: compile" in line]
+    assert bar.n == 1 and len(drawn) >= 5
+    with pytest.raises(RuntimeError), _phase(bar, "steady stream", every=0.02):
+        raise RuntimeError("a failed step")
+    assert bar.n == 1  # a failed step is not counted as done
+    assert not [t for t in threading.enumerate() if t.name == "bench-progress"]  # its redraw thread has stopped
+    bar.close()

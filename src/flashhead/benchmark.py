@@ -9,10 +9,12 @@ Official weights are used when present; otherwise the official configuration wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import threading
 import time
 import wave
 from dataclasses import dataclass, field
@@ -136,6 +138,29 @@ def timed_ms(fn, repeat: int) -> tuple[float, object]:
     return round(float(np.median(times)), 1), out
 
 
+@contextlib.contextmanager
+def _phase(bar, label: str, every: float = 1.0):
+    """One step of the progress bar, named; redrawn every `every` seconds while it runs, so that a warm-up that
+    compiles for minutes shows its elapsed time rather than a bar that looks stuck."""
+    bar.set_postfix_str(label, refresh=True)
+    done = threading.Event()
+
+    def redraw_until_done() -> None:
+        while not done.wait(every):
+            bar.refresh()
+
+    redraw = threading.Thread(target=redraw_until_done, name="bench-progress", daemon=True)
+    if not bar.disable:
+        redraw.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if redraw.is_alive():
+            redraw.join()
+    bar.update()
+
+
 def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -150,7 +175,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     pipe.optimize(speed)
     image = np.random.default_rng(0).integers(0, 256, (pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     chunk_samples = pipe.new_frames * pipe.config.sample_rate // pipe.config.fps
-    steps = 4 + 3 + (1 if settings.streams else 0)
+    steps = 4 + (1 if settings.trace else 0) + (1 if settings.streams else 0)
     bar = tqdm(total=steps, desc=f"bench {settings.model}", disable=not progress)
 
     def stream_once(engine: StreamEngine, samples: np.ndarray, parts: list | None = None) -> tuple[float, float, int]:
@@ -161,15 +186,9 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     warm_start = time.perf_counter()
-    stream_once(engine, audio[: 2 * chunk_samples])  # warm-up: kernels, allocator, caches, compile, graphs
+    with _phase(bar, "warm-up: compile, tune, capture" if not speed.is_plain else "warm-up"):
+        stream_once(engine, audio[: 2 * chunk_samples])  # kernels, allocator, caches, compile, graphs
     warmup_seconds = time.perf_counter() - warm_start
-    bar.update()
-    parts: list[dict] = []
-    first_frame = [stream_once(engine, audio[:chunk_samples], parts)[0] for _ in range(3)]
-    # A live stream's first chunk is not its last: audio waits behind it, and the first round also queues the next
-    # chunk's audio features and noise (as for a server's client, which sends on). Timed apart, the same way.
-    first_frame_more_audio = [stream_once(engine, audio[: 2 * chunk_samples])[0] for _ in range(2)]
-
     def open_once() -> float:  # the portrait's encode, GPU work included: it precedes the first audio's clock
         _sync()
         began = time.perf_counter()
@@ -179,22 +198,27 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
         engine.close_session(session.id)
         return took
 
-    session_open = [open_once() for _ in range(3)]
-    bar.update()
-    frames, total, steady = timed_stream(engine, image, audio)
-    bar.update()
+    parts: list[dict] = []
+    with _phase(bar, "first frames, session opens"):
+        first_frame = [stream_once(engine, audio[:chunk_samples], parts)[0] for _ in range(3)]
+        # A live stream's first chunk is not its last: audio waits behind it, and the first round also queues the
+        # next chunk's audio features and noise (as for a server's client, which sends on). Timed apart, the same way.
+        first_frame_more_audio = [stream_once(engine, audio[: 2 * chunk_samples])[0] for _ in range(2)]
+        session_open = [open_once() for _ in range(3)]
+    with _phase(bar, "steady stream"):
+        frames, total, steady = timed_stream(engine, image, audio)
     peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0  # warm-up and timed runs
-    staged = pipe.timer = StageTimer(memory=True)  # resets the peak counter at each stage
-    stream_once(engine, audio)
-    summary = staged.summary()
-    stages = {k: v["mean_ms"] for k, v in summary.items()}
-    stage_peaks = {k: v["peak_gib"] for k, v in summary.items() if "peak_gib" in v}
-    pipe.timer = StageTimer(sync=False)
-    encoder, encode_ms = video_encode_ms(frames, audio, pipe.config.fps, pipe.config.sample_rate,
-                                         pipe.speed.video_encoder)  # fmt: skip
+    with _phase(bar, "stages, video encode"):
+        staged = pipe.timer = StageTimer(memory=True)  # resets the peak counter at each stage
+        stream_once(engine, audio)
+        summary = staged.summary()
+        stages = {k: v["mean_ms"] for k, v in summary.items()}
+        stage_peaks = {k: v["peak_gib"] for k, v in summary.items() if "peak_gib" in v}
+        pipe.timer = StageTimer(sync=False)
+        encoder, encode_ms = video_encode_ms(frames, audio, pipe.config.fps, pipe.config.sample_rate,
+                                             pipe.speed.video_encoder)  # fmt: skip
     # per chunk, like the rest; None where no encoder could run (the reason is in `video_encoder`)
     stages["video_encode"] = None if encode_ms is None else round(encode_ms * pipe.new_frames / max(len(frames), 1), 3)
-    bar.update()
 
     dit_ms = stages.get("dit", 0.0) / pipe.config.num_inference_steps
     report = {
@@ -229,13 +253,14 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
             if cutlass_conv.available()
             else "not available (no sm_90 GPU, or the library is not built: see flashhead.models.vae.cutlass_conv)"
         )
-    bar.update(3)
     if settings.trace:
-        write_trace(engine, image, audio[: 4 * chunk_samples], Path(settings.trace))
+        with _phase(bar, "profiled stream"):
+            write_trace(engine, image, audio[: 4 * chunk_samples], Path(settings.trace))
         report["trace"] = settings.trace
     if settings.streams:
-        report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams, trace=settings.trace)
-        bar.update()
+        with _phase(bar, f"batched streams (up to {settings.streams})" if settings.streams > 0 else "batched streams"):
+            report["streams"] = measure_streams(pipe, image, audio, chunk_samples, settings.streams,
+                                                trace=settings.trace)  # fmt: skip
     bar.close()
     if torch.cuda.is_available():
         # The whole run's peak (warm-up included: compilation, autotuning, graph captures), the steady chunk's
