@@ -192,9 +192,19 @@ def test_mediapipe_notices_are_kept_off_stderr_and_other_lines_kept():
         "FaceDetector().close()\n"
         "with _native_notices_dropped():\n"
         "    os.write(2, b'W0000 inference_feedback_manager.cc:114] notice\\nnative trouble\\n')\n"
+        "try:\n"
+        "    with _native_notices_dropped():\n"
+        "        os.write(2, b'why it failed\\n')\n"
+        "        raise RuntimeError\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "import threading\n"  # two detectors built at once: fd 2 must end where it began
+        "threads = [threading.Thread(target=lambda: FaceDetector().close()) for _ in range(2)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "os.write(2, b'after\\n')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "inference_feedback_manager" not in done.stderr
     assert "XNNPACK" not in done.stderr and "absl::InitializeLog" not in done.stderr
-    assert done.stderr.strip().splitlines() == ["native trouble"]
+    assert done.stderr.strip().splitlines() == ["native trouble", "why it failed", "after"]

@@ -368,15 +368,32 @@ _NATIVE_NOTICES = (
 )
 
 
+_stderr_swap = threading.Lock()  # two detectors built at once must not restore each other's capture as fd 2
+
+
 @contextlib.contextmanager
 def _native_notices_dropped():
     """Capture what native code writes to file descriptor 2 and pass on every line but MediaPipe's notices."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable fd 2 (e.g. a daemon): nothing to filter
-        yield
-        return
+    with _stderr_swap:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no usable fd 2 (e.g. a daemon): nothing to filter
+            yield
+            return
+        captured: list[str] = []
+        try:
+            with _captured_fd2(saved, captured):
+                yield
+        finally:  # also when the body failed: what native code said about it is passed on
+            kept = [line for line in captured if line.strip() and not any(n in line for n in _NATIVE_NOTICES)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _captured_fd2(saved: int, lines: list[str]):
+    """fd 2 into a temporary file while the body runs, then `saved` (closed) back as fd 2; its lines into `lines`."""
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
@@ -386,10 +403,7 @@ def _native_notices_dropped():
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines()
-                    if line.strip() and not any(notice in line for notice in _NATIVE_NOTICES)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr)
+            lines.extend(captured.read().decode(errors="replace").splitlines())
 
 
 def _build_graph(stem: str, min_score: float) -> Any:
