@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--rope-fp32", action="store_true", help="the RoPE table and rotation in float32 (rope_fp32)")
     parser.add_argument("--fused-qk-rope", action="store_true",
                         help="q / k norm + RoPE as one Triton kernel per tensor (fused_qk_rope; needs --rope-fp32)")
+    parser.add_argument("--cross-attn-fold", action="store_true",
+                        help="the audio cross-attention and its projection as two dense GEMMs (cross_attn_fold)")
     args = parser.parse_args()
     if args.persistent_rows:
         persistent_rows(args.persistent_rows, args.persistent_hints)
@@ -64,6 +66,7 @@ def main() -> None:
     if args.fused_qk_rope and not args.rope_fp32:
         parser.error("--fused-qk-rope rotates with the float32 table: add --rope-fp32")
     dit.set_fused_qk_rope(args.fused_qk_rope)
+    dit.set_cross_attn_fold(args.cross_attn_fold)
     block = dit.blocks[0]
     block.compile(mode=args.mode)
     frames, h, w = (9, 32, 32) if args.model == "pro" else (5, 16, 16)
@@ -100,6 +103,7 @@ def main() -> None:
     print(json.dumps({"model": args.model, "batch": B, "gpu": torch.cuda.get_device_name(), "env": settings,
                       "attention": args.attention, "fused_gelu": not args.no_fused_gelu,
                       "mode": args.mode, "rope_fp32": args.rope_fp32, "fused_qk_rope": args.fused_qk_rope,
+                      "cross_attn_fold": args.cross_attn_fold,
                       "persistent_rows": args.persistent_rows,
                       "persistent_hints": args.persistent_hints if args.persistent_rows else None,
                       "reductions": REDUCTIONS, "compile_s": round(compile_s, 1),

@@ -35,6 +35,8 @@
 #   bash benchmarks/speed_device.sh qkrope   # the fused q / k norm + RoPE kernel: its GPU test (values, one kernel,
 #                                            # time against Inductor's), one compiled block with and without it (Lite
 #                                            # batch 20, Pro batch 1), then the GPU equivalence cases (<= 9 min)
+#   bash benchmarks/speed_device.sh fold     # cross_attn_fold: one compiled block with and without it (Lite batch
+#                                            # 20, Pro 1), its GPU equivalence cases, then `ab pro` (NO_AB=1: not)
 #   bash benchmarks/speed_device.sh cutlass  # the Wan decode's convolutions, cuDNN (first 32 algorithms) against every
 #                                            # tile of the carried CUTLASS library (.device/conv3d), with their errors
 #   bash benchmarks/speed_device.sh serve_cold pro  # the server's cold start end to end (serve_cold_start.py): a
@@ -46,7 +48,7 @@
 #                                            # caches, then one with the caches it left (lite or pro, <= 9 min);
 #                                            # COLD_VARIANTS adds warm-cache ones (switches changed, or profile)
 set -uo pipefail
-WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batched|audio|convs|cutlass|upsample|convout|fa3|norms|rope|qkrope|cold|serve_cold}
+WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batched|audio|convs|cutlass|upsample|convout|fa3|norms|rope|qkrope|fold|cold|serve_cold}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
@@ -139,6 +141,23 @@ qkrope)
         -k "${EQUIV_K:-fused_qk_rope}" > "$OUT/equiv.log" 2>&1
     echo "equiv rc=$?"
     grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    ;;
+fold)
+    # cross_attn_fold: one compiled block (the preset's norms and RoPE) with and without it (Lite batch 20, Pro
+    # batch 1), then its GPU equivalence cases, then the Pro stream without and with it (BENCH_TIMEOUT each).
+    for case in "lite 20" "pro 1"; do
+        set -- $case
+        for fold in "" --cross-attn-fold; do
+            timeout 150 python3 benchmarks/block_bench.py --model "$1" --batch "$2" --persistent-rows 2048 \
+                --persistent-hints inner,default --rope-fp32 --fused-qk-rope $fold 2>>"$OUT/block.err" | tail -1 \
+                | tee "$OUT/block_$1_b$2${fold:+_fold}.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('model', 'batch', 'cross_attn_fold', 'block_ms_in_cuda_graph', 'mfu_in_cuda_graph')}, d['kernels_us'][:8])"
+        done
+    done
+    timeout "${EQUIV_TIMEOUT:-240}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+        -k "${EQUIV_K:-cross_attn_fold}" > "$OUT/equiv.log" 2>&1
+    echo "equiv rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    [ -n "${NO_AB:-}" ] || BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash "$0" ab pro cross_attn_fold=on
     ;;
 matrix)
     timeout 570 python3 benchmarks/speed_matrix.py --out "$OUT" --audio .device/shared/media/audio/speech_en_two_speakers_16k_30s.wav \
@@ -256,5 +275,5 @@ cold)
     timeout 570 python3 benchmarks/speed_matrix.py --models "${2:-pro}" --cold-only --deadline 540 --out "$OUT" \
         ${COLD_VARIANTS:+--cold-variants $COLD_VARIANTS} 2>&1 | tail -8
     ;;
-*) echo "error: decode, equiv, matrix, ttff, blocks, ab, streams, audio, convs, cutlass, upsample, convout, fa3, norms, cold or serve_cold, got '$WHAT'" >&2; exit 2 ;;
+*) echo "error: decode, equiv, matrix, ttff, blocks, ab, streams, audio, convs, cutlass, upsample, convout, fa3, norms, qkrope, fold, cold or serve_cold, got '$WHAT'" >&2; exit 2 ;;
 esac

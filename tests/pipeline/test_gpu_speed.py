@@ -70,6 +70,8 @@ REASSOCIATING = {
     "rope_fp32_compiled": "rope_fp32=on,rope_table=on,compile_dit=on",
     "fused_qk_rope": "fused_qk_rope=on,rope_fp32=on,rope_table=on",
     "fused_qk_rope_compiled": "fused_qk_rope=on,rope_fp32=on,rope_table=on,compile_dit=on",
+    "cross_attn_fold": "cross_attn_fold=on",
+    "cross_attn_fold_compiled": "cross_attn_fold=on,compile_dit=on,rope_table=on",
     "compile_color": "compile_color=on",
     "audio_tf32": "audio_tf32=on",  # not an addition order but a rounding: TF32 products (checked the same way)
     "fused_gelu": "fused_gelu=on",

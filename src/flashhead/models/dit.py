@@ -175,6 +175,25 @@ def _attend(q, k, v, heads: int, kernel: AttentionKernel | None) -> torch.Tensor
     return kernel(q, k, v).flatten(2)
 
 
+def folded_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: nn.Linear, heads: int):
+    """`out(attention(q, k, v))` for few keys (the 32 audio tokens of a frame) as two dense GEMMs, the same maths.
+
+    A fused attention kernel spends most of its time on per-tile overhead when there are 32 keys. Here the scores of
+    all heads come from one GEMM against a block-diagonal key matrix (head h's keys on block h), and the output
+    projection is folded into the values (per head, v_h @ W_o[:, h]^T is a keys x dim block), so the weighted sum and
+    the projection are one GEMM with an inner size of heads * keys instead of two. q (N, Lq, D); k, v (N, keys, D).
+    """
+    n, keys, dim = k.shape
+    d = dim // heads
+    eye = torch.eye(heads, dtype=k.dtype, device=k.device).view(1, heads, 1, heads, 1)
+    k_blocks = (k.view(n, keys, heads, d).permute(0, 2, 3, 1).unsqueeze(3) * eye).reshape(n, dim, heads * keys)
+    scores = (q @ k_blocks).unflatten(-1, (heads, keys))  # (N, Lq, heads, keys)
+    wide = torch.promote_types(scores.dtype, torch.float32)  # the softmax in float32 at least, as attention kernels
+    probs = torch.softmax(scores.to(wide) * d**-0.5, dim=-1).to(q.dtype).flatten(2)
+    v_out = torch.einsum("njhi,ohi->nhjo", v.view(n, keys, heads, d), out.weight.view(-1, heads, d))
+    return torch.baddbmm(out.bias, probs, v_out.reshape(n, heads * keys, -1))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -201,9 +220,12 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.kernel: AttentionKernel | None = None
+        self.folded = False  # see FlashHeadDiT.set_cross_attn_fold
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k = self.norm_q(self.q(x)), self.norm_k(self.k(context))
+        if self.folded:
+            return folded_cross_attention(q, k, self.v(context), self.o, self.num_heads)
         return self.o(_attend(q, k, self.v(context), self.num_heads, self.kernel))
 
 
@@ -414,6 +436,11 @@ class FlashHeadDiT(ModelMixin, ConfigMixin):
         inference only, with a float32 RoPE table: the fast path's rope_fp32)."""
         for block in self.blocks:
             block.self_attn.fused_qk_rope = on
+
+    def set_cross_attn_fold(self, on: bool) -> None:
+        """Run each audio cross-attention and its output projection as two dense GEMMs (folded_cross_attention)."""
+        for block in self.blocks:
+            block.cross_attn.folded = on
 
     # Parameters the forward never uses; a checkpoint may omit them (they are then zero-filled).
     _unused_prefixes = ("audio_emb.", "text_embedding.")

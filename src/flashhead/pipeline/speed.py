@@ -122,6 +122,16 @@ class SpeedConfig:
             another order, so the odd value lands an ulp or two away (GPU cases: Pro bf16 30.68 / float32 55.63 dB
             compiled, as rope_fp32's). Not used by the sequence-parallel attention. In the `optimized` preset since
             session 36 (the whole preset's GPU cases with it: Lite bf16 36.19 / float32 58.48 dB, Pro 31.29 / 54.68).
+        cross_attn_fold: each DiT block's audio cross-attention and its output projection as two dense GEMMs
+            (flashhead.models.dit.folded_cross_attention): the scores of all heads against a block-diagonal key
+            matrix, then the probabilities against the values with the output projection folded in (per head a
+            32 x 1536 block), instead of a fused attention kernel over 32 keys plus the projection GEMM. Fewer FLOPs
+            (Pro per block and step: the 43.5 GFLOP projection and the attention call become 2 x 10.9 GFLOP), the
+            same maths; the values' product with the projection is rounded once where the attention output was
+            (float64 on the CPU: equal to 1e-14). Why: a fused kernel's per-tile overhead dominates at 32 keys (Pro's
+            cross-attention ~86 us per block on an H100, session 16, against ~12 us of memory traffic). Not yet
+            measured on a GPU (session 38): `block_bench.py --cross-attn-fold`, then the GPU cases
+            `cross_attn_fold*`; not in the `optimized` preset until then.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
             inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
@@ -205,6 +215,7 @@ class SpeedConfig:
     vae_call_frames: int = 0
     fused_gelu: bool = False
     fused_qk_rope: bool = False
+    cross_attn_fold: bool = False
     persistent_norms: bool = False
     compile_dit: bool = False
     compile_vae: bool = False
