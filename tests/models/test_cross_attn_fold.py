@@ -62,3 +62,13 @@ def test_heads_keys_and_shapes():
         reference = attn.o(torch.cat(heads, -1))
     assert ours.shape == (5, 7, 48)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_fp8_leaves_the_cross_attention_unfolded(monkeypatch):
+    # fp8 quantises the output projection's weights, which the fold reads as a matrix: the switch is then ignored.
+    import flashhead.pipeline.fast_path as fast_path
+
+    model = tiny_dit("lite")
+    monkeypatch.setattr(fast_path, "quantize_fp8", lambda dit: setattr(dit, "_flashhead_fp8", True))
+    apply_module_switches(model, torch.nn.Identity(), SpeedConfig(cross_attn_fold=True, fp8=True))
+    assert not any(block.cross_attn.folded for block in model.blocks)

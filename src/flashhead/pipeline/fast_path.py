@@ -256,7 +256,7 @@ def apply_module_switches(dit: FlashHeadDiT, vae: torch.nn.Module, speed: SpeedC
         raise ConfigError("fp8 cannot be switched off again on this pipeline: reload the model")
     dit.set_fused_gelu(speed.fused_gelu and not speed.fp8)  # float8 weights go through torchao's own linear
     dit.set_fused_qk_rope(speed.fused_qk_rope)
-    dit.set_cross_attn_fold(speed.cross_attn_fold)
+    dit.set_cross_attn_fold(speed.cross_attn_fold and not speed.fp8)  # it reads o's weights, which fp8 quantises
     for block in dit.blocks:
         _compile(block, speed.compile_mode) if speed.compile_dit else _uncompile(block)
     apply_vae_switches(vae, speed)

@@ -131,7 +131,7 @@ class SpeedConfig:
             (float64 on the CPU: equal to 1e-14). Why: a fused kernel's per-tile overhead dominates at 32 keys (Pro's
             cross-attention ~86 us per block on an H100, session 16, against ~12 us of memory traffic). Not yet
             measured on a GPU (session 38): `block_bench.py --cross-attn-fold`, then the GPU cases
-            `cross_attn_fold*`; not in the `optimized` preset until then.
+            `cross_attn_fold*`; not in the `optimized` preset until then. Ignored with fp8.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
             inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
