@@ -189,6 +189,7 @@ def run_benchmark(settings: BenchSettings, progress: bool = True) -> dict:
     with _phase(bar, "warm-up: compile, tune, capture" if not speed.is_plain else "warm-up"):
         stream_once(engine, audio[: 2 * chunk_samples])  # kernels, allocator, caches, compile, graphs
     warmup_seconds = time.perf_counter() - warm_start
+
     def open_once() -> float:  # the portrait's encode, GPU work included: it precedes the first audio's clock
         _sync()
         began = time.perf_counter()
