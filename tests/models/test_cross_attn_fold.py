@@ -72,3 +72,21 @@ def test_fp8_leaves_the_cross_attention_unfolded(monkeypatch):
     monkeypatch.setattr(fast_path, "quantize_fp8", lambda dit: setattr(dit, "_flashhead_fp8", True))
     apply_module_switches(model, torch.nn.Identity(), SpeedConfig(cross_attn_fold=True, fp8=True))
     assert not any(block.cross_attn.folded for block in model.blocks)
+
+
+def test_the_folded_block_compiles_in_one_graph():
+    model = tiny_dit("pro")
+    model.set_cross_attn_fold(True)
+    block = model.blocks[0]
+    torch.manual_seed(0)
+    n_frames, dim = 2, model.config.dim
+    x = torch.randn(1, n_frames * 8, dim)
+    audio = torch.randn(1, n_frames, model.config.audio_tokens, dim)
+    t_mod = torch.randn(1, 6, dim)
+    rope = model.rope((n_frames, 2, 4), x.device, table=True, dtype=torch.float32)
+    with torch.no_grad():
+        eager = block(x, audio, t_mod, rope)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, dynamic=False, fullgraph=True)(x, audio, t_mod, rope)  # a break would raise
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
