@@ -76,3 +76,27 @@ def compiled_vae_switches(vae: VideoVAE) -> Iterator[dict]:
         apply_vae_switches(vae, SpeedConfig())
         torch._dynamo.reset()
 
+
+
+def eager_and_compiled_block(model: FlashHeadDiT, rope_dtype=None, fullgraph: bool = True):
+    """Run the first block of `model` eagerly and compiled (static shapes, from a fresh Dynamo state) on seeded
+    inputs at a small token grid (2 frames of 2 x 4 tokens); returns (eager, compiled, Inductor's generated code).
+    With fullgraph, a graph break raises. rope_dtype: the RoPE table's dtype (None: the model's default)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    block = model.blocks[0]
+    torch.manual_seed(0)
+    n_frames, dim = 2, model.config.dim
+    x = torch.randn(1, n_frames * 8, dim)
+    audio = torch.randn(1, n_frames, model.config.audio_tokens, dim)
+    t_mod = torch.randn(1, 6, dim)
+    table = {} if rope_dtype is None else {"dtype": rope_dtype}
+    rope = model.rope((n_frames, 2, 4), x.device, table=True, **table)
+    with torch.no_grad():
+        eager = block(x, audio, t_mod, rope)
+        torch._dynamo.reset()
+        compiled_block = torch.compile(block, dynamic=False, fullgraph=fullgraph)
+        compiled, codes = run_and_get_code(compiled_block, x, audio, t_mod, rope)
+    torch._dynamo.reset()
+    return eager, compiled, "\n".join(codes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import tiny_dit
+from _tiny import eager_and_compiled_block, tiny_dit
 from _util import load_fixture, rel_l2
 from flashhead.models.dit import CrossAttention, folded_cross_attention
 from flashhead.pipeline.fast_path import apply_module_switches
@@ -77,16 +77,5 @@ def test_fp8_leaves_the_cross_attention_unfolded(monkeypatch):
 def test_the_folded_block_compiles_in_one_graph():
     model = tiny_dit("pro")
     model.set_cross_attn_fold(True)
-    block = model.blocks[0]
-    torch.manual_seed(0)
-    n_frames, dim = 2, model.config.dim
-    x = torch.randn(1, n_frames * 8, dim)
-    audio = torch.randn(1, n_frames, model.config.audio_tokens, dim)
-    t_mod = torch.randn(1, 6, dim)
-    rope = model.rope((n_frames, 2, 4), x.device, table=True, dtype=torch.float32)
-    with torch.no_grad():
-        eager = block(x, audio, t_mod, rope)
-        torch._dynamo.reset()
-        compiled = torch.compile(block, dynamic=False, fullgraph=True)(x, audio, t_mod, rope)  # a break would raise
-    torch._dynamo.reset()
+    eager, compiled, _ = eager_and_compiled_block(model, rope_dtype=torch.float32)  # fullgraph: a break would raise
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _tiny import tiny_dit
+from _tiny import eager_and_compiled_block, tiny_dit
 from _util import OpLog, load_fixture, rel_l2
 from flashhead.models.linear_gelu import linear_gelu
 from flashhead.pipeline.fast_path import apply_module_switches
@@ -51,24 +51,9 @@ def test_fused_gelu_dit_runs_the_op_and_matches_the_official_output(variant):
 
 def test_the_compiled_block_keeps_the_op_whole():
     """Inductor must call the op, not decompose it into a GEMM and a pointwise GELU kernel of its own."""
-    from torch._inductor.utils import run_and_get_code
-
     model = tiny_dit("pro")
-    block = model.blocks[0]
-    block.fused_gelu = True
-    torch.manual_seed(0)
-    B, n_frames = 1, 2
-    dim = model.config.dim
-    x = torch.randn(B, n_frames * 8, dim)
-    audio = torch.randn(B, n_frames, model.config.audio_tokens, dim)
-    t_mod = torch.randn(B, 6, dim)
-    rope = model.rope((n_frames, 2, 4), x.device, table=True)
-    with torch.no_grad():
-        eager = block(x, audio, t_mod, rope)
-        torch._dynamo.reset()
-        compiled, codes = run_and_get_code(torch.compile(block, dynamic=False), x, audio, t_mod, rope)
-    torch._dynamo.reset()
-    code = "\n".join(codes)
+    model.blocks[0].fused_gelu = True
+    eager, compiled, code = eager_and_compiled_block(model, fullgraph=False)
     assert "flashhead.linear_gelu" in code
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 

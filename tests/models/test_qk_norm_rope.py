@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tiny import tiny_dit
+from _tiny import eager_and_compiled_block, tiny_dit
 from _util import OpLog, load_fixture, rel_l2
 from flashhead.errors import ConfigError
 from flashhead.models import qk_norm_rope as fused
@@ -69,23 +69,10 @@ def test_the_switch_runs_the_op_and_keeps_the_official_output(variant):
 
 
 def test_the_compiled_block_calls_the_op():
-    from torch._inductor.utils import run_and_get_code
-
     model = tiny_dit("pro")
     model.set_fused_qk_rope(True)
-    block = model.blocks[0]
-    torch.manual_seed(0)
-    n_frames, dim = 2, model.config.dim
-    x = torch.randn(1, n_frames * 8, dim)
-    audio = torch.randn(1, n_frames, model.config.audio_tokens, dim)
-    t_mod = torch.randn(1, 6, dim)
-    rope = model.rope((n_frames, 2, 4), x.device, table=True, dtype=torch.float32)
-    with torch.no_grad():
-        eager = block(x, audio, t_mod, rope)
-        torch._dynamo.reset()
-        compiled, codes = run_and_get_code(torch.compile(block, dynamic=False, fullgraph=True), x, audio, t_mod, rope)
-    torch._dynamo.reset()
-    assert "flashhead.qk_norm_rope" in "\n".join(codes)
+    eager, compiled, code = eager_and_compiled_block(model, rope_dtype=torch.float32)
+    assert "flashhead.qk_norm_rope" in code
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
