@@ -52,6 +52,29 @@ WHAT=${1:?usage: speed_device.sh decode|equiv|matrix|ttff|blocks|ab|streams|batc
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
+
+# One compiled block (the preset's norms and RoPE: block_bench --rope-fp32 BASE_FLAGS) without and with FLAG, at Lite
+# batch 20 and Pro batch 1; KEY: the JSON field that names the switch, SUFFIX: the JSON files' name for "with".
+block_ab() {
+    local flag=$1 key=$2 suffix=$3 top=$4 base=${5:-}
+    for case in "lite 20" "pro 1"; do
+        set -- $case
+        for with in "" "$flag"; do
+            timeout 150 python3 benchmarks/block_bench.py --model "$1" --batch "$2" --persistent-rows 2048 \
+                --persistent-hints inner,default --rope-fp32 $base $with 2>>"$OUT/block.err" | tail -1 \
+                | tee "$OUT/block_$1_b$2${with:+_$suffix}.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('model', 'batch', '$key', 'block_ms_in_cuda_graph', 'mfu_in_cuda_graph')}, d['kernels_us'][:$top])"
+        done
+    done
+}
+
+# The GPU equivalence cases matching the -k expression $1 (EQUIV_K overrides it), within EQUIV_TIMEOUT or $2 seconds.
+equiv_cases() {
+    timeout "${EQUIV_TIMEOUT:-$2}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
+        -k "${EQUIV_K:-$1}" > "$OUT/equiv.log" 2>&1
+    echo "equiv rc=$?"
+    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+}
+
 case "$WHAT" in
 decode)
     TORCH_LOGS=graph_breaks timeout 540 python3 benchmarks/wan_decode_bench.py --variants stock --compiled --profile \
@@ -129,34 +152,14 @@ qkrope)
     timeout 120 python3 -m pytest -q -s -rA -p no:cacheprovider tests/models/test_gpu_qk_norm_rope.py > "$OUT/qkrope_test.log" 2>&1
     echo "kernel test rc=$?"
     grep -oE '\{"shape".*\}|^(PASSED|FAILED|E ).*|[0-9]+ (passed|failed).*' "$OUT/qkrope_test.log" | cut -c1-400 | tail -12
-    for case in "lite 20" "pro 1"; do
-        set -- $case
-        for fused in "" --fused-qk-rope; do
-            timeout 150 python3 benchmarks/block_bench.py --model "$1" --batch "$2" --persistent-rows 2048 \
-                --persistent-hints inner,default --rope-fp32 $fused 2>>"$OUT/block.err" | tail -1 \
-                | tee "$OUT/block_$1_b$2${fused:+_fused}.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('model', 'batch', 'fused_qk_rope', 'block_ms_in_cuda_graph', 'mfu_in_cuda_graph')}, d['kernels_us'][:6])"
-        done
-    done
-    timeout "${EQUIV_TIMEOUT:-300}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
-        -k "${EQUIV_K:-fused_qk_rope}" > "$OUT/equiv.log" 2>&1
-    echo "equiv rc=$?"
-    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    block_ab --fused-qk-rope fused_qk_rope fused 6
+    equiv_cases fused_qk_rope 300
     ;;
 fold)
     # cross_attn_fold: one compiled block (the preset's norms and RoPE) with and without it (Lite batch 20, Pro
     # batch 1), then its GPU equivalence cases, then the Pro stream without and with it (BENCH_TIMEOUT each).
-    for case in "lite 20" "pro 1"; do
-        set -- $case
-        for fold in "" --cross-attn-fold; do
-            timeout 150 python3 benchmarks/block_bench.py --model "$1" --batch "$2" --persistent-rows 2048 \
-                --persistent-hints inner,default --rope-fp32 --fused-qk-rope $fold 2>>"$OUT/block.err" | tail -1 \
-                | tee "$OUT/block_$1_b$2${fold:+_fold}.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('model', 'batch', 'cross_attn_fold', 'block_ms_in_cuda_graph', 'mfu_in_cuda_graph')}, d['kernels_us'][:8])"
-        done
-    done
-    timeout "${EQUIV_TIMEOUT:-240}" python3 -m pytest -q -s -rA -p no:cacheprovider tests/pipeline/test_gpu_speed.py \
-        -k "${EQUIV_K:-cross_attn_fold}" > "$OUT/equiv.log" 2>&1
-    echo "equiv rc=$?"
-    grep -oE '\{"model".*|^(PASSED|FAILED|SKIPPED|E ).*|[0-9]+ (passed|failed).*' "$OUT/equiv.log" | tail -20
+    block_ab --cross-attn-fold cross_attn_fold fold 8 --fused-qk-rope
+    equiv_cases cross_attn_fold 240
     [ -n "${NO_AB:-}" ] || BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash "$0" ab pro cross_attn_fold=on
     ;;
 matrix)
