@@ -129,9 +129,11 @@ class SpeedConfig:
             (Pro per block and step: the 43.5 GFLOP projection and the attention call become 2 x 10.9 GFLOP), the
             same maths; the values' product with the projection is rounded once where the attention output was
             (float64 on the CPU: equal to 1e-14). Why: a fused kernel's per-tile overhead dominates at 32 keys (Pro's
-            cross-attention ~86 us per block on an H100, session 16, against ~12 us of memory traffic). Not yet
-            measured on a GPU (session 38): `block_bench.py --cross-attn-fold`, then the GPU cases
-            `cross_attn_fold*`; not in the `optimized` preset until then. Ignored with fp8.
+            cross-attention ~86 us per block on an H100, session 16, against ~12 us of memory traffic). Measured
+            in session 39 (one compiled block in a CUDA graph, H200): Pro batch 1 -0.6 %, Lite batch 20 +2.5 %
+            (cuDNN's cross-attention now ~38 us per Pro block; the fold's softmax, copies and launches cost most
+            of what it saves), so not in the `optimized` preset. GPU cases `cross_attn_fold*`: at the bf16 floor.
+            Ignored with fp8.
         persistent_norms: compiled kernels reduce rows of up to 2,048 values in one pass (Inductor's limit: 1,024),
             so the DiT's five 1,536-channel norms per block read their rows once (flashhead.pipeline.
             inductor_heuristics; H100, Pro DiT 290.4 -> 283.8 ms per chunk; since session 28 also the one norm
@@ -192,7 +194,9 @@ class SpeedConfig:
             326.0 against 334.2 ms per chunk).
         decode_new_only: VAE-decode only the latent frames that hold emitted frames, plus one of context.
             Approximate (the decoders see less temporal context); off in the `optimized` preset.
-        fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16.
+        fp8: DiT linear layers in float8 (torchao, dynamic per-row scales); error reported against bf16 (Lite
+            33.3 dB, Pro 29.3 dB). On top of the `optimized` preset (H200, session 39): Pro 68.6 against 65.1 FPS,
+            Lite unchanged (451.8 against 452.0); not in the preset.
         video_encoder: the H.264 encoder of the MP4s written from this pipeline (its outputs' `save`, the server's
             jobs): "libx264" on the CPU, "h264_nvenc" on the GPU's video encoder, or "auto", NVENC where it opens
             (GPUs with the encoder block: not H100, H200 or A100) and x264 elsewhere. The frames are the same; only
