@@ -14,6 +14,7 @@
 #   bash benchmarks/speed_device.sh ab lite "compile_mode=max-autotune-no-cudagraphs"
 #                                            # `bench --optimized` without and with the switches (~2 x 3 min)
 #   bash benchmarks/speed_device.sh streams lite 24  # `bench --optimized --streams 24`: batched rounds by stage
+#                                            # (SWITCHES=fp8=on: with more switches)
 #   bash benchmarks/speed_device.sh batched lite 20  # one block at batch 1 and 20, then `streams lite 20` with the
 #                                            # batched round's trace split by stage, kernel by kernel (<= 9 min)
 #   bash benchmarks/speed_device.sh audio    # wav2vec2 alone: float32, TF32, float32 from a CUDA graph (~1 min)
@@ -225,11 +226,13 @@ ab)
     ;;
 streams)
     # `bench --optimized --streams N` of one model: one stream, then N batched streams with each batched round's
-    # stages and DiT MFU (each batch size compiles its own graphs: one N per call, e.g. `streams lite 24`).
+    # stages and DiT MFU (each batch size compiles its own graphs: one N per call, e.g. `streams lite 24`);
+    # SWITCHES: on top of the preset, e.g. SWITCHES=fp8=on (float8 GEMMs at batch 24 are 30,720 tokens long).
     MODEL=${2:?model}; N=${3:?streams}
     AUDIO=${AUDIO:-.device/shared/media/audio/speech_en_two_speakers_16k_30s.wav}
     timeout "${BENCH_TIMEOUT:-540}" python3 -m flashhead.cli bench --model "$MODEL" --optimized --streams "$N" \
-        --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" > "$OUT/${MODEL}_streams$N.log" 2>&1
+        ${SWITCHES:+--switches "$SWITCHES"} --audio "$AUDIO" --seconds 10 --json "$OUT/${MODEL}_streams$N.json" \
+        > "$OUT/${MODEL}_streams$N.log" 2>&1
     echo "rc=$?"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['environment'].get('gpu'), {k: d.get(k) for k in ('steady_fps', 'time_to_first_frame_ms', 'time_to_first_frame_more_audio_ms', 'session_open_ms', 'stage_ms_per_chunk', 'dit_mfu', 'warmup_seconds', 'gpu_memory_held_gib')}); print(json.dumps(d.get('streams')))" "$OUT/${MODEL}_streams$N.json"
     ;;
