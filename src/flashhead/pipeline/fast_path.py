@@ -305,7 +305,7 @@ def quantize_fp8(dit: FlashHeadDiT) -> None:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError:
-        raise ConfigError("fp8 needs torchao: pip install torchao") from None
+        raise ConfigError("fp8 needs torchao: pip install 'flashhead[fp8]'") from None
     # set_inductor_config=False: by default torchao sets process-wide Inductor options (coordinate-descent tuning in
     # every direction, which kept the compiled VAEs' warm-up autotuning for over 9 minutes) and TF32 float32 matmuls,
     # which would change wav2vec2's output too. FP8 needs neither.
