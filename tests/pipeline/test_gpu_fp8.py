@@ -21,6 +21,7 @@ def test_fp8_leaves_inductor_and_matmul_precision_as_they_were():
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matrix units: Ada or Hopper")
+    pytest.importorskip("torchao", reason="fp8 needs torchao: pip install 'flashhead[fp8]'")
     before = (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions,
               torch.get_float32_matmul_precision())
     # a small random-init DiT (float8 GEMMs want widths divisible by 16)
