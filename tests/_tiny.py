@@ -77,7 +77,6 @@ def compiled_vae_switches(vae: VideoVAE) -> Iterator[dict]:
         torch._dynamo.reset()
 
 
-
 def eager_and_compiled_block(model: FlashHeadDiT, rope_dtype=None, fullgraph: bool = True):
     """Run the first block of `model` eagerly and compiled (static shapes, from a fresh Dynamo state) on seeded
     inputs at a small token grid (2 frames of 2 x 4 tokens); returns (eager, compiled, Inductor's generated code).
